@@ -1,0 +1,24 @@
+# Keel: the two commands a newcomer needs are `make run` and `make test`.
+.PHONY: run test build lint fmt codegen ci
+
+run: ## Local mode: private Postgres, api (and, as they land, worker and agent)
+	bash scripts/run-local.sh
+
+test: ## Every test: unit, database (fresh database per test), end-to-end
+	bash scripts/test.sh
+
+build:
+	cargo build --workspace --all-targets
+
+lint: ## What CI checks besides the tests
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+codegen: ## Regenerate openapi/openapi.json from the code
+	bash scripts/codegen.sh
+
+ci: ## What CI runs on a fresh machine
+	bash .ci/run

@@ -1,0 +1,171 @@
+//! Configuration: built-in defaults, then an optional TOML file
+//! (`--config PATH` or `KEEL_CONFIG`), then `KEEL_…` environment variables
+//! (`__` separates levels: `KEEL_DATABASE__URL`,
+//! `KEEL_AUTH__SIGNING_KEYS='["…"]'`). A wrong or missing value stops
+//! start-up with a message naming the key. Secrets (`database.url`,
+//! `auth.signing_keys`) print as `[REDACTED]` in `Debug`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use keel_auth::TokenConfig;
+use keel_db::DatabaseConfig;
+use serde::Deserialize;
+
+use crate::telemetry::LogConfig;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    pub database: DatabaseConfig,
+    /// Apply migrations when the api starts (also `api migrate`).
+    #[serde(default = "yes")]
+    pub database_migrate_on_start: bool,
+    pub auth: TokenConfig,
+}
+
+/// The top-level keys of [`Config`].
+const SECTIONS: &[&str] = &[
+    "server",
+    "log",
+    "database",
+    "database_migrate_on_start",
+    "auth",
+];
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(#[from] Box<figment::Error>);
+
+impl Config {
+    /// Loads defaults → `file` (if given) → `KEEL_*` variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::figment(file)
+            .extract()
+            .map_err(|error| ConfigError(Box::new(error)))
+    }
+
+    fn figment(file: Option<&Path>) -> Figment {
+        let mut figment = Figment::new()
+            .merge(Serialized::default("server", ServerConfig::default()))
+            .merge(Serialized::default("log", LogConfig::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        // Only variables naming one of our sections are configuration:
+        // other `KEEL_*` variables (KEEL_CONFIG, KEEL_TEST_DATABASE_URL, the
+        // scripts' own) are not, and must not trip `deny_unknown_fields`.
+        figment.merge(Env::prefixed("KEEL_").split("__").filter(|key| {
+            let section = key.as_str().split('.').next().unwrap_or_default();
+            SECTIONS
+                .iter()
+                .any(|known| section.eq_ignore_ascii_case(known))
+        }))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's Jail API returns its own error.
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    const KEY: &str = "an-example-signing-secret-of-32-bytes-or-more";
+
+    #[test]
+    fn environment_overrides_the_file_which_overrides_defaults() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "keel.toml",
+                &format!(
+                    "[database]\nurl = \"postgres://file@localhost/keel\"\n[auth]\nsigning_keys = [\"{KEY}\"]\n[server]\nlisten = \"127.0.0.1:9000\"\n"
+                ),
+            )?;
+            jail.set_env("KEEL_SERVER__LISTEN", "127.0.0.1:9100");
+            let config = Config::load(Some(Path::new("keel.toml"))).expect("loads");
+            assert_eq!(config.server.listen.port(), 9100);
+            assert_eq!(config.log.filter, "info");
+            assert!(config.database_migrate_on_start);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_wrong_value_names_its_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("KEEL_DATABASE__URL", "postgres://x@localhost/keel");
+            jail.set_env("KEEL_AUTH__SIGNING_KEYS", format!("[\"{KEY}\"]"));
+            jail.set_env("KEEL_SERVER__LISTEN", "not an address");
+            let error = Config::load(None)
+                .expect_err("must fail")
+                .to_string()
+                .to_lowercase();
+            assert!(error.contains("server.listen"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn other_keel_variables_are_not_configuration() {
+        Jail::expect_with(|jail| {
+            jail.set_env("KEEL_DATABASE__URL", "postgres://x@localhost/keel");
+            jail.set_env("KEEL_AUTH__SIGNING_KEYS", format!("[\"{KEY}\"]"));
+            jail.set_env("KEEL_TEST_DATABASE_URL", "postgres://elsewhere");
+            jail.set_env("KEEL_CONFIG", "/nowhere.toml");
+            Config::load(None).expect("unrelated KEEL_ variables are ignored");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_database_url_names_its_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("KEEL_AUTH__SIGNING_KEYS", format!("[\"{KEY}\"]"));
+            let error = Config::load(None).expect_err("must fail").to_string();
+            assert!(error.contains("database"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_output() {
+        Jail::expect_with(|jail| {
+            jail.set_env(
+                "KEEL_DATABASE__URL",
+                "postgres://user:hunter2@localhost/keel",
+            );
+            jail.set_env("KEEL_AUTH__SIGNING_KEYS", format!("[\"{KEY}\"]"));
+            let config = Config::load(None).expect("loads");
+            let debug = format!("{config:?}");
+            assert!(!debug.contains("hunter2"), "{debug}");
+            assert!(!debug.contains(KEY), "{debug}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,180 @@
+//! `TestApp`: the whole api router on a fresh database, driven in-process
+//! with `tower::ServiceExt::oneshot`. A newcomer writes an HTTP test with
+//! `let app = TestApp::spawn().await;` and the helpers below.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use http_body_util::BodyExt;
+use keel_api::AppState;
+use keel_auth::{TokenConfig, TokenKeys};
+use keel_testing::TestDb;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+pub const SIGNING_KEY: &str = "test-signing-key-that-is-long-enough-0123456789";
+
+pub struct TestApp {
+    pub database: TestDb,
+    pub state: AppState,
+}
+
+pub struct TestResponse {
+    pub status: StatusCode,
+    pub headers: axum::http::HeaderMap,
+    pub body: Value,
+}
+
+/// A registered user with a token for their own tenant.
+pub struct Tenant {
+    pub email: String,
+    pub token: String,
+    pub tenant_id: String,
+    pub project_id: String,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        let database = keel_testing::test_db().await;
+        let tokens = TokenKeys::new(&TokenConfig {
+            signing_keys: vec![SIGNING_KEY.to_owned().into()],
+            access_token_ttl_secs: 900,
+        })
+        .expect("token keys");
+        let state = AppState {
+            db: database.db.clone(),
+            tokens: Arc::new(tokens),
+        };
+        Self { database, state }
+    }
+
+    pub async fn request(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> TestResponse {
+        let mut builder = Request::builder().method(method).uri(uri);
+        if let Some(token) = token {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = match body {
+            Some(body) => builder
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string())),
+            None => builder.body(Body::empty()),
+        }
+        .expect("request");
+        self.send(request).await
+    }
+
+    pub async fn send(&self, request: Request<Body>) -> TestResponse {
+        let response = keel_api::app(self.state.clone())
+            .oneshot(request)
+            .await
+            .expect("infallible");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        TestResponse {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, uri: &str, token: Option<&str>) -> TestResponse {
+        self.request(Method::GET, uri, token, None).await
+    }
+
+    pub async fn post(&self, uri: &str, token: Option<&str>, body: Value) -> TestResponse {
+        self.request(Method::POST, uri, token, Some(body)).await
+    }
+
+    /// Registers a new tenant and logs in.
+    pub async fn tenant(&self, name: &str) -> Tenant {
+        let email = format!("{name}-{}@example.com", uuid::Uuid::new_v4().simple());
+        let registered = self
+            .post(
+                "/v1/auth/register",
+                None,
+                json!({"email": email, "password": "a long enough password", "tenant_name": name}),
+            )
+            .await;
+        assert_eq!(
+            registered.status,
+            StatusCode::CREATED,
+            "{:?}",
+            registered.body
+        );
+        let login = self
+            .post(
+                "/v1/auth/login",
+                None,
+                json!({"email": email, "password": "a long enough password"}),
+            )
+            .await;
+        assert_eq!(login.status, StatusCode::OK, "{:?}", login.body);
+        Tenant {
+            email,
+            token: login.body["access_token"]
+                .as_str()
+                .expect("token")
+                .to_owned(),
+            tenant_id: registered.body["tenant_id"]
+                .as_str()
+                .expect("tenant")
+                .to_owned(),
+            project_id: registered.body["project_id"]
+                .as_str()
+                .expect("project")
+                .to_owned(),
+        }
+    }
+
+    /// Counts rows of a table as the superuser (sees every tenant).
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        let mut admin = self.database.admin().await;
+        sqlx::query_scalar(sql)
+            .fetch_one(&mut admin)
+            .await
+            .expect("count")
+    }
+}
+
+impl TestResponse {
+    /// Asserts the error envelope: status, code, and a request id.
+    pub fn assert_error(&self, status: StatusCode, code: &str) {
+        assert_eq!(self.status, status, "{:?}", self.body);
+        assert_eq!(self.body["code"], code, "{:?}", self.body);
+        assert!(
+            self.body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{:?}",
+            self.body
+        );
+        let request_id = self.body["request_id"]
+            .as_str()
+            .expect("request_id in the envelope");
+        assert_eq!(
+            self.headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok()),
+            Some(request_id),
+            "the envelope's request id is the echoed header"
+        );
+    }
+}

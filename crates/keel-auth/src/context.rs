@@ -1,0 +1,111 @@
+//! The request context: who is calling, and the door to their tenant's
+//! transaction.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRef, FromRequestParts};
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use keel_core::Actor;
+use keel_core::ids::{TenantId, UserId};
+use keel_db::{Db, RequestMeta, Scope, WriteTx};
+use keel_http::{ApiError, RequestId};
+
+use crate::{AuthError, TokenKeys};
+
+/// A verified caller: a user acting in one tenant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Principal {
+    pub user_id: UserId,
+    pub tenant_id: TenantId,
+}
+
+/// Extracted by every authenticated handler: a missing or bad bearer token
+/// is a 401 before the handler runs.
+pub struct Ctx {
+    pub principal: Principal,
+    pub meta: RequestMeta,
+    db: Db,
+}
+
+impl Ctx {
+    /// A transaction in the caller's tenant; row-level security applies.
+    pub async fn begin(&self) -> Result<WriteTx, keel_db::DbError> {
+        self.db
+            .begin_tenant(
+                self.meta.clone(),
+                Scope::Tenant {
+                    tenant_id: self.principal.tenant_id,
+                    user_id: Some(self.principal.user_id),
+                },
+            )
+            .await
+    }
+}
+
+/// Metadata for requests that have no principal yet (register, login).
+pub fn anonymous_meta(request_id: &RequestId) -> RequestMeta {
+    RequestMeta {
+        request_id: request_id.0.clone(),
+        actor: Actor::Anonymous,
+        traceparent: None,
+    }
+}
+
+fn bearer(parts: &Parts) -> Result<&str, AuthError> {
+    let value = parts
+        .headers
+        .get(AUTHORIZATION)
+        .ok_or(AuthError::Unauthenticated(
+            "missing `Authorization: Bearer` header",
+        ))?;
+    let value = value
+        .to_str()
+        .map_err(|_| AuthError::Unauthenticated("malformed Authorization header"))?;
+    match value.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(token.trim())
+        }
+        _ => Err(AuthError::Unauthenticated(
+            "expected `Authorization: Bearer <token>`",
+        )),
+    }
+}
+
+impl<S> FromRequestParts<S> for Ctx
+where
+    S: Send + Sync,
+    Db: FromRef<S>,
+    Arc<TokenKeys>: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let keys = Arc::<TokenKeys>::from_ref(state);
+        let verified = keys.verify(bearer(parts)?)?;
+        let request_id = parts
+            .extensions
+            .get::<RequestId>()
+            .map(|id| id.0.clone())
+            .unwrap_or_default();
+        let principal = Principal {
+            user_id: verified.user_id,
+            tenant_id: verified.tenant_id,
+        };
+        tracing::Span::current().record("principal", tracing::field::display(principal.user_id));
+        Ok(Ctx {
+            meta: RequestMeta {
+                request_id,
+                actor: Actor::User {
+                    user_id: principal.user_id,
+                    tenant_id: principal.tenant_id,
+                },
+                traceparent: None,
+            },
+            principal,
+            db: Db::from_ref(state),
+        })
+    }
+}

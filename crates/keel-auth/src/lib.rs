@@ -1,0 +1,27 @@
+//! Identity and access: users, tenants, projects, memberships, access
+//! tokens, and the ONE authorisation decision every handler goes through.
+//!
+//! - [`http`]: the `/v1/auth/*` and `/v1/projects` handlers (thin).
+//! - [`service`]: register, login, project listing.
+//! - [`authz`]: `decide(role, action)` and the lookups that return
+//!   already-authorised handles ([`authz::ProjectHandle`]); other domains
+//!   accept only those handles.
+//! - [`context`]: the [`context::Ctx`] extractor: the verified principal,
+//!   the request's metadata, and the door to a tenant transaction.
+//! - [`token`]: signed, expiring access tokens (JWT, HS256, with key ids so
+//!   signing keys can rotate).
+//! - [`password`]: Argon2id hashing.
+
+pub mod authz;
+pub mod context;
+mod error;
+pub mod http;
+pub mod model;
+pub mod password;
+pub mod service;
+pub mod token;
+
+pub use authz::{Action, ProjectHandle, Role};
+pub use context::{Ctx, Principal};
+pub use error::AuthError;
+pub use token::{TokenConfig, TokenKeys};

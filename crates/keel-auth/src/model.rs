@@ -1,0 +1,191 @@
+//! Request and response bodies of the identity endpoints, and validation.
+
+use keel_core::ids::{ProjectId, TenantId, UserId};
+use keel_http::FieldError;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+pub const PASSWORD_MIN_LEN: usize = 10;
+pub const PASSWORD_MAX_LEN: usize = 128;
+
+/// `POST /v1/auth/register`
+#[derive(Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    /// Login email; unique, compared case-insensitively.
+    #[schema(example = "ada@example.com")]
+    pub email: String,
+    /// 10 to 128 characters.
+    pub password: String,
+    /// Name of the organisation (tenant) to create.
+    #[schema(example = "Analytical Engines Ltd")]
+    pub tenant_name: String,
+}
+
+impl std::fmt::Debug for RegisterRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterRequest")
+            .field("email", &self.email)
+            .field("password", &"[REDACTED]")
+            .field("tenant_name", &self.tenant_name)
+            .finish()
+    }
+}
+
+fn field(field: &str, code: &str, message: &str) -> FieldError {
+    FieldError {
+        field: field.to_owned(),
+        code: code.to_owned(),
+        message: message.to_owned(),
+    }
+}
+
+/// A plausible email: one `@`, something on each side, a dot in the
+/// domain, no whitespace. Deliverability is the mail server's business.
+fn email_is_plausible(email: &str) -> bool {
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains('@')
+        && !email.chars().any(char::is_whitespace)
+        && (3..=254).contains(&email.len())
+}
+
+impl RegisterRequest {
+    pub fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if !email_is_plausible(&self.email) {
+            errors.push(field("email", "invalid", "must be an email address"));
+        }
+        let password_len = self.password.chars().count();
+        if password_len < PASSWORD_MIN_LEN {
+            errors.push(field(
+                "password",
+                "too_short",
+                "must be at least 10 characters",
+            ));
+        } else if password_len > PASSWORD_MAX_LEN {
+            errors.push(field(
+                "password",
+                "too_long",
+                "must be at most 128 characters",
+            ));
+        }
+        let name = self.tenant_name.trim();
+        if name.is_empty() {
+            errors.push(field("tenant_name", "required", "must not be empty"));
+        } else if name.chars().count() > 100 {
+            errors.push(field(
+                "tenant_name",
+                "too_long",
+                "must be at most 100 characters",
+            ));
+        }
+        errors
+    }
+}
+
+/// The result of registration.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct RegisterResponse {
+    pub user_id: UserId,
+    pub tenant_id: TenantId,
+    /// The tenant's first project, named `default`.
+    pub project_id: ProjectId,
+}
+
+/// `POST /v1/auth/login`
+#[derive(Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub email: String,
+    pub password: String,
+    /// The tenant to act in; defaults to the user's oldest membership.
+    #[serde(default)]
+    pub tenant_id: Option<TenantId>,
+}
+
+impl std::fmt::Debug for LoginRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginRequest")
+            .field("email", &self.email)
+            .field("password", &"[REDACTED]")
+            .field("tenant_id", &self.tenant_id)
+            .finish()
+    }
+}
+
+/// An access token (RFC 6749 §5.1 shape).
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct TokenResponse {
+    pub access_token: String,
+    /// Always `Bearer`.
+    #[schema(example = "Bearer")]
+    pub token_type: &'static str,
+    /// Seconds until the token expires.
+    pub expires_in: u32,
+    /// The tenant this token acts in.
+    pub tenant_id: TenantId,
+}
+
+/// A project as the API shows it.
+#[derive(Clone, Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct ProjectView {
+    pub id: ProjectId,
+    pub tenant_id: TenantId,
+    pub name: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: OffsetDateTime,
+    pub version: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(email: &str, password: &str, tenant: &str) -> RegisterRequest {
+        RegisterRequest {
+            email: email.into(),
+            password: password.into(),
+            tenant_name: tenant.into(),
+        }
+    }
+
+    #[test]
+    fn a_good_registration_has_no_field_errors() {
+        assert!(
+            request("ada@example.com", "long enough pw", "Acme")
+                .validate()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn every_bad_field_is_reported_by_name() {
+        let fields: Vec<String> = request("nope", "short", " ")
+            .validate()
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        assert_eq!(fields, ["email", "password", "tenant_name"]);
+    }
+
+    #[test]
+    fn implausible_emails_are_refused() {
+        for email in ["a@b", "@b.c", "a b@c.d", "a@.c", "a@c.", "a@b@c.d"] {
+            assert!(!email_is_plausible(email), "{email}");
+        }
+        assert!(email_is_plausible("a+tag@sub.example.org"));
+    }
+
+    #[test]
+    fn passwords_never_appear_in_debug_output() {
+        let debug = format!("{:?}", request("a@b.c", "hunter2hunter2", "x"));
+        assert!(!debug.contains("hunter2"));
+    }
+}

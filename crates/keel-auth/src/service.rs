@@ -1,0 +1,157 @@
+//! Identity service functions: registration, login, project listing. Each
+//! takes the transaction it works in; handlers only extract and map.
+
+use keel_core::ids::{ProjectId, TenantId, UserId};
+use keel_core::page::{Page, Paginated};
+use keel_core::{Actor, ResourceName};
+use keel_db::{Audit, Db, NewEvent, RequestMeta, Scope};
+
+use crate::authz::TenantHandle;
+use crate::model::{LoginRequest, ProjectView, RegisterRequest, RegisterResponse, TokenResponse};
+use crate::{AuthError, Role, TokenKeys, password};
+
+/// Creates a user, their tenant (they are its owner) and its `default`
+/// project, in one audited transaction that runs inside the new tenant.
+pub async fn register(
+    db: &Db,
+    meta: RequestMeta,
+    request: RegisterRequest,
+) -> Result<RegisterResponse, AuthError> {
+    let errors = request.validate();
+    if !errors.is_empty() {
+        return Err(AuthError::Validation(errors));
+    }
+    let password_hash = password::hash(request.password).await?;
+    let (user_id, tenant_id, project_id) = (UserId::new(), TenantId::new(), ProjectId::new());
+    let meta = RequestMeta {
+        actor: Actor::User { user_id, tenant_id },
+        ..meta
+    };
+    let mut tx = db
+        .begin_tenant(
+            meta,
+            Scope::Tenant {
+                tenant_id,
+                user_id: Some(user_id),
+            },
+        )
+        .await?;
+    let inserted = sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, $3)")
+        .bind(user_id)
+        .bind(request.email.trim())
+        .bind(&password_hash)
+        .execute(tx.conn())
+        .await;
+    match inserted {
+        Err(error) if keel_db::is_unique_violation(&error, "users_email_key") => {
+            return Err(AuthError::EmailTaken);
+        }
+        other => other?,
+    };
+    sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, $2)")
+        .bind(tenant_id)
+        .bind(request.tenant_name.trim())
+        .execute(tx.conn())
+        .await?;
+    sqlx::query("INSERT INTO memberships (tenant_id, user_id, role) VALUES ($1, $2, $3)")
+        .bind(tenant_id)
+        .bind(user_id)
+        .bind(Role::Owner.as_str())
+        .execute(tx.conn())
+        .await?;
+    sqlx::query("INSERT INTO projects (id, tenant_id, name) VALUES ($1, $2, 'default')")
+        .bind(project_id)
+        .bind(tenant_id)
+        .execute(tx.conn())
+        .await?;
+    let tenant_name = ResourceName::tenant(tenant_id);
+    tx.emit(NewEvent::new(
+        "tenant.registered",
+        "tenant",
+        tenant_id.as_uuid(),
+        1,
+        Some(tenant_id),
+        tenant_name.clone(),
+        serde_json::json!({ "tenant_id": tenant_id, "user_id": user_id, "project_id": project_id }),
+    ));
+    tx.audit(Audit::new(
+        "project.create",
+        Some(tenant_id),
+        ResourceName::project(tenant_id, project_id),
+    ));
+    tx.commit(Audit::new("tenant.register", Some(tenant_id), tenant_name))
+        .await?;
+    Ok(RegisterResponse {
+        user_id,
+        tenant_id,
+        project_id,
+    })
+}
+
+/// Checks the password and issues an access token for one of the user's
+/// tenants. Wrong email and wrong password are the same error, and take
+/// the same time.
+pub async fn login(
+    db: &Db,
+    keys: &TokenKeys,
+    meta: RequestMeta,
+    request: LoginRequest,
+) -> Result<TokenResponse, AuthError> {
+    let found: Option<(UserId, String)> =
+        sqlx::query_as("SELECT id, password_hash FROM users WHERE lower(email) = lower($1)")
+            .bind(request.email.trim())
+            .fetch_optional(db.pool())
+            .await?;
+    let (user_id, stored) = match found {
+        Some((id, hash)) => (Some(id), Some(hash)),
+        None => (None, None),
+    };
+    let password_ok = password::verify(request.password, stored).await?;
+    let user_id = match (user_id, password_ok) {
+        (Some(user_id), true) => user_id,
+        _ => return Err(AuthError::InvalidCredentials),
+    };
+    // The user's own memberships are visible in a user-scoped transaction.
+    let mut tx = db.begin_tenant(meta, Scope::User { user_id }).await?;
+    let tenant_id: Option<TenantId> = sqlx::query_scalar(
+        "SELECT tenant_id FROM memberships WHERE user_id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)
+         ORDER BY created_at, tenant_id LIMIT 1",
+    )
+    .bind(user_id)
+    .bind(request.tenant_id)
+    .fetch_optional(tx.conn())
+    .await?;
+    let tenant_id = match (tenant_id, request.tenant_id) {
+        (Some(tenant_id), _) => tenant_id,
+        (None, Some(_)) => return Err(AuthError::NotFound("tenant")),
+        (None, None) => return Err(AuthError::NoTenant),
+    };
+    let issued = keys.issue(user_id, tenant_id)?;
+    Ok(TokenResponse {
+        access_token: issued.token,
+        token_type: "Bearer",
+        expires_in: issued.expires_in,
+        tenant_id,
+    })
+}
+
+/// The tenant's live projects, oldest first.
+pub async fn project_list(
+    conn: &mut sqlx::PgConnection,
+    tenant: &TenantHandle,
+    page: Page,
+) -> Result<Paginated<ProjectView>, AuthError> {
+    let rows: Vec<ProjectView> = sqlx::query_as(
+        "SELECT id, tenant_id, name, created_at, version FROM projects
+         WHERE tenant_id = $1 AND deleted_at IS NULL AND ($2::uuid IS NULL OR id > $2)
+         ORDER BY id LIMIT $3",
+    )
+    .bind(tenant.tenant_id)
+    .bind(page.after)
+    .bind(page.fetch_limit())
+    .fetch_all(conn)
+    .await?;
+    Ok(Paginated::from_rows(rows, page, |project| {
+        project.id.as_uuid()
+    }))
+}

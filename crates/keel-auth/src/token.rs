@@ -1,0 +1,272 @@
+//! Access tokens: JWTs signed with HS256 under a key id (`kid`), short-lived
+//! (15 minutes by default). A token names the user (`sub`) and the tenant
+//! the session acts in (`tid`); the role is NOT in the token but read from
+//! the membership on every request, so a removed member loses access at
+//! once.
+//!
+//! Keys: the first configured key signs; every configured key verifies, so
+//! a new key can be introduced and the old one retired after the token
+//! lifetime without logging anyone out.
+
+use std::collections::HashMap;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use keel_core::ids::{TenantId, UserId};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use crate::AuthError;
+
+const ISSUER: &str = "keel";
+const AUDIENCE: &str = "keel-api";
+/// Minimum length of a signing secret, in bytes (256 bits of key).
+pub const MIN_SECRET_LEN: usize = 32;
+
+/// Token settings, part of the api's configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Signing secrets, newest first. The first signs new tokens; all
+    /// verify. Each must be at least 32 bytes.
+    pub signing_keys: Vec<SecretString>,
+    /// Lifetime of an access token, in seconds.
+    #[serde(default = "default_ttl")]
+    pub access_token_ttl_secs: u32,
+}
+
+fn default_ttl() -> u32 {
+    900
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    iss: String,
+    aud: String,
+    sub: UserId,
+    tid: TenantId,
+    iat: i64,
+    exp: i64,
+}
+
+/// The verified content of an access token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerifiedToken {
+    pub user_id: UserId,
+    pub tenant_id: TenantId,
+}
+
+pub struct IssuedToken {
+    pub token: String,
+    pub expires_in: u32,
+}
+
+pub struct TokenKeys {
+    signing_kid: String,
+    signing_key: EncodingKey,
+    verifying: HashMap<String, DecodingKey>,
+    ttl_secs: u32,
+}
+
+impl std::fmt::Debug for TokenKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenKeys")
+            .field("signing_kid", &self.signing_kid)
+            .field("verifying_kids", &self.verifying.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a token configuration is unusable (reported at start-up).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenConfigError {
+    #[error("auth.signing_keys is empty: at least one signing key is required")]
+    NoKeys,
+    #[error("auth.signing_keys[{0}] is shorter than {MIN_SECRET_LEN} bytes")]
+    TooShort(usize),
+    #[error("auth.access_token_ttl_secs must be between 60 and 86400")]
+    Ttl,
+}
+
+/// The key id of a secret: the first 16 hex digits of its SHA-256. Public,
+/// stable, and reveals nothing about the key.
+fn key_id(secret: &[u8]) -> String {
+    hex_prefix(&Sha256::digest(secret))
+}
+
+fn hex_prefix(digest: &[u8]) -> String {
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+impl TokenKeys {
+    pub fn new(config: &TokenConfig) -> Result<Self, TokenConfigError> {
+        if !(60..=86_400).contains(&config.access_token_ttl_secs) {
+            return Err(TokenConfigError::Ttl);
+        }
+        let mut verifying = HashMap::new();
+        let mut signing = None;
+        for (index, secret) in config.signing_keys.iter().enumerate() {
+            let bytes = secret.expose_secret().as_bytes();
+            if bytes.len() < MIN_SECRET_LEN {
+                return Err(TokenConfigError::TooShort(index));
+            }
+            let kid = key_id(bytes);
+            if signing.is_none() {
+                signing = Some((kid.clone(), EncodingKey::from_secret(bytes)));
+            }
+            verifying.insert(kid, DecodingKey::from_secret(bytes));
+        }
+        let (signing_kid, signing_key) = signing.ok_or(TokenConfigError::NoKeys)?;
+        Ok(Self {
+            signing_kid,
+            signing_key,
+            verifying,
+            ttl_secs: config.access_token_ttl_secs,
+        })
+    }
+
+    pub fn issue(&self, user_id: UserId, tenant_id: TenantId) -> Result<IssuedToken, AuthError> {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let claims = Claims {
+            iss: ISSUER.to_owned(),
+            aud: AUDIENCE.to_owned(),
+            sub: user_id,
+            tid: tenant_id,
+            iat: now,
+            exp: now + i64::from(self.ttl_secs),
+        };
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(self.signing_kid.clone());
+        let token = jsonwebtoken::encode(&header, &claims, &self.signing_key)
+            .map_err(AuthError::Signing)?;
+        Ok(IssuedToken {
+            token,
+            expires_in: self.ttl_secs,
+        })
+    }
+
+    pub fn verify(&self, token: &str) -> Result<VerifiedToken, AuthError> {
+        let invalid = AuthError::Unauthenticated("the access token is invalid");
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthError::Unauthenticated("the access token is invalid"))?;
+        let key = header
+            .kid
+            .as_deref()
+            .and_then(|kid| self.verifying.get(kid))
+            .ok_or(AuthError::Unauthenticated("the access token is invalid"))?;
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_issuer(&[ISSUER]);
+        validation.set_audience(&[AUDIENCE]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.leeway = 30;
+        match jsonwebtoken::decode::<Claims>(token, key, &validation) {
+            Ok(data) => Ok(VerifiedToken {
+                user_id: data.claims.sub,
+                tenant_id: data.claims.tid,
+            }),
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    jsonwebtoken::errors::ErrorKind::ExpiredSignature
+                ) =>
+            {
+                Err(AuthError::Unauthenticated("the access token has expired"))
+            }
+            Err(_) => Err(invalid),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(secrets: &[&str]) -> TokenKeys {
+        TokenKeys::new(&TokenConfig {
+            signing_keys: secrets
+                .iter()
+                .map(|s| SecretString::from(s.to_string()))
+                .collect(),
+            access_token_ttl_secs: 900,
+        })
+        .unwrap()
+    }
+
+    const A: &str = "an-example-signing-secret-of-32-bytes-or-more";
+    const B: &str = "another-example-signing-secret-of-32-bytes!!";
+
+    #[test]
+    fn an_issued_token_verifies_to_its_user_and_tenant() {
+        let keys = keys(&[A]);
+        let (user, tenant) = (UserId::new(), TenantId::new());
+        let issued = keys.issue(user, tenant).unwrap();
+        assert_eq!(issued.expires_in, 900);
+        assert_eq!(
+            keys.verify(&issued.token).unwrap(),
+            VerifiedToken {
+                user_id: user,
+                tenant_id: tenant
+            }
+        );
+    }
+
+    #[test]
+    fn a_token_signed_with_a_retired_key_still_verifies_during_rotation() {
+        let old = keys(&[A]).issue(UserId::new(), TenantId::new()).unwrap();
+        assert!(keys(&[B, A]).verify(&old.token).is_ok());
+        assert!(keys(&[B]).verify(&old.token).is_err());
+    }
+
+    #[test]
+    fn tampered_and_foreign_tokens_are_rejected() {
+        let keys = keys(&[A]);
+        let token = keys.issue(UserId::new(), TenantId::new()).unwrap().token;
+        let mut tampered = token.clone().into_bytes();
+        let middle = tampered.len() / 2;
+        tampered[middle] = if tampered[middle] == b'A' { b'B' } else { b'A' };
+        assert!(keys.verify(&String::from_utf8(tampered).unwrap()).is_err());
+        assert!(keys.verify("not.a.token").is_err());
+        assert!(keys.verify("").is_err());
+    }
+
+    #[test]
+    fn an_expired_token_is_rejected() {
+        let keys = keys(&[A]);
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let claims = Claims {
+            iss: ISSUER.into(),
+            aud: AUDIENCE.into(),
+            sub: UserId::new(),
+            tid: TenantId::new(),
+            iat: now - 7200,
+            exp: now - 3600,
+        };
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(keys.signing_kid.clone());
+        let token = jsonwebtoken::encode(&header, &claims, &keys.signing_key).unwrap();
+        assert!(matches!(
+            keys.verify(&token),
+            Err(AuthError::Unauthenticated("the access token has expired"))
+        ));
+    }
+
+    #[test]
+    fn short_or_missing_keys_are_refused_at_start_up() {
+        let config = |keys: Vec<&str>| TokenConfig {
+            signing_keys: keys
+                .into_iter()
+                .map(|s| SecretString::from(s.to_string()))
+                .collect(),
+            access_token_ttl_secs: 900,
+        };
+        assert_eq!(
+            TokenKeys::new(&config(vec![])).unwrap_err(),
+            TokenConfigError::NoKeys
+        );
+        assert_eq!(
+            TokenKeys::new(&config(vec![A, "short"])).unwrap_err(),
+            TokenConfigError::TooShort(1)
+        );
+    }
+}

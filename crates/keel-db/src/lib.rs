@@ -1,0 +1,117 @@
+//! Postgres for Keel: the pool, the migrations, and the ONE way to change
+//! state.
+//!
+//! Every mutation runs in a [`WriteTx`]: the domain change, its audit row
+//! and its outbox events are written in one Postgres transaction, in
+//! [`WriteTx::commit`]. Dropping a `WriteTx` without committing rolls all
+//! of it back. There is no other way to get a writable transaction on tenant
+//! data: [`Db::begin_tenant`] and [`Db::begin_system`] are the only doors.
+//!
+//! Two scopes exist:
+//! - a **tenant** transaction sets `keel.tenant_id` (and the signed-in
+//!   user) with `set_config(…, true)`, i.e. for this transaction only, and
+//!   Postgres row-level security hides every other tenant's rows;
+//! - a **system** transaction (`SET LOCAL ROLE keel_system`) sees every
+//!   tenant; only the worker and the agent-facing endpoints use it, and
+//!   their changes are audited under a system or node actor.
+
+mod config;
+mod tx;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+
+pub use config::DatabaseConfig;
+pub use tx::{Audit, NewEvent, RequestMeta, Scope, WriteTx};
+
+/// The migrations under `/migrations`, embedded in every binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// Name of the NOTIFY channel a commit with outbox events signals, so the
+/// relay wakes without polling.
+pub const OUTBOX_CHANNEL: &str = "keel_outbox";
+
+pub type PgTransaction = sqlx::Transaction<'static, Postgres>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database error")]
+    Sqlx(#[from] sqlx::Error),
+    #[error("migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// The application's connection pool. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Db {
+    pool: PgPool,
+}
+
+impl Db {
+    pub async fn connect(config: &DatabaseConfig) -> Result<Self, DbError> {
+        let options: PgConnectOptions = config.url_options()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(std::time::Duration::from_secs(config.acquire_timeout_secs))
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The raw pool, for reads that need no tenant (flavors, health checks)
+    /// and for the LISTEN connections of the relay.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Begins a transaction scoped to one tenant (and, when known, the user
+    /// acting in it). Row-level security shows only that tenant's rows.
+    pub async fn begin_tenant(&self, meta: RequestMeta, scope: Scope) -> Result<WriteTx, DbError> {
+        WriteTx::begin(&self.pool, meta, scope).await
+    }
+
+    /// Begins a system transaction that sees every tenant. Use only from
+    /// the worker and from agent-facing endpoints.
+    pub async fn begin_system(&self, meta: RequestMeta) -> Result<WriteTx, DbError> {
+        WriteTx::begin(&self.pool, meta, Scope::System).await
+    }
+
+    /// True when every embedded migration has been applied (readiness).
+    pub async fn migrations_applied(&self) -> Result<bool, DbError> {
+        let applied: Vec<i64> = sqlx::query_scalar(
+            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(MIGRATOR
+            .iter()
+            .filter(|m| m.migration_type.is_up_migration())
+            .all(|m| applied.contains(&m.version)))
+    }
+}
+
+/// Applies the migrations. Runs as the database owner (the `migrate_url`),
+/// which may differ from the api's runtime role.
+pub async fn migrate(config: &DatabaseConfig) -> Result<(), DbError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(config.migrate_options()?)
+        .await?;
+    MIGRATOR.run(&pool).await?;
+    pool.close().await;
+    Ok(())
+}
+
+/// Is this error a unique violation of the named constraint or index?
+pub fn is_unique_violation(error: &sqlx::Error, constraint: &str) -> bool {
+    match error {
+        sqlx::Error::Database(db) => {
+            db.is_unique_violation() && db.constraint() == Some(constraint)
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,267 @@
+//! The write path and tenant isolation, against a real Postgres as the
+//! api's runtime role.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use keel_core::ids::{ProjectId, TenantId};
+use keel_core::{Actor, ResourceName};
+use keel_db::{Audit, NewEvent, RequestMeta, Scope};
+
+fn meta() -> RequestMeta {
+    RequestMeta {
+        request_id: "test-request".into(),
+        actor: Actor::system("test"),
+        traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+    }
+}
+
+fn tenant_scope(tenant_id: TenantId) -> Scope {
+    Scope::Tenant {
+        tenant_id,
+        user_id: None,
+    }
+}
+
+/// Creates a tenant with one project through the write path.
+async fn create_tenant(db: &keel_db::Db, name: &str) -> (TenantId, ProjectId) {
+    let (tenant_id, project_id) = (TenantId::new(), ProjectId::new());
+    let mut tx = db
+        .begin_tenant(meta(), tenant_scope(tenant_id))
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, $2)")
+        .bind(tenant_id)
+        .bind(name)
+        .execute(tx.conn())
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO projects (id, tenant_id, name) VALUES ($1, $2, 'default')")
+        .bind(project_id)
+        .bind(tenant_id)
+        .execute(tx.conn())
+        .await
+        .unwrap();
+    tx.emit(NewEvent::new(
+        "tenant.registered",
+        "tenant",
+        tenant_id.as_uuid(),
+        1,
+        Some(tenant_id),
+        ResourceName::tenant(tenant_id),
+        serde_json::json!({}),
+    ));
+    tx.commit(Audit::new(
+        "tenant.register",
+        Some(tenant_id),
+        ResourceName::tenant(tenant_id),
+    ))
+    .await
+    .unwrap();
+    (tenant_id, project_id)
+}
+
+#[tokio::test]
+async fn a_commit_writes_the_change_its_audit_row_and_its_outbox_row_together() {
+    let test = keel_testing::test_db().await;
+    let (tenant_id, _) = create_tenant(&test.db, "acme").await;
+    let mut admin = test.admin().await;
+    let (actor, request_id): (String, String) =
+        sqlx::query_as("SELECT actor, request_id FROM audit_log WHERE tenant_id = $1 AND action = 'tenant.register'")
+            .bind(tenant_id)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    assert_eq!(
+        (actor.as_str(), request_id.as_str()),
+        ("system:test", "test-request")
+    );
+    let traceparent: Option<String> =
+        sqlx::query_scalar("SELECT traceparent FROM outbox WHERE tenant_id = $1")
+            .bind(tenant_id)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    assert!(traceparent.is_some_and(|t| t.starts_with("00-")));
+}
+
+#[tokio::test]
+async fn a_failure_after_the_domain_write_leaves_no_change_no_audit_and_no_event() {
+    let test = keel_testing::test_db().await;
+    // Inject a failure into the last step of the commit: the outbox insert.
+    let mut admin = test.admin().await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION fail_outbox() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'injected failure'; END $$;
+         CREATE TRIGGER fail_outbox BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION fail_outbox();",
+    )
+    .execute(&mut admin)
+    .await
+    .unwrap();
+
+    let tenant_id = TenantId::new();
+    let mut tx = test
+        .db
+        .begin_tenant(meta(), tenant_scope(tenant_id))
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, 'doomed')")
+        .bind(tenant_id)
+        .execute(tx.conn())
+        .await
+        .unwrap();
+    tx.emit(NewEvent::new(
+        "tenant.registered",
+        "tenant",
+        tenant_id.as_uuid(),
+        1,
+        Some(tenant_id),
+        ResourceName::tenant(tenant_id),
+        serde_json::json!({}),
+    ));
+    let result = tx
+        .commit(Audit::new(
+            "tenant.register",
+            Some(tenant_id),
+            ResourceName::tenant(tenant_id),
+        ))
+        .await;
+    assert!(result.is_err(), "the injected failure must surface");
+
+    for table in ["tenants", "audit_log", "outbox"] {
+        let count: i64 =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+                .fetch_one(&mut admin)
+                .await
+                .unwrap();
+        assert_eq!(count, 0, "{table} must be empty after a failed commit");
+    }
+}
+
+#[tokio::test]
+async fn a_dropped_transaction_rolls_everything_back() {
+    let test = keel_testing::test_db().await;
+    let tenant_id = TenantId::new();
+    {
+        let mut tx = test
+            .db
+            .begin_tenant(meta(), tenant_scope(tenant_id))
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, 'abandoned')")
+            .bind(tenant_id)
+            .execute(tx.conn())
+            .await
+            .unwrap();
+        // An early return (`?`) in a handler drops the transaction here.
+    }
+    let mut admin = test.admin().await;
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM tenants")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(count, 0);
+}
+
+#[tokio::test]
+async fn an_unfiltered_query_in_one_tenant_returns_no_row_of_another() {
+    let test = keel_testing::test_db().await;
+    let (acme, _) = create_tenant(&test.db, "acme").await;
+    let (globex, _) = create_tenant(&test.db, "globex").await;
+
+    let mut tx = test
+        .db
+        .begin_tenant(meta(), tenant_scope(acme))
+        .await
+        .unwrap();
+    // Deliberately no WHERE clause: row-level security must filter.
+    for table in [
+        "tenants",
+        "projects",
+        "audit_log",
+        "memberships",
+        "allocations",
+    ] {
+        let foreign: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {table} WHERE {} <> $1",
+            if table == "tenants" {
+                "id"
+            } else {
+                "tenant_id"
+            }
+        )))
+        .bind(acme)
+        .fetch_one(tx.conn())
+        .await
+        .unwrap();
+        assert_eq!(foreign, 0, "{table} leaked another tenant's rows");
+    }
+    let visible: Vec<TenantId> = sqlx::query_scalar("SELECT id FROM tenants")
+        .fetch_all(tx.conn())
+        .await
+        .unwrap();
+    assert_eq!(visible, [acme]);
+    assert_ne!(acme, globex);
+}
+
+#[tokio::test]
+async fn without_a_tenant_context_nothing_is_visible_and_nothing_can_be_written() {
+    let test = keel_testing::test_db().await;
+    create_tenant(&test.db, "acme").await;
+    let mut conn = test.db.pool().acquire().await.unwrap();
+    let visible: i64 = sqlx::query_scalar("SELECT count(*) FROM projects")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(visible, 0);
+    let insert = sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, 'sneaky')")
+        .bind(TenantId::new())
+        .execute(&mut *conn)
+        .await;
+    assert!(
+        insert.is_err(),
+        "row-level security must refuse a write without a tenant"
+    );
+}
+
+#[tokio::test]
+async fn a_tenant_cannot_write_a_row_for_another_tenant() {
+    let test = keel_testing::test_db().await;
+    let (acme, _) = create_tenant(&test.db, "acme").await;
+    let (globex, _) = create_tenant(&test.db, "globex").await;
+    let mut tx = test
+        .db
+        .begin_tenant(meta(), tenant_scope(acme))
+        .await
+        .unwrap();
+    let insert =
+        sqlx::query("INSERT INTO projects (id, tenant_id, name) VALUES ($1, $2, 'planted')")
+            .bind(ProjectId::new())
+            .bind(globex)
+            .execute(tx.conn())
+            .await;
+    assert!(insert.is_err());
+}
+
+#[tokio::test]
+async fn the_runtime_role_has_no_bypassrls_and_is_no_superuser() {
+    let test = keel_testing::test_db().await;
+    let (superuser, bypass): (bool, bool) =
+        sqlx::query_as("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user")
+            .fetch_one(test.db.pool())
+            .await
+            .unwrap();
+    assert!(!superuser && !bypass);
+}
+
+#[tokio::test]
+async fn a_system_transaction_sees_every_tenant() {
+    let test = keel_testing::test_db().await;
+    create_tenant(&test.db, "acme").await;
+    create_tenant(&test.db, "globex").await;
+    let mut tx = test.db.begin_system(meta()).await.unwrap();
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM tenants")
+        .fetch_one(tx.conn())
+        .await
+        .unwrap();
+    assert_eq!(count, 2);
+}

@@ -1,0 +1,23 @@
+//! HTTP plumbing every domain router shares: the one error envelope
+//! ([`ApiError`]), extractors whose rejections use it ([`Json`], [`Path`],
+//! [`Query`]), and the request-id middleware.
+//!
+//! Knows nothing about any domain: domains map their own error enums into
+//! [`ApiError`] with one `From` impl each.
+
+mod error;
+mod extract;
+mod request_id;
+
+pub use error::{ApiError, ErrorBody, FieldError};
+pub use extract::{Json, Path, Query};
+pub use request_id::{REQUEST_ID_HEADER, RequestId, request_id_layer};
+
+/// Fallback for unknown routes: a 404 in the envelope.
+pub async fn route_not_found() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::NOT_FOUND,
+        "route_not_found",
+        "no route matches this path",
+    )
+}

@@ -1,0 +1,161 @@
+//! Request ids: accept the caller's `X-Request-Id` (when it is a sane
+//! token) or generate one; echo it in the response; run the request inside
+//! a tracing span that carries it, so every log line of the request has it;
+//! and write the error envelope of every non-2xx response (see
+//! [`crate::error`]).
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
+
+use crate::error::{ErrorBody, PendingError};
+
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The id of the current request, in the request's extensions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestId(pub String);
+
+impl RequestId {
+    fn from_header(value: Option<&HeaderValue>) -> Option<Self> {
+        let value = value?.to_str().ok()?;
+        let sane = !value.is_empty()
+            && value.len() <= 128
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+        sane.then(|| Self(value.to_owned()))
+    }
+
+    fn generate() -> Self {
+        Self(uuid::Uuid::now_v7().simple().to_string())
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for RequestId {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<RequestId>()
+            .cloned()
+            .unwrap_or_else(RequestId::generate))
+    }
+}
+
+/// The middleware; install it outermost with `axum::middleware::from_fn`.
+pub async fn request_id_layer(mut request: Request, next: Next) -> Response {
+    let request_id = RequestId::from_header(request.headers().get(REQUEST_ID_HEADER))
+        .unwrap_or_else(RequestId::generate);
+    request.extensions_mut().insert(request_id.clone());
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id.0,
+        method = %request.method(),
+        path = %request.uri().path(),
+    );
+    let response = async move {
+        let response = next.run(request).await;
+        tracing::info!(status = response.status().as_u16(), "request finished");
+        response
+    }
+    .instrument(span)
+    .await;
+    let mut response = write_error_envelope(response, &request_id);
+    if let Ok(value) = HeaderValue::from_str(&request_id.0) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
+/// Gives every non-2xx response the envelope: the body an [`crate::ApiError`]
+/// left in the extensions, or one derived from the status for responses
+/// that did not come from our code (axum's 405, for example).
+fn write_error_envelope(mut response: Response, request_id: &RequestId) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let pending = match response.extensions_mut().remove::<PendingError>() {
+        Some(pending) => pending,
+        None => {
+            let (code, message) = fallback_code(status);
+            PendingError {
+                code: code.to_owned(),
+                message: message.to_owned(),
+                fields: Vec::new(),
+            }
+        }
+    };
+    let body = ErrorBody {
+        code: pending.code,
+        message: pending.message,
+        request_id: request_id.0.clone(),
+        fields: pending.fields,
+    };
+    let bytes = match serde_json::to_vec(&body) {
+        Ok(bytes) => bytes,
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    let (mut parts, _) = response.into_parts();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+fn fallback_code(status: StatusCode) -> (&'static str, &'static str) {
+    match status {
+        StatusCode::BAD_REQUEST => ("bad_request", "the request is malformed"),
+        StatusCode::UNAUTHORIZED => ("unauthenticated", "authentication is required"),
+        StatusCode::FORBIDDEN => ("forbidden", "you may not do this"),
+        StatusCode::NOT_FOUND => ("not_found", "not found"),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            "this method is not allowed on this path",
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "the request body is too large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            ("unsupported_media_type", "unsupported content type")
+        }
+        StatusCode::REQUEST_TIMEOUT => ("timeout", "the request took too long"),
+        StatusCode::SERVICE_UNAVAILABLE => (
+            "unavailable",
+            "the service is temporarily unavailable; retry later",
+        ),
+        status if status.is_server_error() => ("internal", "internal error"),
+        _ => ("bad_request", "the request could not be handled"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sane_incoming_request_id_is_kept() {
+        let value = HeaderValue::from_static("abc-123_x.y");
+        assert_eq!(
+            RequestId::from_header(Some(&value)),
+            Some(RequestId("abc-123_x.y".into()))
+        );
+    }
+
+    #[test]
+    fn an_unsafe_or_huge_request_id_is_replaced() {
+        let spaces = HeaderValue::from_static("a b");
+        assert_eq!(RequestId::from_header(Some(&spaces)), None);
+        let huge = HeaderValue::from_str(&"a".repeat(129)).unwrap();
+        assert_eq!(RequestId::from_header(Some(&huge)), None);
+        assert_eq!(RequestId::from_header(None), None);
+    }
+}

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Local mode. Without DATABASE_URL it runs a private Postgres from the
+# system's binaries under ./.keel/ (data kept between runs), applies the
+# migrations, creates the api's runtime role, and starts the api. Ctrl-C
+# stops everything it started.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+state="$root/.keel"
+mkdir -p "$state"
+cd "$root"
+
+pids=()
+pg_started=""
+cleanup() {
+    trap - EXIT INT TERM
+    for pid in "${pids[@]:-}"; do
+        [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]:-}"; do
+        [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
+    done
+    if [ -n "$pg_started" ]; then
+        as_pg "$pgbin/pg_ctl" -D "$pgdata" -m fast -w stop >/dev/null || true
+        echo "local mode: stopped"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Postgres refuses to run as root: when we are root, run it as `postgres`.
+as_pg() {
+    if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+if [ -z "${DATABASE_URL:-}" ]; then
+    pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+    [ -x "$pgbin/initdb" ] || { echo "run-local: no Postgres server binaries under /usr/lib/postgresql (apt-get install postgresql)" >&2; exit 1; }
+    pgdata="$state/pg"
+    port=${KEEL_PG_PORT:-54329}
+    if [ ! -f "$pgdata/PG_VERSION" ]; then
+        mkdir -p "$pgdata"
+        [ "$(id -u)" = 0 ] && chown postgres:postgres "$pgdata" && chmod 700 "$pgdata"
+        as_pg "$pgbin/initdb" -D "$pgdata" -U postgres --auth=trust -E UTF8 >/dev/null
+        echo "local mode: created a private Postgres in $pgdata"
+    fi
+    as_pg "$pgbin/pg_ctl" -D "$pgdata" -l "$pgdata/server.log" -w \
+        -o "-p $port -k $pgdata -c listen_addresses=127.0.0.1" start >/dev/null
+    pg_started=1
+    admin="postgres://postgres@127.0.0.1:$port"
+    psql "$admin/postgres" -qtAc "SELECT 1 FROM pg_database WHERE datname = 'keel'" | grep -q 1 ||
+        psql "$admin/postgres" -qc "CREATE DATABASE keel" >/dev/null
+    export KEEL_DATABASE__MIGRATE_URL="$admin/keel"
+    export KEEL_DATABASE__URL="postgres://keel_api@127.0.0.1:$port/keel"
+else
+    export KEEL_DATABASE__URL="$DATABASE_URL"
+fi
+
+# A signing key for access tokens, made once and kept private.
+if [ ! -f "$state/token-signing-key" ]; then
+    (umask 077; head -c 48 /dev/urandom | base64 | tr -d '\n=' > "$state/token-signing-key")
+fi
+export KEEL_AUTH__SIGNING_KEYS="[\"$(cat "$state/token-signing-key")\"]"
+
+cargo build --quiet -p keel-api-bin
+./target/debug/api migrate
+if [ -n "$pg_started" ]; then
+    # The runtime role: a member of keel_app and keel_system (created by the
+    # migrations), without superuser or BYPASSRLS.
+    psql "$KEEL_DATABASE__MIGRATE_URL" -qc "DO \$\$ BEGIN
+        IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'keel_api') THEN
+            CREATE ROLE keel_api LOGIN NOSUPERUSER NOBYPASSRLS;
+        END IF; END \$\$; GRANT keel_app, keel_system TO keel_api;" >/dev/null
+fi
+
+listen=${KEEL_SERVER__LISTEN:-127.0.0.1:8080}
+export KEEL_SERVER__LISTEN="$listen"
+KEEL_DATABASE_MIGRATE_ON_START=false ./target/debug/api &
+pids+=($!)
+
+for _ in $(seq 1 100); do
+    curl -fsS "http://$listen/readyz" >/dev/null 2>&1 && break
+    sleep 0.1
+done
+cat <<MSG
+
+Keel is running at http://$listen  (Ctrl-C stops it)
+  register: curl -s http://$listen/v1/auth/register -H 'content-type: application/json' \\
+              -d '{"email":"you@example.com","password":"a long password","tenant_name":"Acme"}'
+  log in:   curl -s http://$listen/v1/auth/login -H 'content-type: application/json' \\
+              -d '{"email":"you@example.com","password":"a long password"}'
+  API document: http://$listen/v1/openapi.json
+
+MSG
+wait "${pids[@]}"
