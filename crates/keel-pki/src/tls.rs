@@ -1,0 +1,110 @@
+//! rustls configurations for mutual TLS between the control plane and agents.
+//!
+//! Every config carries its own ring provider, so nothing depends on a
+//! process-wide default provider being installed. Trust is always explicit:
+//! the caller names the one root a peer must chain to (the node CA on a
+//! listener that accepts agents, the control-plane CA on the agent's side),
+//! so a certificate from the other root is refused even though we know it.
+
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+use crate::error::PkiError;
+
+/// All certificates in a PEM string, in order. An input without any
+/// certificate is an error, not an empty list.
+pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(PkiError::Pem)?;
+    if certs.is_empty() {
+        return Err(PkiError::NoCertificates);
+    }
+    Ok(certs)
+}
+
+/// The first private key (PKCS#8, SEC1 or PKCS#1) in a PEM string.
+pub fn private_key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, PkiError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(PkiError::Pem)
+}
+
+/// A server config that demands a client certificate chaining to one of
+/// `ca_roots` (and only those), with serverAuth/clientAuth checked by webpki.
+pub fn server_config_requiring_client_certs(
+    ca_roots: &[CertificateDer<'_>],
+    cert_chain_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<ServerConfig>, PkiError> {
+    let provider = ring_provider();
+    let roots = Arc::new(root_store(ca_roots)?);
+    let client_verifier =
+        WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider)).build()?;
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(client_verifier)
+        .with_single_cert(
+            certs_from_pem(cert_chain_pem)?,
+            private_key_from_pem(key_pem)?,
+        )?;
+    Ok(Arc::new(config))
+}
+
+/// A client config that trusts only `server_roots` and presents the given
+/// certificate (chain) and key.
+pub fn client_config(
+    server_roots: &[CertificateDer<'_>],
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<ClientConfig>, PkiError> {
+    let config = ClientConfig::builder_with_provider(ring_provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(root_store(server_roots)?)
+        .with_client_auth_cert(certs_from_pem(cert_pem)?, private_key_from_pem(key_pem)?)?;
+    Ok(Arc::new(config))
+}
+
+fn ring_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn root_store(roots: &[CertificateDer<'_>]) -> Result<RootCertStore, PkiError> {
+    if roots.is_empty() {
+        return Err(PkiError::NoTrustAnchors);
+    }
+    let mut store = RootCertStore::empty();
+    for root in roots {
+        store.add(root.clone().into_owned())?;
+    }
+    Ok(store)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_without_certificates_is_an_error() {
+        assert!(matches!(certs_from_pem(""), Err(PkiError::NoCertificates)));
+        assert!(matches!(
+            certs_from_pem("just some text\n"),
+            Err(PkiError::NoCertificates)
+        ));
+    }
+
+    #[test]
+    fn no_roots_means_no_config() {
+        assert!(matches!(
+            client_config(&[], "", ""),
+            Err(PkiError::NoTrustAnchors)
+        ));
+        assert!(matches!(
+            server_config_requiring_client_certs(&[], "", ""),
+            Err(PkiError::NoTrustAnchors)
+        ));
+    }
+}
