@@ -47,6 +47,7 @@ impl Role {
 /// the handlers and operation ids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
+    FlavorList,
     ProjectList,
     ProjectRead,
     AllocationList,
@@ -60,6 +61,7 @@ impl Action {
     /// all (for the 404-versus-403 choice).
     fn read_action(self) -> Action {
         match self {
+            Action::FlavorList => Action::FlavorList,
             Action::ProjectList | Action::ProjectRead => Action::ProjectRead,
             Action::AllocationList
             | Action::AllocationRead
@@ -77,7 +79,7 @@ pub fn decide(role: Role, action: Action) -> bool {
         Role::Owner | Role::Admin | Role::Member => true,
         Role::Viewer => matches!(
             action,
-            ProjectList | ProjectRead | AllocationList | AllocationRead
+            FlavorList | ProjectList | ProjectRead | AllocationList | AllocationRead
         ),
     }
 }
@@ -180,6 +182,7 @@ mod tests {
     #[test]
     fn owners_may_do_everything_and_viewers_only_read() {
         let all = [
+            Action::FlavorList,
             Action::ProjectList,
             Action::ProjectRead,
             Action::AllocationList,

@@ -1,1 +1,18 @@
-//! placeholder
+//! Inventory: regions, flavors, hosts and their capacity.
+//!
+//! - [`http`]: `GET /v1/flavors`.
+//! - [`service`]: flavor lookups, and the capacity ledger the scheduler
+//!   uses: [`service::capacity_reserve`] and [`service::capacity_release`]
+//!   run inside the caller's transaction, so a placement and the
+//!   allocation that holds it commit together. The `hosts` table's CHECK
+//!   constraints make over-commit impossible whatever the callers do.
+//!
+//! Hosts are operator inventory, owned by no tenant.
+
+mod error;
+pub mod http;
+pub mod model;
+pub mod service;
+
+pub use error::InventoryError;
+pub use model::{Flavor, FlavorView};

@@ -1,1 +1,22 @@
-//! placeholder
+//! Provisioning: allocations and their lifecycle.
+//!
+//! - [`http`]: `/v1/projects/{project_id}/allocations…` (thin handlers).
+//! - [`service`]: create (with placement in the same transaction),
+//!   list, get, terminate, and the state changes agents report.
+//! - [`model`]: the state machine ([`model::AllocationState`]): which
+//!   transitions are legal is decided in one place.
+//!
+//! Every transition is one `WriteTx`: the row, its audit row and its
+//! `allocation.*` event commit together; consumers (the provisioning
+//! worker, later billing and notifications) react to the events.
+
+mod error;
+pub mod http;
+pub mod model;
+pub mod service;
+
+pub use error::ProvisioningError;
+pub use model::{Allocation, AllocationState, AllocationView, NewAllocation};
+
+/// The `aggregate_type` of allocation events.
+pub const AGGREGATE: &str = "allocation";

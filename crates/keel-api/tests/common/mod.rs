@@ -146,6 +146,23 @@ impl TestApp {
         }
     }
 
+    /// Adds a ready host with this capacity, as enrolment would.
+    pub async fn add_host(&self, vcpus: i32, memory_mib: i64) -> uuid::Uuid {
+        let id = uuid::Uuid::now_v7();
+        let mut admin = self.database.admin().await;
+        sqlx::query(
+            "INSERT INTO hosts (id, name, region, state, agent_url, vcpus, memory_mib, cert_serial, cert_not_after)
+             VALUES ($1, 'test-host', 'local-1', 'ready', 'https://127.0.0.1:1', $2, $3, '00', now() + interval '1 day')",
+        )
+        .bind(id)
+        .bind(vcpus)
+        .bind(memory_mib)
+        .execute(&mut admin)
+        .await
+        .expect("insert host");
+        id
+    }
+
     /// Counts rows of a table as the superuser (sees every tenant).
     pub async fn count(&self, sql: &'static str) -> i64 {
         let mut admin = self.database.admin().await;

@@ -1,0 +1,128 @@
+//! Flavor lookups and the capacity ledger.
+
+use keel_core::ids::HostId;
+use sqlx::PgConnection;
+
+use crate::{Flavor, InventoryError};
+
+/// Every flavor that can still be launched, smallest first.
+pub async fn flavor_list(conn: &mut PgConnection) -> Result<Vec<Flavor>, InventoryError> {
+    Ok(sqlx::query_as(
+        "SELECT name, vcpus, memory_mib, gpu_model, gpu_count, disk_gib FROM flavors
+         WHERE retired_at IS NULL ORDER BY gpu_count, vcpus, memory_mib, name",
+    )
+    .fetch_all(conn)
+    .await?)
+}
+
+/// A launchable flavor by name.
+pub async fn flavor_get(
+    conn: &mut PgConnection,
+    name: &str,
+) -> Result<Option<Flavor>, InventoryError> {
+    Ok(sqlx::query_as(
+        "SELECT name, vcpus, memory_mib, gpu_model, gpu_count, disk_gib FROM flavors
+         WHERE name = $1 AND retired_at IS NULL",
+    )
+    .bind(name)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// A flavor by name, retired or not: for allocations that already hold it.
+pub async fn flavor_any(conn: &mut PgConnection, name: &str) -> Result<Flavor, InventoryError> {
+    Ok(sqlx::query_as(
+        "SELECT name, vcpus, memory_mib, gpu_model, gpu_count, disk_gib FROM flavors WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Places `flavor` on a ready host of `region` that has room for it and
+/// reserves the room, in the caller's transaction. Best fit: the host with
+/// the least free vCPUs that still fits, so large hosts stay free for large
+/// flavors. A GPU flavor only goes to a host with its GPU model. `None`
+/// when no host fits.
+///
+/// The candidate row is locked (`FOR UPDATE`) before it is updated, so two
+/// concurrent placements serialise on a host; the CHECK constraints on
+/// `hosts` are the last line: a reservation beyond capacity fails the
+/// transaction instead of over-committing.
+pub async fn capacity_reserve(
+    conn: &mut PgConnection,
+    region: &str,
+    flavor: &Flavor,
+) -> Result<Option<HostId>, InventoryError> {
+    // A candidate can lose its room to a concurrent placement between the
+    // choice and the lock; then the re-checked row drops out and we try the
+    // next one. Three tries are plenty for the contention one host sees.
+    for _ in 0..3 {
+        let placed: Option<HostId> = sqlx::query_scalar(
+            "WITH candidate AS (
+                 SELECT id FROM hosts
+                 WHERE state = 'ready' AND revoked_at IS NULL AND region = $1
+                   AND vcpus - reserved_vcpus >= $2
+                   AND memory_mib - reserved_memory_mib >= $3
+                   AND gpu_count - reserved_gpus >= $4
+                   AND ($4 = 0 OR gpu_model = $5)
+                 ORDER BY vcpus - reserved_vcpus, memory_mib - reserved_memory_mib, id
+                 LIMIT 1
+                 FOR UPDATE
+             )
+             UPDATE hosts SET reserved_vcpus = reserved_vcpus + $2,
+                              reserved_memory_mib = reserved_memory_mib + $3,
+                              reserved_gpus = reserved_gpus + $4
+             FROM candidate WHERE hosts.id = candidate.id
+             RETURNING hosts.id",
+        )
+        .bind(region)
+        .bind(flavor.vcpus)
+        .bind(i64::from(flavor.memory_mib))
+        .bind(flavor.gpu_count)
+        .bind(&flavor.gpu_model)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if placed.is_some() {
+            return Ok(placed);
+        }
+        let any_fits: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT FROM hosts
+                 WHERE state = 'ready' AND revoked_at IS NULL AND region = $1
+                   AND vcpus - reserved_vcpus >= $2 AND memory_mib - reserved_memory_mib >= $3
+                   AND gpu_count - reserved_gpus >= $4 AND ($4 = 0 OR gpu_model = $5))",
+        )
+        .bind(region)
+        .bind(flavor.vcpus)
+        .bind(i64::from(flavor.memory_mib))
+        .bind(flavor.gpu_count)
+        .bind(&flavor.gpu_model)
+        .fetch_one(&mut *conn)
+        .await?;
+        if !any_fits {
+            return Ok(None);
+        }
+    }
+    Ok(None)
+}
+
+/// Gives back what [`capacity_reserve`] took for `flavor` on `host`.
+pub async fn capacity_release(
+    conn: &mut PgConnection,
+    host: HostId,
+    flavor: &Flavor,
+) -> Result<(), InventoryError> {
+    sqlx::query(
+        "UPDATE hosts SET reserved_vcpus = reserved_vcpus - $2,
+                          reserved_memory_mib = reserved_memory_mib - $3,
+                          reserved_gpus = reserved_gpus - $4
+         WHERE id = $1",
+    )
+    .bind(host)
+    .bind(flavor.vcpus)
+    .bind(i64::from(flavor.memory_mib))
+    .bind(flavor.gpu_count)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,49 @@
+//! The provisioning domain's errors and their one mapping to HTTP.
+
+use axum::http::StatusCode;
+use keel_http::{ApiError, FieldError};
+
+use crate::AllocationState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisioningError {
+    #[error("invalid input")]
+    Validation(Vec<FieldError>),
+    #[error("flavor `{0}` does not exist")]
+    UnknownFlavor(String),
+    #[error("allocation not found")]
+    NotFound,
+    #[error("an allocation that is {from} cannot be {action}")]
+    InvalidTransition {
+        from: AllocationState,
+        action: &'static str,
+    },
+    #[error(transparent)]
+    Auth(#[from] keel_auth::AuthError),
+    #[error(transparent)]
+    Inventory(#[from] keel_inventory::InventoryError),
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+    #[error("database error")]
+    Db(#[from] keel_db::DbError),
+}
+
+impl From<ProvisioningError> for ApiError {
+    fn from(error: ProvisioningError) -> Self {
+        match error {
+            ProvisioningError::Validation(fields) => ApiError::validation(fields),
+            ProvisioningError::UnknownFlavor(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown_flavor",
+                error.to_string(),
+            ),
+            ProvisioningError::NotFound => ApiError::not_found(error.to_string()),
+            ProvisioningError::InvalidTransition { .. } => {
+                ApiError::conflict("invalid_state_transition", error.to_string())
+            }
+            ProvisioningError::Auth(auth) => auth.into(),
+            ProvisioningError::Inventory(inventory) => inventory.into(),
+            ProvisioningError::Database(_) | ProvisioningError::Db(_) => ApiError::internal(error),
+        }
+    }
+}

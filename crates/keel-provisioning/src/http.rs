@@ -1,0 +1,173 @@
+//! Handlers of `/v1/projects/{project_id}/allocations…`.
+
+use std::sync::Arc;
+
+use axum::extract::FromRef;
+use axum::http::StatusCode;
+use keel_auth::authz::{Action, authorize_project};
+use keel_auth::http::page_error;
+use keel_auth::{Ctx, TokenKeys};
+use keel_core::ids::{AllocationId, ProjectId};
+use keel_core::page::{PageParams, Paginated};
+use keel_db::Db;
+use keel_http::{ApiError, ErrorBody, Json, Path, Query};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::{AllocationView, NewAllocation, ProvisioningError, service};
+
+pub fn router<S>() -> OpenApiRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+    Db: FromRef<S>,
+    Arc<TokenKeys>: FromRef<S>,
+{
+    OpenApiRouter::new()
+        .routes(routes!(allocation_create, allocation_list))
+        .routes(routes!(allocation_get))
+        .routes(routes!(allocation_terminate))
+}
+
+/// Launch an allocation. It is placed at once: the answer is `scheduled`,
+/// or `failed` with `insufficient_capacity`; then it moves on by itself.
+#[utoipa::path(
+    post,
+    path = "/v1/projects/{project_id}/allocations",
+    operation_id = "allocation_create",
+    tag = "allocations",
+    params(("project_id" = ProjectId, Path, description = "The project")),
+    request_body = NewAllocation,
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "Accepted; watch `state`", body = AllocationView),
+        (status = 400, description = "`invalid_json` or `invalid_path`", body = ErrorBody),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such project", body = ErrorBody),
+        (status = 422, description = "`validation_failed`, `invalid_body` or `unknown_flavor`", body = ErrorBody),
+    )
+)]
+async fn allocation_create(
+    ctx: Ctx,
+    Path(project_id): Path<ProjectId>,
+    Json(new): Json<NewAllocation>,
+) -> Result<(StatusCode, Json<AllocationView>), ApiError> {
+    let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
+    let project = authorize_project(
+        tx.conn(),
+        &ctx.principal,
+        Action::AllocationCreate,
+        project_id,
+    )
+    .await
+    .map_err(ProvisioningError::from)?;
+    let allocation = service::allocation_create(tx, &project, new).await?;
+    Ok((StatusCode::ACCEPTED, Json(allocation.into())))
+}
+
+/// List the project's allocations (terminated ones are left out).
+#[utoipa::path(
+    get,
+    path = "/v1/projects/{project_id}/allocations",
+    operation_id = "allocation_list",
+    tag = "allocations",
+    params(("project_id" = ProjectId, Path, description = "The project"), PageParams),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "One page of allocations", body = Paginated<AllocationView>),
+        (status = 400, description = "`invalid_query` or `invalid_path`", body = ErrorBody),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such project", body = ErrorBody),
+    )
+)]
+async fn allocation_list(
+    ctx: Ctx,
+    Path(project_id): Path<ProjectId>,
+    Query(params): Query<PageParams>,
+) -> Result<Json<Paginated<AllocationView>>, ApiError> {
+    let page = params.validate().map_err(page_error)?;
+    let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
+    let project = authorize_project(
+        tx.conn(),
+        &ctx.principal,
+        Action::AllocationList,
+        project_id,
+    )
+    .await
+    .map_err(ProvisioningError::from)?;
+    let allocations = service::allocation_list(tx.conn(), &project, page).await?;
+    Ok(Json(allocations.map(AllocationView::from)))
+}
+
+/// Read one allocation (terminated ones too).
+#[utoipa::path(
+    get,
+    path = "/v1/projects/{project_id}/allocations/{allocation_id}",
+    operation_id = "allocation_get",
+    tag = "allocations",
+    params(
+        ("project_id" = ProjectId, Path, description = "The project"),
+        ("allocation_id" = AllocationId, Path, description = "The allocation"),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The allocation", body = AllocationView),
+        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+    )
+)]
+async fn allocation_get(
+    ctx: Ctx,
+    Path((project_id, allocation_id)): Path<(ProjectId, AllocationId)>,
+) -> Result<Json<AllocationView>, ApiError> {
+    let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
+    let project = authorize_project(
+        tx.conn(),
+        &ctx.principal,
+        Action::AllocationRead,
+        project_id,
+    )
+    .await
+    .map_err(ProvisioningError::from)?;
+    let allocation = service::allocation_get(tx.conn(), &project, allocation_id).await?;
+    Ok(Json(allocation.into()))
+}
+
+/// Terminate an allocation: it moves to `terminating`, its workload is
+/// stopped on the host, then it is `terminated` and its capacity released.
+#[utoipa::path(
+    post,
+    path = "/v1/projects/{project_id}/allocations/{allocation_id}/terminate",
+    operation_id = "allocation_terminate",
+    tag = "allocations",
+    params(
+        ("project_id" = ProjectId, Path, description = "The project"),
+        ("allocation_id" = AllocationId, Path, description = "The allocation"),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "Accepted; watch `state`", body = AllocationView),
+        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`invalid_state_transition`: already terminated", body = ErrorBody),
+    )
+)]
+async fn allocation_terminate(
+    ctx: Ctx,
+    Path((project_id, allocation_id)): Path<(ProjectId, AllocationId)>,
+) -> Result<(StatusCode, Json<AllocationView>), ApiError> {
+    let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
+    let project = authorize_project(
+        tx.conn(),
+        &ctx.principal,
+        Action::AllocationTerminate,
+        project_id,
+    )
+    .await
+    .map_err(ProvisioningError::from)?;
+    let allocation = service::allocation_terminate(tx, &project, allocation_id).await?;
+    Ok((StatusCode::ACCEPTED, Json(allocation.into())))
+}

@@ -1,0 +1,319 @@
+//! Allocation service functions. Each takes the transaction it works in
+//! and commits it itself, so a transition, its audit row and its event are
+//! always one unit.
+
+use keel_auth::ProjectHandle;
+use keel_core::ids::{AllocationId, HostId};
+use keel_core::page::{Page, Paginated};
+use keel_db::{Audit, NewEvent, WriteTx};
+use keel_inventory::service as inventory;
+use serde::Serialize;
+use sqlx::PgConnection;
+
+use crate::{AGGREGATE, Allocation, AllocationState, NewAllocation, ProvisioningError};
+
+/// Why an allocation could not be placed.
+pub const INSUFFICIENT_CAPACITY: &str = "insufficient_capacity";
+
+const COLUMNS: &str =
+    "id, tenant_id, project_id, name, flavor, region, command, state, failure_reason,
+                       host_id, reserved, created_at, updated_at, version";
+
+/// The payload of every `allocation.*` event.
+#[derive(Debug, Serialize)]
+pub struct AllocationEvent<'a> {
+    pub allocation_id: AllocationId,
+    pub state: AllocationState,
+    pub previous_state: Option<AllocationState>,
+    pub host_id: Option<HostId>,
+    pub flavor: &'a str,
+    pub failure_reason: Option<&'a str>,
+}
+
+fn event_type(state: AllocationState) -> &'static str {
+    match state {
+        AllocationState::Requested => "allocation.requested",
+        AllocationState::Scheduled => "allocation.scheduled",
+        AllocationState::Provisioning => "allocation.provisioning",
+        AllocationState::Running => "allocation.running",
+        AllocationState::Stopping => "allocation.stopping",
+        AllocationState::Stopped => "allocation.stopped",
+        AllocationState::Terminating => "allocation.terminating",
+        AllocationState::Terminated => "allocation.terminated",
+        AllocationState::Failed => "allocation.failed",
+    }
+}
+
+fn emit_state(tx: &mut WriteTx, allocation: &Allocation, previous: Option<AllocationState>) {
+    tx.emit(NewEvent::new(
+        event_type(allocation.state()),
+        AGGREGATE,
+        allocation.id.as_uuid(),
+        allocation.version,
+        Some(allocation.tenant_id),
+        allocation.resource_name(),
+        AllocationEvent {
+            allocation_id: allocation.id,
+            state: allocation.state(),
+            previous_state: previous,
+            host_id: allocation.host_id,
+            flavor: &allocation.flavor,
+            failure_reason: allocation.failure_reason.as_deref(),
+        },
+    ));
+}
+
+/// Moves an allocation to `next` if the lifecycle allows it, with an
+/// optimistic version check, releasing its capacity when it stops holding
+/// any; queues the event and an audit row. Returns the updated row.
+pub async fn transition(
+    tx: &mut WriteTx,
+    allocation: &Allocation,
+    next: AllocationState,
+    failure_reason: Option<&str>,
+) -> Result<Allocation, ProvisioningError> {
+    let from = allocation.state();
+    if !from.can_become(next) {
+        return Err(ProvisioningError::InvalidTransition {
+            from,
+            action: next.as_str(),
+        });
+    }
+    let release = allocation.reserved && !next.holds_capacity();
+    if let (true, Some(host)) = (release, allocation.host_id) {
+        let flavor = inventory::flavor_any(tx.conn(), &allocation.flavor).await?;
+        inventory::capacity_release(tx.conn(), host, &flavor).await?;
+    }
+    let updated: Option<Allocation> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE allocations SET state = $3, failure_reason = $4, reserved = reserved AND NOT $5,
+                updated_at = now(), version = version + 1,
+                terminated_at = CASE WHEN $3 = 'terminated' THEN now() ELSE terminated_at END
+         WHERE id = $1 AND version = $2
+         RETURNING {COLUMNS}"
+    )))
+    .bind(allocation.id)
+    .bind(allocation.version)
+    .bind(next.as_str())
+    .bind(if next == AllocationState::Failed {
+        failure_reason
+    } else {
+        None
+    })
+    .bind(release)
+    .fetch_optional(tx.conn())
+    .await?;
+    // A concurrent change won the race: the caller's view is stale.
+    let updated = updated.ok_or(ProvisioningError::InvalidTransition {
+        from,
+        action: next.as_str(),
+    })?;
+    emit_state(tx, &updated, Some(from));
+    tx.audit(
+        Audit::new("allocation.transition", Some(updated.tenant_id), updated.resource_name()).with_details(
+            serde_json::json!({ "from": from, "to": next, "failure_reason": updated.failure_reason }),
+        ),
+    );
+    Ok(updated)
+}
+
+/// Creates an allocation and places it, in one transaction: `requested`,
+/// then `scheduled` on a host with room (capacity reserved), or `failed`
+/// with `insufficient_capacity` when none has room.
+pub async fn allocation_create(
+    mut tx: WriteTx,
+    project: &ProjectHandle,
+    new: NewAllocation,
+) -> Result<Allocation, ProvisioningError> {
+    let errors = new.validate();
+    if !errors.is_empty() {
+        return Err(ProvisioningError::Validation(errors));
+    }
+    let flavor = inventory::flavor_get(tx.conn(), &new.flavor)
+        .await?
+        .ok_or_else(|| ProvisioningError::UnknownFlavor(new.flavor.clone()))?;
+    let region = keel_core::DEFAULT_REGION;
+    let id = AllocationId::new();
+    let requested: Allocation = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO allocations (id, tenant_id, project_id, name, flavor, region, command, state)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'requested')
+         RETURNING {COLUMNS}"
+    )))
+    .bind(id)
+    .bind(project.tenant_id)
+    .bind(project.project_id)
+    .bind(&new.name)
+    .bind(&flavor.name)
+    .bind(region)
+    .bind(new.command_or_default())
+    .fetch_one(tx.conn())
+    .await?;
+    emit_state(&mut tx, &requested, None);
+
+    let placed = match inventory::capacity_reserve(tx.conn(), region, &flavor).await? {
+        Some(host) => {
+            let scheduled: Allocation = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "UPDATE allocations SET state = 'scheduled', host_id = $2, reserved = true,
+                        updated_at = now(), version = version + 1
+                 WHERE id = $1 RETURNING {COLUMNS}"
+            )))
+            .bind(id)
+            .bind(host)
+            .fetch_one(tx.conn())
+            .await?;
+            emit_state(&mut tx, &scheduled, Some(AllocationState::Requested));
+            scheduled
+        }
+        None => {
+            transition(
+                &mut tx,
+                &requested,
+                AllocationState::Failed,
+                Some(INSUFFICIENT_CAPACITY),
+            )
+            .await?
+        }
+    };
+    let audit = Audit::new(
+        "allocation.create",
+        Some(project.tenant_id),
+        placed.resource_name(),
+    )
+    .with_details(
+        serde_json::json!({ "name": placed.name, "flavor": placed.flavor, "state": placed.state }),
+    );
+    tx.commit(audit).await?;
+    Ok(placed)
+}
+
+/// The project's allocations, oldest first; terminated ones are left out
+/// (they stay readable by id).
+pub async fn allocation_list(
+    conn: &mut PgConnection,
+    project: &ProjectHandle,
+    page: Page,
+) -> Result<Paginated<Allocation>, ProvisioningError> {
+    let rows: Vec<Allocation> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM allocations
+         WHERE tenant_id = $1 AND project_id = $2 AND state <> 'terminated'
+           AND ($3::uuid IS NULL OR id > $3)
+         ORDER BY id LIMIT $4"
+    )))
+    .bind(project.tenant_id)
+    .bind(project.project_id)
+    .bind(page.after)
+    .bind(page.fetch_limit())
+    .fetch_all(conn)
+    .await?;
+    Ok(Paginated::from_rows(rows, page, |allocation| {
+        allocation.id.as_uuid()
+    }))
+}
+
+/// One allocation of the project, or `NotFound`.
+pub async fn allocation_get(
+    conn: &mut PgConnection,
+    project: &ProjectHandle,
+    id: AllocationId,
+) -> Result<Allocation, ProvisioningError> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM allocations WHERE id = $1 AND tenant_id = $2 AND project_id = $3"
+    )))
+    .bind(id)
+    .bind(project.tenant_id)
+    .bind(project.project_id)
+    .fetch_optional(conn)
+    .await?
+    .ok_or(ProvisioningError::NotFound)
+}
+
+/// Loads an allocation for update, by id alone: for system transactions
+/// (worker, agent reports), which see every tenant.
+pub async fn allocation_lock(
+    conn: &mut PgConnection,
+    id: AllocationId,
+) -> Result<Option<Allocation>, ProvisioningError> {
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM allocations WHERE id = $1 FOR UPDATE"
+    )))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Asks for an allocation to be terminated: it moves to `terminating` and
+/// the worker tells its host. Terminating an allocation that is already
+/// terminating changes nothing; one that is terminated is a conflict.
+pub async fn allocation_terminate(
+    mut tx: WriteTx,
+    project: &ProjectHandle,
+    id: AllocationId,
+) -> Result<Allocation, ProvisioningError> {
+    let current = allocation_get(tx.conn(), project, id).await?;
+    let current = allocation_lock(tx.conn(), current.id)
+        .await?
+        .ok_or(ProvisioningError::NotFound)?;
+    if current.state() == AllocationState::Terminating {
+        return Ok(current);
+    }
+    let terminating = transition(&mut tx, &current, AllocationState::Terminating, None).await?;
+    // Nothing runs for an allocation that never reached a host, or whose
+    // capacity is already released: it is terminated at once.
+    let result = if terminating.host_id.is_none() || !terminating.reserved {
+        transition(&mut tx, &terminating, AllocationState::Terminated, None).await?
+    } else {
+        terminating
+    };
+    tx.commit(Audit::new(
+        "allocation.terminate",
+        Some(project.tenant_id),
+        result.resource_name(),
+    ))
+    .await?;
+    Ok(result)
+}
+
+/// What an agent observed about one of its allocations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Observed {
+    Running,
+    /// The workload ended on its own or could not start.
+    Failed(String),
+    /// The workload was stopped on request and is gone.
+    Terminated,
+}
+
+/// Applies an agent's report in a system transaction. A node can only
+/// report on allocations placed on it (others are `NotFound`). A report
+/// that the lifecycle no longer allows (it arrived late) changes nothing.
+pub async fn allocation_observe(
+    mut tx: WriteTx,
+    host: HostId,
+    id: AllocationId,
+    observed: Observed,
+) -> Result<Option<Allocation>, ProvisioningError> {
+    let current = allocation_lock(tx.conn(), id)
+        .await?
+        .filter(|allocation| allocation.host_id == Some(host))
+        .ok_or(ProvisioningError::NotFound)?;
+    let (next, reason) = match &observed {
+        Observed::Running => (AllocationState::Running, None),
+        // A workload that died while being terminated is simply gone.
+        Observed::Failed(_) if current.state() == AllocationState::Terminating => {
+            (AllocationState::Terminated, None)
+        }
+        Observed::Failed(reason) => (AllocationState::Failed, Some(reason.as_str())),
+        Observed::Terminated => (AllocationState::Terminated, None),
+    };
+    if current.state() == next || !current.state().can_become(next) {
+        tracing::info!(allocation = %id, state = %current.state(), observed = ?observed, "ignoring a stale report");
+        return Ok(None);
+    }
+    let updated = transition(&mut tx, &current, next, reason).await?;
+    tx.commit(Audit::new(
+        "allocation.observe",
+        Some(updated.tenant_id),
+        updated.resource_name(),
+    ))
+    .await?;
+    Ok(Some(updated))
+}
