@@ -72,6 +72,7 @@ if [ -n "$pg_started" ]; then
         END IF; END \$\$; GRANT keel_app, keel_system TO keel_api;" >/dev/null
 fi
 
+export KEEL_PKI__DIR="$state/pki"
 listen=${KEEL_SERVER__LISTEN:-127.0.0.1:8080}
 export KEEL_SERVER__LISTEN="$listen"
 KEEL_DATABASE_MIGRATE_ON_START=false ./target/debug/api &

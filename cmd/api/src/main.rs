@@ -3,6 +3,8 @@
 //! ```text
 //! api [--config FILE] [serve]   run the api (migrates first by default)
 //! api [--config FILE] migrate   apply migrations and exit
+//! api [--config FILE] join-token [--ttl-secs N]
+//!                               create a one-time node join token (default 1 h)
 //! api openapi                   print the OpenAPI document (used by make codegen)
 //! ```
 
@@ -16,6 +18,7 @@ enum Command {
     Serve,
     Migrate,
     Openapi,
+    JoinToken { ttl_secs: i64 },
 }
 
 fn parse_args() -> anyhow::Result<(Command, Option<PathBuf>)> {
@@ -28,6 +31,17 @@ fn parse_args() -> anyhow::Result<(Command, Option<PathBuf>)> {
             "serve" if command.is_none() => command = Some(Command::Serve),
             "migrate" if command.is_none() => command = Some(Command::Migrate),
             "openapi" if command.is_none() => command = Some(Command::Openapi),
+            "join-token" if command.is_none() => {
+                command = Some(Command::JoinToken { ttl_secs: 3600 })
+            }
+            "--ttl-secs" => match (&mut command, args.next().map(|v| v.parse::<i64>())) {
+                (Some(Command::JoinToken { ttl_secs }), Some(Ok(value)))
+                    if (60..=86_400).contains(&value) =>
+                {
+                    *ttl_secs = value
+                }
+                _ => bail!("--ttl-secs follows `join-token` and takes 60..=86400"),
+            },
             other => bail!(
                 "unexpected argument `{other}`; usage: api [--config FILE] [serve|migrate|openapi]"
             ),
@@ -52,7 +66,31 @@ async fn run() -> anyhow::Result<()> {
             tracing::info!("migrations applied");
             Ok(())
         }
-        _ => keel_api::serve(config).await,
+        Command::JoinToken { ttl_secs } => {
+            let keys = keel_api::keys::ControlPlaneKeys::load_or_create(&config.pki.dir)?;
+            let channel = keel_api::node_channel(&keys, &config)?;
+            let db = keel_db::Db::connect(&config.database)
+                .await
+                .context("connecting to Postgres")?;
+            let meta =
+                keel_db::RequestMeta::system("cli", uuid::Uuid::now_v7().simple().to_string());
+            let token = keel_inventory::enrol::join_token_create(
+                &db,
+                meta,
+                &channel,
+                keel_core::DEFAULT_REGION,
+                time::Duration::seconds(ttl_secs),
+            )
+            .await
+            .context("creating a join token")?;
+            println!("{}", token.token);
+            eprintln!(
+                "expires at {}; control-plane CA fingerprint {}",
+                token.expires_at, token.ca_fingerprint
+            );
+            Ok(())
+        }
+        Command::Serve | Command::Openapi => keel_api::serve(config).await,
     }
 }
 

@@ -6,7 +6,7 @@
 //! `auth.signing_keys`) print as `[REDACTED]` in `Debug`.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -28,6 +28,58 @@ pub struct Config {
     #[serde(default = "yes")]
     pub database_migrate_on_start: bool,
     pub auth: TokenConfig,
+    #[serde(default)]
+    pub pki: PkiConfig,
+    #[serde(default)]
+    pub agent: AgentListenerConfig,
+}
+
+/// Where the control plane keeps its CAs and keys.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PkiConfig {
+    pub dir: PathBuf,
+    /// Lifetime of a node certificate, in hours.
+    pub node_cert_lifetime_hours: u32,
+}
+
+impl Default for PkiConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from(".keel/pki"),
+            node_cert_lifetime_hours: 168,
+        }
+    }
+}
+
+/// The mutual-TLS listener node agents report to.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentListenerConfig {
+    pub listen: SocketAddr,
+    /// The URL agents are told to use; defaults to `https://{listen}`.
+    #[serde(default)]
+    pub advertised_url: Option<String>,
+    /// Names (DNS or IP) the listener's certificate carries.
+    pub server_names: Vec<String>,
+}
+
+impl Default for AgentListenerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            advertised_url: None,
+            server_names: vec!["127.0.0.1".to_owned(), "localhost".to_owned()],
+        }
+    }
+}
+
+impl AgentListenerConfig {
+    pub fn url(&self) -> String {
+        self.advertised_url
+            .clone()
+            .unwrap_or_else(|| format!("https://{}", self.listen))
+    }
 }
 
 /// The top-level keys of [`Config`].
@@ -74,7 +126,9 @@ impl Config {
     fn figment(file: Option<&Path>) -> Figment {
         let mut figment = Figment::new()
             .merge(Serialized::default("server", ServerConfig::default()))
-            .merge(Serialized::default("log", LogConfig::default()));
+            .merge(Serialized::default("log", LogConfig::default()))
+            .merge(Serialized::default("pki", PkiConfig::default()))
+            .merge(Serialized::default("agent", AgentListenerConfig::default()));
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }

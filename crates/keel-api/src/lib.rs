@@ -8,6 +8,7 @@
 
 pub mod config;
 mod health;
+pub mod keys;
 pub mod openapi;
 mod state;
 pub mod telemetry;
@@ -18,7 +19,11 @@ use anyhow::Context;
 use axum::Router;
 use keel_auth::TokenKeys;
 use keel_db::Db;
+use keel_http::tls::{TlsListener, TlsPeer};
+use keel_inventory::enrol::{NodeChannel, TaskSigningKeyView};
 use tokio::net::TcpListener;
+
+use crate::keys::ControlPlaneKeys;
 
 pub use config::Config;
 pub use state::AppState;
@@ -40,9 +45,31 @@ pub fn app(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(keel_http::request_id_layer))
 }
 
+/// What enrolment hands nodes, from the control plane's keys.
+pub fn node_channel(keys: &ControlPlaneKeys, config: &Config) -> anyhow::Result<NodeChannel> {
+    Ok(NodeChannel {
+        node_ca: keel_pki::CertificateAuthority::from_pem(
+            keel_pki::CaKind::Node,
+            keys.node_ca.cert_pem(),
+            &keys.node_ca.key_pem(),
+        )?,
+        control_plane_ca_pem: keys.control_plane_ca.cert_pem().to_owned(),
+        task_signing_keys: vec![TaskSigningKeyView {
+            key_id: keys.task_signer.key_id().to_owned(),
+            public_key: keel_task::verifying_key_to_base64(&keys.task_signer.verifying_key()),
+        }],
+        agent_api_url: config.agent.url(),
+        node_cert_lifetime: time::Duration::hours(i64::from(config.pki.node_cert_lifetime_hours)),
+    })
+}
+
 /// Builds the state from a loaded configuration: connects to Postgres
-/// (after migrating, when `migrate_on_start`).
-pub async fn state_from_config(config: &Config) -> anyhow::Result<AppState> {
+/// (after migrating, when `migrate_on_start`) and loads (or creates) the
+/// control plane's keys.
+pub async fn state_from_config(
+    config: &Config,
+    keys: &ControlPlaneKeys,
+) -> anyhow::Result<AppState> {
     if config.database_migrate_on_start {
         keel_db::migrate(&config.database)
             .await
@@ -55,21 +82,67 @@ pub async fn state_from_config(config: &Config) -> anyhow::Result<AppState> {
     Ok(AppState {
         db,
         tokens: Arc::new(tokens),
+        node_channel: Arc::new(node_channel(keys, config)?),
     })
 }
 
-/// Runs the api until Ctrl-C or SIGTERM, then drains in-flight requests.
+/// The router of the agent listener: node agents only.
+pub fn agent_app(state: AppState) -> Router {
+    keel_provisioning::agent_http::router()
+        .fallback(keel_http::route_not_found)
+        .with_state(state)
+        .layer(axum::middleware::from_fn(keel_http::request_id_layer))
+}
+
+/// The TLS configuration of the agent listener: the api's certificate
+/// from the control-plane CA; clients must present a node-CA certificate.
+pub fn agent_tls_config(
+    keys: &ControlPlaneKeys,
+    config: &Config,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let identity = keys.service_identity("api", &config.agent.server_names)?;
+    Ok(keel_pki::server_config_requiring_client_certs(
+        &[keys.node_ca.cert_der().clone()],
+        &identity.cert_pem,
+        &identity.key_pem,
+    )?)
+}
+
+/// Runs the api (public listener and agent listener) until Ctrl-C or
+/// SIGTERM, then drains in-flight requests on both.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
-    let state = state_from_config(&config).await?;
+    let keys = ControlPlaneKeys::load_or_create(&config.pki.dir)?;
+    let state = state_from_config(&config, &keys).await?;
     let listener = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("binding server.listen = {}", config.server.listen))?;
-    let address = listener.local_addr()?;
-    tracing::info!(%address, "api listening");
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown_signal())
+    let agent_tcp = TcpListener::bind(config.agent.listen)
         .await
-        .context("serving")?;
+        .with_context(|| format!("binding agent.listen = {}", config.agent.listen))?;
+    let agent_listener = TlsListener::new(agent_tcp, agent_tls_config(&keys, &config)?);
+    tracing::info!(address = %listener.local_addr()?, agent_address = %config.agent.listen, "api listening");
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let public = axum::serve(listener, app(state.clone()))
+        .with_graceful_shutdown(until_stopped(stopped.clone()));
+    let agents = axum::serve(
+        agent_listener,
+        agent_app(state).into_make_service_with_connect_info::<TlsPeer>(),
+    )
+    .with_graceful_shutdown(until_stopped(stopped));
+    let signal = async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+        Ok::<(), std::io::Error>(())
+    };
+    tokio::try_join!(
+        async { public.await.context("serving the public api") },
+        async { agents.await.context("serving the agent listener") },
+        async { signal.await.context("waiting for a signal") },
+    )?;
     tracing::info!("api stopped");
     Ok(())
 }

@@ -5,11 +5,22 @@ use std::sync::Arc;
 use axum::extract::FromRef;
 use keel_auth::TokenKeys;
 use keel_db::Db;
+use keel_inventory::enrol::NodeChannel;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AppState {
     pub db: Db,
     pub tokens: Arc<TokenKeys>,
+    pub node_channel: Arc<NodeChannel>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Key material stays out of logs.
+        f.debug_struct("AppState")
+            .field("db", &self.db)
+            .finish_non_exhaustive()
+    }
 }
 
 impl FromRef<AppState> for Db {
@@ -21,5 +32,11 @@ impl FromRef<AppState> for Db {
 impl FromRef<AppState> for Arc<TokenKeys> {
     fn from_ref(state: &AppState) -> Self {
         state.tokens.clone()
+    }
+}
+
+impl FromRef<AppState> for Arc<NodeChannel> {
+    fn from_ref(state: &AppState) -> Self {
+        state.node_channel.clone()
     }
 }

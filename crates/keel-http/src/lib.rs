@@ -8,6 +8,7 @@
 mod error;
 mod extract;
 mod request_id;
+pub mod tls;
 
 pub use error::{ApiError, ErrorBody, FieldError};
 pub use extract::{Json, Path, Query};

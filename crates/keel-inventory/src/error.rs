@@ -1,9 +1,16 @@
 //! The inventory domain's errors and their one mapping to HTTP.
 
-use keel_http::ApiError;
+use axum::http::StatusCode;
+use keel_http::{ApiError, FieldError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InventoryError {
+    #[error("invalid input")]
+    Validation(Vec<FieldError>),
+    #[error("the join token is unknown, used or expired")]
+    InvalidJoinToken,
+    #[error("the certificate signing request is unacceptable")]
+    InvalidCsr(#[source] keel_pki::PkiError),
     #[error("database error")]
     Database(#[from] sqlx::Error),
     #[error("database error")]
@@ -15,6 +22,17 @@ pub enum InventoryError {
 impl From<InventoryError> for ApiError {
     fn from(error: InventoryError) -> Self {
         match error {
+            InventoryError::Validation(fields) => ApiError::validation(fields),
+            InventoryError::InvalidJoinToken => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_join_token",
+                error.to_string(),
+            ),
+            InventoryError::InvalidCsr(ref cause) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_csr",
+                format!("the certificate signing request is unacceptable: {cause}"),
+            ),
             InventoryError::Auth(auth) => auth.into(),
             InventoryError::Database(_) | InventoryError::Db(_) => ApiError::internal(error),
         }

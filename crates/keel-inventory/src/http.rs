@@ -2,15 +2,17 @@
 
 use std::sync::Arc;
 
-use axum::extract::FromRef;
+use axum::extract::{FromRef, State};
+use axum::http::StatusCode;
 use keel_auth::authz::{Action, authorize_tenant};
 use keel_auth::{Ctx, TokenKeys};
 use keel_db::Db;
-use keel_http::{ApiError, ErrorBody, Json};
+use keel_http::{ApiError, ErrorBody, Json, RequestId};
 use serde::Serialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::enrol::{EnrolRequest, EnrolResponse, NodeChannel, node_enrol};
 use crate::{FlavorView, InventoryError, service};
 
 pub fn router<S>() -> OpenApiRouter<S>
@@ -18,8 +20,11 @@ where
     S: Clone + Send + Sync + 'static,
     Db: FromRef<S>,
     Arc<TokenKeys>: FromRef<S>,
+    Arc<NodeChannel>: FromRef<S>,
 {
-    OpenApiRouter::new().routes(routes!(flavor_list))
+    OpenApiRouter::new()
+        .routes(routes!(flavor_list))
+        .routes(routes!(node_enrol_handler))
 }
 
 /// All flavors (a short, fixed catalogue: not paginated).
@@ -49,4 +54,29 @@ async fn flavor_list(ctx: Ctx) -> Result<Json<FlavorList>, ApiError> {
     Ok(Json(FlavorList {
         items: flavors.into_iter().map(FlavorView::from).collect(),
     }))
+}
+
+/// Enrol a node: exchange a one-time join token and a CSR for a node
+/// certificate. Called by `keel-agent enrol`, not by tenants.
+#[utoipa::path(
+    post,
+    path = "/v1/nodes/enrol",
+    operation_id = "node_enrol",
+    tag = "nodes",
+    request_body = EnrolRequest,
+    responses(
+        (status = 201, description = "Enrolled", body = EnrolResponse),
+        (status = 401, description = "`invalid_join_token`: unknown, used or expired", body = ErrorBody),
+        (status = 422, description = "`validation_failed`, `invalid_body` or `invalid_csr`", body = ErrorBody),
+    )
+)]
+async fn node_enrol_handler(
+    State(db): State<Db>,
+    State(channel): State<Arc<NodeChannel>>,
+    request_id: RequestId,
+    Json(request): Json<EnrolRequest>,
+) -> Result<(StatusCode, Json<EnrolResponse>), ApiError> {
+    let meta = keel_auth::context::anonymous_meta(&request_id);
+    let enrolled = node_enrol(&db, meta, &channel, request).await?;
+    Ok((StatusCode::CREATED, Json(enrolled)))
 }

@@ -9,6 +9,7 @@
 //!
 //! Hosts are operator inventory, owned by no tenant.
 
+pub mod enrol;
 mod error;
 pub mod http;
 pub mod model;

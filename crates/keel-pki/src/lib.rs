@@ -38,6 +38,12 @@
 //! rustls configs that carry their own ring provider (no process-wide
 //! default needed) and trust only the roots they are given.
 //!
+//! Node certificates carry no DNS name or IP address, so a worker calling an
+//! agent cannot check the server by hostname. [`client_config_for_node`]
+//! (built on [`NodeServerVerifier`]) instead accepts exactly one node: a
+//! chain to the node CA, for serverAuth, whose identity is the expected
+//! node id; the server name is ignored.
+//!
 //! # What is not here
 //!
 //! Storage (the caller stores [`CertificateAuthority::key_pem`]; encrypting
@@ -49,6 +55,7 @@ mod csr;
 mod error;
 mod identity;
 mod tls;
+mod verifier;
 
 pub use ca::{CaKind, CertificateAuthority, IssuedCertificate};
 pub use csr::make_csr;
@@ -58,5 +65,7 @@ pub use identity::{
     is_valid_component, node_identity, node_uri,
 };
 pub use tls::{
-    certs_from_pem, client_config, private_key_from_pem, server_config_requiring_client_certs,
+    certs_from_pem, client_config, client_config_for_node, private_key_from_pem,
+    server_config_requiring_client_certs,
 };
+pub use verifier::NodeServerVerifier;

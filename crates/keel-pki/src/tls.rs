@@ -5,6 +5,9 @@
 //! the caller names the one root a peer must chain to (the node CA on a
 //! listener that accepts agents, the control-plane CA on the agent's side),
 //! so a certificate from the other root is refused even though we know it.
+//! Agents are addressed by node id, not by hostname:
+//! [`client_config_for_node`] checks the server's node identity instead of
+//! its name.
 
 use std::sync::Arc;
 
@@ -13,8 +16,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use uuid::Uuid;
 
 use crate::error::PkiError;
+use crate::verifier::NodeServerVerifier;
 
 /// All certificates in a PEM string, in order. An input without any
 /// certificate is an error, not an empty list.
@@ -68,11 +73,36 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
-fn ring_provider() -> Arc<CryptoProvider> {
+/// A client config for calling one agent: the server must present a node
+/// certificate chaining to `node_ca_roots` (serverAuth, currently valid)
+/// whose identity is `spiffe://keel/node/{expected_node_id}`; the server name
+/// the connection is opened with (typically the agent's IP address) is not
+/// checked. See [`NodeServerVerifier`]. The client presents the given
+/// certificate (chain) and key, e.g. a worker's control-plane certificate.
+pub fn client_config_for_node(
+    node_ca_roots: &[CertificateDer<'_>],
+    expected_node_id: Uuid,
+    client_cert_pem: &str,
+    client_key_pem: &str,
+) -> Result<Arc<ClientConfig>, PkiError> {
+    let provider = ring_provider();
+    let verifier = NodeServerVerifier::with_provider(node_ca_roots, expected_node_id, &provider)?;
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(
+            certs_from_pem(client_cert_pem)?,
+            private_key_from_pem(client_key_pem)?,
+        )?;
+    Ok(Arc::new(config))
+}
+
+pub(crate) fn ring_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn root_store(roots: &[CertificateDer<'_>]) -> Result<RootCertStore, PkiError> {
+pub(crate) fn root_store(roots: &[CertificateDer<'_>]) -> Result<RootCertStore, PkiError> {
     if roots.is_empty() {
         return Err(PkiError::NoTrustAnchors);
     }
@@ -100,6 +130,10 @@ mod tests {
     fn no_roots_means_no_config() {
         assert!(matches!(
             client_config(&[], "", ""),
+            Err(PkiError::NoTrustAnchors)
+        ));
+        assert!(matches!(
+            client_config_for_node(&[], Uuid::new_v4(), "", ""),
             Err(PkiError::NoTrustAnchors)
         ));
         assert!(matches!(

@@ -10,6 +10,7 @@
 //! `allocation.*` event commit together; consumers (the provisioning
 //! worker, later billing and notifications) react to the events.
 
+pub mod agent_http;
 mod error;
 pub mod http;
 pub mod model;

@@ -21,6 +21,22 @@ pub struct TestApp {
     pub state: AppState,
 }
 
+/// A configuration pointing at the test database (for helpers that take one).
+pub fn test_config(database: &TestDb) -> keel_api::Config {
+    keel_api::Config {
+        server: Default::default(),
+        log: Default::default(),
+        database: database.config(),
+        database_migrate_on_start: false,
+        auth: TokenConfig {
+            signing_keys: vec![SIGNING_KEY.to_owned().into()],
+            access_token_ttl_secs: 900,
+        },
+        pki: Default::default(),
+        agent: Default::default(),
+    }
+}
+
 pub struct TestResponse {
     pub status: StatusCode,
     pub headers: axum::http::HeaderMap,
@@ -43,9 +59,15 @@ impl TestApp {
             access_token_ttl_secs: 900,
         })
         .expect("token keys");
+        let pki_dir =
+            std::env::temp_dir().join(format!("keel-test-pki-{}", uuid::Uuid::new_v4().simple()));
+        let keys =
+            keel_api::keys::ControlPlaneKeys::load_or_create(&pki_dir).expect("control-plane keys");
+        let config = test_config(&database);
         let state = AppState {
             db: database.db.clone(),
             tokens: Arc::new(tokens),
+            node_channel: Arc::new(keel_api::node_channel(&keys, &config).expect("node channel")),
         };
         Self { database, state }
     }

@@ -1,0 +1,314 @@
+//! Node enrolment: one-time join tokens exchanged for a node certificate.
+//!
+//! A join token is `{id}.{secret}` with a 256-bit secret; only its SHA-256
+//! is stored. It is single use and expires (one hour by default). The
+//! agent makes its own key pair and sends a CSR; the node CA signs a
+//! certificate built from the CSR's public key alone (see `keel-pki`). The
+//! token is consumed, the host created and the certificate's serial
+//! recorded in one audited transaction.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use keel_core::ids::{HostId, JoinTokenId};
+use keel_core::{Actor, ResourceName};
+use keel_db::{Audit, Db, NewEvent, RequestMeta};
+use keel_http::FieldError;
+use keel_pki::CertificateAuthority;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::{Duration, OffsetDateTime};
+
+use crate::InventoryError;
+
+/// Everything enrolment hands a new node besides its certificate.
+pub struct NodeChannel {
+    pub node_ca: CertificateAuthority,
+    pub control_plane_ca_pem: String,
+    pub task_signing_keys: Vec<TaskSigningKeyView>,
+    /// Where agents send reports and heartbeats (the api's mTLS listener).
+    pub agent_api_url: String,
+    pub node_cert_lifetime: Duration,
+}
+
+/// A public task-signing key the agent must trust.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct TaskSigningKeyView {
+    pub key_id: String,
+    /// Base64 of the 32 raw bytes of the Ed25519 public key.
+    pub public_key: String,
+}
+
+/// Capacity the agent detected on its host.
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostCapacity {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub gpu_model: Option<String>,
+    #[serde(default)]
+    pub gpu_count: u32,
+}
+
+/// `POST /v1/nodes/enrol`
+#[derive(Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnrolRequest {
+    /// `{id}.{secret}`, from `api join-token create`.
+    pub join_token: String,
+    /// PKCS#10 CSR of the key the agent made for itself.
+    pub csr_pem: String,
+    /// The host's name, for operators.
+    pub name: String,
+    /// Where the control plane reaches the agent: `https://host:port`.
+    pub agent_url: String,
+    pub capacity: HostCapacity,
+}
+
+impl std::fmt::Debug for EnrolRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrolRequest")
+            .field("join_token", &"[REDACTED]")
+            .field("name", &self.name)
+            .field("agent_url", &self.agent_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What an enrolled node needs to serve tasks and to report.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct EnrolResponse {
+    pub node_id: HostId,
+    pub enrolment_epoch: i64,
+    pub certificate_pem: String,
+    pub node_ca_pem: String,
+    pub control_plane_ca_pem: String,
+    pub task_signing_keys: Vec<TaskSigningKeyView>,
+    pub agent_api_url: String,
+}
+
+/// A newly created join token; the secret is shown only here.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct JoinTokenView {
+    pub id: JoinTokenId,
+    /// `{id}.{secret}`: hand it to the new host's agent.
+    pub token: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub expires_at: OffsetDateTime,
+    /// SHA-256 of the control-plane CA certificate, for the agent to pin.
+    pub ca_fingerprint: String,
+}
+
+fn field(name: &str, code: &str, message: &str) -> FieldError {
+    FieldError {
+        field: name.to_owned(),
+        code: code.to_owned(),
+        message: message.to_owned(),
+    }
+}
+
+impl EnrolRequest {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        let name_ok = (1..=63).contains(&self.name.len())
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !name_ok {
+            errors.push(field(
+                "name",
+                "invalid",
+                "must be 1–63 lowercase letters, digits, `-` or `.`",
+            ));
+        }
+        let url_ok = self.agent_url.strip_prefix("https://").is_some_and(|rest| {
+            !rest.is_empty()
+                && rest.len() <= 200
+                && rest
+                    .rsplit_once(':')
+                    .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+        }) && !self.agent_url.chars().any(char::is_whitespace);
+        if !url_ok {
+            errors.push(field("agent_url", "invalid", "must be https://host:port"));
+        }
+        let capacity = &self.capacity;
+        if !(1..=4096).contains(&capacity.vcpus) {
+            errors.push(field(
+                "capacity.vcpus",
+                "invalid",
+                "must be between 1 and 4096",
+            ));
+        }
+        if !(1..=(1 << 26)).contains(&capacity.memory_mib) {
+            errors.push(field(
+                "capacity.memory_mib",
+                "invalid",
+                "must be between 1 MiB and 64 TiB",
+            ));
+        }
+        if capacity.gpu_count > 64 || (capacity.gpu_count > 0) != capacity.gpu_model.is_some() {
+            errors.push(field(
+                "capacity.gpu_count",
+                "invalid",
+                "at most 64, with a gpu_model exactly when > 0",
+            ));
+        }
+        errors
+    }
+}
+
+fn secret_digest(secret: &str) -> Vec<u8> {
+    Sha256::digest(secret.as_bytes()).to_vec()
+}
+
+/// Creates a join token for `region`, valid for `ttl`.
+pub async fn join_token_create(
+    db: &Db,
+    meta: RequestMeta,
+    channel: &NodeChannel,
+    region: &str,
+    ttl: Duration,
+) -> Result<JoinTokenView, InventoryError> {
+    let id = JoinTokenId::new();
+    let mut secret_bytes = [0_u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut secret_bytes);
+    let secret = URL_SAFE_NO_PAD.encode(secret_bytes);
+    let expires_at = OffsetDateTime::now_utc() + ttl;
+    let mut tx = db.begin_system(meta).await?;
+    sqlx::query(
+        "INSERT INTO join_tokens (id, secret_sha256, region, expires_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(id)
+    .bind(secret_digest(&secret))
+    .bind(region)
+    .bind(expires_at)
+    .execute(tx.conn())
+    .await?;
+    let resource = ResourceName::new(Some(region), None, None, "join-token", id);
+    tx.commit(Audit::new("join_token.create", None, resource))
+        .await?;
+    Ok(JoinTokenView {
+        id,
+        token: format!("{id}.{secret}"),
+        expires_at,
+        ca_fingerprint: control_plane_fingerprint(channel),
+    })
+}
+
+fn control_plane_fingerprint(channel: &NodeChannel) -> String {
+    keel_pki::certs_from_pem(&channel.control_plane_ca_pem)
+        .ok()
+        .and_then(|certs| certs.into_iter().next())
+        .map(|der| hex::encode(Sha256::digest(der.as_ref())))
+        .unwrap_or_default()
+}
+
+/// Exchanges a join token and a CSR for a node certificate, creating the
+/// host with the capacity its agent reported.
+pub async fn node_enrol(
+    db: &Db,
+    meta: RequestMeta,
+    channel: &NodeChannel,
+    request: EnrolRequest,
+) -> Result<EnrolResponse, InventoryError> {
+    let errors = request.validate();
+    if !errors.is_empty() {
+        return Err(InventoryError::Validation(errors));
+    }
+    let (token_id, secret) = request
+        .join_token
+        .split_once('.')
+        .and_then(|(id, secret)| Some((id.parse::<JoinTokenId>().ok()?, secret)))
+        .ok_or(InventoryError::InvalidJoinToken)?;
+    let host_id = HostId::new();
+    let meta = RequestMeta {
+        actor: Actor::Node { host_id },
+        ..meta
+    };
+    let mut tx = db.begin_system(meta).await?;
+    // Lock the token: two agents racing with one token cannot both win.
+    let token: Option<(Vec<u8>, String, OffsetDateTime, Option<OffsetDateTime>)> = sqlx::query_as(
+        "SELECT secret_sha256, region, expires_at, used_at FROM join_tokens WHERE id = $1 FOR UPDATE",
+    )
+    .bind(token_id)
+    .fetch_optional(tx.conn())
+    .await?;
+    let region = match token {
+        Some((digest, region, expires_at, None))
+            if constant_time_eq(&digest, &secret_digest(secret))
+                && expires_at > OffsetDateTime::now_utc() =>
+        {
+            region
+        }
+        // Unknown, wrong secret, expired or used: one answer for all.
+        _ => return Err(InventoryError::InvalidJoinToken),
+    };
+    let issued = channel
+        .node_ca
+        .sign_node_csr(
+            &request.csr_pem,
+            host_id.as_uuid(),
+            channel.node_cert_lifetime,
+        )
+        .map_err(InventoryError::InvalidCsr)?;
+    let capacity = &request.capacity;
+    sqlx::query(
+        "INSERT INTO hosts (id, name, region, state, agent_url, vcpus, memory_mib, gpu_model, gpu_count,
+                            cert_serial, cert_not_after, last_seen_at)
+         VALUES ($1, $2, $3, 'ready', $4, $5, $6, $7, $8, $9, $10, now())",
+    )
+    .bind(host_id)
+    .bind(&request.name)
+    .bind(&region)
+    .bind(&request.agent_url)
+    .bind(i32::try_from(capacity.vcpus).unwrap_or(i32::MAX))
+    .bind(i64::try_from(capacity.memory_mib).unwrap_or(i64::MAX))
+    .bind(&capacity.gpu_model)
+    .bind(i32::try_from(capacity.gpu_count).unwrap_or(0))
+    .bind(&issued.serial_hex)
+    .bind(issued.not_after)
+    .execute(tx.conn())
+    .await?;
+    sqlx::query("UPDATE join_tokens SET used_at = now(), host_id = $2 WHERE id = $1")
+        .bind(token_id)
+        .bind(host_id)
+        .execute(tx.conn())
+        .await?;
+    let resource = host_resource(&region, host_id);
+    tx.emit(NewEvent::new(
+        "host.enrolled",
+        "host",
+        host_id.as_uuid(),
+        1,
+        None,
+        resource.clone(),
+        serde_json::json!({ "host_id": host_id, "name": request.name, "region": region }),
+    ));
+    tx.commit(
+        Audit::new("host.enrol", None, resource).with_details(serde_json::json!({
+            "join_token_id": token_id, "cert_serial": issued.serial_hex, "name": request.name,
+        })),
+    )
+    .await?;
+    Ok(EnrolResponse {
+        node_id: host_id,
+        enrolment_epoch: 1,
+        certificate_pem: issued.cert_pem,
+        node_ca_pem: channel.node_ca.cert_pem().to_owned(),
+        control_plane_ca_pem: channel.control_plane_ca_pem.clone(),
+        task_signing_keys: channel.task_signing_keys.clone(),
+        agent_api_url: channel.agent_api_url.clone(),
+    })
+}
+
+/// The resource name of a host.
+pub fn host_resource(region: &str, host: HostId) -> ResourceName {
+    ResourceName::new(Some(region), None, None, "host", host)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0_u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

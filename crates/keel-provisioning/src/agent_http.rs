@@ -1,0 +1,107 @@
+//! The agent-facing endpoints, served only on the api's mutual-TLS
+//! listener: a peer is a node agent whose certificate the node CA signed,
+//! and its identity is the node id in that certificate, never anything it
+//! says in a body. These routes are not part of the public API document.
+
+use axum::Router;
+use axum::extract::{ConnectInfo, FromRef, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use keel_core::Actor;
+use keel_core::ids::{AllocationId, HostId};
+use keel_db::{Db, RequestMeta};
+use keel_http::tls::TlsPeer;
+use keel_http::{ApiError, Json, RequestId};
+use serde::Deserialize;
+
+use crate::ProvisioningError;
+use crate::service::{Observed, allocation_observe};
+
+pub fn router<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    Db: FromRef<S>,
+{
+    Router::new().route("/v1/agent/reports", post(agent_report))
+}
+
+/// What an agent reports about one allocation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentReport {
+    pub allocation_id: AllocationId,
+    pub state: ReportedState,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportedState {
+    Running,
+    Failed,
+    Terminated,
+}
+
+/// The node behind a connection, if it is enrolled and not revoked.
+async fn authenticated_node(db: &Db, peer: &TlsPeer) -> Result<HostId, ApiError> {
+    let node = peer
+        .certificate
+        .as_deref()
+        .and_then(|der| keel_pki::node_identity(der))
+        .map(HostId::from)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden_peer",
+                "not a node certificate",
+            )
+        })?;
+    // The node record is authoritative: a removed or revoked node is
+    // refused even while its certificate is still within its lifetime.
+    let active: Option<bool> =
+        sqlx::query_scalar("SELECT revoked_at IS NULL FROM hosts WHERE id = $1")
+            .bind(node)
+            .fetch_optional(db.pool())
+            .await
+            .map_err(ApiError::internal)?;
+    match active {
+        Some(true) => Ok(node),
+        _ => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_peer",
+            "this node is not enrolled",
+        )),
+    }
+}
+
+async fn agent_report(
+    State(db): State<Db>,
+    ConnectInfo(peer): ConnectInfo<TlsPeer>,
+    request_id: RequestId,
+    Json(report): Json<AgentReport>,
+) -> Result<StatusCode, ApiError> {
+    let host = authenticated_node(&db, &peer).await?;
+    let observed = match report.state {
+        ReportedState::Running => Observed::Running,
+        ReportedState::Terminated => Observed::Terminated,
+        ReportedState::Failed => Observed::Failed(
+            report
+                .reason
+                .filter(|reason| !reason.trim().is_empty())
+                .map(|reason| reason.chars().take(500).collect())
+                .unwrap_or_else(|| "the workload failed".to_owned()),
+        ),
+    };
+    let meta = RequestMeta {
+        request_id: request_id.0,
+        actor: Actor::Node { host_id: host },
+        traceparent: None,
+    };
+    let tx = db
+        .begin_system(meta)
+        .await
+        .map_err(ProvisioningError::from)?;
+    allocation_observe(tx, host, report.allocation_id, observed).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
