@@ -1,1 +1,90 @@
-fn main() {}
+//! `worker`: relays outbox events and runs their consumers.
+//!
+//! ```text
+//! worker [--config FILE]
+//! ```
+//!
+//! Reads the same configuration as the api (database, pki.dir, log). Any
+//! number of workers can run side by side: they coordinate through
+//! Postgres only.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use keel_api::keys::ControlPlaneKeys;
+use keel_api::{Config, telemetry};
+use keel_outbox::Consumer;
+use keel_provisioning::consumer::{ProvisioningConsumer, WorkerCredentials};
+
+fn config_file() -> anyhow::Result<Option<PathBuf>> {
+    let mut args = std::env::args().skip(1);
+    let mut config = std::env::var_os("KEEL_CONFIG").map(PathBuf::from);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" => config = Some(args.next().context("--config needs a file")?.into()),
+            other => bail!("unexpected argument `{other}`; usage: worker [--config FILE]"),
+        }
+    }
+    Ok(config)
+}
+
+async fn run() -> anyhow::Result<()> {
+    let config = Config::load(config_file()?.as_deref())?;
+    telemetry::init(&config.log);
+    let keys = ControlPlaneKeys::load(&config.pki.dir)?;
+    let identity = keys.service_identity("worker", &[])?;
+    let db = keel_db::Db::connect(&config.database)
+        .await
+        .context("connecting to Postgres")?;
+
+    let provisioning = ProvisioningConsumer::new(
+        db.clone(),
+        WorkerCredentials {
+            task_signer: keys.task_signer,
+            node_ca_pem: keys.node_ca.cert_pem().to_owned(),
+            client_cert_pem: identity.cert_pem,
+            client_key_pem: identity.key_pem,
+        },
+    );
+    let consumers: Vec<Arc<dyn Consumer>> = vec![Arc::new(provisioning)];
+
+    let instance = format!("{}-{}", hostname(), std::process::id());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let relay = tokio::spawn(keel_outbox::relay::run(
+        db.clone(),
+        consumers.clone(),
+        stopped,
+    ));
+    let monitor = keel_outbox::worker::monitor(&db, &consumers, &instance);
+    tracing::info!(%instance, "worker running");
+    let result = monitor
+        .run_with_signal(async {
+            keel_api::shutdown_signal().await;
+            Ok(())
+        })
+        .await;
+    let _ = stop.send(true);
+    relay.await.context("relay task")?.context("relay")?;
+    result.context("consumer workers")?;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "worker".to_owned())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("worker: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -80,6 +80,17 @@ impl Db {
         WriteTx::begin(&self.pool, meta, Scope::System).await
     }
 
+    /// A system transaction for infrastructure bookkeeping that is not a
+    /// domain change and so has no audit row: outbox fan-out and delivery
+    /// state. Domain changes use [`Db::begin_system`].
+    pub async fn begin_bookkeeping(&self) -> Result<PgTransaction, DbError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL ROLE keel_system")
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+
     /// True when every embedded migration has been applied (readiness).
     pub async fn migrations_applied(&self) -> Result<bool, DbError> {
         let applied: Vec<i64> = sqlx::query_scalar(
@@ -101,8 +112,18 @@ pub async fn migrate(config: &DatabaseConfig) -> Result<(), DbError> {
         .max_connections(1)
         .connect_with(config.migrate_options()?)
         .await?;
-    MIGRATOR.run(&pool).await?;
+    run_migrations(&pool).await?;
     pool.close().await;
+    Ok(())
+}
+
+/// apalis' own migrations (its `apalis` schema) first, then ours, whose
+/// grants cover the apalis tables.
+pub async fn run_migrations(pool: &PgPool) -> Result<(), DbError> {
+    apalis_postgres::PostgresStorage::<()>::migrations()
+        .run(pool)
+        .await?;
+    MIGRATOR.run(pool).await?;
     Ok(())
 }
 

@@ -11,6 +11,7 @@
 //! worker, later billing and notifications) react to the events.
 
 pub mod agent_http;
+pub mod consumer;
 mod error;
 pub mod http;
 pub mod model;

@@ -78,7 +78,8 @@ fn with_user(url: &str, user: &str) -> String {
 
 fn template_name() -> String {
     let mut hasher = DefaultHasher::new();
-    for migration in MIGRATOR.iter() {
+    let apalis = apalis_postgres::PostgresStorage::<()>::migrations();
+    for migration in MIGRATOR.iter().chain(apalis.iter()) {
         migration.version.hash(&mut hasher);
         migration.checksum.hash(&mut hasher);
     }
@@ -114,7 +115,9 @@ async fn ensure_template(admin: &mut PgConnection, admin_url: &str) -> String {
                 .connect(&with_database(admin_url, &building))
                 .await
                 .expect("connect to the template");
-            MIGRATOR.run(&pool).await.expect("migrate the template");
+            keel_db::run_migrations(&pool)
+                .await
+                .expect("migrate the template");
             pool.close().await;
         }
         sqlx::query(AssertSqlSafe(format!(

@@ -1,0 +1,157 @@
+//! Running deliveries: one apalis worker per consumer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use apalis::prelude::{BackendExt, BoxDynError, Data, Monitor, WorkerBuilder};
+use apalis_postgres::{Config, PostgresStorage};
+use keel_db::{Db, OUTBOX_CHANNEL};
+
+use crate::{Consumer, DeliveredEvent, DeliveryJob, MAX_ATTEMPTS, backoff_secs};
+
+/// What the apalis handler needs.
+#[derive(Clone)]
+struct Runner {
+    db: Db,
+    consumer: Arc<dyn Consumer>,
+}
+
+/// Runs one delivery. Never fails towards apalis: every outcome is stored
+/// in `outbox_deliveries` (done, pending with backoff, or dead).
+pub async fn run_delivery(
+    db: &Db,
+    consumer: &dyn Consumer,
+    job: &DeliveryJob,
+) -> Result<(), keel_db::DbError> {
+    let mut tx = db.begin_bookkeeping().await?;
+    let open: Option<i32> = sqlx::query_scalar(
+        "SELECT attempts FROM outbox_deliveries WHERE consumer = $1 AND event_id = $2 AND status = 'queued'",
+    )
+    .bind(consumer.name())
+    .bind(job.event_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let already_processed: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT FROM consumer_inbox WHERE consumer = $1 AND event_id = $2)",
+    )
+    .bind(consumer.name())
+    .bind(job.event_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let Some(previous_attempts) = open else {
+        // Done, dead or re-queued by another path: nothing to do.
+        return Ok(());
+    };
+    if already_processed {
+        mark_done(&mut tx, consumer.name(), job).await?;
+        tx.commit().await?;
+        return Ok(());
+    }
+    let event: DeliveredEvent = sqlx::query_as(
+        "SELECT id, tenant_id, event_type, aggregate_type, aggregate_id, aggregate_version, resource, payload,
+                traceparent, request_id, created_at
+         FROM outbox WHERE id = $1",
+    )
+    .bind(job.event_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    // The bookkeeping transaction must not stay open across the consumer's
+    // own work (which may call a node agent).
+    tx.commit().await?;
+
+    let outcome = consumer.handle(&event).await;
+    let mut tx = db.begin_bookkeeping().await?;
+    match outcome {
+        Ok(()) => {
+            sqlx::query("INSERT INTO consumer_inbox (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                .bind(consumer.name())
+                .bind(job.event_id)
+                .execute(&mut *tx)
+                .await?;
+            mark_done(&mut tx, consumer.name(), job).await?;
+        }
+        Err(error) => {
+            let attempts = previous_attempts + 1;
+            let delay = backoff_secs(previous_attempts);
+            sqlx::query(
+                "UPDATE outbox_deliveries
+                 SET attempts = $3, last_error = $4, updated_at = now(),
+                     status = CASE WHEN $3 >= $5 THEN 'dead' ELSE 'pending' END,
+                     available_at = now() + make_interval(secs => $6)
+                 WHERE consumer = $1 AND event_id = $2",
+            )
+            .bind(consumer.name())
+            .bind(job.event_id)
+            .bind(attempts)
+            .bind(error.to_string())
+            .bind(MAX_ATTEMPTS)
+            .bind(delay as f64)
+            .execute(&mut *tx)
+            .await?;
+            if attempts >= MAX_ATTEMPTS {
+                tracing::error!(consumer = consumer.name(), event = %job.event_id, %error, attempts, "delivery is dead");
+            } else {
+                tracing::warn!(consumer = consumer.name(), event = %job.event_id, %error, attempts, retry_in_secs = delay, "delivery failed; will retry");
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn mark_done(
+    tx: &mut keel_db::PgTransaction,
+    consumer: &str,
+    job: &DeliveryJob,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE outbox_deliveries SET status = 'done', updated_at = now() WHERE consumer = $1 AND event_id = $2")
+        .bind(consumer)
+        .bind(job.event_id)
+        .execute(&mut **tx)
+        .await?;
+    // The next event of the same aggregate may now be released.
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(OUTBOX_CHANNEL)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+async fn handle_job(job: DeliveryJob, runner: Data<Runner>) -> Result<(), BoxDynError> {
+    run_delivery(&runner.db, runner.consumer.as_ref(), &job)
+        .await
+        .map_err(|error| Box::new(error) as BoxDynError)
+}
+
+/// Builds an apalis monitor with one worker per consumer.
+pub fn monitor(db: &Db, consumers: &[Arc<dyn Consumer>], instance: &str) -> Monitor {
+    let mut monitor = Monitor::new().shutdown_timeout(Duration::from_secs(20));
+    for consumer in consumers {
+        let runner = Runner {
+            db: db.clone(),
+            consumer: consumer.clone(),
+        };
+        let pool = db.pool().clone();
+        let name = format!("{}-{instance}", consumer.name());
+        let queue = consumer.name();
+        monitor = monitor.register(move |restarts| {
+            let config = Config::default()
+                .queue(queue)
+                .batch_size(10)
+                .heartbeat_interval(Duration::from_secs(5))
+                .missed_heartbeats(3);
+            let backend = PostgresStorage::<DeliveryJob>::new(&pool)
+                .with_config(config)
+                .with_pubsub()
+                .poll_with_interval(Duration::from_secs(2));
+            WorkerBuilder::new(format!("{name}-{restarts}"))
+                .backend(backend)
+                .data(runner.clone())
+                .build(handle_job)
+        });
+    }
+    monitor.should_restart(|_, error| {
+        tracing::error!(%error, "a consumer worker stopped; restarting it");
+        true
+    })
+}

@@ -1,0 +1,212 @@
+//! The provisioning consumer: turns allocation events into signed tasks
+//! for the node agent of the allocation's host.
+//!
+//! - `allocation.scheduled` → the allocation moves to `provisioning` and
+//!   its host is sent a signed `start_workload` task;
+//! - `allocation.terminating` → its host is sent a signed `stop_workload`.
+//!
+//! The agent reports the outcome (`running`, `terminated`, `failed`) to the
+//! api. Every delivery can run more than once, so each step first looks at
+//! the allocation's current state: a task is only sent while the state
+//! still asks for it, and agents execute tasks idempotently per allocation.
+//! Each retry signs a new task with the host's next sequence number (the
+//! agent refuses a sequence it has seen).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use keel_core::Actor;
+use keel_core::ids::{AllocationId, HostId, TaskId};
+use keel_db::{Audit, Db, RequestMeta};
+use keel_outbox::{Consumer, DeliveredEvent, HandlerError};
+use keel_task::{Operation, TaskPayload, TaskSigner};
+use time::OffsetDateTime;
+
+use crate::service::{allocation_lock, transition};
+use crate::{AllocationState, ProvisioningError};
+
+pub const CONSUMER: &str = "provisioning";
+/// How long a signed task stays valid.
+const TASK_LIFETIME_SECS: i64 = 300;
+
+/// The worker's credentials towards node agents.
+pub struct WorkerCredentials {
+    pub task_signer: TaskSigner,
+    pub node_ca_pem: String,
+    pub client_cert_pem: String,
+    pub client_key_pem: String,
+}
+
+pub struct ProvisioningConsumer {
+    db: Db,
+    credentials: WorkerCredentials,
+    /// One HTTPS client per host: each verifies that host's node identity.
+    clients: Mutex<HashMap<HostId, reqwest::Client>>,
+}
+
+impl ProvisioningConsumer {
+    pub fn new(db: Db, credentials: WorkerCredentials) -> Self {
+        Self {
+            db,
+            credentials,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn client_for(&self, host: HostId) -> Result<reqwest::Client, HandlerError> {
+        let mut clients = self
+            .clients
+            .lock()
+            .map_err(|_| HandlerError::new("client cache poisoned"))?;
+        if let Some(client) = clients.get(&host) {
+            return Ok(client.clone());
+        }
+        let roots =
+            keel_pki::certs_from_pem(&self.credentials.node_ca_pem).map_err(HandlerError::new)?;
+        let tls = keel_pki::client_config_for_node(
+            &roots,
+            host.as_uuid(),
+            &self.credentials.client_cert_pem,
+            &self.credentials.client_key_pem,
+        )
+        .map_err(HandlerError::new)?;
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls((*tls).clone())
+            .timeout(Duration::from_secs(15))
+            .build()
+            .map_err(HandlerError::new)?;
+        clients.insert(host, client.clone());
+        Ok(client)
+    }
+
+    async fn on_event(&self, event: &DeliveredEvent) -> Result<(), HandlerError> {
+        let allocation_id = AllocationId::from(event.aggregate_id);
+        let meta = RequestMeta {
+            request_id: event.request_id.clone(),
+            actor: Actor::system("worker"),
+            traceparent: event.traceparent.clone(),
+        };
+        let mut tx = self
+            .db
+            .begin_system(meta)
+            .await
+            .map_err(HandlerError::new)?;
+        let Some(allocation) = allocation_lock(tx.conn(), allocation_id)
+            .await
+            .map_err(HandlerError::new)?
+        else {
+            return Ok(());
+        };
+        let Some(host) = allocation.host_id else {
+            return Ok(());
+        };
+        let (allocation, operation) = match (event.event_type.as_str(), allocation.state()) {
+            ("allocation.scheduled", AllocationState::Scheduled) => {
+                let provisioning =
+                    transition(&mut tx, &allocation, AllocationState::Provisioning, None)
+                        .await
+                        .map_err(HandlerError::new)?;
+                let operation = start_operation(&mut tx, &provisioning).await?;
+                (provisioning, operation)
+            }
+            // A retry after the move to provisioning: send the task again.
+            ("allocation.scheduled", AllocationState::Provisioning) => {
+                let operation = start_operation(&mut tx, &allocation).await?;
+                (allocation, operation)
+            }
+            ("allocation.terminating", AllocationState::Terminating) => (
+                allocation.clone(),
+                Operation::StopWorkload {
+                    allocation_id: allocation.id.as_uuid(),
+                },
+            ),
+            // The allocation moved on: this event asks for nothing now.
+            _ => return Ok(()),
+        };
+        let (seq, epoch, agent_url): (i64, i64, String) = sqlx::query_as(
+            "UPDATE hosts SET task_seq = task_seq + 1 WHERE id = $1 AND revoked_at IS NULL
+             RETURNING task_seq, enrolment_epoch, agent_url",
+        )
+        .bind(host)
+        .fetch_optional(tx.conn())
+        .await
+        .map_err(HandlerError::new)?
+        .ok_or_else(|| HandlerError::new("the allocation's host is revoked"))?;
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let payload = TaskPayload {
+            task_id: TaskId::new().as_uuid(),
+            tenant_id: Some(allocation.tenant_id.as_uuid()),
+            node_id: host.as_uuid(),
+            enrolment_epoch: u64::try_from(epoch).unwrap_or_default(),
+            seq: u64::try_from(seq).unwrap_or_default(),
+            issued_at: now,
+            not_before: now,
+            expires_at: now + TASK_LIFETIME_SECS,
+            traceparent: event.traceparent.clone(),
+            operation,
+        };
+        let envelope = self
+            .credentials
+            .task_signer
+            .sign_to_bytes(&payload)
+            .map_err(HandlerError::new)?;
+        let audit = Audit::new("task.issue", Some(allocation.tenant_id), allocation.resource_name()).with_details(
+            serde_json::json!({ "task_id": payload.task_id, "host_id": host, "seq": seq, "operation": payload.operation }),
+        );
+        // The state change and the sequence number are committed before the
+        // task leaves: a crash after this point re-sends with a new sequence.
+        tx.commit(audit).await.map_err(HandlerError::new)?;
+
+        let response = self
+            .client_for(host)?
+            .post(format!("{agent_url}/v1/tasks"))
+            .header("content-type", "application/json")
+            .body(envelope)
+            .send()
+            .await
+            .map_err(|error| HandlerError(format!("sending the task to {agent_url}: {error}")))?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let body = response.text().await.unwrap_or_default();
+            return Err(HandlerError(format!(
+                "the agent refused the task ({status}): {body}"
+            )));
+        }
+        tracing::info!(allocation = %allocation.id, host = %host, seq, "task delivered");
+        Ok(())
+    }
+}
+
+async fn start_operation(
+    tx: &mut keel_db::WriteTx,
+    allocation: &crate::Allocation,
+) -> Result<Operation, HandlerError> {
+    let flavor = keel_inventory::service::flavor_any(tx.conn(), &allocation.flavor)
+        .await
+        .map_err(|error| HandlerError::new(ProvisioningError::from(error)))?;
+    Ok(Operation::StartWorkload {
+        allocation_id: allocation.id.as_uuid(),
+        command: allocation.command.clone(),
+        vcpus: u32::try_from(flavor.vcpus).unwrap_or(1),
+        memory_mib: u64::try_from(flavor.memory_mib).unwrap_or(1),
+    })
+}
+
+impl Consumer for ProvisioningConsumer {
+    fn name(&self) -> &'static str {
+        CONSUMER
+    }
+
+    fn wants(&self, event_type: &str) -> bool {
+        matches!(
+            event_type,
+            "allocation.scheduled" | "allocation.terminating"
+        )
+    }
+
+    fn handle<'a>(&'a self, event: &'a DeliveredEvent) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(self.on_event(event))
+    }
+}
