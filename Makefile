@@ -12,12 +12,12 @@ build:
 
 lint: ## What CI checks besides the tests
 	cargo fmt --all -- --check
-	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --workspace --exclude keel-client --all-targets -- -D warnings
 
 fmt:
 	cargo fmt --all
 
-codegen: ## Regenerate openapi/openapi.json from the code
+codegen: ## Regenerate openapi/openapi.json and the Rust and TypeScript clients
 	bash scripts/codegen.sh
 
 ci: ## What CI runs on a fresh machine

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Local mode. Without DATABASE_URL it runs a private Postgres from the
 # system's binaries under ./.keel/ (data kept between runs), applies the
-# migrations, creates the api's runtime role, and starts the api. Ctrl-C
-# stops everything it started.
+# migrations, creates the api's runtime role, and starts the api, a worker
+# and one local node agent (enrolled with a join token on first run).
+# Ctrl-C stops everything it started.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 state="$root/.keel"
@@ -61,7 +62,7 @@ if [ ! -f "$state/token-signing-key" ]; then
 fi
 export KEEL_AUTH__SIGNING_KEYS="[\"$(cat "$state/token-signing-key")\"]"
 
-cargo build --quiet -p keel-api-bin
+cargo build --quiet -p keel-api-bin -p keel-worker-bin -p keel-agent
 ./target/debug/api migrate
 if [ -n "$pg_started" ]; then
     # The runtime role: a member of keel_app and keel_system (created by the
@@ -82,6 +83,20 @@ for _ in $(seq 1 100); do
     curl -fsS "http://$listen/readyz" >/dev/null 2>&1 && break
     sleep 0.1
 done
+
+./target/debug/worker &
+pids+=($!)
+
+# One local node agent, enrolled on first run with a fresh join token.
+agent_state="$state/agent"
+agent_listen=${KEEL_AGENT_LISTEN:-127.0.0.1:7443}
+if [ ! -f "$agent_state/node.json" ]; then
+    token=$(./target/debug/api join-token)
+    ./target/debug/keel-agent enrol --api-url "http://$listen" --join-token "$token" \
+        --state-dir "$agent_state" --listen "$agent_listen" --name local-agent
+fi
+./target/debug/keel-agent run --state-dir "$agent_state" &
+pids+=($!)
 cat <<MSG
 
 Keel is running at http://$listen  (Ctrl-C stops it)
