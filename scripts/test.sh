@@ -23,6 +23,9 @@ psql "$admin_url" -qtAc "SELECT datname FROM pg_database WHERE datname LIKE 'kee
         [ -n "$db" ] && psql "$admin_url" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null
     done
 
+# The end-to-end tests run the real binaries as separate processes.
+cargo build -p keel-api-bin -p keel-worker-bin -p keel-agent
+
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast "$@"
 else

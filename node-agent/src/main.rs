@@ -1,1 +1,79 @@
-fn main() {}
+//! The `keel-agent` binary: parses the command line, sets up logging and a
+//! tokio runtime, and runs `enrol` or `run` from the library.
+//!
+//! Exit codes: 0 on success, 2 for a usage error, 1 for any other failure,
+//! with a one-line explanation on stderr.
+
+use std::process::ExitCode;
+
+use keel_agent::cli::{CliCommand, USAGE, UsageError, parse_command_line};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let arguments: Result<Vec<String>, _> = std::env::args_os()
+        .skip(1)
+        .map(std::ffi::OsString::into_string)
+        .collect();
+    let command = arguments
+        .map_err(|_| UsageError("arguments must be valid UTF-8".to_owned()))
+        .and_then(|arguments| parse_command_line(&arguments));
+    let command = match command {
+        Ok(CliCommand::Help) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(command) => command,
+        Err(error) => {
+            eprintln!("keel-agent: {error}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        // Colour codes only help a person at a terminal; in a journal or a
+        // log file they are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("keel-agent: could not start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let outcome = runtime.block_on(async {
+        match command {
+            CliCommand::Enrol(options) => keel_agent::enrol(&options)
+                .await
+                .map(|node| {
+                    println!(
+                        "enrolled as node {} (enrolment epoch {}); state saved in {}",
+                        node.node_id,
+                        node.enrolment_epoch,
+                        node.state_dir.display()
+                    );
+                })
+                .map_err(|error| error.to_string()),
+            CliCommand::Run { state_dir } => keel_agent::run_until_signal(&state_dir)
+                .await
+                .map_err(|error| error.to_string()),
+            CliCommand::Help => Ok(()),
+        }
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("keel-agent: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! The walking skeleton, end to end: the api, the worker and a node agent
+//! run as separate processes, talk over real TLS, and a tenant drives the
+//! api through the generated Rust client. An allocation goes from
+//! `scheduled` to `running` while a real process runs on this host, and
+//! after `terminate` it is `terminated` and the process is gone. Every
+//! change left its audit row; every outbox event reached the provisioning
+//! consumer exactly once in effect.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keel_client::apis::configuration::Configuration;
+use keel_client::apis::{allocations_api, auth_api, inventory_api};
+use keel_client::models::{AllocationState, LoginRequest, NewAllocation, RegisterRequest};
+
+const SIGNING_KEY: &str = "e2e-signing-key-that-is-long-enough-0123456789";
+
+/// A child process killed when the test ends, however it ends.
+struct Process {
+    child: Child,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn binary(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    let path = target.join("debug").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The environment every control-plane process of this test shares.
+fn control_plane_env(
+    command: &mut Command,
+    database: &keel_testing::TestDb,
+    pki: &Path,
+    api: u16,
+    agents: u16,
+) {
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("KEEL_DATABASE__URL", &database.app_url)
+        .env("KEEL_DATABASE__MIGRATE_URL", &database.admin_url)
+        .env("KEEL_AUTH__SIGNING_KEYS", format!("[\"{SIGNING_KEY}\"]"))
+        .env("KEEL_SERVER__LISTEN", format!("127.0.0.1:{api}"))
+        .env("KEEL_AGENT__LISTEN", format!("127.0.0.1:{agents}"))
+        .env("KEEL_PKI__DIR", pki)
+        .env("KEEL_LOG__FILTER", "info");
+}
+
+fn spawn(name: &'static str, command: &mut Command, logs: &Path) -> Process {
+    let log = std::fs::File::create(logs.join(format!("{name}.log"))).unwrap();
+    let child = command
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap_or_else(|error| panic!("starting {name}: {error}"));
+    Process { child }
+}
+
+async fn eventually<T, F, Fut>(what: &str, logs: &Path, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() > deadline {
+            let mut dump = String::new();
+            for entry in std::fs::read_dir(logs).unwrap().flatten() {
+                dump += &format!(
+                    "\n--- {}\n{}",
+                    entry.path().display(),
+                    std::fs::read_to_string(entry.path()).unwrap_or_default()
+                );
+            }
+            panic!("timed out waiting for {what}{dump}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn pid_is_alive(pid: u32) -> bool {
+    // A reaped process has no /proc entry; a zombie would say so in stat.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| !stat.contains(") Z "))
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_removes_the_process() {
+    let database = keel_testing::test_db().await;
+    let scratch = std::env::temp_dir().join(format!("keel-e2e-{}", uuid::Uuid::new_v4().simple()));
+    let (pki, agent_state, logs) = (
+        scratch.join("pki"),
+        scratch.join("agent"),
+        scratch.join("logs"),
+    );
+    std::fs::create_dir_all(&logs).unwrap();
+    let (api_port, agents_port, agent_port) = (free_port(), free_port(), free_port());
+    let base = format!("http://127.0.0.1:{api_port}");
+
+    let mut api_command = Command::new(binary("api"));
+    control_plane_env(&mut api_command, &database, &pki, api_port, agents_port);
+    let api = spawn("api", &mut api_command, &logs);
+    let config = Configuration {
+        base_path: base.clone(),
+        ..Default::default()
+    };
+    eventually("the api to be ready", &logs, || async {
+        keel_client::apis::health_api::health_ready(&config)
+            .await
+            .ok()
+    })
+    .await;
+
+    // A join token, then enrolment and the agent itself.
+    let mut token_command = Command::new(binary("api"));
+    control_plane_env(&mut token_command, &database, &pki, api_port, agents_port);
+    let token = token_command.arg("join-token").output().unwrap();
+    assert!(
+        token.status.success(),
+        "{}",
+        String::from_utf8_lossy(&token.stderr)
+    );
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
+    let enrol = Command::new(binary("keel-agent"))
+        .args([
+            "enrol",
+            "--api-url",
+            &base,
+            "--join-token",
+            &token,
+            "--name",
+            "e2e-node",
+        ])
+        .arg("--state-dir")
+        .arg(&agent_state)
+        .args(["--listen", &format!("127.0.0.1:{agent_port}")])
+        .output()
+        .unwrap();
+    assert!(
+        enrol.status.success(),
+        "enrol: {}",
+        String::from_utf8_lossy(&enrol.stderr)
+    );
+    let agent = spawn(
+        "agent",
+        Command::new(binary("keel-agent"))
+            .arg("run")
+            .arg("--state-dir")
+            .arg(&agent_state),
+        &logs,
+    );
+    let mut worker_command = Command::new(binary("worker"));
+    control_plane_env(&mut worker_command, &database, &pki, api_port, agents_port);
+    let worker = spawn("worker", &mut worker_command, &logs);
+
+    // A tenant signs up and launches an allocation, through the generated client.
+    let registered = auth_api::auth_register(
+        &config,
+        RegisterRequest::new(
+            "e2e@example.com".into(),
+            "a long enough password".into(),
+            "E2E".into(),
+        ),
+    )
+    .await
+    .unwrap();
+    let login = auth_api::auth_login(
+        &config,
+        LoginRequest::new("e2e@example.com".into(), "a long enough password".into()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(login.token_type, "Bearer");
+    let tenant = Configuration {
+        base_path: base.clone(),
+        bearer_access_token: Some(login.access_token.clone()),
+        ..Default::default()
+    };
+    let flavors = inventory_api::flavor_list(&tenant).await.unwrap();
+    assert!(
+        flavors
+            .items
+            .iter()
+            .any(|flavor| flavor.name == "cpu.small")
+    );
+
+    let project = registered.project_id.to_string();
+    let mut new = NewAllocation::new("cpu.small".into(), "e2e-1".into());
+    // The workload writes its pid where the test can read it, then sleeps.
+    new.command = Some(Some(vec![
+        "sh".into(),
+        "-c".into(),
+        "echo $$ > pid; exec sleep 300".into(),
+    ]));
+    let created = allocations_api::allocation_create(&tenant, &project, new)
+        .await
+        .unwrap();
+    assert_eq!(created.state, AllocationState::Scheduled);
+    let id = created.id.to_string();
+
+    eventually("the allocation to be running", &logs, || async {
+        let allocation = allocations_api::allocation_get(&tenant, &project, &id)
+            .await
+            .ok()?;
+        assert_ne!(
+            allocation.state,
+            AllocationState::Failed,
+            "{:?}",
+            allocation.failure_reason
+        );
+        (allocation.state == AllocationState::Running).then_some(())
+    })
+    .await;
+    let pid_file = agent_state.join("workloads").join(&id).join("pid");
+    let pid: u32 = eventually("the workload to write its pid", &logs, || async {
+        std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()
+    })
+    .await;
+    assert!(
+        pid_is_alive(pid),
+        "the workload process runs on the host while running"
+    );
+
+    let terminating = allocations_api::allocation_terminate(&tenant, &project, &id)
+        .await
+        .unwrap();
+    assert_eq!(terminating.state, AllocationState::Terminating);
+    eventually("the allocation to be terminated", &logs, || async {
+        let allocation = allocations_api::allocation_get(&tenant, &project, &id)
+            .await
+            .ok()?;
+        (allocation.state == AllocationState::Terminated).then_some(())
+    })
+    .await;
+    eventually("the workload process to be gone", &logs, || async {
+        (!pid_is_alive(pid)).then_some(())
+    })
+    .await;
+
+    // Every state change is audited, and the capacity is back.
+    let mut admin = database.admin().await;
+    let transitions: Vec<String> = sqlx::query_scalar(
+        "SELECT details->>'to' FROM audit_log WHERE action = 'allocation.transition' ORDER BY occurred_at, id",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        transitions,
+        ["provisioning", "running", "terminating", "terminated"]
+    );
+    for action in [
+        "tenant.register",
+        "allocation.create",
+        "allocation.terminate",
+        "host.enrol",
+        "task.issue",
+    ] {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = $1")
+            .bind(action)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+        assert!(count >= 1, "no audit row for {action}");
+    }
+    let reserved: i32 = sqlx::query_scalar("SELECT sum(reserved_vcpus)::int FROM hosts")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(reserved, 0);
+
+    // Every event was fanned out, and every provisioning delivery finished
+    // exactly once in effect (one inbox row each).
+    let unrelayed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE fanned_out_at IS NULL")
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    assert_eq!(unrelayed, 0);
+    let (deliveries, done, inbox): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM outbox_deliveries WHERE consumer = 'provisioning'),
+                (SELECT count(*) FROM outbox_deliveries WHERE consumer = 'provisioning' AND status = 'done'),
+                (SELECT count(*) FROM consumer_inbox WHERE consumer = 'provisioning')",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        (deliveries, done, inbox),
+        (2, 2, 2),
+        "scheduled and terminating, each once"
+    );
+
+    drop((worker, agent, api));
+    let _ = std::fs::remove_dir_all(&scratch);
+}

@@ -1,0 +1,240 @@
+//! The command line of the `keel-agent` binary, parsed by hand.
+//!
+//! The agent has two commands with a handful of `--flag value` options each,
+//! which does not justify a parser dependency. Parsing lives in the library
+//! (not in `main.rs`) so it can be unit-tested; `main.rs` only maps the
+//! outcome to an exit code: 2 for a [`UsageError`], 1 for anything that went
+//! wrong afterwards.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::enrol::EnrolOptions;
+
+/// The help text.
+pub const USAGE: &str = "\
+usage:
+  keel-agent enrol --api-url URL --join-token ID.SECRET --state-dir DIR
+                   --listen ADDR:PORT --name NAME
+                   [--ca-fingerprint SHA256_HEX] [--agent-url URL]
+  keel-agent run --state-dir DIR
+  keel-agent --help
+
+enrol   trades a single-use join token for a node certificate and saves it,
+        with the control plane's CA and task-signing keys, in DIR (mode 0700).
+        --ca-fingerprint pins the control-plane CA delivered with the token;
+        --agent-url overrides the URL announced to the control plane
+        (default https://ADDR:PORT).
+run     serves signed tasks over mutual TLS on the enrolled address until
+        SIGINT or SIGTERM.
+
+Logging is controlled by RUST_LOG (default: info).";
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CliCommand {
+    /// `keel-agent enrol ...`
+    Enrol(EnrolOptions),
+    /// `keel-agent run --state-dir DIR`
+    Run {
+        /// The state directory saved by enrolment.
+        state_dir: PathBuf,
+    },
+    /// `keel-agent --help`
+    Help,
+}
+
+/// The command line is wrong; the message says how.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Parses the arguments after the program name.
+pub fn parse_command_line(arguments: &[String]) -> Result<CliCommand, UsageError> {
+    if arguments
+        .iter()
+        .any(|argument| argument == "--help" || argument == "-h")
+    {
+        return Ok(CliCommand::Help);
+    }
+    let Some((command, rest)) = arguments.split_first() else {
+        return Err(UsageError("a command is required: enrol or run".to_owned()));
+    };
+    match command.as_str() {
+        "enrol" => parse_enrol(rest).map(CliCommand::Enrol),
+        "run" => {
+            let mut flags = Flags::parse(rest, &["--state-dir"])?;
+            let state_dir = PathBuf::from(flags.required("--state-dir")?);
+            Ok(CliCommand::Run { state_dir })
+        }
+        other => Err(UsageError(format!(
+            "unknown command {other:?}: expected enrol or run"
+        ))),
+    }
+}
+
+fn parse_enrol(arguments: &[String]) -> Result<EnrolOptions, UsageError> {
+    let mut flags = Flags::parse(
+        arguments,
+        &[
+            "--api-url",
+            "--join-token",
+            "--state-dir",
+            "--listen",
+            "--name",
+            "--ca-fingerprint",
+            "--agent-url",
+        ],
+    )?;
+    let listen_text = flags.required("--listen")?;
+    let listen: SocketAddr = listen_text.parse().map_err(|_| {
+        UsageError(format!(
+            "--listen must be an IP address and port such as 127.0.0.1:7443, got {listen_text:?}"
+        ))
+    })?;
+    let join_token = flags.required("--join-token")?;
+    let token_has_two_parts = join_token
+        .split_once('.')
+        .is_some_and(|(id, secret)| !id.is_empty() && !secret.is_empty());
+    if !token_has_two_parts {
+        // The token itself is not echoed: it is a secret.
+        return Err(UsageError(
+            "--join-token must have the form ID.SECRET".to_owned(),
+        ));
+    }
+    Ok(EnrolOptions {
+        api_url: flags.required("--api-url")?,
+        join_token,
+        state_dir: PathBuf::from(flags.required("--state-dir")?),
+        listen,
+        name: flags.required("--name")?,
+        ca_fingerprint: flags.optional("--ca-fingerprint"),
+        agent_url: flags.optional("--agent-url"),
+    })
+}
+
+/// `--flag value` and `--flag=value` pairs, each flag at most once.
+struct Flags {
+    values: Vec<(String, String)>,
+}
+
+impl Flags {
+    fn parse(arguments: &[String], known: &[&str]) -> Result<Self, UsageError> {
+        let mut values: Vec<(String, String)> = Vec::new();
+        let mut remaining = arguments.iter();
+        while let Some(argument) = remaining.next() {
+            let (flag, value) = match argument.split_once('=') {
+                Some((flag, value)) if flag.starts_with("--") => {
+                    (flag.to_owned(), value.to_owned())
+                }
+                _ => {
+                    if !argument.starts_with("--") {
+                        return Err(UsageError(format!("unexpected argument {argument:?}")));
+                    }
+                    let value = remaining
+                        .next()
+                        .ok_or_else(|| UsageError(format!("{argument} needs a value")))?;
+                    (argument.clone(), value.clone())
+                }
+            };
+            if !known.contains(&flag.as_str()) {
+                return Err(UsageError(format!("unknown option {flag}")));
+            }
+            if values.iter().any(|(seen, _)| *seen == flag) {
+                return Err(UsageError(format!("{flag} given more than once")));
+            }
+            values.push((flag, value));
+        }
+        Ok(Self { values })
+    }
+
+    fn optional(&mut self, flag: &str) -> Option<String> {
+        let index = self.values.iter().position(|(name, _)| name == flag)?;
+        Some(self.values.swap_remove(index).1)
+    }
+
+    fn required(&mut self, flag: &str) -> Result<String, UsageError> {
+        match self.optional(flag) {
+            Some(value) if !value.is_empty() => Ok(value),
+            Some(_) => Err(UsageError(format!("{flag} must not be empty"))),
+            None => Err(UsageError(format!("{flag} is required"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arguments(text: &str) -> Vec<String> {
+        text.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn a_full_enrol_command_line_is_parsed() {
+        let command = parse_command_line(&arguments(
+            "enrol --api-url http://127.0.0.1:8080 --join-token abc.def --state-dir /var/lib/keel \
+             --listen 127.0.0.1:7443 --name node-a --ca-fingerprint=00ff",
+        ))
+        .unwrap();
+        let CliCommand::Enrol(options) = command else {
+            panic!("expected enrol, got {command:?}");
+        };
+        assert_eq!(options.api_url, "http://127.0.0.1:8080");
+        assert_eq!(options.join_token, "abc.def");
+        assert_eq!(options.state_dir, PathBuf::from("/var/lib/keel"));
+        assert_eq!(options.listen, "127.0.0.1:7443".parse().unwrap());
+        assert_eq!(options.name, "node-a");
+        assert_eq!(options.ca_fingerprint.as_deref(), Some("00ff"));
+        assert_eq!(options.agent_url, None);
+    }
+
+    #[test]
+    fn run_needs_only_the_state_dir() {
+        assert_eq!(
+            parse_command_line(&arguments("run --state-dir /tmp/agent")).unwrap(),
+            CliCommand::Run {
+                state_dir: PathBuf::from("/tmp/agent")
+            }
+        );
+    }
+
+    #[test]
+    fn help_wins_over_everything_else() {
+        assert_eq!(
+            parse_command_line(&arguments("run --bogus --help")).unwrap(),
+            CliCommand::Help
+        );
+    }
+
+    #[test]
+    fn mistakes_are_usage_errors() {
+        for command_line in [
+            "",
+            "start",
+            "run",
+            "run --state-dir",
+            "run --state-dir a --state-dir b",
+            "run --state-dir a --verbose yes",
+            "run stray --state-dir a",
+            "enrol --api-url http://x --join-token abc.def --state-dir d --listen nowhere --name n",
+            "enrol --api-url http://x --join-token nodot --state-dir d --listen 127.0.0.1:1 --name n",
+            "enrol --api-url http://x --join-token abc.def --state-dir d --listen 127.0.0.1:1",
+        ] {
+            assert!(
+                parse_command_line(&arguments(command_line)).is_err(),
+                "{command_line:?} should be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn a_malformed_join_token_is_not_echoed_back() {
+        let error = parse_command_line(&arguments(
+            "enrol --api-url http://x --join-token secretvalue --state-dir d \
+             --listen 127.0.0.1:1 --name n",
+        ))
+        .unwrap_err();
+        assert!(!error.0.contains("secretvalue"));
+    }
+}

@@ -1,0 +1,466 @@
+//! Admitting signed tasks: verification, durable replay protection, and
+//! dispatch to the workload driver, in that order.
+//!
+//! [`TaskInbox::receive`] is the only way a task reaches a driver. It runs,
+//! under one lock:
+//!
+//! 1. [`keel_task::TaskVerifier::verify`] against this node's id, enrolment
+//!    epoch and trusted keys, and the current high-water sequence number;
+//! 2. [`TaskLedger::record_accepted`]: append the task to `tasks.log` and
+//!    fsync it, then replace `high-water` (write to a temporary file, fsync,
+//!    rename, fsync the directory);
+//! 3. the driver call, which is idempotent and quick.
+//!
+//! Persisting *before* acting is what makes replay protection survive a
+//! crash: if the agent dies after step 2, the task may not have run, but it
+//! can never run twice. The lock makes the compare-and-advance of the
+//! sequence number atomic (two concurrent tasks cannot both pass the check)
+//! and keeps execution in acceptance order.
+//!
+//! The disk writes are small and synchronous; they run on the async worker
+//! holding the lock on purpose, because tasks are rare and nothing else may
+//! proceed until the high-water mark is durable anyway.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use keel_task::{Operation, Rejection, TaskPayload, TaskVerifier};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use crate::state::{HIGH_WATER_FILE, PRIVATE_FILE_MODE, TASK_LOG_FILE, write_file_atomically};
+use crate::workloads::{WorkloadDriver, WorkloadSpec};
+
+/// Why the replay ledger could not be read or advanced.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// A ledger file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The high-water file holds something other than a number. Starting
+    /// from zero instead would reopen the door to every old task, so the
+    /// agent refuses to start until an operator looks.
+    #[error("{path} does not hold a sequence number: {content:?}")]
+    CorruptHighWater {
+        /// The high-water file.
+        path: PathBuf,
+        /// What it holds (truncated).
+        content: String,
+    },
+
+    /// An accepted task could not be encoded for the log.
+    #[error("could not encode the task log entry: {0}")]
+    Encode(#[source] serde_json::Error),
+}
+
+/// Why a task was not acted on.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskInboxError {
+    /// The task failed verification; nothing was recorded or done.
+    #[error("task rejected: {0}")]
+    Rejected(#[from] Rejection),
+
+    /// The task was valid but could not be recorded durably, so it was not
+    /// acted on either.
+    #[error("task could not be recorded: {0}")]
+    Ledger(#[from] LedgerError),
+}
+
+/// One line of `tasks.log`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskLogEntry {
+    /// The task's sequence number.
+    pub seq: u64,
+    /// The task's id.
+    pub task_id: Uuid,
+    /// The allocation the task acts on.
+    pub allocation_id: Uuid,
+    /// The operation, as its snake_case wire tag.
+    pub op: String,
+    /// When the agent accepted the task.
+    #[serde(with = "time::serde::rfc3339")]
+    pub accepted_at: OffsetDateTime,
+}
+
+/// The wire tag of an operation, as used in `tasks.log`.
+pub fn operation_name(operation: &Operation) -> &'static str {
+    match operation {
+        Operation::StartWorkload { .. } => "start_workload",
+        Operation::StopWorkload { .. } => "stop_workload",
+    }
+}
+
+/// The durable record of accepted tasks: the high-water sequence number and
+/// the append-only task log.
+#[derive(Debug)]
+pub struct TaskLedger {
+    high_water_path: PathBuf,
+    log_path: PathBuf,
+    log: File,
+    high_water: u64,
+}
+
+impl TaskLedger {
+    /// Opens the ledger in `state_dir`, creating its files if needed.
+    ///
+    /// The high-water mark is the larger of the `high-water` file and the
+    /// highest `seq` in `tasks.log`, so losing the small file (or a crash
+    /// between the two writes) can never lower it.
+    pub fn open(state_dir: &Path) -> Result<Self, LedgerError> {
+        let high_water_path = state_dir.join(HIGH_WATER_FILE);
+        let log_path = state_dir.join(TASK_LOG_FILE);
+        let from_file = read_high_water_file(&high_water_path)?;
+
+        let log_error = |source| LedgerError::Io {
+            path: log_path.clone(),
+            source,
+        };
+        let mut log = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(PRIVATE_FILE_MODE)
+            .open(&log_path)
+            .map_err(log_error)?;
+        let mut log_text = String::new();
+        log.read_to_string(&mut log_text).map_err(log_error)?;
+        let from_log = highest_seq_in_log(&log_text);
+        // A crash in the middle of an append can leave a torn last line;
+        // terminate it so the next entry starts on a line of its own.
+        if !log_text.is_empty() && !log_text.ends_with('\n') {
+            log.seek(SeekFrom::End(0)).map_err(log_error)?;
+            log.write_all(b"\n").map_err(log_error)?;
+            log.sync_data().map_err(log_error)?;
+        }
+
+        let high_water = from_file.max(from_log);
+        tracing::info!(high_water, "task ledger opened");
+        Ok(Self {
+            high_water_path,
+            log_path,
+            log,
+            high_water,
+        })
+    }
+
+    /// The highest sequence number accepted so far (0 if none).
+    pub fn high_water(&self) -> u64 {
+        self.high_water
+    }
+
+    /// Durably records that `payload` was accepted and raises the high-water
+    /// mark to its sequence number. Only on success may the task be acted on.
+    pub fn record_accepted(
+        &mut self,
+        payload: &TaskPayload,
+        accepted_at: OffsetDateTime,
+    ) -> Result<(), LedgerError> {
+        let entry = TaskLogEntry {
+            seq: payload.seq,
+            task_id: payload.task_id,
+            allocation_id: payload.operation.allocation_id(),
+            op: operation_name(&payload.operation).to_owned(),
+            accepted_at,
+        };
+        let mut line = serde_json::to_vec(&entry).map_err(LedgerError::Encode)?;
+        line.push(b'\n');
+        let log_error = |source| LedgerError::Io {
+            path: self.log_path.clone(),
+            source,
+        };
+        self.log.write_all(&line).map_err(log_error)?;
+        self.log.sync_data().map_err(log_error)?;
+
+        write_file_atomically(
+            &self.high_water_path,
+            format!("{}\n", payload.seq).as_bytes(),
+        )
+        .map_err(|source| LedgerError::Io {
+            path: self.high_water_path.clone(),
+            source,
+        })?;
+        self.high_water = payload.seq;
+        Ok(())
+    }
+}
+
+fn read_high_water_file(path: &Path) -> Result<u64, LedgerError> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => {
+            return Err(LedgerError::Io {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    text.trim()
+        .parse()
+        .map_err(|_| LedgerError::CorruptHighWater {
+            path: path.to_path_buf(),
+            content: text.chars().take(40).collect(),
+        })
+}
+
+/// The highest `seq` among the log lines that parse; torn or foreign lines
+/// are skipped with a warning.
+fn highest_seq_in_log(log_text: &str) -> u64 {
+    #[derive(Deserialize)]
+    struct SeqOnly {
+        seq: u64,
+    }
+    let mut highest = 0;
+    for (index, line) in log_text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<SeqOnly>(line) {
+            Ok(entry) => highest = highest.max(entry.seq),
+            Err(error) => {
+                tracing::warn!(line = index + 1, %error, "skipping unreadable task log line");
+            }
+        }
+    }
+    highest
+}
+
+/// Verifies, records and dispatches tasks. See the module docs.
+pub struct TaskInbox {
+    verifier: TaskVerifier,
+    ledger: Mutex<TaskLedger>,
+    driver: Arc<dyn WorkloadDriver>,
+}
+
+impl std::fmt::Debug for TaskInbox {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("TaskInbox")
+            .field("verifier", &self.verifier)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TaskInbox {
+    /// An inbox that verifies with `verifier`, records in `ledger` and acts
+    /// through `driver`.
+    pub fn new(
+        verifier: TaskVerifier,
+        ledger: TaskLedger,
+        driver: Arc<dyn WorkloadDriver>,
+    ) -> Self {
+        Self {
+            verifier,
+            ledger: Mutex::new(ledger),
+            driver,
+        }
+    }
+
+    /// The highest sequence number accepted so far.
+    pub async fn high_water(&self) -> u64 {
+        self.ledger.lock().await.high_water()
+    }
+
+    /// Handles one envelope exactly as received, at time `now_unix`. Returns
+    /// the accepted payload once it has been recorded and handed to the
+    /// driver.
+    pub async fn receive(
+        &self,
+        envelope_bytes: &[u8],
+        now_unix: i64,
+    ) -> Result<TaskPayload, TaskInboxError> {
+        let mut ledger = self.ledger.lock().await;
+        let payload = self
+            .verifier
+            .verify(envelope_bytes, now_unix, ledger.high_water())
+            .inspect_err(|rejection| {
+                tracing::warn!(
+                    reason = rejection.reason(),
+                    detail = %rejection,
+                    "task rejected"
+                );
+            })?;
+
+        let accepted_at = OffsetDateTime::from_unix_timestamp(now_unix)
+            .unwrap_or_else(|_| OffsetDateTime::now_utc());
+        ledger
+            .record_accepted(&payload, accepted_at)
+            .inspect_err(|error| {
+                tracing::error!(
+                    task_id = %payload.task_id,
+                    seq = payload.seq,
+                    %error,
+                    "task could not be recorded; not acting on it"
+                );
+            })?;
+        tracing::info!(
+            task_id = %payload.task_id,
+            seq = payload.seq,
+            op = operation_name(&payload.operation),
+            allocation_id = %payload.operation.allocation_id(),
+            "task accepted"
+        );
+
+        // Still under the lock, so tasks run in the order they were accepted.
+        execute(self.driver.as_ref(), &payload.operation);
+        drop(ledger);
+        Ok(payload)
+    }
+}
+
+/// Hands one verified operation to the driver.
+fn execute(driver: &dyn WorkloadDriver, operation: &Operation) {
+    match operation {
+        Operation::StartWorkload {
+            allocation_id,
+            command,
+            vcpus,
+            memory_mib,
+        } => {
+            driver.start_workload(WorkloadSpec {
+                allocation_id: *allocation_id,
+                command: command.clone(),
+                vcpus: *vcpus,
+                memory_mib: *memory_mib,
+            });
+        }
+        Operation::StopWorkload { allocation_id } => {
+            driver.stop_workload(*allocation_id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct ScratchDir(PathBuf);
+
+    impl ScratchDir {
+        fn new() -> Self {
+            let path =
+                std::env::temp_dir().join(format!("keel-agent-ledger-test-{}", Uuid::new_v4()));
+            fs::create_dir_all(&path).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for ScratchDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn payload_with_seq(seq: u64) -> TaskPayload {
+        TaskPayload {
+            task_id: Uuid::new_v4(),
+            tenant_id: None,
+            node_id: Uuid::new_v4(),
+            enrolment_epoch: 1,
+            seq,
+            issued_at: 0,
+            not_before: 0,
+            expires_at: 60,
+            traceparent: None,
+            operation: Operation::StopWorkload {
+                allocation_id: Uuid::from_u128(7),
+            },
+        }
+    }
+
+    #[test]
+    fn a_new_ledger_starts_at_zero() {
+        let scratch = ScratchDir::new();
+        assert_eq!(TaskLedger::open(&scratch.0).unwrap().high_water(), 0);
+    }
+
+    #[test]
+    fn the_high_water_mark_survives_reopening() {
+        let scratch = ScratchDir::new();
+        let mut ledger = TaskLedger::open(&scratch.0).unwrap();
+        ledger
+            .record_accepted(&payload_with_seq(5), OffsetDateTime::now_utc())
+            .unwrap();
+        drop(ledger);
+        assert_eq!(TaskLedger::open(&scratch.0).unwrap().high_water(), 5);
+        assert_eq!(
+            fs::read_to_string(scratch.0.join(HIGH_WATER_FILE)).unwrap(),
+            "5\n"
+        );
+    }
+
+    #[test]
+    fn each_accepted_task_appends_one_log_line_with_the_agreed_fields() {
+        let scratch = ScratchDir::new();
+        let mut ledger = TaskLedger::open(&scratch.0).unwrap();
+        let accepted_at = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let first = payload_with_seq(1);
+        ledger.record_accepted(&first, accepted_at).unwrap();
+        ledger
+            .record_accepted(&payload_with_seq(2), accepted_at)
+            .unwrap();
+
+        let log = fs::read_to_string(scratch.0.join(TASK_LOG_FILE)).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 2);
+        let entry: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(
+            entry,
+            serde_json::json!({
+                "seq": 1,
+                "task_id": first.task_id,
+                "allocation_id": Uuid::from_u128(7),
+                "op": "stop_workload",
+                "accepted_at": "2023-11-14T22:13:20Z",
+            })
+        );
+    }
+
+    #[test]
+    fn a_lost_high_water_file_is_recovered_from_the_task_log() {
+        let scratch = ScratchDir::new();
+        let mut ledger = TaskLedger::open(&scratch.0).unwrap();
+        ledger
+            .record_accepted(&payload_with_seq(9), OffsetDateTime::now_utc())
+            .unwrap();
+        drop(ledger);
+        fs::remove_file(scratch.0.join(HIGH_WATER_FILE)).unwrap();
+        assert_eq!(TaskLedger::open(&scratch.0).unwrap().high_water(), 9);
+    }
+
+    #[test]
+    fn a_torn_last_log_line_is_skipped_and_terminated() {
+        let scratch = ScratchDir::new();
+        fs::write(scratch.0.join(TASK_LOG_FILE), "{\"seq\":3}\n{\"seq\":4").unwrap();
+        let mut ledger = TaskLedger::open(&scratch.0).unwrap();
+        assert_eq!(ledger.high_water(), 3);
+        ledger
+            .record_accepted(&payload_with_seq(4), OffsetDateTime::now_utc())
+            .unwrap();
+        let log = fs::read_to_string(scratch.0.join(TASK_LOG_FILE)).unwrap();
+        assert_eq!(log.lines().count(), 3);
+        assert!(log.lines().nth(2).unwrap().starts_with("{\"seq\":4,"));
+    }
+
+    #[test]
+    fn a_corrupt_high_water_file_stops_the_agent_instead_of_resetting_to_zero() {
+        let scratch = ScratchDir::new();
+        fs::write(scratch.0.join(HIGH_WATER_FILE), "garbage").unwrap();
+        assert!(matches!(
+            TaskLedger::open(&scratch.0),
+            Err(LedgerError::CorruptHighWater { .. })
+        ));
+    }
+}

@@ -1,0 +1,314 @@
+//! Who may talk to the agent, and which tasks it acts on, proven over real
+//! mutual TLS against a running agent.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64_STANDARD;
+use keel_pki::{CaKind, CertificateAuthority};
+use keel_task::{TaskEnvelope, TaskSigner};
+use reqwest::StatusCode;
+use uuid::Uuid;
+
+use crate::support::{Credentials, Fixture, now_unix, stop};
+
+fn edit_envelope(envelope_bytes: &[u8], edit: impl FnOnce(&mut TaskEnvelope)) -> Vec<u8> {
+    let mut envelope: TaskEnvelope = serde_json::from_slice(envelope_bytes).unwrap();
+    edit(&mut envelope);
+    envelope.to_json_bytes().unwrap()
+}
+
+fn assert_rejected((status, body): (StatusCode, serde_json::Value), expected_code: &str) {
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["code"], expected_code, "{body}");
+    assert!(body["message"].is_string(), "{body}");
+}
+
+#[tokio::test]
+async fn a_worker_with_a_good_task_is_answered_with_accepted() {
+    let fixture = Fixture::new();
+    let mut agent = fixture.start_agent().await;
+    let payload = fixture.payload(1, stop(Uuid::new_v4()));
+
+    let (status, body) = agent
+        .post_task(&fixture.worker_client(), fixture.sign(&payload))
+        .await;
+
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        serde_json::json!({ "task_id": payload.task_id, "status": "accepted" })
+    );
+    assert_eq!(agent.agent.inbox().high_water().await, 1);
+    // Stopping an unknown allocation is reported as terminated right away.
+    assert_eq!(
+        agent.next_report().await.allocation_id,
+        payload.operation.allocation_id()
+    );
+}
+
+#[tokio::test]
+async fn a_client_without_a_certificate_cannot_complete_a_request() {
+    let fixture = Fixture::new();
+    let agent = fixture.start_agent().await;
+    let payload = fixture.payload(1, stop(Uuid::new_v4()));
+
+    let outcome = fixture
+        .client_without_certificate()
+        .post(agent.tasks_url())
+        .body(fixture.sign(&payload))
+        .send()
+        .await;
+
+    assert!(outcome.is_err(), "{outcome:?}");
+    assert_eq!(agent.agent.inbox().high_water().await, 0);
+}
+
+#[tokio::test]
+async fn a_worker_certificate_from_another_control_plane_ca_is_refused_in_the_handshake() {
+    let fixture = Fixture::new();
+    let agent = fixture.start_agent().await;
+    let impostor_ca = CertificateAuthority::generate(CaKind::ControlPlane).unwrap();
+    let (certificate, key_pem) = impostor_ca
+        .issue_control_plane_client("worker", time::Duration::hours(1))
+        .unwrap();
+    let impostor = fixture.client_presenting(&Credentials {
+        cert_pem: certificate.cert_pem,
+        key_pem,
+    });
+
+    let outcome = impostor
+        .post(agent.tasks_url())
+        .body(fixture.sign(&fixture.payload(1, stop(Uuid::new_v4()))))
+        .send()
+        .await;
+
+    assert!(outcome.is_err(), "{outcome:?}");
+    assert_eq!(agent.agent.inbox().high_water().await, 0);
+}
+
+#[tokio::test]
+async fn a_node_certificate_is_refused_as_a_client_even_from_our_own_node_ca() {
+    let fixture = Fixture::new();
+    let agent = fixture.start_agent().await;
+    // The agent's own certificate and key: valid, ours, but the wrong root.
+    let node_client = fixture.client_presenting(&Credentials {
+        cert_pem: fixture.state.cert_pem.clone(),
+        key_pem: fixture.state.key_pem.clone(),
+    });
+
+    let outcome = node_client
+        .post(agent.tasks_url())
+        .body(fixture.sign(&fixture.payload(1, stop(Uuid::new_v4()))))
+        .send()
+        .await;
+
+    assert!(outcome.is_err(), "{outcome:?}");
+}
+
+#[tokio::test]
+async fn a_control_plane_component_other_than_the_worker_is_forbidden() {
+    let fixture = Fixture::new();
+    let agent = fixture.start_agent().await;
+    let (certificate, key_pem) = fixture
+        .control_plane_ca
+        .issue_control_plane_client("api", time::Duration::hours(1))
+        .unwrap();
+    let api_client = fixture.client_presenting(&Credentials {
+        cert_pem: certificate.cert_pem,
+        key_pem,
+    });
+
+    let (status, body) = agent
+        .post_task(
+            &api_client,
+            fixture.sign(&fixture.payload(1, stop(Uuid::new_v4()))),
+        )
+        .await;
+
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body["code"], "forbidden_peer");
+    assert_eq!(agent.agent.inbox().high_water().await, 0);
+}
+
+#[tokio::test]
+async fn an_unsigned_task_is_rejected_and_nothing_happens() {
+    let fixture = Fixture::new();
+    let mut agent = fixture.start_agent().await;
+    let envelope = edit_envelope(
+        &fixture.sign(&fixture.payload(1, stop(Uuid::new_v4()))),
+        |envelope| envelope.sig = String::new(),
+    );
+
+    assert_rejected(
+        agent.post_task(&fixture.worker_client(), envelope).await,
+        "bad_signature",
+    );
+    assert_eq!(agent.agent.inbox().high_water().await, 0);
+    agent.assert_no_pending_report();
+}
+
+#[tokio::test]
+async fn a_task_with_one_flipped_bit_is_rejected() {
+    let fixture = Fixture::new();
+    let mut agent = fixture.start_agent().await;
+    let envelope = edit_envelope(
+        &fixture.sign(&fixture.payload(1, stop(Uuid::new_v4()))),
+        |envelope| {
+            let mut payload_bytes = BASE64_STANDARD.decode(&envelope.payload).unwrap();
+            payload_bytes[10] ^= 0x01;
+            envelope.payload = BASE64_STANDARD.encode(payload_bytes);
+        },
+    );
+
+    assert_rejected(
+        agent.post_task(&fixture.worker_client(), envelope).await,
+        "bad_signature",
+    );
+    agent.assert_no_pending_report();
+}
+
+#[tokio::test]
+async fn a_task_signed_by_an_unknown_key_is_rejected() {
+    let fixture = Fixture::new();
+    let agent = fixture.start_agent().await;
+    let stranger = TaskSigner::generate();
+    let envelope = stranger
+        .sign_to_bytes(&fixture.payload(1, stop(Uuid::new_v4())))
+        .unwrap();
+
+    assert_rejected(
+        agent.post_task(&fixture.worker_client(), envelope).await,
+        "unknown_key",
+    );
+}
+
+#[tokio::test]
+async fn a_task_for_another_node_is_rejected() {
+    let fixture = Fixture::new();
+    let agent = fixture.start_agent().await;
+    let mut payload = fixture.payload(1, stop(Uuid::new_v4()));
+    payload.node_id = Uuid::new_v4();
+
+    assert_rejected(
+        agent
+            .post_task(&fixture.worker_client(), fixture.sign(&payload))
+            .await,
+        "wrong_node",
+    );
+}
+
+#[tokio::test]
+async fn a_task_for_another_enrolment_epoch_is_rejected() {
+    let fixture = Fixture::new();
+    let agent = fixture.start_agent().await;
+    let mut payload = fixture.payload(1, stop(Uuid::new_v4()));
+    payload.enrolment_epoch += 1;
+
+    assert_rejected(
+        agent
+            .post_task(&fixture.worker_client(), fixture.sign(&payload))
+            .await,
+        "wrong_epoch",
+    );
+}
+
+#[tokio::test]
+async fn an_expired_task_is_rejected() {
+    let fixture = Fixture::new();
+    let agent = fixture.start_agent().await;
+    let now = now_unix();
+    let mut payload = fixture.payload(1, stop(Uuid::new_v4()));
+    payload.issued_at = now - 600;
+    payload.not_before = now - 600;
+    payload.expires_at = now - 120;
+
+    assert_rejected(
+        agent
+            .post_task(&fixture.worker_client(), fixture.sign(&payload))
+            .await,
+        "expired",
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_body_is_rejected_before_verification() {
+    let fixture = Fixture::new();
+    let agent = fixture.start_agent().await;
+
+    let (status, body) = agent
+        .post_task(&fixture.worker_client(), vec![b' '; 64 * 1024 + 1])
+        .await;
+
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["code"], "too_large");
+}
+
+#[tokio::test]
+async fn a_replayed_task_is_rejected_also_after_the_agent_restarts() {
+    let fixture = Fixture::new();
+    let worker = fixture.worker_client();
+    let first = fixture.sign(&fixture.payload(1, stop(Uuid::new_v4())));
+    let second = fixture.sign(&fixture.payload(2, stop(Uuid::new_v4())));
+
+    let agent = fixture.start_agent().await;
+    assert_eq!(
+        agent.post_task(&worker, first.clone()).await.0,
+        StatusCode::OK
+    );
+    assert_rejected(agent.post_task(&worker, first.clone()).await, "replayed");
+    assert_eq!(
+        agent.post_task(&worker, second.clone()).await.0,
+        StatusCode::OK
+    );
+    agent.agent.shutdown().await;
+
+    let restarted = fixture.start_agent().await;
+    assert_eq!(restarted.agent.inbox().high_water().await, 2);
+    assert_rejected(restarted.post_task(&worker, second).await, "replayed");
+    assert_rejected(restarted.post_task(&worker, first).await, "replayed");
+    let third = fixture.sign(&fixture.payload(3, stop(Uuid::new_v4())));
+    assert_eq!(restarted.post_task(&worker, third).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn two_concurrent_tasks_with_the_same_sequence_number_are_accepted_once() {
+    let fixture = Fixture::new();
+    let agent = fixture.start_agent().await;
+    let worker_a = fixture.worker_client();
+    let worker_b = fixture.worker_client();
+    let task_a = fixture.sign(&fixture.payload(1, stop(Uuid::new_v4())));
+    let task_b = fixture.sign(&fixture.payload(1, stop(Uuid::new_v4())));
+
+    let (outcome_a, outcome_b) = tokio::join!(
+        agent.post_task(&worker_a, task_a),
+        agent.post_task(&worker_b, task_b)
+    );
+
+    let mut statuses = [outcome_a.0, outcome_b.0];
+    statuses.sort();
+    assert_eq!(statuses, [StatusCode::OK, StatusCode::UNPROCESSABLE_ENTITY]);
+    let log = std::fs::read_to_string(fixture.state_dir().join("tasks.log")).unwrap();
+    assert_eq!(log.lines().count(), 1);
+}
+
+#[tokio::test]
+async fn an_accepted_task_is_logged_durably_before_it_is_answered() {
+    let fixture = Fixture::new();
+    let agent = fixture.start_agent().await;
+    let allocation_id = Uuid::new_v4();
+    let payload = fixture.payload(7, stop(allocation_id));
+
+    let (status, _) = agent
+        .post_task(&fixture.worker_client(), fixture.sign(&payload))
+        .await;
+
+    assert_eq!(status, StatusCode::OK);
+    let high_water = std::fs::read_to_string(fixture.state_dir().join("high-water")).unwrap();
+    assert_eq!(high_water.trim(), "7");
+    let log = std::fs::read_to_string(fixture.state_dir().join("tasks.log")).unwrap();
+    let entry: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert_eq!(entry["seq"], 7);
+    assert_eq!(entry["task_id"], payload.task_id.to_string());
+    assert_eq!(entry["allocation_id"], allocation_id.to_string());
+    assert_eq!(entry["op"], "stop_workload");
+    assert!(entry["accepted_at"].is_string());
+}
