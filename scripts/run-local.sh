@@ -20,6 +20,13 @@ cleanup() {
     for pid in "${pids[@]:-}"; do
         [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
     done
+    # Workloads outlive their agent by design (an agent restart must not
+    # kill tenants' work); local mode stops them too, so nothing is left.
+    for proc in /proc/[0-9]*; do
+        case "$(readlink "$proc/cwd" 2>/dev/null)" in
+            "$state/agent/workloads/"*) kill -KILL "${proc#/proc/}" 2>/dev/null || true ;;
+        esac
+    done
     if [ -n "$pg_started" ]; then
         as_pg "$pgbin/pg_ctl" -D "$pgdata" -m fast -w stop >/dev/null || true
         echo "local mode: stopped"
@@ -91,9 +98,10 @@ pids+=($!)
 agent_state="$state/agent"
 agent_listen=${KEEL_AGENT_LISTEN:-127.0.0.1:7443}
 if [ ! -f "$agent_state/node.json" ]; then
-    token=$(./target/debug/api join-token)
+    token=$(./target/debug/api join-token 2>"$state/join-token.err")
+    fingerprint=$(sed -n 's/.*fingerprint \([0-9a-f]*\).*/\1/p' "$state/join-token.err")
     ./target/debug/keel-agent enrol --api-url "http://$listen" --join-token "$token" \
-        --state-dir "$agent_state" --listen "$agent_listen" --name local-agent
+        --ca-fingerprint "$fingerprint" --state-dir "$agent_state" --listen "$agent_listen" --name local-agent
 fi
 ./target/debug/keel-agent run --state-dir "$agent_state" &
 pids+=($!)
