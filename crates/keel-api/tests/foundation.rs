@@ -119,3 +119,27 @@ async fn the_served_openapi_document_is_the_committed_one() {
         serde_json::from_str::<serde_json::Value>(&committed).unwrap()
     );
 }
+
+#[tokio::test]
+async fn the_callers_trace_id_travels_into_the_outbox() {
+    let app = TestApp::spawn().await;
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/auth/register")
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .body(Body::from(
+            json!({"email": "t@example.com", "password": "a long enough password", "tenant_name": "T"}).to_string(),
+        ))
+        .unwrap();
+    assert_eq!(app.send(request).await.status, StatusCode::CREATED);
+    let mut admin = app.database.admin().await;
+    let traceparent: String = sqlx::query_scalar("SELECT traceparent FROM outbox")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert!(
+        traceparent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{traceparent}"
+    );
+}

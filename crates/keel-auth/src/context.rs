@@ -9,7 +9,7 @@ use axum::http::request::Parts;
 use keel_core::Actor;
 use keel_core::ids::{TenantId, UserId};
 use keel_db::{Db, RequestMeta, Scope, WriteTx};
-use keel_http::{ApiError, RequestId};
+use keel_http::{ApiError, RequestId, TraceParent};
 
 use crate::{AuthError, TokenKeys};
 
@@ -43,12 +43,13 @@ impl Ctx {
     }
 }
 
-/// Metadata for requests that have no principal yet (register, login).
-pub fn anonymous_meta(request_id: &RequestId) -> RequestMeta {
+/// Metadata for requests that have no principal yet (register, login,
+/// enrolment).
+pub fn anonymous_meta(request_id: &RequestId, trace: &TraceParent) -> RequestMeta {
     RequestMeta {
         request_id: request_id.0.clone(),
         actor: Actor::Anonymous,
-        traceparent: None,
+        traceparent: Some(trace.0.clone()),
     }
 }
 
@@ -102,7 +103,10 @@ where
                     user_id: principal.user_id,
                     tenant_id: principal.tenant_id,
                 },
-                traceparent: None,
+                traceparent: parts
+                    .extensions
+                    .get::<TraceParent>()
+                    .map(|trace| trace.0.clone()),
             },
             principal,
             db: Db::from_ref(state),

@@ -7,7 +7,7 @@ use axum::extract::{FromRef, State};
 use axum::http::StatusCode;
 use keel_core::page::{PageParams, Paginated};
 use keel_db::Db;
-use keel_http::{ApiError, ErrorBody, Json, Query, RequestId};
+use keel_http::{ApiError, ErrorBody, Json, Query, RequestId, TraceParent};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -44,9 +44,10 @@ where
 async fn auth_register(
     State(db): State<Db>,
     request_id: RequestId,
+    trace: TraceParent,
     Json(request): Json<RegisterRequest>,
 ) -> Result<(StatusCode, Json<RegisterResponse>), ApiError> {
-    let registered = service::register(&db, anonymous_meta(&request_id), request).await?;
+    let registered = service::register(&db, anonymous_meta(&request_id, &trace), request).await?;
     Ok((StatusCode::CREATED, Json(registered)))
 }
 
@@ -67,10 +68,11 @@ async fn auth_login(
     State(db): State<Db>,
     State(keys): State<Arc<TokenKeys>>,
     request_id: RequestId,
+    trace: TraceParent,
     Json(request): Json<LoginRequest>,
 ) -> Result<Json<TokenResponse>, ApiError> {
     Ok(Json(
-        service::login(&db, &keys, anonymous_meta(&request_id), request).await?,
+        service::login(&db, &keys, anonymous_meta(&request_id, &trace), request).await?,
     ))
 }
 

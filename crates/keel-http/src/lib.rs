@@ -12,7 +12,7 @@ pub mod tls;
 
 pub use error::{ApiError, ErrorBody, FieldError};
 pub use extract::{Json, Path, Query};
-pub use request_id::{REQUEST_ID_HEADER, RequestId, request_id_layer};
+pub use request_id::{REQUEST_ID_HEADER, RequestId, TraceParent, request_id_layer};
 
 /// Fallback for unknown routes: a 404 in the envelope.
 pub async fn route_not_found() -> ApiError {

@@ -50,14 +50,75 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for RequestId {
     }
 }
 
+/// The W3C trace context of the current request: the caller's trace (a
+/// valid incoming `traceparent` header) continued with a new span id, or a
+/// new trace. Written into every outbox row and signed task, so the work a
+/// request causes in the worker and on the node carries the same trace id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceParent(pub String);
+
+impl TraceParent {
+    /// `00-{trace id}-{span id}-{flags}`, version 00 only.
+    fn from_header(value: Option<&HeaderValue>) -> Option<Self> {
+        let value = value?.to_str().ok()?;
+        let parts: Vec<&str> = value.split('-').collect();
+        let hex = |part: &str, len: usize| {
+            part.len() == len
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        let valid = parts.len() == 4
+            && parts[0] == "00"
+            && hex(parts[1], 32)
+            && parts[1].bytes().any(|b| b != b'0')
+            && hex(parts[2], 16)
+            && hex(parts[3], 2);
+        valid.then(|| Self::child_of(parts[1], parts[3]))
+    }
+
+    fn child_of(trace_id: &str, flags: &str) -> Self {
+        let span_id = uuid::Uuid::new_v4().simple().to_string();
+        Self(format!("00-{trace_id}-{}-{flags}", &span_id[..16]))
+    }
+
+    fn generate() -> Self {
+        Self::child_of(&uuid::Uuid::new_v4().simple().to_string(), "01")
+    }
+
+    /// The trace id part.
+    pub fn trace_id(&self) -> &str {
+        self.0.split('-').nth(1).unwrap_or_default()
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for TraceParent {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<TraceParent>()
+            .cloned()
+            .unwrap_or_else(TraceParent::generate))
+    }
+}
+
 /// The middleware; install it outermost with `axum::middleware::from_fn`.
 pub async fn request_id_layer(mut request: Request, next: Next) -> Response {
     let request_id = RequestId::from_header(request.headers().get(REQUEST_ID_HEADER))
         .unwrap_or_else(RequestId::generate);
+    let trace = TraceParent::from_header(request.headers().get("traceparent"))
+        .unwrap_or_else(TraceParent::generate);
     request.extensions_mut().insert(request_id.clone());
+    request.extensions_mut().insert(trace.clone());
     let span = tracing::info_span!(
         "request",
         request_id = %request_id.0,
+        trace_id = %trace.trace_id(),
         method = %request.method(),
         path = %request.uri().path(),
     );
@@ -147,6 +208,34 @@ mod tests {
         assert_eq!(
             RequestId::from_header(Some(&value)),
             Some(RequestId("abc-123_x.y".into()))
+        );
+    }
+
+    #[test]
+    fn an_incoming_trace_is_continued_with_a_new_span() {
+        let incoming =
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let trace = TraceParent::from_header(Some(&incoming)).unwrap();
+        assert_eq!(trace.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert!(trace.0.ends_with("-01"));
+        assert_ne!(trace.0, incoming.to_str().unwrap());
+    }
+
+    #[test]
+    fn malformed_traces_are_replaced_by_a_new_one() {
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-XYZ-1-01",
+        ] {
+            let value = HeaderValue::from_str(bad).unwrap();
+            assert_eq!(TraceParent::from_header(Some(&value)), None, "{bad}");
+        }
+        let generated = TraceParent::generate();
+        assert_eq!(generated.0.len(), 55);
+        assert!(
+            TraceParent::from_header(Some(&HeaderValue::from_str(&generated.0).unwrap())).is_some()
         );
     }
 

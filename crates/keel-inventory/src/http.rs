@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use keel_auth::authz::{Action, authorize_tenant};
 use keel_auth::{Ctx, TokenKeys};
 use keel_db::Db;
-use keel_http::{ApiError, ErrorBody, Json, RequestId};
+use keel_http::{ApiError, ErrorBody, Json, RequestId, TraceParent};
 use serde::Serialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -74,9 +74,10 @@ async fn node_enrol_handler(
     State(db): State<Db>,
     State(channel): State<Arc<NodeChannel>>,
     request_id: RequestId,
+    trace: TraceParent,
     Json(request): Json<EnrolRequest>,
 ) -> Result<(StatusCode, Json<EnrolResponse>), ApiError> {
-    let meta = keel_auth::context::anonymous_meta(&request_id);
+    let meta = keel_auth::context::anonymous_meta(&request_id, &trace);
     let enrolled = node_enrol(&db, meta, &channel, request).await?;
     Ok((StatusCode::CREATED, Json(enrolled)))
 }

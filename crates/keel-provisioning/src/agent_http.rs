@@ -11,7 +11,7 @@ use keel_core::Actor;
 use keel_core::ids::{AllocationId, HostId};
 use keel_db::{Db, RequestMeta};
 use keel_http::tls::TlsPeer;
-use keel_http::{ApiError, Json, RequestId};
+use keel_http::{ApiError, Json, RequestId, TraceParent};
 use serde::Deserialize;
 
 use crate::ProvisioningError;
@@ -79,6 +79,7 @@ async fn agent_report(
     State(db): State<Db>,
     ConnectInfo(peer): ConnectInfo<TlsPeer>,
     request_id: RequestId,
+    trace: TraceParent,
     Json(report): Json<AgentReport>,
 ) -> Result<StatusCode, ApiError> {
     let host = authenticated_node(&db, &peer).await?;
@@ -96,7 +97,7 @@ async fn agent_report(
     let meta = RequestMeta {
         request_id: request_id.0,
         actor: Actor::Node { host_id: host },
-        traceparent: None,
+        traceparent: Some(trace.0),
     };
     let tx = db
         .begin_system(meta)
