@@ -1,7 +1,7 @@
 //! Wiring: from a loaded state directory to a serving agent.
 //!
 //! [`start_agent`] assembles the verifier, the replay ledger, the driver and
-//! the TLS server for one state, binds, and serves in the background; tests
+//! the mutual-TLS server ([`keel_http::tls::MtlsServer`]) for one state, binds, and serves in the background; tests
 //! use it directly with a driver whose reports go to a channel. The `run`
 //! command uses [`run_until_signal`], which adds the real report delivery
 //! and the process driver and serves until SIGINT or SIGTERM.
@@ -10,11 +10,12 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use keel_http::tls::MtlsServer;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::reports::{ReportDelivery, ReportError};
-use crate::server::{AgentServer, router};
+use crate::server::router;
 use crate::state::{AgentState, StateError};
 use crate::tasks::{LedgerError, TaskInbox, TaskLedger};
 use crate::workloads::{ProcessDriver, WorkloadDriver, WorkloadError};
@@ -96,7 +97,7 @@ pub async fn start_agent(
     let ledger = TaskLedger::open(&state.dir)?;
     let inbox = Arc::new(TaskInbox::new(verifier, ledger, driver));
     let tls_config = state.server_tls_config()?;
-    let server = AgentServer::bind(listen, tls_config, router(Arc::clone(&inbox)))
+    let server = MtlsServer::bind(listen, tls_config, router(Arc::clone(&inbox)))
         .await
         .map_err(|source| AgentError::Bind {
             address: listen,

@@ -3,14 +3,15 @@
 //! The agent is the only Keel component that runs on a customer-facing host.
 //! It does three things, each in its own module:
 //!
-//! - [`enrol`] — once, at install time: make a key pair on the host, trade a
+//! - [`mod@enrol`] — once, at install time: make a key pair on the host, trade a
 //!   single-use join token and a CSR for a node certificate, and save what the
 //!   control plane handed back in the state directory ([`state`]).
 //! - [`server`] and [`tasks`] — while running: serve HTTPS with mutual TLS on
-//!   the enrolled address, admit only clients whose certificate chains to the
-//!   control-plane CA *and* names the `worker` component, and accept a task
-//!   only after [`keel_task::TaskVerifier`] has checked its signature, target
-//!   node, epoch, validity window and sequence number. The new sequence
+//!   the enrolled address (on [`keel_http::tls::MtlsServer`], which the api's
+//!   agent listener runs on too), admit only clients whose certificate chains
+//!   to the control-plane CA *and* names the `worker` component, and accept a
+//!   task only after [`keel_task::TaskVerifier`] has checked its signature,
+//!   target node, epoch, validity window and sequence number. The new sequence
 //!   high-water mark is made durable before the task is acted on, so a task
 //!   can never be replayed, not even across a restart of the agent.
 //! - [`workloads`] and [`reports`] — act on tasks by running workloads as
@@ -46,7 +47,7 @@ pub use enrol::{EnrolError, EnrolOptions, EnrolledNode, enrol};
 pub use reports::{
     ReportDelivery, ReportError, ReportSink, RetryPolicy, WorkloadReport, WorkloadState,
 };
-pub use server::{AgentServer, PeerIdentity};
+pub use server::PeerIdentity;
 pub use state::{AgentState, NodeRecord, StateError};
 pub use tasks::{LedgerError, TaskInbox, TaskInboxError, TaskLedger};
 pub use workloads::{

@@ -1,31 +1,25 @@
-//! The agent's HTTPS endpoint: a mutual-TLS accept loop and the task routes.
+//! The agent's HTTPS endpoint: the task routes and who may call them.
 //!
-//! TLS is terminated here rather than by a generic server so that the peer
-//! certificate can be read the moment the handshake completes:
+//! The routes are served by [`keel_http::tls::MtlsServer`], the same
+//! mutual-TLS server as the api's agent listener (handshake timeouts, the
+//! connection cap, the header-read timeout and the graceful drain live
+//! there). This module owns what the peer certificate means to the agent:
 //!
 //! 1. The TLS configuration (from [`crate::state::AgentState::server_tls_config`])
 //!    requires a client certificate chaining to the control-plane CA, so a
 //!    client with no certificate, or one from any other CA (including the node
 //!    CA), never completes a handshake.
-//! 2. The control-plane identity in the peer certificate is attached to every
-//!    request of the connection as a [`PeerIdentity`] extension.
-//! 3. [`router`] refuses, with 403 `forbidden_peer`, every request whose peer
-//!    is not the `worker` component, before any route runs. A request that
-//!    somehow arrives without a [`PeerIdentity`] is refused the same way.
-//!
-//! Handshakes run in each connection's own task with a timeout, so one slow
-//! or hostile client cannot hold up the accept loop, and the number of
-//! connections is capped. On shutdown the loop stops accepting, asks every
-//! open connection to finish its current request, and gives them a few
-//! seconds before dropping them.
+//! 2. The server attaches the peer's leaf certificate to every request as a
+//!    [`TlsPeer`] extension; [`router`]'s guard reads the identity in it as a
+//!    [`PeerIdentity`] and refuses, with 403 `forbidden_peer`, every request
+//!    whose peer is not the `worker` component, before any route runs. A
+//!    request that somehow arrives without a [`TlsPeer`] is refused the same
+//!    way. The guard passes the [`PeerIdentity`] on to the routes as a
+//!    request extension.
 //!
 //! Error bodies are JSON `{"code", "message"}`, like the api's.
 
-use std::future::Future;
-use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -35,16 +29,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Json, Router};
-use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use keel_http::tls::TlsPeer;
 use keel_task::MAX_ENVELOPE_BYTES;
 use time::OffsetDateTime;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
-use tower::ServiceExt as _;
 use tracing::Instrument as _;
 
 use crate::tasks::{TaskInbox, TaskInboxError};
@@ -55,21 +42,9 @@ pub const WORKER_COMPONENT: &str = "worker";
 /// The path tasks are posted to.
 pub const TASKS_PATH: &str = "/v1/tasks";
 
-/// How long a client gets to complete the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a client gets to send the headers of a request.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How many connections may be open at once; the control plane needs a few.
-const MAX_CONNECTIONS: usize = 128;
-
-/// How long open connections get to finish when the agent shuts down.
-const SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(5);
-
 /// Who is on the other end of a connection, as proven by its certificate.
 ///
-/// Both namespaces are read so that the accept loop can serve any mutual-TLS
+/// Both namespaces are read so that the same reading serves any mutual-TLS
 /// router (tests use it for a stand-in control plane that receives reports
 /// from nodes); which one counts is up to the router. At most one of the two
 /// is ever set, because an identity certificate has exactly one URI SAN.
@@ -83,16 +58,19 @@ pub struct PeerIdentity {
 }
 
 impl PeerIdentity {
-    /// Reads the identity from the certificate chain the peer presented.
-    pub fn from_peer_certificates(
-        certificates: Option<&[rustls::pki_types::CertificateDer<'_>]>,
-    ) -> Self {
-        let leaf = certificates.and_then(<[_]>::first);
+    /// Reads the identity from the DER of the peer's leaf certificate, if
+    /// it presented one.
+    pub fn from_leaf_certificate(leaf: Option<&[u8]>) -> Self {
         Self {
-            control_plane_component: leaf
-                .and_then(|leaf| keel_pki::control_plane_identity(leaf.as_ref())),
-            node_id: leaf.and_then(|leaf| keel_pki::node_identity(leaf.as_ref())),
+            control_plane_component: leaf.and_then(keel_pki::control_plane_identity),
+            node_id: leaf.and_then(keel_pki::node_identity),
         }
+    }
+
+    /// Reads the identity of the peer that [`keel_http::tls::MtlsServer`]
+    /// attached to a request.
+    pub fn from_tls_peer(peer: &TlsPeer) -> Self {
+        Self::from_leaf_certificate(peer.certificate.as_deref().map(Vec::as_slice))
     }
 
     /// Whether the peer is the control plane's worker.
@@ -122,21 +100,32 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response
         .into_response()
 }
 
-async fn require_worker_peer(request: Request, next: Next) -> Response {
-    let peer = request.extensions().get::<PeerIdentity>();
-    if peer.is_some_and(PeerIdentity::is_worker) {
-        return next.run(request).await;
+/// Lets a request through only when the [`TlsPeer`] the server attached to
+/// it is the control plane's worker, and hands the routes its
+/// [`PeerIdentity`].
+async fn require_worker_peer(mut request: Request, next: Next) -> Response {
+    let peer = request
+        .extensions()
+        .get::<TlsPeer>()
+        .map(PeerIdentity::from_tls_peer);
+    match peer {
+        Some(peer) if peer.is_worker() => {
+            request.extensions_mut().insert(peer);
+            next.run(request).await
+        }
+        peer => {
+            tracing::warn!(
+                peer = ?peer.as_ref().and_then(|peer| peer.control_plane_component.as_deref()),
+                path = request.uri().path(),
+                "refused a request from a peer that is not the worker"
+            );
+            error_response(
+                StatusCode::FORBIDDEN,
+                "forbidden_peer",
+                "only the control plane's worker may call the agent",
+            )
+        }
     }
-    tracing::warn!(
-        peer = ?peer.and_then(|peer| peer.control_plane_component.as_deref()),
-        path = request.uri().path(),
-        "refused a request from a peer that is not the worker"
-    );
-    error_response(
-        StatusCode::FORBIDDEN,
-        "forbidden_peer",
-        "only the control plane's worker may call the agent",
-    )
 }
 
 async fn not_found() -> Response {
@@ -192,165 +181,5 @@ async fn receive_task(
             "ledger_unavailable",
             "the task could not be recorded durably, so it was not acted on",
         ),
-    }
-}
-
-/// A bound, not yet serving, mutual-TLS HTTP server.
-pub struct AgentServer {
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    app: Router,
-}
-
-impl std::fmt::Debug for AgentServer {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("AgentServer")
-            .field("local_addr", &self.listener.local_addr().ok())
-            .finish_non_exhaustive()
-    }
-}
-
-impl AgentServer {
-    /// Binds `address` (port 0 picks a free port) to serve `app` over TLS
-    /// with `tls_config`.
-    pub async fn bind(
-        address: SocketAddr,
-        tls_config: Arc<rustls::ServerConfig>,
-        app: Router,
-    ) -> io::Result<Self> {
-        let listener = TcpListener::bind(address).await?;
-        Ok(Self {
-            listener,
-            acceptor: TlsAcceptor::from(tls_config),
-            app,
-        })
-    }
-
-    /// The address actually bound.
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
-    /// Serves until `shutdown` resolves, then drains open connections.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let Self {
-            listener,
-            acceptor,
-            app,
-        } = self;
-        let mut shutdown = std::pin::pin!(shutdown);
-        let (stop_connections, connections_should_stop) = watch::channel(false);
-        let connection_slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        let mut connections = JoinSet::new();
-
-        loop {
-            let slot = tokio::select! {
-                biased;
-                () = shutdown.as_mut() => break,
-                slot = Arc::clone(&connection_slots).acquire_owned() => match slot {
-                    Ok(slot) => slot,
-                    Err(_closed) => break,
-                },
-            };
-            let (tcp, remote) = tokio::select! {
-                biased;
-                () = shutdown.as_mut() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Typically out of file descriptors; pausing briefly
-                        // avoids spinning on the same error.
-                        tracing::warn!(%error, "could not accept a connection");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let connection = Connection {
-                acceptor: acceptor.clone(),
-                app: app.clone(),
-                should_stop: connections_should_stop.clone(),
-                remote,
-            };
-            connections.spawn(async move {
-                connection.serve(tcp).await;
-                drop(slot);
-            });
-            // Collect finished connections so the set does not grow forever.
-            while connections.try_join_next().is_some() {}
-        }
-
-        drop(listener);
-        stop_connections.send_replace(true);
-        let drained = tokio::time::timeout(SHUTDOWN_GRACE_PERIOD, async {
-            while connections.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(
-                open = connections.len(),
-                "connections still open after the grace period; closing them"
-            );
-            connections.shutdown().await;
-        }
-        tracing::info!("agent server stopped");
-    }
-}
-
-/// One accepted TCP connection on its way to becoming an HTTP connection.
-struct Connection {
-    acceptor: TlsAcceptor,
-    app: Router,
-    should_stop: watch::Receiver<bool>,
-    remote: SocketAddr,
-}
-
-impl Connection {
-    async fn serve(mut self, tcp: TcpStream) {
-        let remote = self.remote;
-        let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp));
-        let tls_stream = tokio::select! {
-            handshake = handshake => match handshake {
-                Ok(Ok(tls_stream)) => tls_stream,
-                Ok(Err(error)) => {
-                    tracing::info!(%remote, %error, "TLS handshake refused");
-                    return;
-                }
-                Err(_elapsed) => {
-                    tracing::info!(%remote, "TLS handshake timed out");
-                    return;
-                }
-            },
-            _ = self.should_stop.wait_for(|stop| *stop) => return,
-        };
-
-        let peer = PeerIdentity::from_peer_certificates(tls_stream.get_ref().1.peer_certificates());
-        tracing::debug!(%remote, ?peer, "TLS connection established");
-        let app = self.app;
-        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-            request.extensions_mut().insert(peer.clone());
-            app.clone().oneshot(request)
-        });
-
-        let connection = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(tls_stream), service);
-        let mut connection = std::pin::pin!(connection);
-        let finished = tokio::select! {
-            result = connection.as_mut() => Some(result),
-            _ = self.should_stop.wait_for(|stop| *stop) => None,
-        };
-        let result = match finished {
-            Some(result) => result,
-            None => {
-                connection.as_mut().graceful_shutdown();
-                connection.await
-            }
-        };
-        if let Err(error) = result {
-            tracing::debug!(%remote, %error, "connection ended with an error");
-        }
     }
 }

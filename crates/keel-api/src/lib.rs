@@ -19,7 +19,7 @@ use anyhow::Context;
 use axum::Router;
 use keel_auth::TokenKeys;
 use keel_db::Db;
-use keel_http::tls::{TlsListener, TlsPeer};
+use keel_http::tls::MtlsServer;
 use keel_inventory::enrol::{NodeChannel, TaskSigningKeyView};
 use tokio::net::TcpListener;
 
@@ -86,7 +86,9 @@ pub async fn state_from_config(
     })
 }
 
-/// The router of the agent listener: node agents only.
+/// The router of the agent listener: node agents only. Served by
+/// [`MtlsServer`], which gives handlers the peer certificate as a
+/// [`keel_http::tls::TlsPeer`].
 pub fn agent_app(state: AppState) -> Router {
     keel_provisioning::agent_http::router()
         .fallback(keel_http::route_not_found)
@@ -116,23 +118,28 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("binding server.listen = {}", config.server.listen))?;
-    let agent_tcp = TcpListener::bind(config.agent.listen)
-        .await
-        .with_context(|| format!("binding agent.listen = {}", config.agent.listen))?;
-    let agent_listener = TlsListener::new(agent_tcp, agent_tls_config(&keys, &config)?);
-    tracing::info!(address = %listener.local_addr()?, agent_address = %config.agent.listen, "api listening");
+    let agent_server = MtlsServer::bind(
+        config.agent.listen,
+        agent_tls_config(&keys, &config)?,
+        agent_app(state.clone()),
+    )
+    .await
+    .with_context(|| format!("binding agent.listen = {}", config.agent.listen))?;
+    tracing::info!(
+        address = %listener.local_addr()?,
+        agent_address = %agent_server.local_addr()?,
+        "api listening"
+    );
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
-    let public = axum::serve(listener, app(state.clone()))
-        .with_graceful_shutdown(until_stopped(stopped.clone()));
-    let agents = axum::serve(
-        agent_listener,
-        agent_app(state).into_make_service_with_connect_info::<TlsPeer>(),
-    )
-    .with_graceful_shutdown(until_stopped(stopped));
+    let public =
+        axum::serve(listener, app(state)).with_graceful_shutdown(until_stopped(stopped.clone()));
+    // Stops accepting on the same signal, then drains its own connections
+    // (with a grace period; see `MtlsServer::serve`).
+    let agents = agent_server.serve(until_stopped(stopped));
     let signal = async move {
         shutdown_signal().await;
         let _ = stop.send(true);
@@ -140,7 +147,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
     tokio::try_join!(
         async { public.await.context("serving the public api") },
-        async { agents.await.context("serving the agent listener") },
+        async {
+            agents.await;
+            Ok::<(), anyhow::Error>(())
+        },
         async { signal.await.context("waiting for a signal") },
     )?;
     tracing::info!("api stopped");

@@ -1,9 +1,12 @@
 //! HTTP plumbing every domain router shares: the one error envelope
 //! ([`ApiError`]), extractors whose rejections use it ([`Json`], [`Path`],
-//! [`Query`]), and the request-id middleware.
+//! [`Query`]), the request-id middleware, and the mutual-TLS server
+//! ([`tls::MtlsServer`]) that the api's agent listener and the node agent
+//! both serve on.
 //!
 //! Knows nothing about any domain: domains map their own error enums into
-//! [`ApiError`] with one `From` impl each.
+//! [`ApiError`] with one `From` impl each, and decide for themselves what a
+//! peer certificate ([`tls::TlsPeer`]) means.
 
 mod error;
 mod extract;

@@ -1,10 +1,13 @@
 //! The agent-facing endpoints, served only on the api's mutual-TLS
-//! listener: a peer is a node agent whose certificate the node CA signed,
-//! and its identity is the node id in that certificate, never anything it
-//! says in a body. These routes are not part of the public API document.
+//! listener (`keel_http::tls::MtlsServer`): a peer is a node agent whose
+//! certificate the node CA signed, and its identity is the node id in that
+//! certificate (the [`TlsPeer`] the server attaches to each request), never
+//! anything it says in a body. A request without a [`TlsPeer`] is refused
+//! with 403 `forbidden_peer`. These routes are not part of the public API
+//! document.
 
 use axum::Router;
-use axum::extract::{ConnectInfo, FromRef, State};
+use axum::extract::{FromRef, State};
 use axum::http::StatusCode;
 use axum::routing::post;
 use keel_core::Actor;
@@ -77,7 +80,7 @@ async fn authenticated_node(db: &Db, peer: &TlsPeer) -> Result<HostId, ApiError>
 
 async fn agent_report(
     State(db): State<Db>,
-    ConnectInfo(peer): ConnectInfo<TlsPeer>,
+    peer: TlsPeer,
     request_id: RequestId,
     trace: TraceParent,
     Json(report): Json<AgentReport>,

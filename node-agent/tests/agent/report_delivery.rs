@@ -11,9 +11,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Extension, Json, Router};
-use keel_agent::{
-    AgentServer, PeerIdentity, ReportDelivery, ReportSink, RetryPolicy, WorkloadReport,
-};
+use keel_agent::{PeerIdentity, ReportDelivery, ReportSink, RetryPolicy, WorkloadReport};
+use keel_http::tls::{MtlsServer, TlsPeer};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -29,7 +28,7 @@ struct StandInControlPlane {
 
 async fn reports_endpoint(
     State(stand_in): State<Arc<StandInControlPlane>>,
-    Extension(peer): Extension<PeerIdentity>,
+    Extension(peer): Extension<TlsPeer>,
     Json(report): Json<WorkloadReport>,
 ) -> StatusCode {
     let status = stand_in
@@ -42,7 +41,7 @@ async fn reports_endpoint(
         .received
         .lock()
         .unwrap()
-        .push((peer.node_id, report));
+        .push((PeerIdentity::from_tls_peer(&peer).node_id, report));
     status
 }
 
@@ -78,7 +77,7 @@ async fn start_harness(fixture: &Fixture, scripted_statuses: &[StatusCode]) -> H
     let app = Router::new()
         .route("/v1/agent/reports", post(reports_endpoint))
         .with_state(Arc::clone(&stand_in));
-    let server = AgentServer::bind("127.0.0.1:0".parse().unwrap(), server_tls, app)
+    let server = MtlsServer::bind("127.0.0.1:0".parse().unwrap(), server_tls, app)
         .await
         .unwrap();
     let address = server.local_addr().unwrap();
