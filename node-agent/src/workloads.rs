@@ -455,6 +455,13 @@ async fn supervise(mut supervision: Supervision) {
         }
     };
 
+    // The first process is gone, but processes it started may not be (a
+    // child that ignores SIGTERM, or a daemonised helper of a workload that
+    // exited by itself). They are in its process group: kill what is left.
+    // The group id cannot have been handed to an unrelated process, because
+    // Linux does not reuse a pid while a process group of that id exists.
+    signal_process_group(Pid::from_raw(supervision.process_group_id), Signal::SIGKILL);
+
     // Forget the workload first and read the stop flag second: stops set the
     // flag while holding the same lock, so once the entry is gone no stop can
     // slip in unnoticed between the two.
@@ -486,7 +493,8 @@ async fn wait_for_stop_request(stop_requested: &mut watch::Receiver<bool>) {
 }
 
 /// SIGTERM to the group, then SIGKILL if the first process is still there
-/// after the grace period. Returns how the first process ended.
+/// after the grace period. Returns how the first process ended; the
+/// supervisor then kills whatever is left of the group.
 async fn terminate_process_group(
     child: &mut Child,
     process_group_id: i32,

@@ -208,6 +208,53 @@ async fn a_workload_that_ignores_sigterm_is_killed_after_the_grace_period() {
 }
 
 #[tokio::test]
+async fn a_stop_also_kills_children_that_outlive_the_first_process() {
+    let fixture = Fixture::new();
+    let mut agent = fixture.start_agent_with_grace(Duration::from_secs(5)).await;
+    let worker = fixture.worker_client();
+    let allocation_id = Uuid::new_v4();
+    // A child that ignores SIGTERM, and a first process that does not: the
+    // first process dies at once on the stop, the child would live on.
+    let script = "(trap '' TERM; exec sleep 300) & echo $! > child; exec sleep 300";
+
+    agent
+        .post_task(
+            &worker,
+            fixture.sign(&fixture.payload(1, start(allocation_id, &["sh", "-c", script]))),
+        )
+        .await;
+    assert_eq!(agent.next_report().await.state, WorkloadState::Running);
+    let child_file = agent.driver.workload_dir(allocation_id).join("child");
+    eventually("the workload has started its child", || {
+        std::fs::read_to_string(&child_file).is_ok_and(|pid| !pid.trim().is_empty())
+    })
+    .await;
+    let child: u32 = std::fs::read_to_string(&child_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(process_exists(child));
+
+    agent
+        .post_task(
+            &worker,
+            fixture.sign(&fixture.payload(2, stop(allocation_id))),
+        )
+        .await;
+    assert_eq!(
+        agent.next_report().await,
+        WorkloadReport::terminated(allocation_id)
+    );
+    eventually("the child is gone too", || {
+        // Gone, or a zombie waiting for its (dead) parent's reaper.
+        std::fs::read_to_string(format!("/proc/{child}/stat"))
+            .map_or(true, |stat| stat.contains(") Z "))
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_workload_gets_a_clean_environment_and_its_own_directory() {
     let fixture = Fixture::new();
     let mut agent = fixture.start_agent().await;
