@@ -23,6 +23,8 @@ pub enum Role {
 }
 
 impl Role {
+    pub const ALL: &'static [Role] = &[Role::Owner, Role::Admin, Role::Member, Role::Viewer];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Owner => "owner",
@@ -43,10 +45,25 @@ impl Role {
     }
 }
 
-/// Everything a principal can ask to do. Named `<resource>_<verb>`, like
-/// the handlers and operation ids.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Action {
+/// Declares [`Action`] and [`Action::ALL`] from one list, so the matrix
+/// snapshot can never miss a variant.
+macro_rules! actions {
+    ($($name:ident),+ $(,)?) => {
+        /// Everything a principal can ask to do. Named `<resource>_<verb>`,
+        /// like the handlers and operation ids.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Action {
+            $($name),+
+        }
+
+        impl Action {
+            /// Every action, in declaration order.
+            pub const ALL: &'static [Action] = &[$(Action::$name),+];
+        }
+    };
+}
+
+actions! {
     FlavorList,
     ProjectList,
     ProjectRead,
@@ -69,6 +86,33 @@ impl Action {
             | Action::AllocationTerminate => Action::AllocationRead,
         }
     }
+}
+
+/// The whole role × action matrix as text, one line per action: the
+/// committed snapshot `authz-matrix.txt` is compared with it by a test.
+pub fn matrix() -> String {
+    let mut out = format!("{:<22}", "action");
+    for role in Role::ALL {
+        out.push_str(&format!(" {:<7}", role.as_str()));
+    }
+    out = out.trim_end().to_owned();
+    out.push('\n');
+    for action in Action::ALL {
+        let mut line = format!("{:<22}", format!("{action:?}"));
+        for role in Role::ALL {
+            line.push_str(&format!(
+                " {:<7}",
+                if decide(*role, *action) {
+                    "allow"
+                } else {
+                    "deny"
+                }
+            ));
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// The decision: may a member with `role` do `action`? Pure, total, and
@@ -178,6 +222,20 @@ async fn authorize_tenant_membership(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_role_action_matrix_matches_its_committed_snapshot() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/authz-matrix.txt");
+        let produced = matrix();
+        if std::env::var_os("KEEL_UPDATE_SNAPSHOTS").is_some() {
+            std::fs::write(path, &produced).unwrap();
+        }
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed == produced,
+            "the authorisation matrix changed; review it, then run with KEEL_UPDATE_SNAPSHOTS=1:\n{produced}"
+        );
+    }
 
     #[test]
     fn owners_may_do_everything_and_viewers_only_read() {

@@ -1,0 +1,154 @@
+//! Every endpoint of the OpenAPI document, called without credentials and
+//! as another tenant. The list comes from the document itself, so a new
+//! endpoint is swept automatically, and one the sweep cannot call (a public
+//! endpoint not on the list below, a body it has no sample for) fails it.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+mod common;
+
+use axum::http::{Method, StatusCode};
+use common::TestApp;
+use serde_json::{Value, json};
+
+/// Endpoints that are public by design: everything else needs a token.
+const PUBLIC: &[(&str, &str)] = &[
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("post", "/v1/auth/register"),
+    ("post", "/v1/auth/login"),
+    ("post", "/v1/nodes/enrol"),
+];
+
+/// A valid body for each operation that takes one, so a refusal cannot be
+/// a body validation error in disguise.
+fn sample_body(operation_id: &str) -> Option<Value> {
+    match operation_id {
+        "allocation_create" => Some(json!({"name": "sweep", "flavor": "cpu.small"})),
+        _ => None,
+    }
+}
+
+struct Operation {
+    method: String,
+    path: String,
+    operation_id: String,
+    secured: bool,
+    has_body: bool,
+}
+
+fn operations() -> Vec<Operation> {
+    let document: Value = serde_json::from_str(&keel_api::openapi::document_json()).unwrap();
+    let mut operations = Vec::new();
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            operations.push(Operation {
+                method: method.clone(),
+                path: path.clone(),
+                operation_id: operation["operationId"].as_str().unwrap().to_owned(),
+                secured: operation
+                    .get("security")
+                    .is_some_and(|s| !s.as_array().unwrap().is_empty()),
+                has_body: operation.get("requestBody").is_some(),
+            });
+        }
+    }
+    assert!(
+        operations.len() >= 10,
+        "the document lists the api's endpoints"
+    );
+    operations
+}
+
+fn fill(path: &str, project: &str, allocation: &str) -> String {
+    path.replace("{project_id}", project)
+        .replace("{allocation_id}", allocation)
+}
+
+#[tokio::test]
+async fn every_endpoint_is_public_by_design_or_refuses_a_caller_without_a_token() {
+    let app = TestApp::spawn().await;
+    let owner = app.tenant("acme").await;
+    for operation in operations() {
+        let public = PUBLIC.contains(&(operation.method.as_str(), operation.path.as_str()));
+        assert_eq!(
+            public, !operation.secured,
+            "{} {} must either be on the public list or require a bearer token",
+            operation.method, operation.path
+        );
+        if public {
+            continue;
+        }
+        let uri = fill(
+            &operation.path,
+            &owner.project_id,
+            &uuid::Uuid::now_v7().to_string(),
+        );
+        let method = Method::from_bytes(operation.method.to_uppercase().as_bytes()).unwrap();
+        let body = sample_body(&operation.operation_id);
+        app.request(method, &uri, None, body)
+            .await
+            .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+    }
+}
+
+#[tokio::test]
+async fn every_tenant_resource_is_a_404_for_another_tenant_and_nothing_changes() {
+    let app = TestApp::spawn().await;
+    app.add_host(8, 16384).await;
+    let owner = app.tenant("acme").await;
+    let intruder = app.tenant("globex").await;
+    let created = app
+        .post(
+            &format!("/v1/projects/{}/allocations", owner.project_id),
+            Some(&owner.token),
+            json!({"name": "victim", "flavor": "cpu.small"}),
+        )
+        .await;
+    let allocation = created.body["id"].as_str().unwrap().to_owned();
+    let audit_before = app.count("SELECT count(*) FROM audit_log").await;
+
+    for operation in operations()
+        .into_iter()
+        .filter(|operation| operation.secured)
+    {
+        let method = Method::from_bytes(operation.method.to_uppercase().as_bytes()).unwrap();
+        let body = sample_body(&operation.operation_id);
+        assert!(
+            !operation.has_body || body.is_some(),
+            "add a sample body for {} to the sweep",
+            operation.operation_id
+        );
+        let uri = fill(&operation.path, &owner.project_id, &allocation);
+        let response = app.request(method, &uri, Some(&intruder.token), body).await;
+        if operation.path.contains('{') {
+            // A resource of another tenant: not found, never forbidden.
+            response.assert_error(StatusCode::NOT_FOUND, "not_found");
+        } else {
+            // Tenant-wide lists answer with the caller's own data only.
+            assert_eq!(
+                response.status,
+                StatusCode::OK,
+                "{} {}",
+                operation.method,
+                operation.path
+            );
+            let text = response.body.to_string();
+            assert!(
+                !text.contains(&owner.project_id) && !text.contains(&allocation),
+                "{text}"
+            );
+        }
+    }
+    let allocation_state: String =
+        sqlx::query_scalar("SELECT state FROM allocations WHERE id = $1::uuid")
+            .bind(&allocation)
+            .fetch_one(&mut app.database.admin().await)
+            .await
+            .unwrap();
+    assert_eq!(allocation_state, "scheduled");
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_log").await,
+        audit_before
+    );
+}
