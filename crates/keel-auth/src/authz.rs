@@ -67,6 +67,9 @@ actions! {
     FlavorList,
     ProjectList,
     ProjectRead,
+    ProjectCreate,
+    ProjectUpdate,
+    ProjectDelete,
     AllocationList,
     AllocationRead,
     AllocationCreate,
@@ -79,7 +82,11 @@ impl Action {
     fn read_action(self) -> Action {
         match self {
             Action::FlavorList => Action::FlavorList,
-            Action::ProjectList | Action::ProjectRead => Action::ProjectRead,
+            Action::ProjectList
+            | Action::ProjectRead
+            | Action::ProjectCreate
+            | Action::ProjectUpdate
+            | Action::ProjectDelete => Action::ProjectRead,
             Action::AllocationList
             | Action::AllocationRead
             | Action::AllocationCreate
@@ -120,7 +127,8 @@ pub fn matrix() -> String {
 pub fn decide(role: Role, action: Action) -> bool {
     use Action::*;
     match role {
-        Role::Owner | Role::Admin | Role::Member => true,
+        Role::Owner | Role::Admin => true,
+        Role::Member => !matches!(action, ProjectCreate | ProjectUpdate | ProjectDelete),
         Role::Viewer => matches!(
             action,
             FlavorList | ProjectList | ProjectRead | AllocationList | AllocationRead
@@ -239,16 +247,7 @@ mod tests {
 
     #[test]
     fn owners_may_do_everything_and_viewers_only_read() {
-        let all = [
-            Action::FlavorList,
-            Action::ProjectList,
-            Action::ProjectRead,
-            Action::AllocationList,
-            Action::AllocationRead,
-            Action::AllocationCreate,
-            Action::AllocationTerminate,
-        ];
-        for action in all {
+        for &action in Action::ALL {
             assert!(decide(Role::Owner, action));
         }
         assert!(decide(Role::Viewer, Action::AllocationRead));

@@ -19,6 +19,12 @@ pub enum AuthError {
     Forbidden(&'static str),
     #[error("the user belongs to no tenant")]
     NoTenant,
+    #[error("a project with this name already exists")]
+    ProjectNameTaken,
+    #[error("the project still has allocations; terminate them first")]
+    ProjectNotEmpty,
+    #[error("the resource changed since the version given in If-Match")]
+    PreconditionFailed,
     #[error("database error")]
     Database(#[from] sqlx::Error),
     #[error("database error")]
@@ -47,6 +53,17 @@ impl From<AuthError> for ApiError {
             AuthError::NoTenant => {
                 ApiError::new(StatusCode::FORBIDDEN, "no_tenant", error.to_string())
             }
+            AuthError::ProjectNameTaken => {
+                ApiError::conflict("project_name_taken", error.to_string())
+            }
+            AuthError::ProjectNotEmpty => {
+                ApiError::conflict("project_not_empty", error.to_string())
+            }
+            AuthError::PreconditionFailed => ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "precondition_failed",
+                error.to_string(),
+            ),
             AuthError::Database(_)
             | AuthError::Db(_)
             | AuthError::Hashing

@@ -11,9 +11,15 @@ use keel_http::{ApiError, ErrorBody, Json, Query, RequestId, TraceParent};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::authz::{Action, authorize_tenant};
+use axum::http::HeaderMap;
+use keel_core::ids::ProjectId;
+use keel_http::{IfMatch, Path, etag};
+
+use crate::authz::{Action, authorize_project, authorize_tenant};
 use crate::context::anonymous_meta;
-use crate::model::{LoginRequest, ProjectView, RegisterRequest, RegisterResponse, TokenResponse};
+use crate::model::{
+    LoginRequest, ProjectRequest, ProjectView, RegisterRequest, RegisterResponse, TokenResponse,
+};
 use crate::{AuthError, Ctx, TokenKeys, service};
 
 pub fn router<S>() -> OpenApiRouter<S>
@@ -25,7 +31,8 @@ where
     OpenApiRouter::new()
         .routes(routes!(auth_register))
         .routes(routes!(auth_login))
-        .routes(routes!(project_list))
+        .routes(routes!(project_list, project_create))
+        .routes(routes!(project_get, project_update, project_delete))
 }
 
 /// Create an account: a user, their tenant, and a default project.
@@ -103,4 +110,133 @@ async fn project_list(
 /// Maps a bad `limit`/`cursor` to the envelope; shared by every list.
 pub fn page_error(error: keel_core::page::PageError) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", error.to_string())
+}
+
+fn with_etag(project: ProjectView) -> (HeaderMap, Json<ProjectView>) {
+    let mut headers = HeaderMap::new();
+    let (name, value) = etag(project.version);
+    headers.insert(name, value);
+    (headers, Json(project))
+}
+
+/// Create a project in the caller's tenant.
+#[utoipa::path(
+    post,
+    path = "/v1/projects",
+    operation_id = "project_create",
+    tag = "projects",
+    request_body = ProjectRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Created; `ETag` carries its version", body = ProjectView),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: members and viewers cannot create projects", body = ErrorBody),
+        (status = 409, description = "`project_name_taken`", body = ErrorBody),
+        (status = 422, description = "`validation_failed` or `invalid_body`", body = ErrorBody),
+    )
+)]
+async fn project_create(
+    ctx: Ctx,
+    Json(request): Json<ProjectRequest>,
+) -> Result<(StatusCode, HeaderMap, Json<ProjectView>), ApiError> {
+    let mut tx = ctx.begin().await.map_err(AuthError::from)?;
+    let tenant = authorize_tenant(tx.conn(), &ctx.principal, Action::ProjectCreate).await?;
+    let (headers, body) = with_etag(service::project_create(tx, &tenant, request).await?);
+    Ok((StatusCode::CREATED, headers, body))
+}
+
+/// Read one project.
+#[utoipa::path(
+    get,
+    path = "/v1/projects/{project_id}",
+    operation_id = "project_get",
+    tag = "projects",
+    params(("project_id" = ProjectId, Path, description = "The project")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The project; `ETag` carries its version", body = ProjectView),
+        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+    )
+)]
+async fn project_get(
+    ctx: Ctx,
+    Path(project_id): Path<ProjectId>,
+) -> Result<(HeaderMap, Json<ProjectView>), ApiError> {
+    let mut tx = ctx.begin().await.map_err(AuthError::from)?;
+    let project =
+        authorize_project(tx.conn(), &ctx.principal, Action::ProjectRead, project_id).await?;
+    Ok(with_etag(service::project_get(tx.conn(), &project).await?))
+}
+
+/// Rename a project. Send the `ETag` you read as `If-Match` to be sure
+/// nobody changed it in between.
+#[utoipa::path(
+    patch,
+    path = "/v1/projects/{project_id}",
+    operation_id = "project_update",
+    tag = "projects",
+    params(
+        ("project_id" = ProjectId, Path, description = "The project"),
+        ("If-Match" = Option<String>, Header, description = "The `ETag` the change is based on"),
+    ),
+    request_body = ProjectRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Renamed; `ETag` carries the new version", body = ProjectView),
+        (status = 400, description = "`invalid_path` or `invalid_header`", body = ErrorBody),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`project_name_taken`", body = ErrorBody),
+        (status = 412, description = "`precondition_failed`: the project changed since that version", body = ErrorBody),
+        (status = 422, description = "`validation_failed` or `invalid_body`", body = ErrorBody),
+    )
+)]
+async fn project_update(
+    ctx: Ctx,
+    Path(project_id): Path<ProjectId>,
+    IfMatch(expected): IfMatch,
+    Json(request): Json<ProjectRequest>,
+) -> Result<(HeaderMap, Json<ProjectView>), ApiError> {
+    let mut tx = ctx.begin().await.map_err(AuthError::from)?;
+    let project =
+        authorize_project(tx.conn(), &ctx.principal, Action::ProjectUpdate, project_id).await?;
+    Ok(with_etag(
+        service::project_update(tx, &project, request, expected).await?,
+    ))
+}
+
+/// Delete a project that holds no live allocations.
+#[utoipa::path(
+    delete,
+    path = "/v1/projects/{project_id}",
+    operation_id = "project_delete",
+    tag = "projects",
+    params(
+        ("project_id" = ProjectId, Path, description = "The project"),
+        ("If-Match" = Option<String>, Header, description = "The `ETag` the deletion is based on"),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "`invalid_path` or `invalid_header`", body = ErrorBody),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`project_not_empty`", body = ErrorBody),
+        (status = 412, description = "`precondition_failed`", body = ErrorBody),
+    )
+)]
+async fn project_delete(
+    ctx: Ctx,
+    Path(project_id): Path<ProjectId>,
+    IfMatch(expected): IfMatch,
+) -> Result<StatusCode, ApiError> {
+    let mut tx = ctx.begin().await.map_err(AuthError::from)?;
+    let project =
+        authorize_project(tx.conn(), &ctx.principal, Action::ProjectDelete, project_id).await?;
+    service::project_delete(tx, &project, expected).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -144,6 +144,35 @@ pub struct ProjectView {
     pub version: i64,
 }
 
+/// `POST /v1/projects` and `PATCH /v1/projects/{project_id}`.
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectRequest {
+    /// 1–100 characters, unique among the tenant's projects
+    /// (case-insensitively).
+    #[schema(example = "research")]
+    pub name: String,
+}
+
+impl ProjectRequest {
+    pub fn validate(&self) -> Vec<FieldError> {
+        let name = self.name.trim();
+        if name.is_empty() {
+            vec![field("name", "required", "must not be empty")]
+        } else if name.chars().count() > 100 {
+            vec![field("name", "too_long", "must be at most 100 characters")]
+        } else if name.chars().any(char::is_control) {
+            vec![field(
+                "name",
+                "invalid",
+                "must not contain control characters",
+            )]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

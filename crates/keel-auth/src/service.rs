@@ -4,10 +4,12 @@
 use keel_core::ids::{ProjectId, TenantId, UserId};
 use keel_core::page::{Page, Paginated};
 use keel_core::{Actor, ResourceName};
-use keel_db::{Audit, Db, NewEvent, RequestMeta, Scope};
+use keel_db::{Audit, Db, NewEvent, RequestMeta, Scope, WriteTx};
 
-use crate::authz::TenantHandle;
-use crate::model::{LoginRequest, ProjectView, RegisterRequest, RegisterResponse, TokenResponse};
+use crate::authz::{ProjectHandle, TenantHandle};
+use crate::model::{
+    LoginRequest, ProjectRequest, ProjectView, RegisterRequest, RegisterResponse, TokenResponse,
+};
 use crate::{AuthError, Role, TokenKeys, password};
 
 /// Creates a user, their tenant (they are its owner) and its `default`
@@ -154,4 +156,158 @@ pub async fn project_list(
     Ok(Paginated::from_rows(rows, page, |project| {
         project.id.as_uuid()
     }))
+}
+
+const PROJECT_COLUMNS: &str = "id, tenant_id, name, created_at, version";
+
+fn project_event(event_type: &'static str, project: &ProjectView) -> NewEvent {
+    NewEvent::new(
+        event_type,
+        "project",
+        project.id.as_uuid(),
+        project.version,
+        Some(project.tenant_id),
+        ResourceName::project(project.tenant_id, project.id),
+        serde_json::json!({ "project_id": project.id, "name": project.name }),
+    )
+}
+
+fn name_taken(error: sqlx::Error) -> AuthError {
+    if keel_db::is_unique_violation(&error, "projects_tenant_name_key") {
+        AuthError::ProjectNameTaken
+    } else {
+        AuthError::Database(error)
+    }
+}
+
+/// Creates a project in the caller's tenant.
+pub async fn project_create(
+    mut tx: WriteTx,
+    tenant: &TenantHandle,
+    request: ProjectRequest,
+) -> Result<ProjectView, AuthError> {
+    let errors = request.validate();
+    if !errors.is_empty() {
+        return Err(AuthError::Validation(errors));
+    }
+    let project: ProjectView = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO projects (id, tenant_id, name) VALUES ($1, $2, $3) RETURNING {PROJECT_COLUMNS}"
+    )))
+    .bind(ProjectId::new())
+    .bind(tenant.tenant_id)
+    .bind(request.name.trim())
+    .fetch_one(tx.conn())
+    .await
+    .map_err(name_taken)?;
+    tx.emit(project_event("project.created", &project));
+    tx.commit(Audit::new(
+        "project.create",
+        Some(project.tenant_id),
+        ResourceName::project(project.tenant_id, project.id),
+    ))
+    .await?;
+    Ok(project)
+}
+
+/// One live project of the caller's tenant.
+pub async fn project_get(
+    conn: &mut sqlx::PgConnection,
+    project: &ProjectHandle,
+) -> Result<ProjectView, AuthError> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL"
+    )))
+    .bind(project.project_id)
+    .bind(project.tenant_id)
+    .fetch_optional(conn)
+    .await?
+    .ok_or(AuthError::NotFound("project"))
+}
+
+/// Locks the project and checks the caller's expected version.
+async fn project_lock(
+    tx: &mut WriteTx,
+    project: &ProjectHandle,
+    expected: Option<i64>,
+) -> Result<ProjectView, AuthError> {
+    let current: ProjectView = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL FOR UPDATE"
+    )))
+    .bind(project.project_id)
+    .bind(project.tenant_id)
+    .fetch_optional(tx.conn())
+    .await?
+    .ok_or(AuthError::NotFound("project"))?;
+    match expected {
+        Some(version) if version != current.version => Err(AuthError::PreconditionFailed),
+        _ => Ok(current),
+    }
+}
+
+/// Renames a project. With `expected_version`, fails with
+/// `PreconditionFailed` if the project changed since.
+pub async fn project_update(
+    mut tx: WriteTx,
+    project: &ProjectHandle,
+    request: ProjectRequest,
+    expected_version: Option<i64>,
+) -> Result<ProjectView, AuthError> {
+    let errors = request.validate();
+    if !errors.is_empty() {
+        return Err(AuthError::Validation(errors));
+    }
+    let current = project_lock(&mut tx, project, expected_version).await?;
+    let updated: ProjectView = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE projects SET name = $2, version = version + 1 WHERE id = $1 RETURNING {PROJECT_COLUMNS}"
+    )))
+    .bind(project.project_id)
+    .bind(request.name.trim())
+    .fetch_one(tx.conn())
+    .await
+    .map_err(name_taken)?;
+    tx.emit(project_event("project.renamed", &updated));
+    tx.commit(
+        Audit::new(
+            "project.update",
+            Some(updated.tenant_id),
+            ResourceName::project(updated.tenant_id, updated.id),
+        )
+        .with_details(serde_json::json!({ "from": current.name, "to": updated.name })),
+    )
+    .await?;
+    Ok(updated)
+}
+
+/// Soft-deletes a project that holds no live allocations.
+pub async fn project_delete(
+    mut tx: WriteTx,
+    project: &ProjectHandle,
+    expected_version: Option<i64>,
+) -> Result<(), AuthError> {
+    let current = project_lock(&mut tx, project, expected_version).await?;
+    let busy: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT FROM allocations WHERE tenant_id = $1 AND project_id = $2
+                        AND state NOT IN ('terminated', 'failed'))",
+    )
+    .bind(project.tenant_id)
+    .bind(project.project_id)
+    .fetch_one(tx.conn())
+    .await?;
+    if busy {
+        return Err(AuthError::ProjectNotEmpty);
+    }
+    let deleted: ProjectView = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE projects SET deleted_at = now(), version = version + 1 WHERE id = $1 RETURNING {PROJECT_COLUMNS}"
+    )))
+    .bind(project.project_id)
+    .fetch_one(tx.conn())
+    .await?;
+    tx.emit(project_event("project.deleted", &deleted));
+    tx.commit(Audit::new(
+        "project.delete",
+        Some(current.tenant_id),
+        ResourceName::project(current.tenant_id, current.id),
+    ))
+    .await?;
+    Ok(())
 }

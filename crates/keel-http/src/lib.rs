@@ -10,11 +10,13 @@
 
 mod error;
 mod extract;
+mod precondition;
 mod request_id;
 pub mod tls;
 
 pub use error::{ApiError, ErrorBody, FieldError};
 pub use extract::{Json, Path, Query};
+pub use precondition::{IfMatch, etag};
 pub use request_id::{REQUEST_ID_HEADER, RequestId, TraceParent, request_id_layer};
 
 /// Fallback for unknown routes: a 404 in the envelope.

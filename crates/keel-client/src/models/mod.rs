@@ -30,6 +30,8 @@ pub mod paginated_project_view;
 pub use self::paginated_project_view::PaginatedProjectView;
 pub mod paginated_project_view_items_inner;
 pub use self::paginated_project_view_items_inner::PaginatedProjectViewItemsInner;
+pub mod project_request;
+pub use self::project_request::ProjectRequest;
 pub mod project_view;
 pub use self::project_view::ProjectView;
 pub mod register_request;

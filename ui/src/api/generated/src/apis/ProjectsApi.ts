@@ -23,6 +23,41 @@ import {
     PaginatedProjectViewFromJSON,
     PaginatedProjectViewToJSON,
 } from '../models/PaginatedProjectView';
+import {
+    type ProjectRequest,
+    ProjectRequestFromJSON,
+    ProjectRequestToJSON,
+} from '../models/ProjectRequest';
+import {
+    type ProjectView,
+    ProjectViewFromJSON,
+    ProjectViewToJSON,
+} from '../models/ProjectView';
+
+export interface ProjectCreateRequest {
+    /**
+     * 
+     */
+    projectRequest: ProjectRequest;
+}
+
+export interface ProjectDeleteRequest {
+    /**
+     * The project
+     */
+    projectId: string;
+    /**
+     * The `ETag` the deletion is based on
+     */
+    ifMatch?: string | null;
+}
+
+export interface ProjectGetRequest {
+    /**
+     * The project
+     */
+    projectId: string;
+}
 
 export interface ProjectListRequest {
     /**
@@ -35,6 +70,21 @@ export interface ProjectListRequest {
     cursor?: string;
 }
 
+export interface ProjectUpdateRequest {
+    /**
+     * The project
+     */
+    projectId: string;
+    /**
+     * 
+     */
+    projectRequest: ProjectRequest;
+    /**
+     * The `ETag` the change is based on
+     */
+    ifMatch?: string | null;
+}
+
 /**
  * ProjectsApi - interface
  * 
@@ -42,6 +92,77 @@ export interface ProjectListRequest {
  * @interface ProjectsApiInterface
  */
 export interface ProjectsApiInterface {
+    /**
+     * Creates request options for projectCreate without sending the request
+     * @param {ProjectRequest} projectRequest 
+     * @throws {RequiredError}
+     * @memberof ProjectsApiInterface
+     */
+    projectCreateRequestOpts(requestParameters: ProjectCreateRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Create a project in the caller\'s tenant.
+     * @param {ProjectRequest} projectRequest 
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof ProjectsApiInterface
+     */
+    projectCreateRaw(requestParameters: ProjectCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<ProjectView>>;
+
+    /**
+     * Create a project in the caller\'s tenant.
+     */
+    projectCreate(requestParameters: ProjectCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<ProjectView>;
+
+    /**
+     * Creates request options for projectDelete without sending the request
+     * @param {string} projectId The project
+     * @param {string} [ifMatch] The &#x60;ETag&#x60; the deletion is based on
+     * @throws {RequiredError}
+     * @memberof ProjectsApiInterface
+     */
+    projectDeleteRequestOpts(requestParameters: ProjectDeleteRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Delete a project that holds no live allocations.
+     * @param {string} projectId The project
+     * @param {string} [ifMatch] The &#x60;ETag&#x60; the deletion is based on
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof ProjectsApiInterface
+     */
+    projectDeleteRaw(requestParameters: ProjectDeleteRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<void>>;
+
+    /**
+     * Delete a project that holds no live allocations.
+     */
+    projectDelete(requestParameters: ProjectDeleteRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<void>;
+
+    /**
+     * Creates request options for projectGet without sending the request
+     * @param {string} projectId The project
+     * @throws {RequiredError}
+     * @memberof ProjectsApiInterface
+     */
+    projectGetRequestOpts(requestParameters: ProjectGetRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Read one project.
+     * @param {string} projectId The project
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof ProjectsApiInterface
+     */
+    projectGetRaw(requestParameters: ProjectGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<ProjectView>>;
+
+    /**
+     * Read one project.
+     */
+    projectGet(requestParameters: ProjectGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<ProjectView>;
+
     /**
      * Creates request options for projectList without sending the request
      * @param {number} [limit] How many items to return (1–200, default 50).
@@ -67,12 +188,203 @@ export interface ProjectsApiInterface {
      */
     projectList(requestParameters: ProjectListRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<PaginatedProjectView>;
 
+    /**
+     * Creates request options for projectUpdate without sending the request
+     * @param {string} projectId The project
+     * @param {ProjectRequest} projectRequest 
+     * @param {string} [ifMatch] The &#x60;ETag&#x60; the change is based on
+     * @throws {RequiredError}
+     * @memberof ProjectsApiInterface
+     */
+    projectUpdateRequestOpts(requestParameters: ProjectUpdateRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Rename a project. Send the `ETag` you read as `If-Match` to be sure nobody changed it in between.
+     * @param {string} projectId The project
+     * @param {ProjectRequest} projectRequest 
+     * @param {string} [ifMatch] The &#x60;ETag&#x60; the change is based on
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof ProjectsApiInterface
+     */
+    projectUpdateRaw(requestParameters: ProjectUpdateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<ProjectView>>;
+
+    /**
+     * Rename a project. Send the `ETag` you read as `If-Match` to be sure nobody changed it in between.
+     */
+    projectUpdate(requestParameters: ProjectUpdateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<ProjectView>;
+
 }
 
 /**
  * 
  */
 export class ProjectsApi extends runtime.BaseAPI implements ProjectsApiInterface {
+
+    /**
+     * Creates request options for projectCreate without sending the request
+     */
+    async projectCreateRequestOpts(requestParameters: ProjectCreateRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['projectRequest'] == null) {
+            throw new runtime.RequiredError(
+                'projectRequest',
+                'Required parameter "projectRequest" was null or undefined when calling projectCreate().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/projects`;
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+            body: ProjectRequestToJSON(requestParameters['projectRequest']),
+        };
+    }
+
+    /**
+     * Create a project in the caller\'s tenant.
+     */
+    async projectCreateRaw(requestParameters: ProjectCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<ProjectView>> {
+        const requestOptions = await this.projectCreateRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => ProjectViewFromJSON(jsonValue));
+    }
+
+    /**
+     * Create a project in the caller\'s tenant.
+     */
+    async projectCreate(requestParameters: ProjectCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<ProjectView> {
+        const response = await this.projectCreateRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for projectDelete without sending the request
+     */
+    async projectDeleteRequestOpts(requestParameters: ProjectDeleteRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['projectId'] == null) {
+            throw new runtime.RequiredError(
+                'projectId',
+                'Required parameter "projectId" was null or undefined when calling projectDelete().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (requestParameters['ifMatch'] != null) {
+            headerParameters['If-Match'] = String(requestParameters['ifMatch']);
+        }
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/projects/{project_id}`;
+        urlPath = urlPath.replace('{project_id}', encodeURIComponent(String(requestParameters['projectId'])));
+
+        return {
+            path: urlPath,
+            method: 'DELETE',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Delete a project that holds no live allocations.
+     */
+    async projectDeleteRaw(requestParameters: ProjectDeleteRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<void>> {
+        const requestOptions = await this.projectDeleteRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.VoidApiResponse(response);
+    }
+
+    /**
+     * Delete a project that holds no live allocations.
+     */
+    async projectDelete(requestParameters: ProjectDeleteRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<void> {
+        await this.projectDeleteRaw(requestParameters, initOverrides);
+    }
+
+    /**
+     * Creates request options for projectGet without sending the request
+     */
+    async projectGetRequestOpts(requestParameters: ProjectGetRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['projectId'] == null) {
+            throw new runtime.RequiredError(
+                'projectId',
+                'Required parameter "projectId" was null or undefined when calling projectGet().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/projects/{project_id}`;
+        urlPath = urlPath.replace('{project_id}', encodeURIComponent(String(requestParameters['projectId'])));
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Read one project.
+     */
+    async projectGetRaw(requestParameters: ProjectGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<ProjectView>> {
+        const requestOptions = await this.projectGetRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => ProjectViewFromJSON(jsonValue));
+    }
+
+    /**
+     * Read one project.
+     */
+    async projectGet(requestParameters: ProjectGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<ProjectView> {
+        const response = await this.projectGetRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
 
     /**
      * Creates request options for projectList without sending the request
@@ -124,6 +436,73 @@ export class ProjectsApi extends runtime.BaseAPI implements ProjectsApiInterface
      */
     async projectList(requestParameters: ProjectListRequest = {}, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<PaginatedProjectView> {
         const response = await this.projectListRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for projectUpdate without sending the request
+     */
+    async projectUpdateRequestOpts(requestParameters: ProjectUpdateRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['projectId'] == null) {
+            throw new runtime.RequiredError(
+                'projectId',
+                'Required parameter "projectId" was null or undefined when calling projectUpdate().'
+            );
+        }
+
+        if (requestParameters['projectRequest'] == null) {
+            throw new runtime.RequiredError(
+                'projectRequest',
+                'Required parameter "projectRequest" was null or undefined when calling projectUpdate().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (requestParameters['ifMatch'] != null) {
+            headerParameters['If-Match'] = String(requestParameters['ifMatch']);
+        }
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/projects/{project_id}`;
+        urlPath = urlPath.replace('{project_id}', encodeURIComponent(String(requestParameters['projectId'])));
+
+        return {
+            path: urlPath,
+            method: 'PATCH',
+            headers: headerParameters,
+            query: queryParameters,
+            body: ProjectRequestToJSON(requestParameters['projectRequest']),
+        };
+    }
+
+    /**
+     * Rename a project. Send the `ETag` you read as `If-Match` to be sure nobody changed it in between.
+     */
+    async projectUpdateRaw(requestParameters: ProjectUpdateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<ProjectView>> {
+        const requestOptions = await this.projectUpdateRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => ProjectViewFromJSON(jsonValue));
+    }
+
+    /**
+     * Rename a project. Send the `ETag` you read as `If-Match` to be sure nobody changed it in between.
+     */
+    async projectUpdate(requestParameters: ProjectUpdateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<ProjectView> {
+        const response = await this.projectUpdateRaw(requestParameters, initOverrides);
         return await response.value();
     }
 

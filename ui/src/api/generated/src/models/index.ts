@@ -16,6 +16,7 @@ export * from './PaginatedAllocationView';
 export * from './PaginatedAllocationViewItemsInner';
 export * from './PaginatedProjectView';
 export * from './PaginatedProjectViewItemsInner';
+export * from './ProjectRequest';
 export * from './ProjectView';
 export * from './RegisterRequest';
 export * from './RegisterResponse';
