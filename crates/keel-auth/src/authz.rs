@@ -64,6 +64,7 @@ macro_rules! actions {
 }
 
 actions! {
+    AuditRead,
     FlavorList,
     ProjectList,
     ProjectRead,
@@ -82,6 +83,7 @@ impl Action {
     fn read_action(self) -> Action {
         match self {
             Action::FlavorList => Action::FlavorList,
+            Action::AuditRead => Action::AuditRead,
             Action::ProjectList
             | Action::ProjectRead
             | Action::ProjectCreate
@@ -128,7 +130,10 @@ pub fn decide(role: Role, action: Action) -> bool {
     use Action::*;
     match role {
         Role::Owner | Role::Admin => true,
-        Role::Member => !matches!(action, ProjectCreate | ProjectUpdate | ProjectDelete),
+        Role::Member => !matches!(
+            action,
+            AuditRead | ProjectCreate | ProjectUpdate | ProjectDelete
+        ),
         Role::Viewer => matches!(
             action,
             FlavorList | ProjectList | ProjectRead | AllocationList | AllocationRead

@@ -18,7 +18,8 @@ use keel_http::{IfMatch, Path, etag};
 use crate::authz::{Action, authorize_project, authorize_tenant};
 use crate::context::anonymous_meta;
 use crate::model::{
-    LoginRequest, ProjectRequest, ProjectView, RegisterRequest, RegisterResponse, TokenResponse,
+    LoginRequest, Project, ProjectRequest, ProjectView, RegisterRequest, RegisterResponse,
+    TokenResponse,
 };
 use crate::{AuthError, Ctx, TokenKeys, service};
 
@@ -104,7 +105,11 @@ async fn project_list(
     let page = params.validate().map_err(page_error)?;
     let mut tx = ctx.begin().await.map_err(AuthError::from)?;
     let tenant = authorize_tenant(tx.conn(), &ctx.principal, Action::ProjectList).await?;
-    Ok(Json(service::project_list(tx.conn(), &tenant, page).await?))
+    Ok(Json(
+        service::project_list(tx.conn(), &tenant, page)
+            .await?
+            .map(ProjectView::from),
+    ))
 }
 
 /// Maps a bad `limit`/`cursor` to the envelope; shared by every list.
@@ -112,11 +117,11 @@ pub fn page_error(error: keel_core::page::PageError) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", error.to_string())
 }
 
-fn with_etag(project: ProjectView) -> (HeaderMap, Json<ProjectView>) {
+fn with_etag(project: Project) -> (HeaderMap, Json<ProjectView>) {
     let mut headers = HeaderMap::new();
     let (name, value) = etag(project.version);
     headers.insert(name, value);
-    (headers, Json(project))
+    (headers, Json(project.into()))
 }
 
 /// Create a project in the caller's tenant.

@@ -12,6 +12,7 @@
 //!   signing keys can rotate).
 //! - [`password`]: Argon2id hashing.
 
+pub mod audit;
 pub mod authz;
 pub mod context;
 mod error;

@@ -1,5 +1,6 @@
 //! Request and response bodies of the identity endpoints, and validation.
 
+use keel_core::ResourceName;
 use keel_core::ids::{ProjectId, TenantId, UserId};
 use keel_http::FieldError;
 use serde::{Deserialize, Serialize};
@@ -132,16 +133,49 @@ pub struct TokenResponse {
     pub tenant_id: TenantId,
 }
 
+/// A project row.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct Project {
+    pub id: ProjectId,
+    pub tenant_id: TenantId,
+    pub name: String,
+    pub created_at: OffsetDateTime,
+    pub version: i64,
+}
+
+impl Project {
+    pub fn resource_name(&self) -> ResourceName {
+        ResourceName::project(self.tenant_id, self.id)
+    }
+}
+
 /// A project as the API shows it.
-#[derive(Clone, Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct ProjectView {
     pub id: ProjectId,
     pub tenant_id: TenantId,
     pub name: String,
+    /// Canonical resource name, as in audit rows and events.
+    #[schema(example = "krn:keel::0190…::0190…:project/0190…")]
+    pub resource_name: String,
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
+    /// Increases with every change; also the `ETag`.
     pub version: i64,
+}
+
+impl From<Project> for ProjectView {
+    fn from(project: Project) -> Self {
+        Self {
+            resource_name: project.resource_name().to_string(),
+            id: project.id,
+            tenant_id: project.tenant_id,
+            name: project.name,
+            created_at: project.created_at,
+            version: project.version,
+        }
+    }
 }
 
 /// `POST /v1/projects` and `PATCH /v1/projects/{project_id}`.

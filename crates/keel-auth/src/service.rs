@@ -8,7 +8,7 @@ use keel_db::{Audit, Db, NewEvent, RequestMeta, Scope, WriteTx};
 
 use crate::authz::{ProjectHandle, TenantHandle};
 use crate::model::{
-    LoginRequest, ProjectRequest, ProjectView, RegisterRequest, RegisterResponse, TokenResponse,
+    LoginRequest, Project, ProjectRequest, RegisterRequest, RegisterResponse, TokenResponse,
 };
 use crate::{AuthError, Role, TokenKeys, password};
 
@@ -142,8 +142,8 @@ pub async fn project_list(
     conn: &mut sqlx::PgConnection,
     tenant: &TenantHandle,
     page: Page,
-) -> Result<Paginated<ProjectView>, AuthError> {
-    let rows: Vec<ProjectView> = sqlx::query_as(
+) -> Result<Paginated<Project>, AuthError> {
+    let rows: Vec<Project> = sqlx::query_as(
         "SELECT id, tenant_id, name, created_at, version FROM projects
          WHERE tenant_id = $1 AND deleted_at IS NULL AND ($2::uuid IS NULL OR id > $2)
          ORDER BY id LIMIT $3",
@@ -160,14 +160,14 @@ pub async fn project_list(
 
 const PROJECT_COLUMNS: &str = "id, tenant_id, name, created_at, version";
 
-fn project_event(event_type: &'static str, project: &ProjectView) -> NewEvent {
+fn project_event(event_type: &'static str, project: &Project) -> NewEvent {
     NewEvent::new(
         event_type,
         "project",
         project.id.as_uuid(),
         project.version,
         Some(project.tenant_id),
-        ResourceName::project(project.tenant_id, project.id),
+        project.resource_name(),
         serde_json::json!({ "project_id": project.id, "name": project.name }),
     )
 }
@@ -185,12 +185,12 @@ pub async fn project_create(
     mut tx: WriteTx,
     tenant: &TenantHandle,
     request: ProjectRequest,
-) -> Result<ProjectView, AuthError> {
+) -> Result<Project, AuthError> {
     let errors = request.validate();
     if !errors.is_empty() {
         return Err(AuthError::Validation(errors));
     }
-    let project: ProjectView = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let project: Project = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "INSERT INTO projects (id, tenant_id, name) VALUES ($1, $2, $3) RETURNING {PROJECT_COLUMNS}"
     )))
     .bind(ProjectId::new())
@@ -213,7 +213,7 @@ pub async fn project_create(
 pub async fn project_get(
     conn: &mut sqlx::PgConnection,
     project: &ProjectHandle,
-) -> Result<ProjectView, AuthError> {
+) -> Result<Project, AuthError> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL"
     )))
@@ -229,8 +229,8 @@ async fn project_lock(
     tx: &mut WriteTx,
     project: &ProjectHandle,
     expected: Option<i64>,
-) -> Result<ProjectView, AuthError> {
-    let current: ProjectView = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+) -> Result<Project, AuthError> {
+    let current: Project = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL FOR UPDATE"
     )))
     .bind(project.project_id)
@@ -251,13 +251,13 @@ pub async fn project_update(
     project: &ProjectHandle,
     request: ProjectRequest,
     expected_version: Option<i64>,
-) -> Result<ProjectView, AuthError> {
+) -> Result<Project, AuthError> {
     let errors = request.validate();
     if !errors.is_empty() {
         return Err(AuthError::Validation(errors));
     }
     let current = project_lock(&mut tx, project, expected_version).await?;
-    let updated: ProjectView = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let updated: Project = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "UPDATE projects SET name = $2, version = version + 1 WHERE id = $1 RETURNING {PROJECT_COLUMNS}"
     )))
     .bind(project.project_id)
@@ -296,7 +296,7 @@ pub async fn project_delete(
     if busy {
         return Err(AuthError::ProjectNotEmpty);
     }
-    let deleted: ProjectView = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let deleted: Project = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "UPDATE projects SET deleted_at = now(), version = version + 1 WHERE id = $1 RETURNING {PROJECT_COLUMNS}"
     )))
     .bind(project.project_id)

@@ -217,6 +217,8 @@ pub struct AllocationView {
     pub id: AllocationId,
     pub project_id: ProjectId,
     pub name: String,
+    /// Canonical resource name, as in audit rows and events.
+    pub resource_name: String,
     pub flavor: String,
     pub region: String,
     pub command: Vec<String>,
@@ -237,6 +239,7 @@ impl From<Allocation> for AllocationView {
     fn from(allocation: Allocation) -> Self {
         Self {
             state: allocation.state(),
+            resource_name: allocation.resource_name().to_string(),
             id: allocation.id,
             project_id: allocation.project_id,
             name: allocation.name,

@@ -114,6 +114,7 @@ impl From<&str> for ContentType {
 }
 
 pub mod allocations_api;
+pub mod audit_api;
 pub mod auth_api;
 pub mod health_api;
 pub mod inventory_api;

@@ -38,6 +38,9 @@ pub struct PaginatedAllocationViewItemsInner {
     pub project_id: uuid::Uuid,
     #[serde(rename = "region")]
     pub region: String,
+    /// Canonical resource name, as in audit rows and events.
+    #[serde(rename = "resource_name")]
+    pub resource_name: String,
     #[serde(rename = "state")]
     pub state: models::AllocationState,
     #[serde(rename = "updated_at")]
@@ -57,6 +60,7 @@ impl PaginatedAllocationViewItemsInner {
         name: String,
         project_id: uuid::Uuid,
         region: String,
+        resource_name: String,
         state: models::AllocationState,
         updated_at: chrono::DateTime<chrono::FixedOffset>,
         version: i64,
@@ -70,6 +74,7 @@ impl PaginatedAllocationViewItemsInner {
             name,
             project_id,
             region,
+            resource_name,
             state,
             updated_at,
             version,

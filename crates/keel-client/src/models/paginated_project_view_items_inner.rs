@@ -21,9 +21,13 @@ pub struct PaginatedProjectViewItemsInner {
     pub id: uuid::Uuid,
     #[serde(rename = "name")]
     pub name: String,
+    /// Canonical resource name, as in audit rows and events.
+    #[serde(rename = "resource_name")]
+    pub resource_name: String,
     /// A tenant: the organisation that owns projects and pays the bills.
     #[serde(rename = "tenant_id")]
     pub tenant_id: uuid::Uuid,
+    /// Increases with every change; also the `ETag`.
     #[serde(rename = "version")]
     pub version: i64,
 }
@@ -34,6 +38,7 @@ impl PaginatedProjectViewItemsInner {
         created_at: chrono::DateTime<chrono::FixedOffset>,
         id: uuid::Uuid,
         name: String,
+        resource_name: String,
         tenant_id: uuid::Uuid,
         version: i64,
     ) -> PaginatedProjectViewItemsInner {
@@ -41,6 +46,7 @@ impl PaginatedProjectViewItemsInner {
             created_at,
             id,
             name,
+            resource_name,
             tenant_id,
             version,
         }

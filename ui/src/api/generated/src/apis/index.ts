@@ -1,6 +1,7 @@
 /* tslint:disable */
 /* eslint-disable */
 export * from './AllocationsApi';
+export * from './AuditApi';
 export * from './AuthApi';
 export * from './HealthApi';
 export * from './InventoryApi';

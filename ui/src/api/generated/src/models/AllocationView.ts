@@ -61,6 +61,10 @@ export interface AllocationView {
      */
     region: string;
     /**
+     * Canonical resource name, as in audit rows and events.
+     */
+    resourceName: string;
+    /**
      * 
      */
     state: AllocationState;
@@ -87,6 +91,7 @@ export function instanceOfAllocationView(value: object): value is AllocationView
     if (!('name' in value) || value['name'] === undefined) return false;
     if ((!('projectId' in (value as Record<string, any>)) && !('project_id' in (value as Record<string, any>))) || ((value as Record<string, any>)['projectId'] === undefined && (value as Record<string, any>)['project_id'] === undefined)) return false;
     if (!('region' in value) || value['region'] === undefined) return false;
+    if ((!('resourceName' in (value as Record<string, any>)) && !('resource_name' in (value as Record<string, any>))) || ((value as Record<string, any>)['resourceName'] === undefined && (value as Record<string, any>)['resource_name'] === undefined)) return false;
     if (!('state' in value) || value['state'] === undefined) return false;
     if ((!('updatedAt' in (value as Record<string, any>)) && !('updated_at' in (value as Record<string, any>))) || ((value as Record<string, any>)['updatedAt'] === undefined && (value as Record<string, any>)['updated_at'] === undefined)) return false;
     if (!('version' in value) || value['version'] === undefined) return false;
@@ -111,6 +116,7 @@ export function AllocationViewFromJSONTyped(json: any, ignoreDiscriminator: bool
         'name': json['name'],
         'projectId': json['project_id'],
         'region': json['region'],
+        'resourceName': json['resource_name'],
         'state': AllocationStateFromJSON(json['state']),
         'updatedAt': (json['updated_at'] == null ? json['updated_at'] : parseDateTime(json['updated_at'])),
         'version': json['version'],
@@ -136,6 +142,7 @@ export function AllocationViewToJSONTyped(value?: AllocationView | null, ignoreD
         'name': value['name'],
         'project_id': value['projectId'],
         'region': value['region'],
+        'resource_name': value['resourceName'],
         'state': AllocationStateToJSON(value['state']),
         'updated_at': value['updatedAt'] == null ? value['updatedAt'] : serializeDateTime(value['updatedAt']),
         'version': value['version'],

@@ -32,11 +32,15 @@ export interface PaginatedProjectViewItemsInner {
      */
     name: string;
     /**
+     * Canonical resource name, as in audit rows and events.
+     */
+    resourceName: string;
+    /**
      * A tenant: the organisation that owns projects and pays the bills.
      */
     tenantId: string;
     /**
-     * 
+     * Increases with every change; also the `ETag`.
      */
     version: number;
 }
@@ -48,6 +52,7 @@ export function instanceOfPaginatedProjectViewItemsInner(value: object): value i
     if ((!('createdAt' in (value as Record<string, any>)) && !('created_at' in (value as Record<string, any>))) || ((value as Record<string, any>)['createdAt'] === undefined && (value as Record<string, any>)['created_at'] === undefined)) return false;
     if (!('id' in value) || value['id'] === undefined) return false;
     if (!('name' in value) || value['name'] === undefined) return false;
+    if ((!('resourceName' in (value as Record<string, any>)) && !('resource_name' in (value as Record<string, any>))) || ((value as Record<string, any>)['resourceName'] === undefined && (value as Record<string, any>)['resource_name'] === undefined)) return false;
     if ((!('tenantId' in (value as Record<string, any>)) && !('tenant_id' in (value as Record<string, any>))) || ((value as Record<string, any>)['tenantId'] === undefined && (value as Record<string, any>)['tenant_id'] === undefined)) return false;
     if (!('version' in value) || value['version'] === undefined) return false;
     return true;
@@ -66,6 +71,7 @@ export function PaginatedProjectViewItemsInnerFromJSONTyped(json: any, ignoreDis
         'createdAt': (json['created_at'] == null ? json['created_at'] : parseDateTime(json['created_at'])),
         'id': json['id'],
         'name': json['name'],
+        'resourceName': json['resource_name'],
         'tenantId': json['tenant_id'],
         'version': json['version'],
     };
@@ -85,6 +91,7 @@ export function PaginatedProjectViewItemsInnerToJSONTyped(value?: PaginatedProje
         'created_at': value['createdAt'] == null ? value['createdAt'] : serializeDateTime(value['createdAt']),
         'id': value['id'],
         'name': value['name'],
+        'resource_name': value['resourceName'],
         'tenant_id': value['tenantId'],
         'version': value['version'],
     };

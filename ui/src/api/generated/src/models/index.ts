@@ -2,6 +2,7 @@
 /* eslint-disable */
 export * from './AllocationState';
 export * from './AllocationView';
+export * from './AuditEntryView';
 export * from './EnrolRequest';
 export * from './EnrolResponse';
 export * from './ErrorBody';
@@ -14,6 +15,8 @@ export * from './LoginRequest';
 export * from './NewAllocation';
 export * from './PaginatedAllocationView';
 export * from './PaginatedAllocationViewItemsInner';
+export * from './PaginatedAuditEntryView';
+export * from './PaginatedAuditEntryViewItemsInner';
 export * from './PaginatedProjectView';
 export * from './PaginatedProjectViewItemsInner';
 export * from './ProjectRequest';
