@@ -166,3 +166,48 @@ async fn a_bad_page_limit_is_a_400() {
         .await
         .assert_error(StatusCode::BAD_REQUEST, "invalid_query");
 }
+
+#[tokio::test]
+async fn an_unsigned_alg_none_token_is_a_401() {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant("acme").await;
+    // Take a real token's claims and strip the signature, claiming alg none.
+    let claims = tenant.token.split('.').nth(1).unwrap();
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT","kid":"x"}"#);
+    for forged in [format!("{header}.{claims}."), format!("{header}.{claims}")] {
+        app.get("/v1/projects", Some(&forged))
+            .await
+            .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+    }
+}
+
+#[tokio::test]
+async fn a_token_whose_membership_was_removed_no_longer_works() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant("acme").await;
+    let mut admin = app.database.admin().await;
+    sqlx::query("DELETE FROM memberships WHERE tenant_id = $1::uuid")
+        .bind(&tenant.tenant_id)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    app.get("/v1/projects", Some(&tenant.token))
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+}
+
+#[tokio::test]
+async fn an_oversized_body_is_a_413_and_creates_nothing() {
+    let app = TestApp::spawn().await;
+    let huge = "x".repeat(3 * 1024 * 1024);
+    app.post(
+        "/v1/auth/register",
+        None,
+        json!({"email": "big@example.com", "password": huge, "tenant_name": "big"}),
+    )
+    .await
+    .assert_error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    assert_eq!(app.count("SELECT count(*) FROM users").await, 0);
+}

@@ -53,6 +53,13 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
                 error.body_text()
             ),
         ),
+        JsonRejection::BytesRejection(error) if error.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "the request body is larger than the limit (2 MiB)",
+            )
+        }
         JsonRejection::BytesRejection(error) => ApiError::new(
             error.status(),
             "invalid_body",
