@@ -45,6 +45,7 @@ pub fn router_and_document() -> (Router<AppState>, Document) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(crate::health::router())
         .merge(keel_auth::http::router())
+        .merge(keel_auth::members_http::router())
         .merge(keel_auth::audit::router())
         .merge(keel_inventory::http::router())
         .merge(keel_provisioning::http::router())

@@ -17,6 +17,7 @@ const PUBLIC: &[(&str, &str)] = &[
     ("get", "/readyz"),
     ("post", "/v1/auth/register"),
     ("post", "/v1/auth/login"),
+    ("post", "/v1/auth/refresh"),
     ("post", "/v1/nodes/enrol"),
 ];
 
@@ -26,6 +27,16 @@ fn sample_body(operation_id: &str) -> Option<Value> {
     match operation_id {
         "allocation_create" => Some(json!({"name": "sweep", "flavor": "cpu.small"})),
         "project_create" | "project_update" => Some(json!({"name": "sweep"})),
+        "member_update" => Some(json!({"role": "viewer"})),
+        "invitation_create" => Some(json!({"email": "sweep@example.com", "role": "viewer"})),
+        "project_grant_set" => Some(json!({"role": "viewer"})),
+        // Well formed, but for no invitation: refused as not found.
+        "invitation_accept" => Some(json!({
+            "token": "kit_0190a0a0a0a0a0a0a0a0a0a0a0a0a0a0_0190a0a0a0a0a0a0a0a0a0a0a0a0a0a0_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+        })),
+        "auth_password_change" => Some(
+            json!({"current_password": "a long enough password", "new_password": "a long enough password"}),
+        ),
         _ => None,
     }
 }
@@ -61,9 +72,19 @@ fn operations() -> Vec<Operation> {
     operations
 }
 
-fn fill(path: &str, project: &str, allocation: &str) -> String {
-    path.replace("{project_id}", project)
-        .replace("{allocation_id}", allocation)
+/// Ids of the resource owner's tenant to put in the path.
+struct Ids<'a> {
+    project: &'a str,
+    allocation: &'a str,
+    user: &'a str,
+    invitation: &'a str,
+}
+
+fn fill(path: &str, ids: &Ids<'_>) -> String {
+    path.replace("{project_id}", ids.project)
+        .replace("{allocation_id}", ids.allocation)
+        .replace("{user_id}", ids.user)
+        .replace("{invitation_id}", ids.invitation)
 }
 
 #[tokio::test]
@@ -80,10 +101,15 @@ async fn every_endpoint_is_public_by_design_or_refuses_a_caller_without_a_token(
         if public {
             continue;
         }
+        let random = uuid::Uuid::now_v7().to_string();
         let uri = fill(
             &operation.path,
-            &owner.project_id,
-            &uuid::Uuid::now_v7().to_string(),
+            &Ids {
+                project: &owner.project_id,
+                allocation: &random,
+                user: &owner.user_id,
+                invitation: &random,
+            },
         );
         let method = Method::from_bytes(operation.method.to_uppercase().as_bytes()).unwrap();
         let body = sample_body(&operation.operation_id);
@@ -107,6 +133,24 @@ async fn every_tenant_resource_is_a_404_for_another_tenant_and_nothing_changes()
         )
         .await;
     let allocation = created.body["id"].as_str().unwrap().to_owned();
+    let member = app.member(&owner, "member").await;
+    let invited = app
+        .post(
+            "/v1/invitations",
+            Some(&owner.token),
+            json!({"email": "pending@example.com", "role": "viewer"}),
+        )
+        .await;
+    let invitation = invited.body["invitation"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ids = Ids {
+        project: &owner.project_id,
+        allocation: &allocation,
+        user: &member.user_id,
+        invitation: &invitation,
+    };
     let owner_audit = || async {
         let count: i64 =
             sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE tenant_id = $1::uuid")
@@ -129,9 +173,18 @@ async fn every_tenant_resource_is_a_404_for_another_tenant_and_nothing_changes()
             "add a sample body for {} to the sweep",
             operation.operation_id
         );
-        let uri = fill(&operation.path, &owner.project_id, &allocation);
-        let response = app.request(method, &uri, Some(&intruder.token), body).await;
-        if operation.path.contains('{') {
+        let uri = fill(&operation.path, &ids);
+        // A fresh session each time: logout and password change end
+        // sessions of the caller's own.
+        let login = app
+            .login(&intruder.email, "a long enough password", None)
+            .await;
+        let token = login.body["access_token"].as_str().unwrap();
+        let response = app.request(method, &uri, Some(token), body).await;
+        if operation.operation_id == "invitation_accept" {
+            // Tenant-wide, but the sample token names no invitation.
+            response.assert_error(StatusCode::NOT_FOUND, "not_found");
+        } else if operation.path.contains('{') {
             // A resource of another tenant: not found, never forbidden.
             response.assert_error(StatusCode::NOT_FOUND, "not_found");
         } else {

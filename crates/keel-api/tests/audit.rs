@@ -32,6 +32,7 @@ async fn owners_read_their_own_audit_log_with_filters_and_pages() {
         [
             "project.create",
             "tenant.register",
+            "session.create",
             "project.create",
             "project.create",
             "project.create"
@@ -74,8 +75,8 @@ async fn another_tenant_sees_none_of_it() {
     assert!(!text.contains(&acme.tenant_id), "{text}");
     assert_eq!(
         theirs.body["items"].as_array().unwrap().len(),
-        2,
-        "only globex's own registration"
+        3,
+        "only globex's own registration and login"
     );
 }
 

@@ -34,6 +34,26 @@ impl Role {
         }
     }
 
+    /// Owner > admin > member > viewer.
+    fn rank(self) -> u8 {
+        match self {
+            Role::Owner => 3,
+            Role::Admin => 2,
+            Role::Member => 1,
+            Role::Viewer => 0,
+        }
+    }
+
+    /// The stronger of two roles (a project grant never lowers a tenant
+    /// role).
+    pub fn max(self, other: Role) -> Role {
+        if other.rank() > self.rank() {
+            other
+        } else {
+            self
+        }
+    }
+
     pub fn parse(value: &str) -> Option<Self> {
         match value {
             "owner" => Some(Role::Owner),
@@ -48,12 +68,12 @@ impl Role {
 /// Declares [`Action`] and [`Action::ALL`] from one list, so the matrix
 /// snapshot can never miss a variant.
 macro_rules! actions {
-    ($($name:ident),+ $(,)?) => {
+    ($($(#[$doc:meta])* $name:ident),+ $(,)?) => {
         /// Everything a principal can ask to do. Named `<resource>_<verb>`,
         /// like the handlers and operation ids.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
         pub enum Action {
-            $($name),+
+            $($(#[$doc])* $name),+
         }
 
         impl Action {
@@ -64,7 +84,21 @@ macro_rules! actions {
 }
 
 actions! {
+    SessionEnd,
+    PasswordChange,
     AuditRead,
+    MemberList,
+    MemberUpdate,
+    MemberRemove,
+    MemberLeave,
+    /// Granting, changing or taking away the owner role.
+    OwnerManage,
+    InvitationList,
+    InvitationCreate,
+    InvitationRevoke,
+    InvitationAccept,
+    ProjectGrantList,
+    ProjectGrantManage,
     FlavorList,
     ProjectList,
     ProjectRead,
@@ -83,6 +117,18 @@ impl Action {
     fn read_action(self) -> Action {
         match self {
             Action::FlavorList => Action::FlavorList,
+            Action::SessionEnd => Action::SessionEnd,
+            Action::PasswordChange => Action::PasswordChange,
+            Action::MemberLeave => Action::MemberLeave,
+            Action::InvitationAccept => Action::InvitationAccept,
+            Action::MemberList
+            | Action::MemberUpdate
+            | Action::MemberRemove
+            | Action::OwnerManage => Action::MemberList,
+            Action::InvitationList | Action::InvitationCreate | Action::InvitationRevoke => {
+                Action::InvitationList
+            }
+            Action::ProjectGrantList | Action::ProjectGrantManage => Action::ProjectRead,
             Action::AuditRead => Action::AuditRead,
             Action::ProjectList
             | Action::ProjectRead
@@ -124,21 +170,53 @@ pub fn matrix() -> String {
     out
 }
 
+/// What every member may do, viewers included: read, and manage
+/// themselves.
+const VIEWER: &[Action] = &[
+    Action::SessionEnd,
+    Action::PasswordChange,
+    Action::FlavorList,
+    Action::ProjectList,
+    Action::ProjectRead,
+    Action::AllocationList,
+    Action::AllocationRead,
+    Action::MemberList,
+    Action::MemberLeave,
+    Action::InvitationAccept,
+];
+
+/// Members also run workloads.
+const MEMBER: &[Action] = &[Action::AllocationCreate, Action::AllocationTerminate];
+
+/// Admins administer the tenant, except for the owner role.
+const ADMIN: &[Action] = &[
+    Action::AuditRead,
+    Action::ProjectCreate,
+    Action::ProjectUpdate,
+    Action::ProjectDelete,
+    Action::MemberUpdate,
+    Action::MemberRemove,
+    Action::InvitationList,
+    Action::InvitationCreate,
+    Action::InvitationRevoke,
+    Action::ProjectGrantList,
+    Action::ProjectGrantManage,
+];
+
+/// Owners alone hand out and take away ownership.
+const OWNER: &[Action] = &[Action::OwnerManage];
+
 /// The decision: may a member with `role` do `action`? Pure, total, and
-/// the only place this is answered.
+/// the only place this is answered. Deny by default: an action no list
+/// names is allowed to nobody.
 pub fn decide(role: Role, action: Action) -> bool {
-    use Action::*;
-    match role {
-        Role::Owner | Role::Admin => true,
-        Role::Member => !matches!(
-            action,
-            AuditRead | ProjectCreate | ProjectUpdate | ProjectDelete
-        ),
-        Role::Viewer => matches!(
-            action,
-            FlavorList | ProjectList | ProjectRead | AllocationList | AllocationRead
-        ),
-    }
+    let lists: &[&[Action]] = match role {
+        Role::Owner => &[VIEWER, MEMBER, ADMIN, OWNER],
+        Role::Admin => &[VIEWER, MEMBER, ADMIN],
+        Role::Member => &[VIEWER, MEMBER],
+        Role::Viewer => &[VIEWER],
+    };
+    lists.iter().any(|list| list.contains(&action))
 }
 
 /// Proof that the caller may perform `action` on this project. Functions
@@ -147,6 +225,10 @@ pub fn decide(role: Role, action: Action) -> bool {
 pub struct ProjectHandle {
     pub tenant_id: TenantId,
     pub project_id: ProjectId,
+    pub user_id: UserId,
+    /// The caller's effective role on the project (tenant role raised by a
+    /// project grant).
+    pub role: Role,
     pub action: Action,
 }
 
@@ -158,16 +240,32 @@ pub struct TenantHandle {
     pub role: Role,
 }
 
+impl TenantHandle {
+    /// Whether the caller's role also allows `action` (for a second,
+    /// data-dependent check such as touching an owner).
+    pub fn may(&self, action: Action) -> bool {
+        decide(self.role, action)
+    }
+}
+
 async fn member_role(
     conn: &mut PgConnection,
     principal: &Principal,
 ) -> Result<Option<Role>, AuthError> {
-    let role: Option<String> =
-        sqlx::query_scalar("SELECT role FROM memberships WHERE tenant_id = $1 AND user_id = $2")
-            .bind(principal.tenant_id)
-            .bind(principal.user_id)
-            .fetch_optional(conn)
-            .await?;
+    // The membership and the session in one round trip: a logged-out,
+    // revoked or expired session is as good as no membership.
+    let role: Option<String> = sqlx::query_scalar(
+        "SELECT m.role FROM memberships m
+         WHERE m.tenant_id = $1 AND m.user_id = $2
+           AND EXISTS (SELECT FROM sessions s
+                       WHERE s.id = $3 AND s.user_id = $2 AND s.tenant_id = $1
+                         AND s.revoked_at IS NULL AND s.expires_at > now())",
+    )
+    .bind(principal.tenant_id)
+    .bind(principal.user_id)
+    .bind(principal.session_id)
+    .fetch_optional(conn)
+    .await?;
     Ok(role.as_deref().and_then(Role::parse))
 }
 
@@ -198,38 +296,55 @@ pub async fn authorize_project(
     action: Action,
     project_id: ProjectId,
 ) -> Result<ProjectHandle, AuthError> {
-    let tenant = authorize_tenant_membership(conn, principal).await?;
-    // Row-level security already hides other tenants' projects; the tenant
-    // filter here is the application's half of the double isolation.
-    let exists: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT FROM projects WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL)",
+    // Membership, session, the project's existence and any project grant,
+    // in one round trip. Row-level security already hides other tenants'
+    // projects; the tenant filter is the application's half of the double
+    // isolation.
+    let row: Option<(String, Option<String>, bool)> = sqlx::query_as(
+        "SELECT m.role, g.role, p.id IS NOT NULL
+         FROM memberships m
+         LEFT JOIN projects p ON p.id = $4 AND p.tenant_id = m.tenant_id AND p.deleted_at IS NULL
+         LEFT JOIN project_grants g ON g.project_id = p.id AND g.tenant_id = m.tenant_id AND g.user_id = m.user_id
+         WHERE m.tenant_id = $1 AND m.user_id = $2
+           AND EXISTS (SELECT FROM sessions s
+                       WHERE s.id = $3 AND s.user_id = $2 AND s.tenant_id = $1
+                         AND s.revoked_at IS NULL AND s.expires_at > now())",
     )
-    .bind(project_id)
     .bind(principal.tenant_id)
-    .fetch_one(&mut *conn)
+    .bind(principal.user_id)
+    .bind(principal.session_id)
+    .bind(project_id)
+    .fetch_optional(&mut *conn)
     .await?;
-    if !exists || !decide(tenant, action.read_action()) {
+    let (tenant_role, grant, exists) = row.ok_or(SESSION_ENDED)?;
+    let tenant_role = Role::parse(&tenant_role).ok_or(SESSION_ENDED)?;
+    let role = match grant.as_deref().and_then(Role::parse) {
+        Some(granted) => tenant_role.max(granted),
+        None => tenant_role,
+    };
+    if !exists || !decide(role, action.read_action()) {
         return Err(AuthError::NotFound("project"));
     }
-    if !decide(tenant, action) {
+    if !decide(role, action) {
         return Err(AuthError::Forbidden("your role does not allow this"));
     }
     Ok(ProjectHandle {
         tenant_id: principal.tenant_id,
         project_id,
+        user_id: principal.user_id,
+        role,
         action,
     })
 }
+
+const SESSION_ENDED: AuthError =
+    AuthError::Unauthenticated("the session has ended, or its tenant membership no longer exists");
 
 async fn authorize_tenant_membership(
     conn: &mut PgConnection,
     principal: &Principal,
 ) -> Result<Role, AuthError> {
-    member_role(conn, principal)
-        .await?
-        .ok_or(AuthError::Unauthenticated(
-            "the session's tenant membership no longer exists",
-        ))
+    member_role(conn, principal).await?.ok_or(SESSION_ENDED)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use axum::extract::{FromRef, FromRequestParts};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use keel_core::Actor;
-use keel_core::ids::{TenantId, UserId};
+use keel_core::ids::{SessionId, TenantId, UserId};
 use keel_db::{Db, RequestMeta, Scope, WriteTx};
 use keel_http::{ApiError, RequestId, TraceParent};
 
@@ -18,6 +18,8 @@ use crate::{AuthError, TokenKeys};
 pub struct Principal {
     pub user_id: UserId,
     pub tenant_id: TenantId,
+    /// The session the access token belongs to; it must still be live.
+    pub session_id: SessionId,
 }
 
 /// Extracted by every authenticated handler: a missing or bad bearer token
@@ -94,6 +96,7 @@ where
         let principal = Principal {
             user_id: verified.user_id,
             tenant_id: verified.tenant_id,
+            session_id: verified.session_id,
         };
         tracing::Span::current().record("principal", tracing::field::display(principal.user_id));
         Ok(Ctx {

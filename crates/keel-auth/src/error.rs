@@ -9,6 +9,12 @@ pub enum AuthError {
     Unauthenticated(&'static str),
     #[error("wrong email or password")]
     InvalidCredentials,
+    #[error("the refresh token is invalid, expired or revoked; log in again")]
+    RefreshTokenInvalid,
+    #[error("the refresh token was already used; the session is revoked, log in again")]
+    RefreshTokenReused,
+    #[error("the current password is wrong")]
+    WrongPassword,
     #[error("an account with this email already exists")]
     EmailTaken,
     #[error("invalid input")]
@@ -23,6 +29,18 @@ pub enum AuthError {
     ProjectNameTaken,
     #[error("the project still has allocations; terminate them first")]
     ProjectNotEmpty,
+    #[error("the tenant must keep an owner: promote another member to owner first")]
+    LastOwner,
+    #[error("that user is already a member of the tenant")]
+    AlreadyMember,
+    #[error("an open invitation for this email exists; revoke it first")]
+    InvitationPending,
+    #[error("the invitation has expired; ask for a new one")]
+    InvitationExpired,
+    #[error("the invitation is for another email address")]
+    InvitationEmailMismatch,
+    #[error("a stored role is not one Keel knows")]
+    CorruptRole,
     #[error("the resource changed since the version given in If-Match")]
     PreconditionFailed,
     #[error("database error")]
@@ -44,6 +62,21 @@ impl From<AuthError> for ApiError {
                 "invalid_credentials",
                 error.to_string(),
             ),
+            AuthError::RefreshTokenInvalid => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_refresh_token",
+                error.to_string(),
+            ),
+            AuthError::RefreshTokenReused => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "refresh_token_reused",
+                error.to_string(),
+            ),
+            AuthError::WrongPassword => ApiError::validation(vec![keel_http::FieldError {
+                field: "current_password".to_owned(),
+                code: "incorrect".to_owned(),
+                message: error.to_string(),
+            }]),
             AuthError::EmailTaken => ApiError::conflict("email_taken", error.to_string()),
             AuthError::Validation(fields) => ApiError::validation(fields),
             AuthError::NotFound(what) => ApiError::not_found(format!("{what} not found")),
@@ -59,6 +92,19 @@ impl From<AuthError> for ApiError {
             AuthError::ProjectNotEmpty => {
                 ApiError::conflict("project_not_empty", error.to_string())
             }
+            AuthError::LastOwner => ApiError::conflict("last_owner", error.to_string()),
+            AuthError::AlreadyMember => ApiError::conflict("already_member", error.to_string()),
+            AuthError::InvitationPending => {
+                ApiError::conflict("invitation_pending", error.to_string())
+            }
+            AuthError::InvitationExpired => {
+                ApiError::new(StatusCode::GONE, "invitation_expired", error.to_string())
+            }
+            AuthError::InvitationEmailMismatch => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "invitation_email_mismatch",
+                error.to_string(),
+            ),
             AuthError::PreconditionFailed => ApiError::new(
                 StatusCode::PRECONDITION_FAILED,
                 "precondition_failed",
@@ -67,6 +113,7 @@ impl From<AuthError> for ApiError {
             AuthError::Database(_)
             | AuthError::Db(_)
             | AuthError::Hashing
+            | AuthError::CorruptRole
             | AuthError::Signing(_) => ApiError::internal(error),
         }
     }

@@ -18,10 +18,10 @@ use keel_http::{IfMatch, Path, etag};
 use crate::authz::{Action, authorize_project, authorize_tenant};
 use crate::context::anonymous_meta;
 use crate::model::{
-    LoginRequest, Project, ProjectRequest, ProjectView, RegisterRequest, RegisterResponse,
-    TokenResponse,
+    LoginRequest, PasswordChangeRequest, Project, ProjectRequest, ProjectView, RefreshRequest,
+    RegisterRequest, RegisterResponse, TokenResponse,
 };
-use crate::{AuthError, Ctx, TokenKeys, service};
+use crate::{AuthError, Ctx, TokenKeys, service, session};
 
 pub fn router<S>() -> OpenApiRouter<S>
 where
@@ -32,6 +32,9 @@ where
     OpenApiRouter::new()
         .routes(routes!(auth_register))
         .routes(routes!(auth_login))
+        .routes(routes!(auth_refresh))
+        .routes(routes!(auth_logout))
+        .routes(routes!(auth_password_change))
         .routes(routes!(project_list, project_create))
         .routes(routes!(project_get, project_update, project_delete))
 }
@@ -59,7 +62,8 @@ async fn auth_register(
     Ok((StatusCode::CREATED, Json(registered)))
 }
 
-/// Exchange an email and password for an access token.
+/// Exchange an email and password for an access token and a refresh
+/// token: a new session in one of the user's tenants.
 #[utoipa::path(
     post,
     path = "/v1/auth/login",
@@ -80,8 +84,86 @@ async fn auth_login(
     Json(request): Json<LoginRequest>,
 ) -> Result<Json<TokenResponse>, ApiError> {
     Ok(Json(
-        service::login(&db, &keys, anonymous_meta(&request_id, &trace), request).await?,
+        session::login(&db, &keys, anonymous_meta(&request_id, &trace), request).await?,
     ))
+}
+
+/// Exchange a refresh token for a new access token and a new refresh
+/// token. Each refresh token works once: presenting it again revokes the
+/// session.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/refresh",
+    operation_id = "auth_refresh",
+    tag = "auth",
+    request_body = RefreshRequest,
+    responses(
+        (status = 200, description = "New tokens", body = TokenResponse),
+        (status = 401, description = "`invalid_refresh_token` or `refresh_token_reused`", body = ErrorBody),
+        (status = 422, description = "`invalid_body`", body = ErrorBody),
+    )
+)]
+async fn auth_refresh(
+    State(db): State<Db>,
+    State(keys): State<Arc<TokenKeys>>,
+    request_id: RequestId,
+    trace: TraceParent,
+    Json(request): Json<RefreshRequest>,
+) -> Result<Json<TokenResponse>, ApiError> {
+    Ok(Json(
+        session::refresh(
+            &db,
+            &keys,
+            anonymous_meta(&request_id, &trace),
+            &request.refresh_token,
+        )
+        .await?,
+    ))
+}
+
+/// End the caller's session: its access and refresh tokens stop working
+/// at once.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/logout",
+    operation_id = "auth_logout",
+    tag = "auth",
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Logged out"),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+    )
+)]
+async fn auth_logout(ctx: Ctx) -> Result<StatusCode, ApiError> {
+    let mut tx = ctx.begin().await.map_err(AuthError::from)?;
+    authorize_tenant(tx.conn(), &ctx.principal, Action::SessionEnd).await?;
+    session::logout(tx, &ctx.principal).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Change the caller's password. Every other session of the user, in
+/// every tenant, ends; this one stays.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/password",
+    operation_id = "auth_password_change",
+    tag = "auth",
+    request_body = PasswordChangeRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Changed"),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 422, description = "`validation_failed` (also for a wrong `current_password`) or `invalid_body`", body = ErrorBody),
+    )
+)]
+async fn auth_password_change(
+    ctx: Ctx,
+    Json(request): Json<PasswordChangeRequest>,
+) -> Result<StatusCode, ApiError> {
+    let mut tx = ctx.begin().await.map_err(AuthError::from)?;
+    authorize_tenant(tx.conn(), &ctx.principal, Action::PasswordChange).await?;
+    session::password_change(tx, &ctx.principal, request).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// List the projects of the caller's tenant.

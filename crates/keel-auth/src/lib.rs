@@ -8,6 +8,11 @@
 //!   accept only those handles.
 //! - [`context`]: the [`context::Ctx`] extractor: the verified principal,
 //!   the request's metadata, and the door to a tenant transaction.
+//! - [`members`] (+ [`members_http`]): members and roles, invitations,
+//!   per-project grants; the last-owner rule.
+//! - [`session`]: login, refresh-token rotation, logout, password change.
+//! - [`secret`]: opaque bearer secrets (refresh and invitation tokens),
+//!   stored hashed.
 //! - [`token`]: signed, expiring access tokens (JWT, HS256, with key ids so
 //!   signing keys can rotate).
 //! - [`password`]: Argon2id hashing.
@@ -17,9 +22,13 @@ pub mod authz;
 pub mod context;
 mod error;
 pub mod http;
+pub mod members;
+pub mod members_http;
 pub mod model;
 pub mod password;
+pub mod secret;
 pub mod service;
+pub mod session;
 pub mod token;
 
 pub use authz::{Action, ProjectHandle, Role};

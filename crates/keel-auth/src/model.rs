@@ -1,7 +1,9 @@
 //! Request and response bodies of the identity endpoints, and validation.
 
 use keel_core::ResourceName;
-use keel_core::ids::{ProjectId, TenantId, UserId};
+use keel_core::ids::{InvitationId, ProjectId, TenantId, UserId};
+
+use crate::Role;
 use keel_http::FieldError;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -56,26 +58,25 @@ fn email_is_plausible(email: &str) -> bool {
         && (3..=254).contains(&email.len())
 }
 
+/// The password rules, shared by registration and password change.
+fn password_errors(name: &str, password: &str) -> Option<FieldError> {
+    let len = password.chars().count();
+    if len < PASSWORD_MIN_LEN {
+        Some(field(name, "too_short", "must be at least 10 characters"))
+    } else if len > PASSWORD_MAX_LEN {
+        Some(field(name, "too_long", "must be at most 128 characters"))
+    } else {
+        None
+    }
+}
+
 impl RegisterRequest {
     pub fn validate(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
         if !email_is_plausible(&self.email) {
             errors.push(field("email", "invalid", "must be an email address"));
         }
-        let password_len = self.password.chars().count();
-        if password_len < PASSWORD_MIN_LEN {
-            errors.push(field(
-                "password",
-                "too_short",
-                "must be at least 10 characters",
-            ));
-        } else if password_len > PASSWORD_MAX_LEN {
-            errors.push(field(
-                "password",
-                "too_long",
-                "must be at most 128 characters",
-            ));
-        }
+        errors.extend(password_errors("password", &self.password));
         let name = self.tenant_name.trim();
         if name.is_empty() {
             errors.push(field("tenant_name", "required", "must not be empty"));
@@ -120,17 +121,67 @@ impl std::fmt::Debug for LoginRequest {
     }
 }
 
-/// An access token (RFC 6749 §5.1 shape).
-#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+/// An access token and the refresh token of its session (RFC 6749 §5.1
+/// shape).
+#[derive(Clone, Serialize, utoipa::ToSchema)]
 pub struct TokenResponse {
     pub access_token: String,
     /// Always `Bearer`.
     #[schema(example = "Bearer")]
     pub token_type: &'static str,
-    /// Seconds until the token expires.
+    /// Seconds until the access token expires.
     pub expires_in: u32,
-    /// The tenant this token acts in.
+    /// Exchange it at `POST /v1/auth/refresh` for new tokens; each refresh
+    /// token works once.
+    pub refresh_token: String,
+    /// Seconds until the refresh token expires.
+    pub refresh_expires_in: i64,
+    /// The tenant this session acts in.
     pub tenant_id: TenantId,
+}
+
+impl std::fmt::Debug for TokenResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenResponse")
+            .field("tenant_id", &self.tenant_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `POST /v1/auth/refresh`
+#[derive(Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    pub refresh_token: String,
+}
+
+impl std::fmt::Debug for RefreshRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RefreshRequest { .. }")
+    }
+}
+
+/// `POST /v1/auth/password`
+#[derive(Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordChangeRequest {
+    pub current_password: String,
+    /// 10 to 128 characters.
+    pub new_password: String,
+}
+
+impl std::fmt::Debug for PasswordChangeRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PasswordChangeRequest { .. }")
+    }
+}
+
+impl PasswordChangeRequest {
+    pub fn validate(&self) -> Vec<FieldError> {
+        password_errors("new_password", &self.new_password)
+            .into_iter()
+            .collect()
+    }
 }
 
 /// A project row.
@@ -205,6 +256,115 @@ impl ProjectRequest {
             Vec::new()
         }
     }
+}
+
+/// A member of the tenant.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct MemberView {
+    pub user_id: UserId,
+    pub email: String,
+    pub role: Role,
+    /// Canonical resource name, as in audit rows and events.
+    pub resource_name: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub joined_at: OffsetDateTime,
+    /// Increases with every change; also the `ETag`.
+    pub version: i64,
+}
+
+/// `PATCH /v1/members/{user_id}`
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MemberUpdateRequest {
+    pub role: Role,
+}
+
+/// `POST /v1/invitations`
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InvitationRequest {
+    #[schema(example = "grace@example.com")]
+    pub email: String,
+    pub role: Role,
+}
+
+impl InvitationRequest {
+    pub fn validate(&self) -> Vec<FieldError> {
+        if email_is_plausible(self.email.trim()) {
+            Vec::new()
+        } else {
+            vec![field("email", "invalid", "must be an email address")]
+        }
+    }
+}
+
+/// An open invitation.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct InvitationView {
+    pub id: InvitationId,
+    pub email: String,
+    pub role: Role,
+    /// The member who invited (null if their account is gone).
+    pub invited_by: Option<UserId>,
+    pub resource_name: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub expires_at: OffsetDateTime,
+}
+
+/// A new invitation and its token, shown only in this response.
+#[derive(Clone, Serialize, utoipa::ToSchema)]
+pub struct InvitationCreated {
+    pub invitation: InvitationView,
+    /// Give it to the invitee, who accepts it at
+    /// `POST /v1/invitations/accept` while signed in with the invited email.
+    pub token: String,
+}
+
+impl std::fmt::Debug for InvitationCreated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InvitationCreated")
+            .field("invitation", &self.invitation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `POST /v1/invitations/accept`
+#[derive(Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InvitationAcceptRequest {
+    pub token: String,
+}
+
+impl std::fmt::Debug for InvitationAcceptRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InvitationAcceptRequest { .. }")
+    }
+}
+
+/// `PUT /v1/projects/{project_id}/grants/{user_id}`
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRequest {
+    /// `admin`, `member` or `viewer`.
+    pub role: Role,
+}
+
+/// A member's role on one project, on top of their tenant role.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct ProjectGrantView {
+    pub project_id: ProjectId,
+    pub user_id: UserId,
+    pub role: Role,
+    pub resource_name: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: OffsetDateTime,
+    pub version: i64,
 }
 
 #[cfg(test)]

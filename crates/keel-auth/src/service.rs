@@ -1,4 +1,4 @@
-//! Identity service functions: registration, login, project listing. Each
+//! Identity service functions: registration and projects. Each
 //! takes the transaction it works in; handlers only extract and map.
 
 use keel_core::ids::{ProjectId, TenantId, UserId};
@@ -7,10 +7,8 @@ use keel_core::{Actor, ResourceName};
 use keel_db::{Audit, Db, NewEvent, RequestMeta, Scope, WriteTx};
 
 use crate::authz::{ProjectHandle, TenantHandle};
-use crate::model::{
-    LoginRequest, Project, ProjectRequest, RegisterRequest, RegisterResponse, TokenResponse,
-};
-use crate::{AuthError, Role, TokenKeys, password};
+use crate::model::{Project, ProjectRequest, RegisterRequest, RegisterResponse};
+use crate::{AuthError, Role, password};
 
 /// Creates a user, their tenant (they are its owner) and its `default`
 /// project, in one audited transaction that runs inside the new tenant.
@@ -87,53 +85,6 @@ pub async fn register(
         user_id,
         tenant_id,
         project_id,
-    })
-}
-
-/// Checks the password and issues an access token for one of the user's
-/// tenants. Wrong email and wrong password are the same error, and take
-/// the same time.
-pub async fn login(
-    db: &Db,
-    keys: &TokenKeys,
-    meta: RequestMeta,
-    request: LoginRequest,
-) -> Result<TokenResponse, AuthError> {
-    let found: Option<(UserId, String)> =
-        sqlx::query_as("SELECT id, password_hash FROM users WHERE lower(email) = lower($1)")
-            .bind(request.email.trim())
-            .fetch_optional(db.pool())
-            .await?;
-    let (user_id, stored) = match found {
-        Some((id, hash)) => (Some(id), Some(hash)),
-        None => (None, None),
-    };
-    let password_ok = password::verify(request.password, stored).await?;
-    let user_id = match (user_id, password_ok) {
-        (Some(user_id), true) => user_id,
-        _ => return Err(AuthError::InvalidCredentials),
-    };
-    // The user's own memberships are visible in a user-scoped transaction.
-    let mut tx = db.begin_tenant(meta, Scope::User { user_id }).await?;
-    let tenant_id: Option<TenantId> = sqlx::query_scalar(
-        "SELECT tenant_id FROM memberships WHERE user_id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)
-         ORDER BY created_at, tenant_id LIMIT 1",
-    )
-    .bind(user_id)
-    .bind(request.tenant_id)
-    .fetch_optional(tx.conn())
-    .await?;
-    let tenant_id = match (tenant_id, request.tenant_id) {
-        (Some(tenant_id), _) => tenant_id,
-        (None, Some(_)) => return Err(AuthError::NotFound("tenant")),
-        (None, None) => return Err(AuthError::NoTenant),
-    };
-    let issued = keys.issue(user_id, tenant_id)?;
-    Ok(TokenResponse {
-        access_token: issued.token,
-        token_type: "Bearer",
-        expires_in: issued.expires_in,
-        tenant_id,
     })
 }
 

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use keel_core::ids::{TenantId, UserId};
+use keel_core::ids::{SessionId, TenantId, UserId};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -34,10 +34,41 @@ pub struct TokenConfig {
     /// Lifetime of an access token, in seconds.
     #[serde(default = "default_ttl")]
     pub access_token_ttl_secs: u32,
+    /// Lifetime of a refresh token, in seconds: a session unused for this
+    /// long ends.
+    #[serde(default = "default_refresh_ttl")]
+    pub refresh_token_ttl_secs: u32,
+    /// Absolute lifetime of a session, in seconds, however often it is
+    /// refreshed.
+    #[serde(default = "default_session_max_age")]
+    pub session_max_age_secs: u32,
 }
 
 fn default_ttl() -> u32 {
     900
+}
+
+fn default_refresh_ttl() -> u32 {
+    14 * 86_400
+}
+
+fn default_session_max_age() -> u32 {
+    30 * 86_400
+}
+
+impl TokenConfig {
+    /// The defaults with these signing keys (tests and tools).
+    pub fn with_keys(keys: &[&str]) -> Self {
+        Self {
+            signing_keys: keys
+                .iter()
+                .map(|key| SecretString::from((*key).to_owned()))
+                .collect(),
+            access_token_ttl_secs: default_ttl(),
+            refresh_token_ttl_secs: default_refresh_ttl(),
+            session_max_age_secs: default_session_max_age(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -46,6 +77,8 @@ struct Claims {
     aud: String,
     sub: UserId,
     tid: TenantId,
+    /// The session the token was issued for; checked on every request.
+    sid: SessionId,
     iat: i64,
     exp: i64,
 }
@@ -55,6 +88,7 @@ struct Claims {
 pub struct VerifiedToken {
     pub user_id: UserId,
     pub tenant_id: TenantId,
+    pub session_id: SessionId,
 }
 
 pub struct IssuedToken {
@@ -67,6 +101,8 @@ pub struct TokenKeys {
     signing_key: EncodingKey,
     verifying: HashMap<String, DecodingKey>,
     ttl_secs: u32,
+    refresh_ttl: time::Duration,
+    session_max_age: time::Duration,
 }
 
 impl std::fmt::Debug for TokenKeys {
@@ -87,6 +123,10 @@ pub enum TokenConfigError {
     TooShort(usize),
     #[error("auth.access_token_ttl_secs must be between 60 and 86400")]
     Ttl,
+    #[error(
+        "auth.refresh_token_ttl_secs must be longer than the access token lifetime and at most auth.session_max_age_secs"
+    )]
+    RefreshTtl,
 }
 
 /// The key id of a secret: the first 16 hex digits of its SHA-256. Public,
@@ -103,6 +143,11 @@ impl TokenKeys {
     pub fn new(config: &TokenConfig) -> Result<Self, TokenConfigError> {
         if !(60..=86_400).contains(&config.access_token_ttl_secs) {
             return Err(TokenConfigError::Ttl);
+        }
+        if config.refresh_token_ttl_secs <= config.access_token_ttl_secs
+            || config.refresh_token_ttl_secs > config.session_max_age_secs
+        {
+            return Err(TokenConfigError::RefreshTtl);
         }
         let mut verifying = HashMap::new();
         let mut signing = None;
@@ -123,16 +168,39 @@ impl TokenKeys {
             signing_key,
             verifying,
             ttl_secs: config.access_token_ttl_secs,
+            refresh_ttl: time::Duration::seconds(i64::from(config.refresh_token_ttl_secs)),
+            session_max_age: time::Duration::seconds(i64::from(config.session_max_age_secs)),
         })
     }
 
-    pub fn issue(&self, user_id: UserId, tenant_id: TenantId) -> Result<IssuedToken, AuthError> {
+    /// How long a refresh token stays valid.
+    pub fn refresh_ttl(&self) -> time::Duration {
+        self.refresh_ttl
+    }
+
+    /// How long a session may last in all.
+    pub fn session_max_age(&self) -> time::Duration {
+        self.session_max_age
+    }
+
+    /// The id of the key that signs new tokens.
+    pub fn signing_kid(&self) -> &str {
+        &self.signing_kid
+    }
+
+    pub fn issue(
+        &self,
+        user_id: UserId,
+        tenant_id: TenantId,
+        session_id: SessionId,
+    ) -> Result<IssuedToken, AuthError> {
         let now = OffsetDateTime::now_utc().unix_timestamp();
         let claims = Claims {
             iss: ISSUER.to_owned(),
             aud: AUDIENCE.to_owned(),
             sub: user_id,
             tid: tenant_id,
+            sid: session_id,
             iat: now,
             exp: now + i64::from(self.ttl_secs),
         };
@@ -164,6 +232,7 @@ impl TokenKeys {
             Ok(data) => Ok(VerifiedToken {
                 user_id: data.claims.sub,
                 tenant_id: data.claims.tid,
+                session_id: data.claims.sid,
             }),
             Err(error)
                 if matches!(
@@ -183,14 +252,7 @@ mod tests {
     use super::*;
 
     fn keys(secrets: &[&str]) -> TokenKeys {
-        TokenKeys::new(&TokenConfig {
-            signing_keys: secrets
-                .iter()
-                .map(|s| SecretString::from(s.to_string()))
-                .collect(),
-            access_token_ttl_secs: 900,
-        })
-        .unwrap()
+        TokenKeys::new(&TokenConfig::with_keys(secrets)).unwrap()
     }
 
     const A: &str = "an-example-signing-secret-of-32-bytes-or-more";
@@ -199,21 +261,24 @@ mod tests {
     #[test]
     fn an_issued_token_verifies_to_its_user_and_tenant() {
         let keys = keys(&[A]);
-        let (user, tenant) = (UserId::new(), TenantId::new());
-        let issued = keys.issue(user, tenant).unwrap();
+        let (user, tenant, session) = (UserId::new(), TenantId::new(), SessionId::new());
+        let issued = keys.issue(user, tenant, session).unwrap();
         assert_eq!(issued.expires_in, 900);
         assert_eq!(
             keys.verify(&issued.token).unwrap(),
             VerifiedToken {
                 user_id: user,
-                tenant_id: tenant
+                tenant_id: tenant,
+                session_id: session,
             }
         );
     }
 
     #[test]
     fn a_token_signed_with_a_retired_key_still_verifies_during_rotation() {
-        let old = keys(&[A]).issue(UserId::new(), TenantId::new()).unwrap();
+        let old = keys(&[A])
+            .issue(UserId::new(), TenantId::new(), SessionId::new())
+            .unwrap();
         assert!(keys(&[B, A]).verify(&old.token).is_ok());
         assert!(keys(&[B]).verify(&old.token).is_err());
     }
@@ -221,7 +286,10 @@ mod tests {
     #[test]
     fn tampered_and_foreign_tokens_are_rejected() {
         let keys = keys(&[A]);
-        let token = keys.issue(UserId::new(), TenantId::new()).unwrap().token;
+        let token = keys
+            .issue(UserId::new(), TenantId::new(), SessionId::new())
+            .unwrap()
+            .token;
         let mut tampered = token.clone().into_bytes();
         let middle = tampered.len() / 2;
         tampered[middle] = if tampered[middle] == b'A' { b'B' } else { b'A' };
@@ -239,6 +307,7 @@ mod tests {
             aud: AUDIENCE.into(),
             sub: UserId::new(),
             tid: TenantId::new(),
+            sid: SessionId::new(),
             iat: now - 7200,
             exp: now - 3600,
         };
@@ -253,13 +322,7 @@ mod tests {
 
     #[test]
     fn short_or_missing_keys_are_refused_at_start_up() {
-        let config = |keys: Vec<&str>| TokenConfig {
-            signing_keys: keys
-                .into_iter()
-                .map(|s| SecretString::from(s.to_string()))
-                .collect(),
-            access_token_ttl_secs: 900,
-        };
+        let config = |keys: Vec<&str>| TokenConfig::with_keys(&keys);
         assert_eq!(
             TokenKeys::new(&config(vec![])).unwrap_err(),
             TokenConfigError::NoKeys
@@ -267,6 +330,12 @@ mod tests {
         assert_eq!(
             TokenKeys::new(&config(vec![A, "short"])).unwrap_err(),
             TokenConfigError::TooShort(1)
+        );
+        let mut short_refresh = config(vec![A]);
+        short_refresh.refresh_token_ttl_secs = 60;
+        assert_eq!(
+            TokenKeys::new(&short_refresh).unwrap_err(),
+            TokenConfigError::RefreshTtl
         );
     }
 }

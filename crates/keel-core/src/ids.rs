@@ -90,3 +90,15 @@ typed_id!(
     /// One signed task sent to a node agent.
     TaskId
 );
+typed_id!(
+    /// One login of a user into a tenant; the family of its refresh tokens.
+    SessionId
+);
+typed_id!(
+    /// One refresh token of a session.
+    RefreshTokenId
+);
+typed_id!(
+    /// An invitation to join a tenant.
+    InvitationId
+);

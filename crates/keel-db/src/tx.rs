@@ -192,6 +192,12 @@ impl WriteTx {
         Ok(())
     }
 
+    /// Names the actor once it is known (login learns who is acting only
+    /// after checking the password).
+    pub fn set_actor(&mut self, actor: Actor) {
+        self.meta.actor = actor;
+    }
+
     /// Queues an event; it is written to the outbox at commit.
     pub fn emit(&mut self, event: NewEvent) {
         self.events.push(event);

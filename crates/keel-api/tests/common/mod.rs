@@ -28,10 +28,7 @@ pub fn test_config(database: &TestDb) -> keel_api::Config {
         log: Default::default(),
         database: database.config(),
         database_migrate_on_start: false,
-        auth: TokenConfig {
-            signing_keys: vec![SIGNING_KEY.to_owned().into()],
-            access_token_ttl_secs: 900,
-        },
+        auth: TokenConfig::with_keys(&[SIGNING_KEY]),
         pki: Default::default(),
         agent: Default::default(),
     }
@@ -46,7 +43,9 @@ pub struct TestResponse {
 /// A registered user with a token for their own tenant.
 pub struct Tenant {
     pub email: String,
+    pub user_id: String,
     pub token: String,
+    pub refresh_token: String,
     pub tenant_id: String,
     pub project_id: String,
 }
@@ -54,11 +53,7 @@ pub struct Tenant {
 impl TestApp {
     pub async fn spawn() -> Self {
         let database = keel_testing::test_db().await;
-        let tokens = TokenKeys::new(&TokenConfig {
-            signing_keys: vec![SIGNING_KEY.to_owned().into()],
-            access_token_ttl_secs: 900,
-        })
-        .expect("token keys");
+        let tokens = TokenKeys::new(&TokenConfig::with_keys(&[SIGNING_KEY])).expect("token keys");
         let pki_dir =
             std::env::temp_dir().join(format!("keel-test-pki-{}", uuid::Uuid::new_v4().simple()));
         let keys =
@@ -119,6 +114,27 @@ impl TestApp {
         }
     }
 
+    /// Replaces the access-token keys (as a restart with new
+    /// `auth.signing_keys` would).
+    pub fn rekey(&mut self, keys: &[&str]) {
+        self.state.tokens =
+            Arc::new(TokenKeys::new(&TokenConfig::with_keys(keys)).expect("token keys"));
+    }
+
+    /// Logs in as `email` (optionally into `tenant_id`).
+    pub async fn login(
+        &self,
+        email: &str,
+        password: &str,
+        tenant_id: Option<&str>,
+    ) -> TestResponse {
+        let mut body = json!({"email": email, "password": password});
+        if let Some(tenant_id) = tenant_id {
+            body["tenant_id"] = json!(tenant_id);
+        }
+        self.post("/v1/auth/login", None, body).await
+    }
+
     pub async fn get(&self, uri: &str, token: Option<&str>) -> TestResponse {
         self.request(Method::GET, uri, token, None).await
     }
@@ -153,6 +169,14 @@ impl TestApp {
         assert_eq!(login.status, StatusCode::OK, "{:?}", login.body);
         Tenant {
             email,
+            user_id: registered.body["user_id"]
+                .as_str()
+                .expect("user")
+                .to_owned(),
+            refresh_token: login.body["refresh_token"]
+                .as_str()
+                .expect("refresh token")
+                .to_owned(),
             token: login.body["access_token"]
                 .as_str()
                 .expect("token")
@@ -165,6 +189,45 @@ impl TestApp {
                 .as_str()
                 .expect("project")
                 .to_owned(),
+        }
+    }
+
+    /// A new user who joins `owner`'s tenant with `role` through an
+    /// invitation, logged in to that tenant.
+    pub async fn member(&self, owner: &Tenant, role: &str) -> Tenant {
+        let own = self.tenant(&format!("{role}-home")).await;
+        let invited = self
+            .post(
+                "/v1/invitations",
+                Some(&owner.token),
+                json!({"email": own.email, "role": role}),
+            )
+            .await;
+        assert_eq!(invited.status, StatusCode::CREATED, "{:?}", invited.body);
+        let accepted = self
+            .post(
+                "/v1/invitations/accept",
+                Some(&own.token),
+                json!({"token": invited.body["token"]}),
+            )
+            .await;
+        assert_eq!(accepted.status, StatusCode::OK, "{:?}", accepted.body);
+        let login = self
+            .login(&own.email, "a long enough password", Some(&owner.tenant_id))
+            .await;
+        assert_eq!(login.status, StatusCode::OK, "{:?}", login.body);
+        Tenant {
+            token: login.body["access_token"]
+                .as_str()
+                .expect("token")
+                .to_owned(),
+            refresh_token: login.body["refresh_token"]
+                .as_str()
+                .expect("refresh token")
+                .to_owned(),
+            tenant_id: owner.tenant_id.clone(),
+            project_id: owner.project_id.clone(),
+            ..own
         }
     }
 

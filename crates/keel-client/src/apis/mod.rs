@@ -118,6 +118,7 @@ pub mod audit_api;
 pub mod auth_api;
 pub mod health_api;
 pub mod inventory_api;
+pub mod members_api;
 pub mod nodes_api;
 pub mod projects_api;
 

@@ -11,15 +11,21 @@
 use crate::models;
 use serde::{Deserialize, Serialize};
 
-/// TokenResponse : An access token (RFC 6749 §5.1 shape).
+/// TokenResponse : An access token and the refresh token of its session (RFC 6749 §5.1 shape).
 #[derive(Clone, Default, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TokenResponse {
     #[serde(rename = "access_token")]
     pub access_token: String,
-    /// Seconds until the token expires.
+    /// Seconds until the access token expires.
     #[serde(rename = "expires_in")]
     pub expires_in: i32,
-    /// The tenant this token acts in.
+    /// Seconds until the refresh token expires.
+    #[serde(rename = "refresh_expires_in")]
+    pub refresh_expires_in: i64,
+    /// Exchange it at `POST /v1/auth/refresh` for new tokens; each refresh token works once.
+    #[serde(rename = "refresh_token")]
+    pub refresh_token: String,
+    /// The tenant this session acts in.
     #[serde(rename = "tenant_id")]
     pub tenant_id: uuid::Uuid,
     /// Always `Bearer`.
@@ -28,16 +34,20 @@ pub struct TokenResponse {
 }
 
 impl TokenResponse {
-    /// An access token (RFC 6749 §5.1 shape).
+    /// An access token and the refresh token of its session (RFC 6749 §5.1 shape).
     pub fn new(
         access_token: String,
         expires_in: i32,
+        refresh_expires_in: i64,
+        refresh_token: String,
         tenant_id: uuid::Uuid,
         token_type: String,
     ) -> TokenResponse {
         TokenResponse {
             access_token,
             expires_in,
+            refresh_expires_in,
+            refresh_token,
             tenant_id,
             token_type,
         }

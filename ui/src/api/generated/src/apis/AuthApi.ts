@@ -24,6 +24,16 @@ import {
     LoginRequestToJSON,
 } from '../models/LoginRequest';
 import {
+    type PasswordChangeRequest,
+    PasswordChangeRequestFromJSON,
+    PasswordChangeRequestToJSON,
+} from '../models/PasswordChangeRequest';
+import {
+    type RefreshRequest,
+    RefreshRequestFromJSON,
+    RefreshRequestToJSON,
+} from '../models/RefreshRequest';
+import {
     type RegisterRequest,
     RegisterRequestFromJSON,
     RegisterRequestToJSON,
@@ -44,6 +54,20 @@ export interface AuthLoginRequest {
      * 
      */
     loginRequest: LoginRequest;
+}
+
+export interface AuthPasswordChangeRequest {
+    /**
+     * 
+     */
+    passwordChangeRequest: PasswordChangeRequest;
+}
+
+export interface AuthRefreshRequest {
+    /**
+     * 
+     */
+    refreshRequest: RefreshRequest;
 }
 
 export interface AuthRegisterRequest {
@@ -70,7 +94,7 @@ export interface AuthApiInterface {
 
     /**
      * 
-     * @summary Exchange an email and password for an access token.
+     * @summary Exchange an email and password for an access token and a refresh token: a new session in one of the user\'s tenants.
      * @param {LoginRequest} loginRequest 
      * @param {*} [options] Override http request option.
      * @throws {RequiredError}
@@ -79,9 +103,76 @@ export interface AuthApiInterface {
     authLoginRaw(requestParameters: AuthLoginRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<TokenResponse>>;
 
     /**
-     * Exchange an email and password for an access token.
+     * Exchange an email and password for an access token and a refresh token: a new session in one of the user\'s tenants.
      */
     authLogin(requestParameters: AuthLoginRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<TokenResponse>;
+
+    /**
+     * Creates request options for authLogout without sending the request
+     * @throws {RequiredError}
+     * @memberof AuthApiInterface
+     */
+    authLogoutRequestOpts(): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary End the caller\'s session: its access and refresh tokens stop working at once.
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AuthApiInterface
+     */
+    authLogoutRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<void>>;
+
+    /**
+     * End the caller\'s session: its access and refresh tokens stop working at once.
+     */
+    authLogout(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<void>;
+
+    /**
+     * Creates request options for authPasswordChange without sending the request
+     * @param {PasswordChangeRequest} passwordChangeRequest 
+     * @throws {RequiredError}
+     * @memberof AuthApiInterface
+     */
+    authPasswordChangeRequestOpts(requestParameters: AuthPasswordChangeRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Change the caller\'s password. Every other session of the user, in every tenant, ends; this one stays.
+     * @param {PasswordChangeRequest} passwordChangeRequest 
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AuthApiInterface
+     */
+    authPasswordChangeRaw(requestParameters: AuthPasswordChangeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<void>>;
+
+    /**
+     * Change the caller\'s password. Every other session of the user, in every tenant, ends; this one stays.
+     */
+    authPasswordChange(requestParameters: AuthPasswordChangeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<void>;
+
+    /**
+     * Creates request options for authRefresh without sending the request
+     * @param {RefreshRequest} refreshRequest 
+     * @throws {RequiredError}
+     * @memberof AuthApiInterface
+     */
+    authRefreshRequestOpts(requestParameters: AuthRefreshRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Exchange a refresh token for a new access token and a new refresh token. Each refresh token works once: presenting it again revokes the session.
+     * @param {RefreshRequest} refreshRequest 
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AuthApiInterface
+     */
+    authRefreshRaw(requestParameters: AuthRefreshRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<TokenResponse>>;
+
+    /**
+     * Exchange a refresh token for a new access token and a new refresh token. Each refresh token works once: presenting it again revokes the session.
+     */
+    authRefresh(requestParameters: AuthRefreshRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<TokenResponse>;
 
     /**
      * Creates request options for authRegister without sending the request
@@ -143,7 +234,7 @@ export class AuthApi extends runtime.BaseAPI implements AuthApiInterface {
     }
 
     /**
-     * Exchange an email and password for an access token.
+     * Exchange an email and password for an access token and a refresh token: a new session in one of the user\'s tenants.
      */
     async authLoginRaw(requestParameters: AuthLoginRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<TokenResponse>> {
         const requestOptions = await this.authLoginRequestOpts(requestParameters);
@@ -153,10 +244,155 @@ export class AuthApi extends runtime.BaseAPI implements AuthApiInterface {
     }
 
     /**
-     * Exchange an email and password for an access token.
+     * Exchange an email and password for an access token and a refresh token: a new session in one of the user\'s tenants.
      */
     async authLogin(requestParameters: AuthLoginRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<TokenResponse> {
         const response = await this.authLoginRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for authLogout without sending the request
+     */
+    async authLogoutRequestOpts(): Promise<runtime.RequestOpts> {
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/auth/logout`;
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * End the caller\'s session: its access and refresh tokens stop working at once.
+     */
+    async authLogoutRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<void>> {
+        const requestOptions = await this.authLogoutRequestOpts();
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.VoidApiResponse(response);
+    }
+
+    /**
+     * End the caller\'s session: its access and refresh tokens stop working at once.
+     */
+    async authLogout(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<void> {
+        await this.authLogoutRaw(initOverrides);
+    }
+
+    /**
+     * Creates request options for authPasswordChange without sending the request
+     */
+    async authPasswordChangeRequestOpts(requestParameters: AuthPasswordChangeRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['passwordChangeRequest'] == null) {
+            throw new runtime.RequiredError(
+                'passwordChangeRequest',
+                'Required parameter "passwordChangeRequest" was null or undefined when calling authPasswordChange().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/auth/password`;
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+            body: PasswordChangeRequestToJSON(requestParameters['passwordChangeRequest']),
+        };
+    }
+
+    /**
+     * Change the caller\'s password. Every other session of the user, in every tenant, ends; this one stays.
+     */
+    async authPasswordChangeRaw(requestParameters: AuthPasswordChangeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<void>> {
+        const requestOptions = await this.authPasswordChangeRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.VoidApiResponse(response);
+    }
+
+    /**
+     * Change the caller\'s password. Every other session of the user, in every tenant, ends; this one stays.
+     */
+    async authPasswordChange(requestParameters: AuthPasswordChangeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<void> {
+        await this.authPasswordChangeRaw(requestParameters, initOverrides);
+    }
+
+    /**
+     * Creates request options for authRefresh without sending the request
+     */
+    async authRefreshRequestOpts(requestParameters: AuthRefreshRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['refreshRequest'] == null) {
+            throw new runtime.RequiredError(
+                'refreshRequest',
+                'Required parameter "refreshRequest" was null or undefined when calling authRefresh().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+
+        let urlPath = `/v1/auth/refresh`;
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+            body: RefreshRequestToJSON(requestParameters['refreshRequest']),
+        };
+    }
+
+    /**
+     * Exchange a refresh token for a new access token and a new refresh token. Each refresh token works once: presenting it again revokes the session.
+     */
+    async authRefreshRaw(requestParameters: AuthRefreshRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<TokenResponse>> {
+        const requestOptions = await this.authRefreshRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => TokenResponseFromJSON(jsonValue));
+    }
+
+    /**
+     * Exchange a refresh token for a new access token and a new refresh token. Each refresh token works once: presenting it again revokes the session.
+     */
+    async authRefresh(requestParameters: AuthRefreshRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<TokenResponse> {
+        const response = await this.authRefreshRaw(requestParameters, initOverrides);
         return await response.value();
     }
 

@@ -5,5 +5,6 @@ export * from './AuditApi';
 export * from './AuthApi';
 export * from './HealthApi';
 export * from './InventoryApi';
+export * from './MembersApi';
 export * from './NodesApi';
 export * from './ProjectsApi';

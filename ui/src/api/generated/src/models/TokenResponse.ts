@@ -14,7 +14,8 @@
 
 import { mapValues } from '../runtime';
 /**
- * An access token (RFC 6749 §5.1 shape).
+ * An access token and the refresh token of its session (RFC 6749 §5.1
+ * shape).
  * @export
  * @interface TokenResponse
  */
@@ -24,11 +25,20 @@ export interface TokenResponse {
      */
     accessToken: string;
     /**
-     * Seconds until the token expires.
+     * Seconds until the access token expires.
      */
     expiresIn: number;
     /**
-     * The tenant this token acts in.
+     * Seconds until the refresh token expires.
+     */
+    refreshExpiresIn: number;
+    /**
+     * Exchange it at `POST /v1/auth/refresh` for new tokens; each refresh
+     * token works once.
+     */
+    refreshToken: string;
+    /**
+     * The tenant this session acts in.
      */
     tenantId: string;
     /**
@@ -43,6 +53,8 @@ export interface TokenResponse {
 export function instanceOfTokenResponse(value: object): value is TokenResponse {
     if ((!('accessToken' in (value as Record<string, any>)) && !('access_token' in (value as Record<string, any>))) || ((value as Record<string, any>)['accessToken'] === undefined && (value as Record<string, any>)['access_token'] === undefined)) return false;
     if ((!('expiresIn' in (value as Record<string, any>)) && !('expires_in' in (value as Record<string, any>))) || ((value as Record<string, any>)['expiresIn'] === undefined && (value as Record<string, any>)['expires_in'] === undefined)) return false;
+    if ((!('refreshExpiresIn' in (value as Record<string, any>)) && !('refresh_expires_in' in (value as Record<string, any>))) || ((value as Record<string, any>)['refreshExpiresIn'] === undefined && (value as Record<string, any>)['refresh_expires_in'] === undefined)) return false;
+    if ((!('refreshToken' in (value as Record<string, any>)) && !('refresh_token' in (value as Record<string, any>))) || ((value as Record<string, any>)['refreshToken'] === undefined && (value as Record<string, any>)['refresh_token'] === undefined)) return false;
     if ((!('tenantId' in (value as Record<string, any>)) && !('tenant_id' in (value as Record<string, any>))) || ((value as Record<string, any>)['tenantId'] === undefined && (value as Record<string, any>)['tenant_id'] === undefined)) return false;
     if ((!('tokenType' in (value as Record<string, any>)) && !('token_type' in (value as Record<string, any>))) || ((value as Record<string, any>)['tokenType'] === undefined && (value as Record<string, any>)['token_type'] === undefined)) return false;
     return true;
@@ -60,6 +72,8 @@ export function TokenResponseFromJSONTyped(json: any, ignoreDiscriminator: boole
         
         'accessToken': json['access_token'],
         'expiresIn': json['expires_in'],
+        'refreshExpiresIn': json['refresh_expires_in'],
+        'refreshToken': json['refresh_token'],
         'tenantId': json['tenant_id'],
         'tokenType': json['token_type'],
     };
@@ -78,6 +92,8 @@ export function TokenResponseToJSONTyped(value?: TokenResponse | null, ignoreDis
         
         'access_token': value['accessToken'],
         'expires_in': value['expiresIn'],
+        'refresh_expires_in': value['refreshExpiresIn'],
+        'refresh_token': value['refreshToken'],
         'tenant_id': value['tenantId'],
         'token_type': value['tokenType'],
     };

@@ -1,0 +1,297 @@
+//! Sessions: refresh-token rotation and reuse detection, logout, password
+//! change, and signing-key rotation without logging anyone out.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::{SIGNING_KEY, TestApp};
+use serde_json::json;
+
+const PASSWORD: &str = "a long enough password";
+
+fn field<'a>(body: &'a serde_json::Value, name: &str) -> &'a str {
+    body[name].as_str().unwrap()
+}
+
+#[tokio::test]
+async fn a_refresh_rotates_both_tokens_and_the_new_access_token_works() {
+    let app = TestApp::spawn().await;
+    let alice = app.tenant("acme").await;
+    let refreshed = app
+        .post(
+            "/v1/auth/refresh",
+            None,
+            json!({"refresh_token": alice.refresh_token}),
+        )
+        .await;
+    assert_eq!(refreshed.status, StatusCode::OK, "{:?}", refreshed.body);
+    let access = field(&refreshed.body, "access_token");
+    assert_ne!(field(&refreshed.body, "refresh_token"), alice.refresh_token);
+    assert_eq!(refreshed.body["tenant_id"], alice.tenant_id.as_str());
+    assert!(refreshed.body["refresh_expires_in"].as_i64().unwrap() > 86_400);
+    assert_eq!(
+        app.get("/v1/projects", Some(access)).await.status,
+        StatusCode::OK
+    );
+    // The refresh is audited in the tenant.
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_log WHERE action = 'session.refresh'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn reusing_a_refresh_token_revokes_the_whole_session() {
+    let app = TestApp::spawn().await;
+    let alice = app.tenant("acme").await;
+    let first = app
+        .post(
+            "/v1/auth/refresh",
+            None,
+            json!({"refresh_token": alice.refresh_token}),
+        )
+        .await;
+    assert_eq!(first.status, StatusCode::OK);
+    let newest_refresh = field(&first.body, "refresh_token").to_owned();
+    let newest_access = field(&first.body, "access_token").to_owned();
+
+    // A thief replays the old token: refused, and the family is revoked.
+    app.post(
+        "/v1/auth/refresh",
+        None,
+        json!({"refresh_token": alice.refresh_token}),
+    )
+    .await
+    .assert_error(StatusCode::UNAUTHORIZED, "refresh_token_reused");
+    app.post(
+        "/v1/auth/refresh",
+        None,
+        json!({"refresh_token": newest_refresh}),
+    )
+    .await
+    .assert_error(StatusCode::UNAUTHORIZED, "invalid_refresh_token");
+    for token in [&alice.token, &newest_access] {
+        app.get("/v1/projects", Some(token))
+            .await
+            .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+    }
+    assert_eq!(
+        app.count("SELECT count(*) FROM sessions WHERE revoked_reason = 'refresh_token_reused'")
+            .await,
+        1
+    );
+    // Logging in again starts a fresh session.
+    let again = app.login(&alice.email, PASSWORD, None).await;
+    assert_eq!(again.status, StatusCode::OK);
+    let access = field(&again.body, "access_token");
+    assert_eq!(
+        app.get("/v1/projects", Some(access)).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn of_two_concurrent_refreshes_with_one_token_exactly_one_succeeds() {
+    let app = TestApp::spawn().await;
+    let alice = app.tenant("acme").await;
+    let body = json!({"refresh_token": alice.refresh_token});
+    let (a, b) = tokio::join!(
+        app.post("/v1/auth/refresh", None, body.clone()),
+        app.post("/v1/auth/refresh", None, body.clone()),
+    );
+    let mut statuses = [a.status, b.status];
+    statuses.sort();
+    assert_eq!(statuses, [StatusCode::OK, StatusCode::UNAUTHORIZED]);
+    // The loser saw reuse, so the session is gone for both.
+    assert_eq!(
+        app.count("SELECT count(*) FROM sessions WHERE revoked_at IS NOT NULL")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn malformed_unknown_and_forged_refresh_tokens_are_refused_alike() {
+    let app = TestApp::spawn().await;
+    let alice = app.tenant("acme").await;
+    let mut forged = alice.refresh_token.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'A' { 'B' } else { 'A' });
+    for token in [
+        "",
+        "krt_nope",
+        alice.token.as_str(),
+        forged.as_str(),
+        &alice.refresh_token.replacen("krt", "kit", 1),
+    ] {
+        app.post("/v1/auth/refresh", None, json!({"refresh_token": token}))
+            .await
+            .assert_error(StatusCode::UNAUTHORIZED, "invalid_refresh_token");
+    }
+    // None of that touched the real session.
+    let ok = app
+        .post(
+            "/v1/auth/refresh",
+            None,
+            json!({"refresh_token": alice.refresh_token}),
+        )
+        .await;
+    assert_eq!(ok.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn logout_ends_the_session_at_once() {
+    let app = TestApp::spawn().await;
+    let alice = app.tenant("acme").await;
+    let out = app
+        .post("/v1/auth/logout", Some(&alice.token), json!({}))
+        .await;
+    assert_eq!(out.status, StatusCode::NO_CONTENT, "{:?}", out.body);
+    app.get("/v1/projects", Some(&alice.token))
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+    app.post(
+        "/v1/auth/refresh",
+        None,
+        json!({"refresh_token": alice.refresh_token}),
+    )
+    .await
+    .assert_error(StatusCode::UNAUTHORIZED, "invalid_refresh_token");
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_log WHERE action = 'session.revoke' AND details->>'reason' = 'logout'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_password_change_ends_every_other_session_but_this_one() {
+    let app = TestApp::spawn().await;
+    let alice = app.tenant("acme").await;
+    let other = app.login(&alice.email, PASSWORD, None).await;
+    let other_access = field(&other.body, "access_token").to_owned();
+    let other_refresh = field(&other.body, "refresh_token").to_owned();
+
+    // A wrong current password changes nothing.
+    app.post(
+        "/v1/auth/password",
+        Some(&alice.token),
+        json!({"current_password": "not the password", "new_password": "a brand new password"}),
+    )
+    .await
+    .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    app.post(
+        "/v1/auth/password",
+        Some(&alice.token),
+        json!({"current_password": PASSWORD, "new_password": "short"}),
+    )
+    .await
+    .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert_eq!(
+        app.get("/v1/projects", Some(&other_access)).await.status,
+        StatusCode::OK
+    );
+
+    let changed = app
+        .post(
+            "/v1/auth/password",
+            Some(&alice.token),
+            json!({"current_password": PASSWORD, "new_password": "a brand new password"}),
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::NO_CONTENT, "{:?}", changed.body);
+    assert_eq!(
+        app.get("/v1/projects", Some(&alice.token)).await.status,
+        StatusCode::OK
+    );
+    app.get("/v1/projects", Some(&other_access))
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+    app.post(
+        "/v1/auth/refresh",
+        None,
+        json!({"refresh_token": other_refresh}),
+    )
+    .await
+    .assert_error(StatusCode::UNAUTHORIZED, "invalid_refresh_token");
+    app.login(&alice.email, PASSWORD, None)
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "invalid_credentials");
+    assert_eq!(
+        app.login(&alice.email, "a brand new password", None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn a_signing_key_rotation_logs_nobody_out() {
+    const NEW_KEY: &str = "the-next-signing-key-that-is-also-long-enough-42";
+    let mut app = TestApp::spawn().await;
+    let alice = app.tenant("acme").await;
+
+    // Step 1: the new key signs, the old one still verifies.
+    app.rekey(&[NEW_KEY, SIGNING_KEY]);
+    assert_eq!(
+        app.get("/v1/projects", Some(&alice.token)).await.status,
+        StatusCode::OK
+    );
+    let refreshed = app
+        .post(
+            "/v1/auth/refresh",
+            None,
+            json!({"refresh_token": alice.refresh_token}),
+        )
+        .await;
+    assert_eq!(refreshed.status, StatusCode::OK);
+    let access = field(&refreshed.body, "access_token").to_owned();
+    let header = jsonwebtoken::decode_header(&access).unwrap();
+    assert_eq!(header.kid.as_deref(), Some(app.state.tokens.signing_kid()));
+
+    // Step 2, after the access-token lifetime: the old key is retired. Old
+    // access tokens stop verifying; the session lives on through refresh.
+    app.rekey(&[NEW_KEY]);
+    app.get("/v1/projects", Some(&alice.token))
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+    assert_eq!(
+        app.get("/v1/projects", Some(&access)).await.status,
+        StatusCode::OK
+    );
+    let again = app
+        .post(
+            "/v1/auth/refresh",
+            None,
+            json!({"refresh_token": field(&refreshed.body, "refresh_token")}),
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_refresh_after_the_membership_ended_is_refused() {
+    let app = TestApp::spawn().await;
+    let alice = app.tenant("acme").await;
+    let mut admin = app.database.admin().await;
+    sqlx::query("DELETE FROM memberships WHERE user_id = $1::uuid")
+        .bind(&alice.user_id)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    app.post(
+        "/v1/auth/refresh",
+        None,
+        json!({"refresh_token": alice.refresh_token}),
+    )
+    .await
+    .assert_error(StatusCode::UNAUTHORIZED, "invalid_refresh_token");
+    assert_eq!(
+        app.count("SELECT count(*) FROM sessions WHERE revoked_reason = 'membership_ended'")
+            .await,
+        1
+    );
+}

@@ -1,0 +1,324 @@
+//! Sessions: login, refresh-token rotation with reuse detection, logout and
+//! password change.
+//!
+//! A login starts a session (one user, one tenant) and hands out a
+//! short-lived access token naming the session plus a refresh token. Each
+//! refresh exchanges the refresh token for a new one; a refresh token
+//! presented twice means two parties hold it, and the whole session is
+//! revoked. Every authorised request checks that its session is live (see
+//! `authz`), so revocation takes effect at once, not when the access token
+//! expires.
+
+use keel_core::ids::{RefreshTokenId, SessionId, TenantId, UserId};
+use keel_core::{Actor, ResourceName};
+use keel_db::{Audit, Db, RequestMeta, Scope, WriteTx};
+use time::OffsetDateTime;
+
+use crate::model::{LoginRequest, PasswordChangeRequest, TokenResponse};
+use crate::{AuthError, Principal, TokenKeys, password, secret};
+
+const REFRESH_PREFIX: &str = "krt";
+
+fn session_name(tenant_id: TenantId, session_id: SessionId) -> ResourceName {
+    ResourceName::new(None, Some(tenant_id), None, "session", session_id)
+}
+
+/// Inserts a refresh token of `session_id` and returns the token to hand
+/// out. It expires after the refresh lifetime, never after the session.
+async fn new_refresh_token(
+    tx: &mut WriteTx,
+    keys: &TokenKeys,
+    user_id: UserId,
+    session_id: SessionId,
+    session_expires_at: OffsetDateTime,
+) -> Result<(String, OffsetDateTime), AuthError> {
+    let id = RefreshTokenId::new();
+    let made = secret::generate(REFRESH_PREFIX, &[user_id.as_uuid(), id.as_uuid()]);
+    let expires_at = (OffsetDateTime::now_utc() + keys.refresh_ttl()).min(session_expires_at);
+    sqlx::query(
+        "INSERT INTO refresh_tokens (id, session_id, user_id, secret_sha256, expires_at)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(id)
+    .bind(session_id)
+    .bind(user_id)
+    .bind(&made.digest)
+    .bind(expires_at)
+    .execute(tx.conn())
+    .await?;
+    Ok((made.token, expires_at))
+}
+
+fn token_response(
+    keys: &TokenKeys,
+    user_id: UserId,
+    tenant_id: TenantId,
+    session_id: SessionId,
+    refresh: (String, OffsetDateTime),
+) -> Result<TokenResponse, AuthError> {
+    let issued = keys.issue(user_id, tenant_id, session_id)?;
+    let (refresh_token, refresh_expires_at) = refresh;
+    Ok(TokenResponse {
+        access_token: issued.token,
+        token_type: "Bearer",
+        expires_in: issued.expires_in,
+        refresh_token,
+        refresh_expires_in: (refresh_expires_at - OffsetDateTime::now_utc())
+            .whole_seconds()
+            .max(0),
+        tenant_id,
+    })
+}
+
+/// Checks the password and starts a session in one of the user's tenants.
+/// Wrong email and wrong password are the same error, and take the same
+/// time.
+pub async fn login(
+    db: &Db,
+    keys: &TokenKeys,
+    meta: RequestMeta,
+    request: LoginRequest,
+) -> Result<TokenResponse, AuthError> {
+    let found: Option<(UserId, String)> =
+        sqlx::query_as("SELECT id, password_hash FROM users WHERE lower(email) = lower($1)")
+            .bind(request.email.trim())
+            .fetch_optional(db.pool())
+            .await?;
+    let (user_id, stored) = match found {
+        Some((id, hash)) => (Some(id), Some(hash)),
+        None => (None, None),
+    };
+    let password_ok = password::verify(request.password, stored).await?;
+    let user_id = match (user_id, password_ok) {
+        (Some(user_id), true) => user_id,
+        _ => return Err(AuthError::InvalidCredentials),
+    };
+    // The user's own memberships are visible in a user-scoped transaction.
+    let mut tx = db.begin_tenant(meta, Scope::User { user_id }).await?;
+    let tenant_id: Option<TenantId> = sqlx::query_scalar(
+        "SELECT tenant_id FROM memberships WHERE user_id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)
+         ORDER BY created_at, tenant_id LIMIT 1",
+    )
+    .bind(user_id)
+    .bind(request.tenant_id)
+    .fetch_optional(tx.conn())
+    .await?;
+    let tenant_id = match (tenant_id, request.tenant_id) {
+        (Some(tenant_id), _) => tenant_id,
+        (None, Some(_)) => return Err(AuthError::NotFound("tenant")),
+        (None, None) => return Err(AuthError::NoTenant),
+    };
+    tx.enter_tenant(tenant_id, Some(user_id)).await?;
+    tx.set_actor(Actor::User { user_id, tenant_id });
+    let session_id = SessionId::new();
+    let session_expires_at = OffsetDateTime::now_utc() + keys.session_max_age();
+    sqlx::query(
+        "INSERT INTO sessions (id, user_id, tenant_id, expires_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(session_id)
+    .bind(user_id)
+    .bind(tenant_id)
+    .bind(session_expires_at)
+    .execute(tx.conn())
+    .await?;
+    let refresh = new_refresh_token(&mut tx, keys, user_id, session_id, session_expires_at).await?;
+    let response = token_response(keys, user_id, tenant_id, session_id, refresh)?;
+    tx.commit(Audit::new(
+        "session.create",
+        Some(tenant_id),
+        session_name(tenant_id, session_id),
+    ))
+    .await?;
+    Ok(response)
+}
+
+#[derive(sqlx::FromRow)]
+struct PresentedRow {
+    session_id: SessionId,
+    secret_sha256: Vec<u8>,
+    expires_at: OffsetDateTime,
+    used_at: Option<OffsetDateTime>,
+    tenant_id: TenantId,
+    revoked_at: Option<OffsetDateTime>,
+    session_expires_at: OffsetDateTime,
+}
+
+/// Revokes a session for `reason` and commits that (with its audit row).
+async fn revoke_and_commit(
+    mut tx: WriteTx,
+    user_id: UserId,
+    tenant_id: TenantId,
+    session_id: SessionId,
+    reason: &'static str,
+) -> Result<(), AuthError> {
+    sqlx::query(
+        "UPDATE sessions SET revoked_at = now(), revoked_reason = $2 WHERE id = $1 AND revoked_at IS NULL",
+    )
+    .bind(session_id)
+    .bind(reason)
+    .execute(tx.conn())
+    .await?;
+    tx.enter_tenant(tenant_id, Some(user_id)).await?;
+    tx.set_actor(Actor::User { user_id, tenant_id });
+    tx.commit(
+        Audit::new(
+            "session.revoke",
+            Some(tenant_id),
+            session_name(tenant_id, session_id),
+        )
+        .with_details(serde_json::json!({ "reason": reason })),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Exchanges a refresh token for a new access token and a new refresh
+/// token. Presenting an already exchanged token revokes the session.
+pub async fn refresh(
+    db: &Db,
+    keys: &TokenKeys,
+    meta: RequestMeta,
+    refresh_token: &str,
+) -> Result<TokenResponse, AuthError> {
+    let presented =
+        secret::parse::<2>(REFRESH_PREFIX, refresh_token).ok_or(AuthError::RefreshTokenInvalid)?;
+    let user_id = UserId::from(presented.ids[0]);
+    let token_id = RefreshTokenId::from(presented.ids[1]);
+    let mut tx = db.begin_tenant(meta, Scope::User { user_id }).await?;
+    // Row locks serialise concurrent refreshes of one token: the second
+    // sees it used.
+    let row: Option<PresentedRow> = sqlx::query_as(
+        "SELECT r.session_id, r.secret_sha256, r.expires_at, r.used_at,
+                s.tenant_id, s.revoked_at, s.expires_at AS session_expires_at
+         FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id
+         WHERE r.id = $1 AND r.user_id = $2
+         FOR UPDATE OF r, s",
+    )
+    .bind(token_id)
+    .bind(user_id)
+    .fetch_optional(tx.conn())
+    .await?;
+    let row = row
+        .filter(|row| presented.matches(&row.secret_sha256))
+        .ok_or(AuthError::RefreshTokenInvalid)?;
+    let now = OffsetDateTime::now_utc();
+    if row.revoked_at.is_some() {
+        return Err(AuthError::RefreshTokenInvalid);
+    }
+    if row.used_at.is_some() {
+        tracing::warn!(session_id = %row.session_id, "refresh token reused; revoking the session");
+        revoke_and_commit(
+            tx,
+            user_id,
+            row.tenant_id,
+            row.session_id,
+            "refresh_token_reused",
+        )
+        .await?;
+        return Err(AuthError::RefreshTokenReused);
+    }
+    if row.expires_at <= now || row.session_expires_at <= now {
+        return Err(AuthError::RefreshTokenInvalid);
+    }
+    let still_member: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT FROM memberships WHERE tenant_id = $1 AND user_id = $2)",
+    )
+    .bind(row.tenant_id)
+    .bind(user_id)
+    .fetch_one(tx.conn())
+    .await?;
+    if !still_member {
+        revoke_and_commit(
+            tx,
+            user_id,
+            row.tenant_id,
+            row.session_id,
+            "membership_ended",
+        )
+        .await?;
+        return Err(AuthError::RefreshTokenInvalid);
+    }
+    sqlx::query("UPDATE refresh_tokens SET used_at = now() WHERE id = $1")
+        .bind(token_id)
+        .execute(tx.conn())
+        .await?;
+    let refresh = new_refresh_token(
+        &mut tx,
+        keys,
+        user_id,
+        row.session_id,
+        row.session_expires_at,
+    )
+    .await?;
+    let response = token_response(keys, user_id, row.tenant_id, row.session_id, refresh)?;
+    tx.enter_tenant(row.tenant_id, Some(user_id)).await?;
+    tx.set_actor(Actor::User {
+        user_id,
+        tenant_id: row.tenant_id,
+    });
+    tx.commit(Audit::new(
+        "session.refresh",
+        Some(row.tenant_id),
+        session_name(row.tenant_id, row.session_id),
+    ))
+    .await?;
+    Ok(response)
+}
+
+/// Ends the caller's session: its access and refresh tokens stop working.
+pub async fn logout(tx: WriteTx, principal: &Principal) -> Result<(), AuthError> {
+    revoke_and_commit(
+        tx,
+        principal.user_id,
+        principal.tenant_id,
+        principal.session_id,
+        "logout",
+    )
+    .await
+}
+
+/// Changes the caller's password after checking the current one, and ends
+/// every other session of the user, in every tenant.
+pub async fn password_change(
+    mut tx: WriteTx,
+    principal: &Principal,
+    request: PasswordChangeRequest,
+) -> Result<(), AuthError> {
+    let errors = request.validate();
+    if !errors.is_empty() {
+        return Err(AuthError::Validation(errors));
+    }
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT password_hash FROM users WHERE id = $1")
+            .bind(principal.user_id)
+            .fetch_optional(tx.conn())
+            .await?;
+    if !password::verify(request.current_password, stored).await? {
+        return Err(AuthError::WrongPassword);
+    }
+    let new_hash = password::hash(request.new_password).await?;
+    sqlx::query("UPDATE users SET password_hash = $2 WHERE id = $1")
+        .bind(principal.user_id)
+        .bind(&new_hash)
+        .execute(tx.conn())
+        .await?;
+    let revoked = sqlx::query(
+        "UPDATE sessions SET revoked_at = now(), revoked_reason = 'password_changed'
+         WHERE user_id = $1 AND id <> $2 AND revoked_at IS NULL",
+    )
+    .bind(principal.user_id)
+    .bind(principal.session_id)
+    .execute(tx.conn())
+    .await?
+    .rows_affected();
+    tx.commit(
+        Audit::new(
+            "user.password_change",
+            Some(principal.tenant_id),
+            ResourceName::new(None, None, None, "user", principal.user_id),
+        )
+        .with_details(serde_json::json!({ "other_sessions_revoked": revoked })),
+    )
+    .await?;
+    Ok(())
+}
