@@ -57,6 +57,11 @@ async fn run() -> anyhow::Result<()> {
         consumers.clone(),
         stopped,
     ));
+    let purge = tokio::spawn(purge_idempotency_keys(
+        db.clone(),
+        config.idempotency.clone(),
+        stop.subscribe(),
+    ));
     let monitor = keel_outbox::worker::monitor(&db, &consumers, &instance);
     tracing::info!(%instance, "worker running");
     let result = monitor
@@ -67,9 +72,33 @@ async fn run() -> anyhow::Result<()> {
         .await;
     let _ = stop.send(true);
     relay.await.context("relay task")?.context("relay")?;
+    purge.await.context("idempotency purge task")?;
     result.context("consumer workers")?;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Deletes idempotency keys past their retention, every
+/// `idempotency.purge_interval_secs`, until stopped. A failed round is
+/// logged and retried at the next tick.
+async fn purge_idempotency_keys(
+    db: keel_db::Db,
+    config: keel_auth::idempotency::IdempotencyConfig,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let period = std::time::Duration::from_secs(u64::from(config.purge_interval_secs.max(1)));
+    let mut ticks = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        match keel_auth::idempotency::purge(&db, config.retention()).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "purged expired idempotency keys"),
+            Err(error) => tracing::warn!(error = %error, "purging idempotency keys failed"),
+        }
+    }
 }
 
 fn hostname() -> String {

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use keel_auth::TokenConfig;
+use keel_auth::idempotency::IdempotencyConfig;
 use keel_db::DatabaseConfig;
 use serde::Deserialize;
 
@@ -32,6 +33,8 @@ pub struct Config {
     pub pki: PkiConfig,
     #[serde(default)]
     pub agent: AgentListenerConfig,
+    #[serde(default)]
+    pub idempotency: IdempotencyConfig,
 }
 
 /// Where the control plane keeps its CAs and keys.
@@ -89,6 +92,9 @@ const SECTIONS: &[&str] = &[
     "database",
     "database_migrate_on_start",
     "auth",
+    "pki",
+    "agent",
+    "idempotency",
 ];
 
 fn yes() -> bool {
@@ -128,7 +134,11 @@ impl Config {
             .merge(Serialized::default("server", ServerConfig::default()))
             .merge(Serialized::default("log", LogConfig::default()))
             .merge(Serialized::default("pki", PkiConfig::default()))
-            .merge(Serialized::default("agent", AgentListenerConfig::default()));
+            .merge(Serialized::default("agent", AgentListenerConfig::default()))
+            .merge(Serialized::default(
+                "idempotency",
+                IdempotencyConfig::default(),
+            ));
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }

@@ -41,7 +41,11 @@ pub fn app(state: AppState) -> Router {
             }),
         )
         .fallback(keel_http::route_not_found)
-        .with_state(state)
+        .with_state(state.clone())
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            keel_auth::idempotency::layer::<AppState>,
+        ))
         .layer(axum::middleware::from_fn(keel_http::request_id_layer))
 }
 

@@ -8,7 +8,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use keel_core::Actor;
 use keel_core::ids::{SessionId, TenantId, UserId};
-use keel_db::{Db, RequestMeta, Scope, WriteTx};
+use keel_db::{Db, DeferredCommit, RequestMeta, Scope, WriteTx};
 use keel_http::{ApiError, RequestId, TraceParent};
 
 use crate::{AuthError, TokenKeys};
@@ -28,19 +28,20 @@ pub struct Ctx {
     pub principal: Principal,
     pub meta: RequestMeta,
     db: Db,
+    /// The transaction the idempotency layer opened for this request.
+    deferred: Option<DeferredCommit>,
 }
 
 impl Ctx {
     /// A transaction in the caller's tenant; row-level security applies.
+    /// Under an `Idempotency-Key`, the first call returns the transaction
+    /// that already holds the key (see `crate::idempotency`).
     pub async fn begin(&self) -> Result<WriteTx, keel_db::DbError> {
+        if let Some(tx) = self.deferred.as_ref().and_then(DeferredCommit::take) {
+            return Ok(tx);
+        }
         self.db
-            .begin_tenant(
-                self.meta.clone(),
-                Scope::Tenant {
-                    tenant_id: self.principal.tenant_id,
-                    user_id: Some(self.principal.user_id),
-                },
-            )
+            .begin_tenant(self.meta.clone(), self.principal.scope())
             .await
     }
 }
@@ -87,32 +88,59 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let keys = Arc::<TokenKeys>::from_ref(state);
-        let verified = keys.verify(bearer(parts)?)?;
-        let request_id = parts
-            .extensions
-            .get::<RequestId>()
-            .map(|id| id.0.clone())
-            .unwrap_or_default();
-        let principal = Principal {
-            user_id: verified.user_id,
-            tenant_id: verified.tenant_id,
-            session_id: verified.session_id,
-        };
+        let (principal, meta) = authenticate(parts, &keys)?;
         tracing::Span::current().record("principal", tracing::field::display(principal.user_id));
         Ok(Ctx {
-            meta: RequestMeta {
-                request_id,
-                actor: Actor::User {
-                    user_id: principal.user_id,
-                    tenant_id: principal.tenant_id,
-                },
-                traceparent: parts
-                    .extensions
-                    .get::<TraceParent>()
-                    .map(|trace| trace.0.clone()),
-            },
+            meta,
             principal,
             db: Db::from_ref(state),
+            deferred: parts.extensions.get::<DeferredCommit>().cloned(),
         })
+    }
+}
+
+/// Verifies the bearer token of a request and builds the metadata its
+/// changes carry. Shared by [`Ctx`] and the idempotency layer.
+pub fn authenticate(
+    parts: &Parts,
+    keys: &TokenKeys,
+) -> Result<(Principal, RequestMeta), AuthError> {
+    let verified = keys.verify(bearer(parts)?)?;
+    let request_id = parts
+        .extensions
+        .get::<RequestId>()
+        .map(|id| id.0.clone())
+        .unwrap_or_default();
+    let principal = Principal {
+        user_id: verified.user_id,
+        tenant_id: verified.tenant_id,
+        session_id: verified.session_id,
+    };
+    let meta = RequestMeta {
+        request_id,
+        actor: Actor::User {
+            user_id: principal.user_id,
+            tenant_id: principal.tenant_id,
+        },
+        traceparent: parts
+            .extensions
+            .get::<TraceParent>()
+            .map(|trace| trace.0.clone()),
+    };
+    Ok((principal, meta))
+}
+
+impl Principal {
+    /// How idempotency keys and logs name this principal.
+    pub fn label(&self) -> String {
+        format!("user:{}", self.user_id)
+    }
+
+    /// The transaction scope of this principal's requests.
+    pub fn scope(&self) -> Scope {
+        Scope::Tenant {
+            tenant_id: self.tenant_id,
+            user_id: Some(self.user_id),
+        }
     }
 }

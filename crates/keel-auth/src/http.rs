@@ -212,6 +212,7 @@ fn with_etag(project: Project) -> (HeaderMap, Json<ProjectView>) {
     path = "/v1/projects",
     operation_id = "project_create",
     tag = "projects",
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the same key and request replay the first response")),
     request_body = ProjectRequest,
     security(("bearer" = [])),
     responses(

@@ -10,6 +10,7 @@
 //!   the request's metadata, and the door to a tenant transaction.
 //! - [`members`] (+ [`members_http`]): members and roles, invitations,
 //!   per-project grants; the last-owner rule.
+//! - [`idempotency`]: the `Idempotency-Key` layer and the purge of old keys.
 //! - [`session`]: login, refresh-token rotation, logout, password change.
 //! - [`secret`]: opaque bearer secrets (refresh and invitation tokens),
 //!   stored hashed.
@@ -22,6 +23,7 @@ pub mod authz;
 pub mod context;
 mod error;
 pub mod http;
+pub mod idempotency;
 pub mod members;
 pub mod members_http;
 pub mod model;

@@ -176,6 +176,7 @@ async fn invitation_list(
     path = "/v1/invitations",
     operation_id = "invitation_create",
     tag = "members",
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the same key and request replay the first response")),
     request_body = InvitationRequest,
     security(("bearer" = [])),
     responses(

@@ -16,12 +16,14 @@
 //!   their changes are audited under a system or node actor.
 
 mod config;
+mod deferred;
 mod tx;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
 
 pub use config::DatabaseConfig;
+pub use deferred::DeferredCommit;
 pub use tx::{Audit, NewEvent, RequestMeta, Scope, WriteTx};
 
 /// The migrations under `/migrations`, embedded in every binary.

@@ -7,7 +7,7 @@ use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::{DbError, OUTBOX_CHANNEL, PgTransaction};
+use crate::{DbError, DeferredCommit, OUTBOX_CHANNEL, PgTransaction};
 
 /// What a request (or a worker step) carries into every change it makes.
 #[derive(Clone, Debug)]
@@ -123,6 +123,8 @@ pub struct WriteTx {
     scope: Scope,
     events: Vec<NewEvent>,
     audits: Vec<Audit>,
+    /// Set when the idempotency layer owns the final commit.
+    deferred: Option<DeferredCommit>,
 }
 
 impl WriteTx {
@@ -158,7 +160,14 @@ impl WriteTx {
             scope,
             events: Vec::new(),
             audits: Vec::new(),
+            deferred: None,
         })
+    }
+
+    /// Makes [`WriteTx::commit`] park the transaction in `deferred` instead
+    /// of committing it.
+    pub(crate) fn defer_commit_to(&mut self, deferred: DeferredCommit) {
+        self.deferred = Some(deferred);
     }
 
     /// The connection to run domain SQL on.
@@ -209,7 +218,9 @@ impl WriteTx {
     }
 
     /// Writes the audit rows and the outbox rows, then commits. Either all
-    /// of the transaction lands or none of it.
+    /// of the transaction lands or none of it. Under an idempotency key the
+    /// commit is the idempotency layer's, after it stored the response (see
+    /// [`DeferredCommit`]).
     pub async fn commit(mut self, audit: Audit) -> Result<(), DbError> {
         self.audits.push(audit);
         let actor_detail =
@@ -256,7 +267,12 @@ impl WriteTx {
                 .execute(&mut *self.tx)
                 .await?;
         }
-        self.tx.commit().await?;
+        match self.deferred.take() {
+            // The idempotency layer stores the response in this same
+            // transaction and commits it.
+            Some(deferred) => deferred.park(self.tx),
+            None => self.tx.commit().await?,
+        }
         Ok(())
     }
 }

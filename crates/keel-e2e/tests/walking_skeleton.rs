@@ -222,10 +222,16 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
         "-c".into(),
         "echo $$ > pid; exec sleep 300".into(),
     ]));
-    let created = allocations_api::allocation_create(&tenant, &project, new)
+    // A client retrying with its Idempotency-Key gets the same allocation
+    // back, and only one workload runs.
+    let created = allocations_api::allocation_create(&tenant, &project, new.clone(), Some("e2e-1"))
         .await
         .unwrap();
     assert_eq!(created.state, AllocationState::Scheduled);
+    let retried = allocations_api::allocation_create(&tenant, &project, new, Some("e2e-1"))
+        .await
+        .unwrap();
+    assert_eq!(retried.id, created.id);
     let id = created.id.to_string();
 
     eventually("the allocation to be running", &logs, || async {

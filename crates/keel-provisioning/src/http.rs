@@ -35,7 +35,10 @@ where
     path = "/v1/projects/{project_id}/allocations",
     operation_id = "allocation_create",
     tag = "allocations",
-    params(("project_id" = ProjectId, Path, description = "The project")),
+    params(
+        ("project_id" = ProjectId, Path, description = "The project"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the same key and request replay the first response"),
+    ),
     request_body = NewAllocation,
     security(("bearer" = [])),
     responses(

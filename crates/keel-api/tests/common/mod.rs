@@ -31,6 +31,7 @@ pub fn test_config(database: &TestDb) -> keel_api::Config {
         auth: TokenConfig::with_keys(&[SIGNING_KEY]),
         pki: Default::default(),
         agent: Default::default(),
+        idempotency: Default::default(),
     }
 }
 

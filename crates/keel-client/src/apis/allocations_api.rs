@@ -61,10 +61,12 @@ pub async fn allocation_create(
     configuration: &configuration::Configuration,
     project_id: &str,
     new_allocation: models::NewAllocation,
+    idempotency_key: Option<&str>,
 ) -> Result<models::AllocationView, Error<AllocationCreateError>> {
     // add a prefix to parameters to efficiently prevent name collisions
     let p_path_project_id = project_id;
     let p_body_new_allocation = new_allocation;
+    let p_header_idempotency_key = idempotency_key;
 
     let uri_str = format!(
         "{}/v1/projects/{project_id}/allocations",
@@ -77,6 +79,9 @@ pub async fn allocation_create(
 
     if let Some(ref user_agent) = configuration.user_agent {
         req_builder = req_builder.header(reqwest::header::USER_AGENT, user_agent.clone());
+    }
+    if let Some(param_value) = p_header_idempotency_key {
+        req_builder = req_builder.header("Idempotency-Key", param_value.to_string());
     }
     if let Some(ref token) = configuration.bearer_access_token {
         req_builder = req_builder.bearer_auth(token.to_owned());

@@ -180,9 +180,11 @@ pub async fn invitation_accept(
 pub async fn invitation_create(
     configuration: &configuration::Configuration,
     invitation_request: models::InvitationRequest,
+    idempotency_key: Option<&str>,
 ) -> Result<models::InvitationCreated, Error<InvitationCreateError>> {
     // add a prefix to parameters to efficiently prevent name collisions
     let p_body_invitation_request = invitation_request;
+    let p_header_idempotency_key = idempotency_key;
 
     let uri_str = format!("{}/v1/invitations", configuration.base_path);
     let mut req_builder = configuration
@@ -191,6 +193,9 @@ pub async fn invitation_create(
 
     if let Some(ref user_agent) = configuration.user_agent {
         req_builder = req_builder.header(reqwest::header::USER_AGENT, user_agent.clone());
+    }
+    if let Some(param_value) = p_header_idempotency_key {
+        req_builder = req_builder.header("Idempotency-Key", param_value.to_string());
     }
     if let Some(ref token) = configuration.bearer_access_token {
         req_builder = req_builder.bearer_auth(token.to_owned());

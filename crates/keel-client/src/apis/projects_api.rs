@@ -73,9 +73,11 @@ pub enum ProjectUpdateError {
 pub async fn project_create(
     configuration: &configuration::Configuration,
     project_request: models::ProjectRequest,
+    idempotency_key: Option<&str>,
 ) -> Result<models::ProjectView, Error<ProjectCreateError>> {
     // add a prefix to parameters to efficiently prevent name collisions
     let p_body_project_request = project_request;
+    let p_header_idempotency_key = idempotency_key;
 
     let uri_str = format!("{}/v1/projects", configuration.base_path);
     let mut req_builder = configuration
@@ -84,6 +86,9 @@ pub async fn project_create(
 
     if let Some(ref user_agent) = configuration.user_agent {
         req_builder = req_builder.header(reqwest::header::USER_AGENT, user_agent.clone());
+    }
+    if let Some(param_value) = p_header_idempotency_key {
+        req_builder = req_builder.header("Idempotency-Key", param_value.to_string());
     }
     if let Some(ref token) = configuration.bearer_access_token {
         req_builder = req_builder.bearer_auth(token.to_owned());

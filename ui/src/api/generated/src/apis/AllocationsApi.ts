@@ -43,6 +43,10 @@ export interface AllocationCreateRequest {
      * 
      */
     newAllocation: NewAllocation;
+    /**
+     * Makes retries safe: the same key and request replay the first response
+     */
+    idempotencyKey?: string | null;
 }
 
 export interface AllocationGetRequest {
@@ -93,6 +97,7 @@ export interface AllocationsApiInterface {
      * Creates request options for allocationCreate without sending the request
      * @param {string} projectId The project
      * @param {NewAllocation} newAllocation 
+     * @param {string} [idempotencyKey] Makes retries safe: the same key and request replay the first response
      * @throws {RequiredError}
      * @memberof AllocationsApiInterface
      */
@@ -103,6 +108,7 @@ export interface AllocationsApiInterface {
      * @summary Launch an allocation. It is placed at once: the answer is `scheduled`, or `failed` with `insufficient_capacity`; then it moves on by itself.
      * @param {string} projectId The project
      * @param {NewAllocation} newAllocation 
+     * @param {string} [idempotencyKey] Makes retries safe: the same key and request replay the first response
      * @param {*} [options] Override http request option.
      * @throws {RequiredError}
      * @memberof AllocationsApiInterface
@@ -221,6 +227,10 @@ export class AllocationsApi extends runtime.BaseAPI implements AllocationsApiInt
         const headerParameters: runtime.HTTPHeaders = {};
 
         headerParameters['Content-Type'] = 'application/json';
+
+        if (requestParameters['idempotencyKey'] != null) {
+            headerParameters['Idempotency-Key'] = String(requestParameters['idempotencyKey']);
+        }
 
         if (this.configuration && this.configuration.accessToken) {
             const token = this.configuration.accessToken;

@@ -81,6 +81,10 @@ export interface InvitationCreateRequest {
      * 
      */
     invitationRequest: InvitationRequest;
+    /**
+     * Makes retries safe: the same key and request replay the first response
+     */
+    idempotencyKey?: string | null;
 }
 
 export interface InvitationListRequest {
@@ -212,6 +216,7 @@ export interface MembersApiInterface {
     /**
      * Creates request options for invitationCreate without sending the request
      * @param {InvitationRequest} invitationRequest 
+     * @param {string} [idempotencyKey] Makes retries safe: the same key and request replay the first response
      * @throws {RequiredError}
      * @memberof MembersApiInterface
      */
@@ -221,6 +226,7 @@ export interface MembersApiInterface {
      * 
      * @summary Invite someone by email. The response carries the invitation token, shown only here; it expires after seven days.
      * @param {InvitationRequest} invitationRequest 
+     * @param {string} [idempotencyKey] Makes retries safe: the same key and request replay the first response
      * @param {*} [options] Override http request option.
      * @throws {RequiredError}
      * @memberof MembersApiInterface
@@ -514,6 +520,10 @@ export class MembersApi extends runtime.BaseAPI implements MembersApiInterface {
         const headerParameters: runtime.HTTPHeaders = {};
 
         headerParameters['Content-Type'] = 'application/json';
+
+        if (requestParameters['idempotencyKey'] != null) {
+            headerParameters['Idempotency-Key'] = String(requestParameters['idempotencyKey']);
+        }
 
         if (this.configuration && this.configuration.accessToken) {
             const token = this.configuration.accessToken;

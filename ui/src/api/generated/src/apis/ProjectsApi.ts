@@ -39,6 +39,10 @@ export interface ProjectCreateRequest {
      * 
      */
     projectRequest: ProjectRequest;
+    /**
+     * Makes retries safe: the same key and request replay the first response
+     */
+    idempotencyKey?: string | null;
 }
 
 export interface ProjectDeleteRequest {
@@ -95,6 +99,7 @@ export interface ProjectsApiInterface {
     /**
      * Creates request options for projectCreate without sending the request
      * @param {ProjectRequest} projectRequest 
+     * @param {string} [idempotencyKey] Makes retries safe: the same key and request replay the first response
      * @throws {RequiredError}
      * @memberof ProjectsApiInterface
      */
@@ -104,6 +109,7 @@ export interface ProjectsApiInterface {
      * 
      * @summary Create a project in the caller\'s tenant.
      * @param {ProjectRequest} projectRequest 
+     * @param {string} [idempotencyKey] Makes retries safe: the same key and request replay the first response
      * @param {*} [options] Override http request option.
      * @throws {RequiredError}
      * @memberof ProjectsApiInterface
@@ -238,6 +244,10 @@ export class ProjectsApi extends runtime.BaseAPI implements ProjectsApiInterface
         const headerParameters: runtime.HTTPHeaders = {};
 
         headerParameters['Content-Type'] = 'application/json';
+
+        if (requestParameters['idempotencyKey'] != null) {
+            headerParameters['Idempotency-Key'] = String(requestParameters['idempotencyKey']);
+        }
 
         if (this.configuration && this.configuration.accessToken) {
             const token = this.configuration.accessToken;
