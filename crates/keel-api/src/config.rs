@@ -12,6 +12,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use keel_auth::TokenConfig;
 use keel_auth::idempotency::IdempotencyConfig;
+use keel_auth::limits::RateLimitConfig;
 use keel_db::DatabaseConfig;
 use serde::Deserialize;
 
@@ -35,6 +36,8 @@ pub struct Config {
     pub agent: AgentListenerConfig,
     #[serde(default)]
     pub idempotency: IdempotencyConfig,
+    #[serde(default)]
+    pub rate_limit: RateLimitConfig,
 }
 
 /// Where the control plane keeps its CAs and keys.
@@ -95,6 +98,7 @@ const SECTIONS: &[&str] = &[
     "pki",
     "agent",
     "idempotency",
+    "rate_limit",
 ];
 
 fn yes() -> bool {
@@ -138,6 +142,10 @@ impl Config {
             .merge(Serialized::default(
                 "idempotency",
                 IdempotencyConfig::default(),
+            ))
+            .merge(Serialized::default(
+                "rate_limit",
+                RateLimitConfig::default(),
             ));
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::Router;
 use keel_auth::TokenKeys;
+use keel_auth::limits::Limits;
 use keel_db::Db;
 use keel_http::tls::MtlsServer;
 use keel_inventory::enrol::{NodeChannel, TaskSigningKeyView};
@@ -43,8 +44,12 @@ pub fn app(state: AppState) -> Router {
         .fallback(keel_http::route_not_found)
         .with_state(state.clone())
         .layer(axum::middleware::from_fn_with_state(
-            state,
+            state.clone(),
             keel_auth::idempotency::layer::<AppState>,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            keel_auth::limits::layer::<AppState>,
         ))
         .layer(axum::middleware::from_fn(keel_http::request_id_layer))
 }
@@ -87,6 +92,7 @@ pub async fn state_from_config(
         db,
         tokens: Arc::new(tokens),
         node_channel: Arc::new(node_channel(keys, config)?),
+        limits: Arc::new(Limits::new(config.rate_limit.clone())),
     })
 }
 
@@ -139,8 +145,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
-    let public =
-        axum::serve(listener, app(state)).with_graceful_shutdown(until_stopped(stopped.clone()));
+    // The peer address feeds the per-IP rate limits.
+    let public = axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(until_stopped(stopped.clone()));
     // Stops accepting on the same signal, then drains its own connections
     // (with a grace period; see `MtlsServer::serve`).
     let agents = agent_server.serve(until_stopped(stopped));

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use axum::extract::FromRef;
 use keel_auth::TokenKeys;
+use keel_auth::limits::Limits;
 use keel_db::Db;
 use keel_inventory::enrol::NodeChannel;
 
@@ -12,6 +13,7 @@ pub struct AppState {
     pub db: Db,
     pub tokens: Arc<TokenKeys>,
     pub node_channel: Arc<NodeChannel>,
+    pub limits: Arc<Limits>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -38,5 +40,11 @@ impl FromRef<AppState> for Arc<TokenKeys> {
 impl FromRef<AppState> for Arc<NodeChannel> {
     fn from_ref(state: &AppState) -> Self {
         state.node_channel.clone()
+    }
+}
+
+impl FromRef<AppState> for Arc<Limits> {
+    fn from_ref(state: &AppState) -> Self {
+        state.limits.clone()
     }
 }

@@ -17,17 +17,21 @@ use keel_http::{IfMatch, Path, etag};
 
 use crate::authz::{Action, authorize_project, authorize_tenant};
 use crate::context::anonymous_meta;
+use crate::limits::{ClientIp, Limits};
 use crate::model::{
     LoginRequest, PasswordChangeRequest, Project, ProjectRequest, ProjectView, RefreshRequest,
     RegisterRequest, RegisterResponse, TokenResponse,
 };
 use crate::{AuthError, Ctx, TokenKeys, service, session};
+use axum::Extension;
+use axum::response::{IntoResponse, Response};
 
 pub fn router<S>() -> OpenApiRouter<S>
 where
     S: Clone + Send + Sync + 'static,
     Db: FromRef<S>,
     Arc<TokenKeys>: FromRef<S>,
+    Arc<Limits>: FromRef<S>,
 {
     OpenApiRouter::new()
         .routes(routes!(auth_register))
@@ -74,18 +78,40 @@ async fn auth_register(
         (status = 200, description = "Logged in", body = TokenResponse),
         (status = 401, description = "`invalid_credentials`", body = ErrorBody),
         (status = 422, description = "`invalid_body`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: too many attempts from this address; see `Retry-After`", body = ErrorBody),
     )
 )]
 async fn auth_login(
     State(db): State<Db>,
     State(keys): State<Arc<TokenKeys>>,
+    State(limits): State<Arc<Limits>>,
+    client: Option<Extension<ClientIp>>,
     request_id: RequestId,
     trace: TraceParent,
     Json(request): Json<LoginRequest>,
-) -> Result<Json<TokenResponse>, ApiError> {
-    Ok(Json(
-        session::login(&db, &keys, anonymous_meta(&request_id, &trace), request).await?,
-    ))
+) -> Response {
+    let ip = client.and_then(|Extension(ClientIp(ip))| ip);
+    let email = request.email.clone();
+    // A throttled IP is refused before any work; a targeted account is
+    // answered slowly, whatever the password.
+    let delay = match limits.login_gate(ip, &email) {
+        Ok(delay) => delay,
+        Err(retry) => return retry.into_response(),
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    match session::login(&db, &keys, anonymous_meta(&request_id, &trace), request).await {
+        Ok(tokens) => {
+            limits.login_succeeded(&email);
+            Json(tokens).into_response()
+        }
+        Err(AuthError::InvalidCredentials) => {
+            limits.login_failed(ip, &email);
+            ApiError::from(AuthError::InvalidCredentials).into_response()
+        }
+        Err(error) => ApiError::from(error).into_response(),
+    }
 }
 
 /// Exchange a refresh token for a new access token and a new refresh

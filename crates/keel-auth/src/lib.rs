@@ -11,6 +11,8 @@
 //! - [`members`] (+ [`members_http`]): members and roles, invitations,
 //!   per-project grants; the last-owner rule.
 //! - [`idempotency`]: the `Idempotency-Key` layer and the purge of old keys.
+//! - [`limits`]: rate limits (per IP, per principal, token endpoints) and
+//!   failed-login throttling.
 //! - [`session`]: login, refresh-token rotation, logout, password change.
 //! - [`secret`]: opaque bearer secrets (refresh and invitation tokens),
 //!   stored hashed.
@@ -24,6 +26,7 @@ pub mod context;
 mod error;
 pub mod http;
 pub mod idempotency;
+pub mod limits;
 pub mod members;
 pub mod members_http;
 pub mod model;

@@ -9,6 +9,10 @@ use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
 use http_body_util::BodyExt;
 use keel_api::AppState;
+use std::net::SocketAddr;
+
+use axum::extract::ConnectInfo;
+use keel_auth::limits::{Limits, RateLimitConfig};
 use keel_auth::{TokenConfig, TokenKeys};
 use keel_testing::TestDb;
 use serde_json::{Value, json};
@@ -32,6 +36,22 @@ pub fn test_config(database: &TestDb) -> keel_api::Config {
         pki: Default::default(),
         agent: Default::default(),
         idempotency: Default::default(),
+        rate_limit: relaxed_limits(),
+    }
+}
+
+/// Limits no ordinary test reaches (they would otherwise share 127.0.0.1's
+/// budget); rate-limit tests pass their own.
+pub fn relaxed_limits() -> RateLimitConfig {
+    RateLimitConfig {
+        principal_per_minute: 100_000,
+        principal_burst: 10_000,
+        ip_per_minute: 100_000,
+        ip_burst: 10_000,
+        auth_per_minute: 100_000,
+        auth_burst: 10_000,
+        login_free_failures: 1_000,
+        ..RateLimitConfig::default()
     }
 }
 
@@ -53,6 +73,10 @@ pub struct Tenant {
 
 impl TestApp {
     pub async fn spawn() -> Self {
+        Self::spawn_with_limits(relaxed_limits()).await
+    }
+
+    pub async fn spawn_with_limits(limits: RateLimitConfig) -> Self {
         let database = keel_testing::test_db().await;
         let tokens = TokenKeys::new(&TokenConfig::with_keys(&[SIGNING_KEY])).expect("token keys");
         let pki_dir =
@@ -64,6 +88,7 @@ impl TestApp {
             db: database.db.clone(),
             tokens: Arc::new(tokens),
             node_channel: Arc::new(keel_api::node_channel(&keys, &config).expect("node channel")),
+            limits: Arc::new(Limits::new(limits)),
         };
         Self { database, state }
     }
@@ -89,7 +114,17 @@ impl TestApp {
         self.send(request).await
     }
 
-    pub async fn send(&self, request: Request<Body>) -> TestResponse {
+    /// Sends a request as if from 127.0.0.1 (unless it names its own peer).
+    pub async fn send(&self, mut request: Request<Body>) -> TestResponse {
+        if request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .is_none()
+        {
+            request
+                .extensions_mut()
+                .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40_000))));
+        }
         let response = keel_api::app(self.state.clone())
             .oneshot(request)
             .await

@@ -19,6 +19,7 @@ use serde::{de::Error as _, Deserialize, Serialize};
 pub enum AuthLoginError {
     Status401(models::ErrorBody),
     Status422(models::ErrorBody),
+    Status429(models::ErrorBody),
     UnknownValue(serde_json::Value),
 }
 
