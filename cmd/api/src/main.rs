@@ -5,6 +5,10 @@
 //! api [--config FILE] migrate   apply migrations and exit
 //! api [--config FILE] join-token [--ttl-secs N]
 //!                               create a one-time node join token (default 1 h)
+//! api [--config FILE] audit verify [--chain UUID]
+//!                               verify the audit hash chains (all, or one
+//!                               tenant's; the nil UUID is the platform's);
+//!                               exits 1 if one is broken
 //! api openapi                   print the OpenAPI document (used by make codegen)
 //! ```
 
@@ -19,6 +23,7 @@ enum Command {
     Migrate,
     Openapi,
     JoinToken { ttl_secs: i64 },
+    AuditVerify { chain: Option<uuid::Uuid> },
 }
 
 fn parse_args() -> anyhow::Result<(Command, Option<PathBuf>)> {
@@ -34,6 +39,16 @@ fn parse_args() -> anyhow::Result<(Command, Option<PathBuf>)> {
             "join-token" if command.is_none() => {
                 command = Some(Command::JoinToken { ttl_secs: 3600 })
             }
+            "audit" if command.is_none() => match args.next().as_deref() {
+                Some("verify") => command = Some(Command::AuditVerify { chain: None }),
+                _ => bail!("usage: api audit verify [--chain UUID]"),
+            },
+            "--chain" => match (&mut command, args.next().map(|v| v.parse::<uuid::Uuid>())) {
+                (Some(Command::AuditVerify { chain }), Some(Ok(value))) => *chain = Some(value),
+                _ => bail!(
+                    "--chain follows `audit verify` and takes a tenant id (nil: the platform)"
+                ),
+            },
             "--ttl-secs" => match (&mut command, args.next().map(|v| v.parse::<i64>())) {
                 (Some(Command::JoinToken { ttl_secs }), Some(Ok(value)))
                     if (60..=86_400).contains(&value) =>
@@ -90,8 +105,35 @@ async fn run() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::AuditVerify { chain } => audit_verify(&config, chain).await,
         Command::Serve | Command::Openapi => keel_api::serve(config).await,
     }
+}
+
+/// Prints one JSON line per chain; fails if any chain is broken.
+async fn audit_verify(config: &Config, chain: Option<uuid::Uuid>) -> anyhow::Result<()> {
+    let db = keel_db::Db::connect(&config.database)
+        .await
+        .context("connecting to Postgres")?;
+    let meta = keel_db::RequestMeta::system("cli", uuid::Uuid::now_v7().simple().to_string());
+    // Read-only: the transaction is dropped, never committed.
+    let mut tx = db.begin_system(meta).await?;
+    let chains = match chain {
+        Some(chain) => vec![chain],
+        None => keel_auth::audit_chain::chains(tx.conn()).await?,
+    };
+    let mut broken = 0;
+    for chain in chains {
+        let report = keel_auth::audit_chain::verify(tx.conn(), chain).await?;
+        if !report.valid {
+            broken += 1;
+        }
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    if broken > 0 {
+        bail!("{broken} audit chain(s) broken");
+    }
+    Ok(())
 }
 
 #[tokio::main]

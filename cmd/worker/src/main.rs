@@ -62,6 +62,7 @@ async fn run() -> anyhow::Result<()> {
         config.idempotency.clone(),
         stop.subscribe(),
     ));
+    let sealer = tokio::spawn(seal_audit_chains(db.clone(), stop.subscribe()));
     let monitor = keel_outbox::worker::monitor(&db, &consumers, &instance);
     tracing::info!(%instance, "worker running");
     let result = monitor
@@ -73,6 +74,7 @@ async fn run() -> anyhow::Result<()> {
     let _ = stop.send(true);
     relay.await.context("relay task")?.context("relay")?;
     purge.await.context("idempotency purge task")?;
+    sealer.await.context("audit sealer task")?;
     result.context("consumer workers")?;
     tracing::info!("worker stopped");
     Ok(())
@@ -97,6 +99,22 @@ async fn purge_idempotency_keys(
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, "purged expired idempotency keys"),
             Err(error) => tracing::warn!(error = %error, "purging idempotency keys failed"),
+        }
+    }
+}
+
+/// Seals new audit entries into their tenant's hash chain about once a
+/// second (see `keel_auth::audit_chain`), until stopped.
+async fn seal_audit_chains(db: keel_db::Db, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        if let Err(error) = keel_auth::audit_chain::seal(&db).await {
+            tracing::warn!(error = %error, "sealing the audit log failed");
         }
     }
 }

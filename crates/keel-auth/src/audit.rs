@@ -1,6 +1,8 @@
 //! The tenant's audit log, read-only: every change made in the tenant, who
 //! made it, and the request it came from. Nothing here can change or delete
 //! an entry; the table itself grants `keel_app` only INSERT and SELECT.
+//! `GET /v1/audit/verify` checks the tenant's hash chain
+//! ([`crate::audit_chain`]).
 
 use std::sync::Arc;
 
@@ -14,6 +16,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
+use crate::audit_chain::{self, ChainVerification};
 use crate::authz::{Action, TenantHandle, authorize_tenant};
 use crate::http::page_error;
 use crate::{AuthError, Ctx, TokenKeys};
@@ -24,7 +27,9 @@ where
     Db: FromRef<S>,
     Arc<TokenKeys>: FromRef<S>,
 {
-    OpenApiRouter::new().routes(routes!(audit_list_handler))
+    OpenApiRouter::new()
+        .routes(routes!(audit_list_handler))
+        .routes(routes!(audit_verify_handler))
 }
 
 /// Filters of `GET /v1/audit`; all optional, combined with AND.
@@ -163,4 +168,29 @@ async fn audit_list_handler(
     let mut tx = ctx.begin().await.map_err(AuthError::from)?;
     let tenant = authorize_tenant(tx.conn(), &ctx.principal, Action::AuditRead).await?;
     Ok(Json(audit_list(tx.conn(), &tenant, &filter, page).await?))
+}
+
+/// Verify the tenant's audit hash chain: every sealed entry is recomputed
+/// and linked to the one before; the first broken link is reported (an
+/// entry altered or removed in the database).
+#[utoipa::path(
+    get,
+    path = "/v1/audit/verify",
+    operation_id = "audit_verify",
+    tag = "audit",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The chain's state; `valid` is false if it is broken", body = ChainVerification),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: members and viewers", body = ErrorBody),
+    )
+)]
+async fn audit_verify_handler(ctx: Ctx) -> Result<Json<ChainVerification>, ApiError> {
+    let mut tx = ctx.begin().await.map_err(AuthError::from)?;
+    let tenant = authorize_tenant(tx.conn(), &ctx.principal, Action::AuditRead).await?;
+    Ok(Json(
+        audit_chain::verify(tx.conn(), tenant.tenant_id.as_uuid())
+            .await
+            .map_err(AuthError::from)?,
+    ))
 }

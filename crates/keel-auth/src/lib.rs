@@ -13,6 +13,8 @@
 //! - [`idempotency`]: the `Idempotency-Key` layer and the purge of old keys.
 //! - [`limits`]: rate limits (per IP, per principal, token endpoints) and
 //!   failed-login throttling.
+//! - [`audit_chain`]: sealing the audit log into per-tenant hash chains,
+//!   and verifying them.
 //! - [`session`]: login, refresh-token rotation, logout, password change.
 //! - [`secret`]: opaque bearer secrets (refresh and invitation tokens),
 //!   stored hashed.
@@ -21,6 +23,7 @@
 //! - [`password`]: Argon2id hashing.
 
 pub mod audit;
+pub mod audit_chain;
 pub mod authz;
 pub mod context;
 mod error;

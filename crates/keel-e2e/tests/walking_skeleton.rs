@@ -327,6 +327,28 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
         "scheduled and terminating, each once"
     );
 
+    // The worker seals every audit entry into its chain, and the chains
+    // verify (`api audit verify` exits 0).
+    eventually("the audit log to be sealed", &logs, || async {
+        let unsealed: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE entry_hash IS NULL")
+                .fetch_one(&mut database.admin().await)
+                .await
+                .ok()?;
+        (unsealed == 0).then_some(())
+    })
+    .await;
+    let mut verify_command = Command::new(binary("api"));
+    control_plane_env(&mut verify_command, &database, &pki, api_port, agents_port);
+    let verified = verify_command.args(["audit", "verify"]).output().unwrap();
+    assert!(
+        verified.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verified.stdout),
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    assert!(String::from_utf8_lossy(&verified.stdout).contains("\"valid\":true"));
+
     drop((worker, agent, api));
     let _ = std::fs::remove_dir_all(&scratch);
 }

@@ -14,6 +14,11 @@
 
 import * as runtime from '../runtime';
 import {
+    type ChainVerification,
+    ChainVerificationFromJSON,
+    ChainVerificationToJSON,
+} from '../models/ChainVerification';
+import {
     type ErrorBody,
     ErrorBodyFromJSON,
     ErrorBodyToJSON,
@@ -97,6 +102,27 @@ export interface AuditApiInterface {
      */
     auditList(requestParameters: AuditListRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<PaginatedAuditEntryView>;
 
+    /**
+     * Creates request options for auditVerify without sending the request
+     * @throws {RequiredError}
+     * @memberof AuditApiInterface
+     */
+    auditVerifyRequestOpts(): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Verify the tenant\'s audit hash chain: every sealed entry is recomputed and linked to the one before; the first broken link is reported (an entry altered or removed in the database).
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AuditApiInterface
+     */
+    auditVerifyRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<ChainVerification>>;
+
+    /**
+     * Verify the tenant\'s audit hash chain: every sealed entry is recomputed and linked to the one before; the first broken link is reported (an entry altered or removed in the database).
+     */
+    auditVerify(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<ChainVerification>;
+
 }
 
 /**
@@ -174,6 +200,51 @@ export class AuditApi extends runtime.BaseAPI implements AuditApiInterface {
      */
     async auditList(requestParameters: AuditListRequest = {}, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<PaginatedAuditEntryView> {
         const response = await this.auditListRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for auditVerify without sending the request
+     */
+    async auditVerifyRequestOpts(): Promise<runtime.RequestOpts> {
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/audit/verify`;
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Verify the tenant\'s audit hash chain: every sealed entry is recomputed and linked to the one before; the first broken link is reported (an entry altered or removed in the database).
+     */
+    async auditVerifyRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<ChainVerification>> {
+        const requestOptions = await this.auditVerifyRequestOpts();
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => ChainVerificationFromJSON(jsonValue));
+    }
+
+    /**
+     * Verify the tenant\'s audit hash chain: every sealed entry is recomputed and linked to the one before; the first broken link is reported (an entry altered or removed in the database).
+     */
+    async auditVerify(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<ChainVerification> {
+        const response = await this.auditVerifyRaw(initOverrides);
         return await response.value();
     }
 
