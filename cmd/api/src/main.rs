@@ -9,6 +9,9 @@
 //!                               verify the audit hash chains (all, or one
 //!                               tenant's; the nil UUID is the platform's);
 //!                               exits 1 if one is broken
+//! api [--config FILE] operator create --email EMAIL [--role operator|read_only_operator]
+//!                               create a platform operator; the password is
+//!                               read from KEEL_OPERATOR_PASSWORD or stdin
 //! api openapi                   print the OpenAPI document (used by make codegen)
 //! ```
 
@@ -17,13 +20,22 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use keel_api::{Config, telemetry};
+use keel_auth::authz::PlatformRole;
 
 enum Command {
     Serve,
     Migrate,
     Openapi,
-    JoinToken { ttl_secs: i64 },
-    AuditVerify { chain: Option<uuid::Uuid> },
+    JoinToken {
+        ttl_secs: i64,
+    },
+    AuditVerify {
+        chain: Option<uuid::Uuid>,
+    },
+    OperatorCreate {
+        email: Option<String>,
+        role: PlatformRole,
+    },
 }
 
 fn parse_args() -> anyhow::Result<(Command, Option<PathBuf>)> {
@@ -42,6 +54,26 @@ fn parse_args() -> anyhow::Result<(Command, Option<PathBuf>)> {
             "audit" if command.is_none() => match args.next().as_deref() {
                 Some("verify") => command = Some(Command::AuditVerify { chain: None }),
                 _ => bail!("usage: api audit verify [--chain UUID]"),
+            },
+            "operator" if command.is_none() => match args.next().as_deref() {
+                Some("create") => {
+                    command = Some(Command::OperatorCreate {
+                        email: None,
+                        role: PlatformRole::Operator,
+                    })
+                }
+                _ => bail!("usage: api operator create --email EMAIL [--role ROLE]"),
+            },
+            "--email" => match (&mut command, args.next()) {
+                (Some(Command::OperatorCreate { email, .. }), Some(value)) => *email = Some(value),
+                _ => bail!("--email follows `operator create` and takes an address"),
+            },
+            "--role" => match (
+                &mut command,
+                args.next().as_deref().and_then(PlatformRole::parse),
+            ) {
+                (Some(Command::OperatorCreate { role, .. }), Some(value)) => *role = value,
+                _ => bail!("--role follows `operator create`: operator or read_only_operator"),
             },
             "--chain" => match (&mut command, args.next().map(|v| v.parse::<uuid::Uuid>())) {
                 (Some(Command::AuditVerify { chain }), Some(Ok(value))) => *chain = Some(value),
@@ -106,7 +138,50 @@ async fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Command::AuditVerify { chain } => audit_verify(&config, chain).await,
+        Command::OperatorCreate { email, role } => {
+            let email = email.context("operator create needs --email")?;
+            operator_create(&config, email, role).await
+        }
         Command::Serve | Command::Openapi => keel_api::serve(config).await,
+    }
+}
+
+/// Creates an operator, audited as `system:cli`.
+async fn operator_create(config: &Config, email: String, role: PlatformRole) -> anyhow::Result<()> {
+    let password = match std::env::var("KEEL_OPERATOR_PASSWORD") {
+        Ok(password) => password,
+        Err(_) => {
+            eprintln!("password for {email} (one line on stdin):");
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password from stdin")?;
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+    };
+    let db = keel_db::Db::connect(&config.database)
+        .await
+        .context("connecting to Postgres")?;
+    let meta = keel_db::RequestMeta::system("cli", uuid::Uuid::now_v7().simple().to_string());
+    let tx = db.begin_system(meta).await?;
+    let request = keel_auth::admin::OperatorRequest {
+        email,
+        password,
+        role,
+    };
+    match keel_auth::admin::operator_create(tx, request, None).await {
+        Ok(operator) => {
+            println!("{}", serde_json::to_string(&operator)?);
+            Ok(())
+        }
+        Err(keel_auth::AuthError::Validation(fields)) => {
+            let reasons: Vec<String> = fields
+                .iter()
+                .map(|field| format!("{}: {}", field.field, field.message))
+                .collect();
+            bail!("invalid operator: {}", reasons.join("; "))
+        }
+        Err(error) => Err(error.into()),
     }
 }
 

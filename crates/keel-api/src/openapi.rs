@@ -37,6 +37,16 @@ impl Modify for BearerAuth {
                     .build(),
             ),
         );
+        // Operators' tokens (audience `keel-admin`), for `/v1/admin/…`.
+        components.add_security_scheme(
+            "operator",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
     }
 }
 
@@ -47,6 +57,7 @@ pub fn router_and_document() -> (Router<AppState>, Document) {
         .merge(keel_auth::http::router())
         .merge(keel_auth::members_http::router())
         .merge(keel_auth::audit::router())
+        .merge(keel_auth::admin::router())
         .merge(keel_inventory::http::router())
         .merge(keel_provisioning::http::router())
         .split_for_parts()

@@ -18,6 +18,7 @@ const PUBLIC: &[(&str, &str)] = &[
     ("post", "/v1/auth/register"),
     ("post", "/v1/auth/login"),
     ("post", "/v1/auth/refresh"),
+    ("post", "/v1/admin/auth/login"),
     ("post", "/v1/nodes/enrol"),
 ];
 
@@ -28,6 +29,9 @@ fn sample_body(operation_id: &str) -> Option<Value> {
         "allocation_create" => Some(json!({"name": "sweep", "flavor": "cpu.small"})),
         "project_create" | "project_update" => Some(json!({"name": "sweep"})),
         "member_update" => Some(json!({"role": "viewer"})),
+        "admin_operator_create" => Some(json!({
+            "email": "sweep-operator@example.com", "password": "a long enough password", "role": "operator"
+        })),
         "invitation_create" => Some(json!({"email": "sweep@example.com", "role": "viewer"})),
         "project_grant_set" => Some(json!({"role": "viewer"})),
         // Well formed, but for no invitation: refused as not found.
@@ -181,7 +185,10 @@ async fn every_tenant_resource_is_a_404_for_another_tenant_and_nothing_changes()
             .await;
         let token = login.body["access_token"].as_str().unwrap();
         let response = app.request(method, &uri, Some(token), body).await;
-        if operation.operation_id == "invitation_accept" {
+        if operation.path.starts_with("/v1/admin/") {
+            // A tenant token is no operator token.
+            response.assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+        } else if operation.operation_id == "invitation_accept" {
             // Tenant-wide, but the sample token names no invitation.
             response.assert_error(StatusCode::NOT_FOUND, "not_found");
         } else if operation.path.contains('{') {
@@ -215,4 +222,51 @@ async fn every_tenant_resource_is_a_404_for_another_tenant_and_nothing_changes()
         audit_before,
         "nothing changed in the owner's tenant"
     );
+}
+
+#[tokio::test]
+async fn an_operator_token_opens_no_tenant_endpoint_and_admin_endpoints_need_one() {
+    let app = TestApp::spawn().await;
+    let owner = app.tenant("acme").await;
+    let (_, operator) = app.operator(keel_auth::authz::PlatformRole::Operator).await;
+    let document: Value = serde_json::from_str(&keel_api::openapi::document_json()).unwrap();
+    for operation in operations().into_iter().filter(|o| o.secured) {
+        let admin = operation.path.starts_with("/v1/admin/");
+        let scheme = document["paths"][&operation.path][&operation.method]["security"][0]
+            .as_object()
+            .unwrap()
+            .keys()
+            .next()
+            .unwrap()
+            .clone();
+        assert_eq!(
+            scheme,
+            if admin { "operator" } else { "bearer" },
+            "{} {}",
+            operation.method,
+            operation.path
+        );
+        if admin {
+            continue;
+        }
+        let random = uuid::Uuid::now_v7().to_string();
+        let uri = fill(
+            &operation.path,
+            &Ids {
+                project: &owner.project_id,
+                allocation: &random,
+                user: &owner.user_id,
+                invitation: &random,
+            },
+        );
+        let method = Method::from_bytes(operation.method.to_uppercase().as_bytes()).unwrap();
+        app.request(
+            method,
+            &uri,
+            Some(&operator),
+            sample_body(&operation.operation_id),
+        )
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+    }
 }

@@ -65,6 +65,78 @@ impl Role {
     }
 }
 
+/// A platform operator's role. Operators are never tenant members; tenant
+/// roles never reach the admin api.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PlatformRole {
+    Operator,
+    ReadOnlyOperator,
+}
+
+impl PlatformRole {
+    pub const ALL: &'static [PlatformRole] =
+        &[PlatformRole::Operator, PlatformRole::ReadOnlyOperator];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlatformRole::Operator => "operator",
+            PlatformRole::ReadOnlyOperator => "read_only_operator",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "operator" => Some(PlatformRole::Operator),
+            "read_only_operator" => Some(PlatformRole::ReadOnlyOperator),
+            _ => None,
+        }
+    }
+}
+
+/// Whoever is asking, as the decision sees them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subject {
+    /// A member (or later a service account) acting in a tenant.
+    Tenant(Role),
+    /// An operator acting on the platform.
+    Platform(PlatformRole),
+}
+
+impl From<Role> for Subject {
+    fn from(role: Role) -> Self {
+        Subject::Tenant(role)
+    }
+}
+
+impl From<PlatformRole> for Subject {
+    fn from(role: PlatformRole) -> Self {
+        Subject::Platform(role)
+    }
+}
+
+impl Subject {
+    /// Every column of the matrix.
+    fn all() -> Vec<Subject> {
+        Role::ALL
+            .iter()
+            .map(|role| Subject::Tenant(*role))
+            .chain(
+                PlatformRole::ALL
+                    .iter()
+                    .map(|role| Subject::Platform(*role)),
+            )
+            .collect()
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Subject::Tenant(role) => role.as_str(),
+            Subject::Platform(role) => role.as_str(),
+        }
+    }
+}
+
 /// Declares [`Action`] and [`Action::ALL`] from one list, so the matrix
 /// snapshot can never miss a variant.
 macro_rules! actions {
@@ -109,6 +181,11 @@ actions! {
     AllocationRead,
     AllocationCreate,
     AllocationTerminate,
+    AdminSessionEnd,
+    AdminOperatorList,
+    AdminOperatorCreate,
+    AdminTenantList,
+    AdminAuditVerify,
 }
 
 impl Action {
@@ -117,6 +194,11 @@ impl Action {
     fn read_action(self) -> Action {
         match self {
             Action::FlavorList => Action::FlavorList,
+            Action::AdminSessionEnd
+            | Action::AdminOperatorList
+            | Action::AdminOperatorCreate
+            | Action::AdminTenantList
+            | Action::AdminAuditVerify => self,
             Action::SessionEnd => Action::SessionEnd,
             Action::PasswordChange => Action::PasswordChange,
             Action::MemberLeave => Action::MemberLeave,
@@ -146,18 +228,19 @@ impl Action {
 /// The whole role × action matrix as text, one line per action: the
 /// committed snapshot `authz-matrix.txt` is compared with it by a test.
 pub fn matrix() -> String {
+    let subjects = Subject::all();
     let mut out = format!("{:<22}", "action");
-    for role in Role::ALL {
-        out.push_str(&format!(" {:<7}", role.as_str()));
+    for subject in &subjects {
+        out.push_str(&format!(" {:<18}", subject.as_str()));
     }
     out = out.trim_end().to_owned();
     out.push('\n');
     for action in Action::ALL {
         let mut line = format!("{:<22}", format!("{action:?}"));
-        for role in Role::ALL {
+        for subject in &subjects {
             line.push_str(&format!(
-                " {:<7}",
-                if decide(*role, *action) {
+                " {:<18}",
+                if decide(*subject, *action) {
                     "allow"
                 } else {
                     "deny"
@@ -206,15 +289,29 @@ const ADMIN: &[Action] = &[
 /// Owners alone hand out and take away ownership.
 const OWNER: &[Action] = &[Action::OwnerManage];
 
-/// The decision: may a member with `role` do `action`? Pure, total, and
-/// the only place this is answered. Deny by default: an action no list
-/// names is allowed to nobody.
-pub fn decide(role: Role, action: Action) -> bool {
-    let lists: &[&[Action]] = match role {
-        Role::Owner => &[VIEWER, MEMBER, ADMIN, OWNER],
-        Role::Admin => &[VIEWER, MEMBER, ADMIN],
-        Role::Member => &[VIEWER, MEMBER],
-        Role::Viewer => &[VIEWER],
+/// What read-only operators may do: look.
+const READ_ONLY_OPERATOR: &[Action] = &[
+    Action::AdminSessionEnd,
+    Action::AdminOperatorList,
+    Action::AdminTenantList,
+    Action::AdminAuditVerify,
+];
+
+/// Operators also manage the platform.
+const OPERATOR: &[Action] = &[Action::AdminOperatorCreate];
+
+/// The decision: may `subject` (a tenant role or a platform role) do
+/// `action`? Pure, total, and the only place this is answered. Deny by
+/// default: an action no list names is allowed to nobody. Tenant roles
+/// never get an admin action, and operators never a tenant action.
+pub fn decide(subject: impl Into<Subject>, action: Action) -> bool {
+    let lists: &[&[Action]] = match subject.into() {
+        Subject::Tenant(Role::Owner) => &[VIEWER, MEMBER, ADMIN, OWNER],
+        Subject::Tenant(Role::Admin) => &[VIEWER, MEMBER, ADMIN],
+        Subject::Tenant(Role::Member) => &[VIEWER, MEMBER],
+        Subject::Tenant(Role::Viewer) => &[VIEWER],
+        Subject::Platform(PlatformRole::Operator) => &[READ_ONLY_OPERATOR, OPERATOR],
+        Subject::Platform(PlatformRole::ReadOnlyOperator) => &[READ_ONLY_OPERATOR],
     };
     lists.iter().any(|list| list.contains(&action))
 }
@@ -366,9 +463,13 @@ mod tests {
     }
 
     #[test]
-    fn owners_may_do_everything_and_viewers_only_read() {
+    fn owners_may_do_every_tenant_action_and_viewers_only_read() {
         for &action in Action::ALL {
-            assert!(decide(Role::Owner, action));
+            let admin_action = format!("{action:?}").starts_with("Admin");
+            assert_eq!(decide(Role::Owner, action), !admin_action, "{action:?}");
+            if !admin_action {
+                assert!(!decide(PlatformRole::Operator, action), "{action:?}");
+            }
         }
         assert!(decide(Role::Viewer, Action::AllocationRead));
         assert!(!decide(Role::Viewer, Action::AllocationCreate));

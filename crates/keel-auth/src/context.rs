@@ -56,7 +56,7 @@ pub fn anonymous_meta(request_id: &RequestId, trace: &TraceParent) -> RequestMet
     }
 }
 
-fn bearer(parts: &Parts) -> Result<&str, AuthError> {
+pub(crate) fn bearer(parts: &Parts) -> Result<&str, AuthError> {
     let value = parts
         .headers
         .get(AUTHORIZATION)

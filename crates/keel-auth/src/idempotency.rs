@@ -25,7 +25,7 @@ use axum::extract::{FromRef, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use keel_db::{Db, DbError, DeferredCommit};
+use keel_db::{Db, DbError, DeferredCommit, DeferredOutcome};
 use keel_http::ApiError;
 use sha2::{Digest, Sha256};
 use time::Duration;
@@ -160,6 +160,7 @@ where
     match locked {
         Ok(true) => {}
         Ok(false) => {
+            let _ = tx.rollback().await;
             return ApiError::conflict(
                 "idempotency_key_in_use",
                 "a request with this Idempotency-Key is still being processed; retry later",
@@ -177,8 +178,11 @@ where
     .bind(&key)
     .fetch_optional(tx.conn())
     .await;
+    // Early answers roll back at once, releasing the key's lock before the
+    // client can send its next request.
     match stored {
         Ok(Some(stored)) if stored.request_hash != hash => {
+            let _ = tx.rollback().await;
             return ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency_key_reused",
@@ -186,7 +190,10 @@ where
             )
             .into_response();
         }
-        Ok(Some(stored)) => return replay(stored),
+        Ok(Some(stored)) => {
+            let _ = tx.rollback().await;
+            return replay(stored);
+        }
         Ok(None) => {}
         Err(error) => return database_error(error),
     }
@@ -208,9 +215,14 @@ where
     let response = next
         .run(Request::from_parts(parts, Body::from(bytes)))
         .await;
-    let Some(mut parked) = deferred.into_parked() else {
-        // Nothing committed: the key is not kept, a retry runs afresh.
-        return response;
+    let mut parked = match deferred.finish() {
+        DeferredOutcome::Committed(tx) => tx,
+        DeferredOutcome::Unused(tx) => {
+            // Nothing committed: the key is not kept, a retry runs afresh.
+            let _ = tx.rollback().await;
+            return response;
+        }
+        DeferredOutcome::Gone => return response,
     };
     let (response_parts, body) = response.into_parts();
     let body: Bytes = match axum::body::to_bytes(body, MAX_RESPONSE_BYTES).await {

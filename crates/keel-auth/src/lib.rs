@@ -15,6 +15,8 @@
 //!   failed-login throttling.
 //! - [`audit_chain`]: sealing the audit log into per-tenant hash chains,
 //!   and verifying them.
+//! - [`admin`]: operators (platform principals, own login and tokens) and
+//!   the `/v1/admin` api.
 //! - [`session`]: login, refresh-token rotation, logout, password change.
 //! - [`secret`]: opaque bearer secrets (refresh and invitation tokens),
 //!   stored hashed.
@@ -22,6 +24,7 @@
 //!   signing keys can rotate).
 //! - [`password`]: Argon2id hashing.
 
+pub mod admin;
 pub mod audit;
 pub mod audit_chain;
 pub mod authz;

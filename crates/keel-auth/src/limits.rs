@@ -2,7 +2,7 @@
 //!
 //! - Every request counts against its client IP; an authenticated one also
 //!   against its principal. The token endpoints (register, login, refresh)
-//!   have a much stricter per-IP limit. Over a limit: `429 rate_limited`
+//!   (and the operators' login) have a much stricter per-IP limit. Over a limit: `429 rate_limited`
 //!   with `Retry-After`. Limits are GCRA buckets (`governor`) per key.
 //! - Failed logins slow down the IP they come from (after a few free
 //!   failures each further attempt must wait twice as long as the last,
@@ -276,7 +276,7 @@ fn is_auth_endpoint(request: &Request) -> bool {
     request.method() == Method::POST
         && matches!(
             request.uri().path(),
-            "/v1/auth/login" | "/v1/auth/register" | "/v1/auth/refresh"
+            "/v1/auth/login" | "/v1/auth/register" | "/v1/auth/refresh" | "/v1/admin/auth/login"
         )
 }
 

@@ -35,7 +35,7 @@ impl std::fmt::Debug for RegisterRequest {
     }
 }
 
-fn field(field: &str, code: &str, message: &str) -> FieldError {
+pub(crate) fn field(field: &str, code: &str, message: &str) -> FieldError {
     FieldError {
         field: field.to_owned(),
         code: code.to_owned(),
@@ -45,7 +45,7 @@ fn field(field: &str, code: &str, message: &str) -> FieldError {
 
 /// A plausible email: one `@`, something on each side, a dot in the
 /// domain, no whitespace. Deliverability is the mail server's business.
-fn email_is_plausible(email: &str) -> bool {
+pub(crate) fn email_is_plausible(email: &str) -> bool {
     let Some((local, domain)) = email.split_once('@') else {
         return false;
     };
@@ -59,7 +59,7 @@ fn email_is_plausible(email: &str) -> bool {
 }
 
 /// The password rules, shared by registration and password change.
-fn password_errors(name: &str, password: &str) -> Option<FieldError> {
+pub(crate) fn password_errors(name: &str, password: &str) -> Option<FieldError> {
     let len = password.chars().count();
     if len < PASSWORD_MIN_LEN {
         Some(field(name, "too_short", "must be at least 10 characters"))

@@ -11,8 +11,9 @@
 use std::collections::HashMap;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use keel_core::ids::{SessionId, TenantId, UserId};
+use keel_core::ids::{OperatorId, OperatorSessionId, SessionId, TenantId, UserId};
 use secrecy::{ExposeSecret, SecretString};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -21,6 +22,9 @@ use crate::AuthError;
 
 const ISSUER: &str = "keel";
 const AUDIENCE: &str = "keel-api";
+/// Operator tokens have their own audience: a tenant token is never an
+/// operator token, nor the other way round.
+const OPERATOR_AUDIENCE: &str = "keel-admin";
 /// Minimum length of a signing secret, in bytes (256 bits of key).
 pub const MIN_SECRET_LEN: usize = 32;
 
@@ -81,6 +85,23 @@ struct Claims {
     sid: SessionId,
     iat: i64,
     exp: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct OperatorClaims {
+    iss: String,
+    aud: String,
+    sub: OperatorId,
+    sid: OperatorSessionId,
+    iat: i64,
+    exp: i64,
+}
+
+/// The verified content of an operator's access token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerifiedOperatorToken {
+    pub operator_id: OperatorId,
+    pub session_id: OperatorSessionId,
 }
 
 /// The verified content of an access token.
@@ -204,10 +225,34 @@ impl TokenKeys {
             iat: now,
             exp: now + i64::from(self.ttl_secs),
         };
+        let token = self.sign(&claims)?;
+        Ok(IssuedToken {
+            token,
+            expires_in: self.ttl_secs,
+        })
+    }
+
+    fn sign(&self, claims: &impl Serialize) -> Result<String, AuthError> {
         let mut header = Header::new(Algorithm::HS256);
         header.kid = Some(self.signing_kid.clone());
-        let token = jsonwebtoken::encode(&header, &claims, &self.signing_key)
-            .map_err(AuthError::Signing)?;
+        jsonwebtoken::encode(&header, claims, &self.signing_key).map_err(AuthError::Signing)
+    }
+
+    /// An access token for an operator's session (audience `keel-admin`).
+    pub fn issue_operator(
+        &self,
+        operator_id: OperatorId,
+        session_id: OperatorSessionId,
+    ) -> Result<IssuedToken, AuthError> {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let token = self.sign(&OperatorClaims {
+            iss: ISSUER.to_owned(),
+            aud: OPERATOR_AUDIENCE.to_owned(),
+            sub: operator_id,
+            sid: session_id,
+            iat: now,
+            exp: now + i64::from(self.ttl_secs),
+        })?;
         Ok(IssuedToken {
             token,
             expires_in: self.ttl_secs,
@@ -215,6 +260,23 @@ impl TokenKeys {
     }
 
     pub fn verify(&self, token: &str) -> Result<VerifiedToken, AuthError> {
+        let claims: Claims = self.decode(token, AUDIENCE)?;
+        Ok(VerifiedToken {
+            user_id: claims.sub,
+            tenant_id: claims.tid,
+            session_id: claims.sid,
+        })
+    }
+
+    pub fn verify_operator(&self, token: &str) -> Result<VerifiedOperatorToken, AuthError> {
+        let claims: OperatorClaims = self.decode(token, OPERATOR_AUDIENCE)?;
+        Ok(VerifiedOperatorToken {
+            operator_id: claims.sub,
+            session_id: claims.sid,
+        })
+    }
+
+    fn decode<C: DeserializeOwned>(&self, token: &str, audience: &str) -> Result<C, AuthError> {
         let invalid = AuthError::Unauthenticated("the access token is invalid");
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::Unauthenticated("the access token is invalid"))?;
@@ -225,15 +287,11 @@ impl TokenKeys {
             .ok_or(AuthError::Unauthenticated("the access token is invalid"))?;
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&[ISSUER]);
-        validation.set_audience(&[AUDIENCE]);
+        validation.set_audience(&[audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.leeway = 30;
-        match jsonwebtoken::decode::<Claims>(token, key, &validation) {
-            Ok(data) => Ok(VerifiedToken {
-                user_id: data.claims.sub,
-                tenant_id: data.claims.tid,
-                session_id: data.claims.sid,
-            }),
+        match jsonwebtoken::decode::<C>(token, key, &validation) {
+            Ok(data) => Ok(data.claims),
             Err(error)
                 if matches!(
                     error.kind(),
@@ -296,6 +354,20 @@ mod tests {
         assert!(keys.verify(&String::from_utf8(tampered).unwrap()).is_err());
         assert!(keys.verify("not.a.token").is_err());
         assert!(keys.verify("").is_err());
+    }
+
+    #[test]
+    fn operator_and_tenant_tokens_are_never_taken_for_each_other() {
+        let keys = keys(&[A]);
+        let operator = keys
+            .issue_operator(OperatorId::new(), OperatorSessionId::new())
+            .unwrap();
+        let user = keys
+            .issue(UserId::new(), TenantId::new(), SessionId::new())
+            .unwrap();
+        assert!(keys.verify_operator(&operator.token).is_ok());
+        assert!(keys.verify(&operator.token).is_err());
+        assert!(keys.verify_operator(&user.token).is_err());
     }
 
     #[test]

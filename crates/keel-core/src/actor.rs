@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{HostId, TenantId, UserId};
+use crate::ids::{HostId, OperatorId, TenantId, UserId};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -12,6 +12,8 @@ pub enum Actor {
         user_id: UserId,
         tenant_id: TenantId,
     },
+    /// A platform operator (never a member of a tenant).
+    Operator { operator_id: OperatorId },
     /// Someone who is not signed in yet (registration, login).
     Anonymous,
     /// A node agent, identified by its mTLS certificate.
@@ -32,6 +34,7 @@ impl Actor {
     pub fn label(&self) -> String {
         match self {
             Actor::User { user_id, .. } => format!("user:{user_id}"),
+            Actor::Operator { operator_id } => format!("operator:{operator_id}"),
             Actor::Anonymous => "anonymous".to_owned(),
             Actor::Node { host_id } => format!("node:{host_id}"),
             Actor::System { component } => format!("system:{component}"),

@@ -102,3 +102,11 @@ typed_id!(
     /// An invitation to join a tenant.
     InvitationId
 );
+typed_id!(
+    /// A platform operator.
+    OperatorId
+);
+typed_id!(
+    /// One login of an operator.
+    OperatorSessionId
+);

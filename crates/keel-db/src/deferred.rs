@@ -18,7 +18,19 @@ enum Slot {
     Ready(Box<WriteTx>),
     Lent,
     Parked(PgTransaction),
+    /// The handler dropped it without committing.
+    Returned(PgTransaction),
     Done,
+}
+
+/// What became of the transaction once the handler is done.
+pub enum Outcome {
+    /// The handler committed: store the response and commit.
+    Committed(PgTransaction),
+    /// The handler never took it, or dropped it: roll it back.
+    Unused(PgTransaction),
+    /// Nothing to finish (already finished, or still held elsewhere).
+    Gone,
 }
 
 #[derive(Clone)]
@@ -32,6 +44,7 @@ impl std::fmt::Debug for DeferredCommit {
             Slot::Ready(_) => "ready",
             Slot::Lent => "lent",
             Slot::Parked(_) => "parked",
+            Slot::Returned(_) => "returned",
             Slot::Done => "done",
         };
         f.debug_struct("DeferredCommit")
@@ -75,12 +88,21 @@ impl DeferredCommit {
         *self.lock() = Slot::Parked(tx);
     }
 
-    /// After the handler: the transaction if the handler committed it,
-    /// else `None` (an untaken transaction is dropped, i.e. rolled back).
-    pub fn into_parked(&self) -> Option<PgTransaction> {
-        match std::mem::replace(&mut *self.lock(), Slot::Done) {
-            Slot::Parked(tx) => Some(tx),
-            Slot::Ready(_) | Slot::Lent | Slot::Done => None,
+    pub(crate) fn give_back(&self, tx: PgTransaction) {
+        *self.lock() = Slot::Returned(tx);
+    }
+
+    /// After the handler: the transaction to commit or to roll back.
+    pub fn finish(&self) -> Outcome {
+        let slot = std::mem::replace(&mut *self.lock(), Slot::Done);
+        match slot {
+            Slot::Parked(tx) => Outcome::Committed(tx),
+            Slot::Returned(tx) => Outcome::Unused(tx),
+            Slot::Ready(mut tx) => match tx.tx.take() {
+                Some(inner) => Outcome::Unused(inner),
+                None => Outcome::Gone,
+            },
+            Slot::Lent | Slot::Done => Outcome::Gone,
         }
     }
 }

@@ -23,7 +23,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
 
 pub use config::DatabaseConfig;
-pub use deferred::DeferredCommit;
+pub use deferred::{DeferredCommit, Outcome as DeferredOutcome};
 pub use tx::{Audit, NewEvent, RequestMeta, Scope, WriteTx};
 
 /// The migrations under `/migrations`, embedded in every binary.

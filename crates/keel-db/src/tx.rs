@@ -118,7 +118,9 @@ impl Audit {
 ///
 /// Read-only handlers use the same type and simply drop it.
 pub struct WriteTx {
-    tx: PgTransaction,
+    /// Always `Some` while the `WriteTx` exists; taken by `commit`,
+    /// `rollback` and `Drop`.
+    pub(crate) tx: Option<PgTransaction>,
     meta: RequestMeta,
     scope: Scope,
     events: Vec<NewEvent>,
@@ -155,7 +157,7 @@ impl WriteTx {
             }
         }
         Ok(Self {
-            tx,
+            tx: Some(tx),
             meta,
             scope,
             events: Vec::new(),
@@ -172,7 +174,7 @@ impl WriteTx {
 
     /// The connection to run domain SQL on.
     pub fn conn(&mut self) -> &mut PgConnection {
-        &mut self.tx
+        self.inner()
     }
 
     pub fn meta(&self) -> &RequestMeta {
@@ -195,7 +197,7 @@ impl WriteTx {
         )
         .bind(tenant_id.to_string())
         .bind(user_id.map(|u| u.to_string()).unwrap_or_default())
-        .execute(&mut *self.tx)
+        .execute(&mut **self.inner())
         .await?;
         self.scope = Scope::Tenant { tenant_id, user_id };
         Ok(())
@@ -222,26 +224,33 @@ impl WriteTx {
     /// commit is the idempotency layer's, after it stored the response (see
     /// [`DeferredCommit`]).
     pub async fn commit(mut self, audit: Audit) -> Result<(), DbError> {
-        self.audits.push(audit);
+        let mut audits = std::mem::take(&mut self.audits);
+        audits.push(audit);
+        let events = std::mem::take(&mut self.events);
         let actor_detail =
             serde_json::to_value(&self.meta.actor).unwrap_or(serde_json::Value::Null);
-        for audit in &self.audits {
+        let actor_label = self.meta.actor.label();
+        let request_id = self.meta.request_id.clone();
+        let traceparent = self.meta.traceparent.clone();
+        // On an error below, dropping `self` hands a lent transaction back
+        // to the idempotency layer (see `Drop`).
+        for audit in &audits {
             sqlx::query(
                 "INSERT INTO audit_log (id, tenant_id, actor, actor_detail, action, resource, request_id, outcome, details)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, 'success', $8)",
             )
             .bind(Uuid::now_v7())
             .bind(audit.tenant_id)
-            .bind(self.meta.actor.label())
+            .bind(&actor_label)
             .bind(&actor_detail)
             .bind(audit.action)
             .bind(audit.resource.as_str())
-            .bind(&self.meta.request_id)
+            .bind(&request_id)
             .bind(&audit.details)
-            .execute(&mut *self.tx)
+            .execute(&mut **self.inner())
             .await?;
         }
-        for event in &self.events {
+        for event in &events {
             sqlx::query(
                 "INSERT INTO outbox (id, tenant_id, event_type, aggregate_type, aggregate_id, aggregate_version,
                                      resource, payload, traceparent, request_id)
@@ -255,24 +264,56 @@ impl WriteTx {
             .bind(event.aggregate_version)
             .bind(event.resource.as_str())
             .bind(&event.payload)
-            .bind(&self.meta.traceparent)
-            .bind(&self.meta.request_id)
-            .execute(&mut *self.tx)
+            .bind(&traceparent)
+            .bind(&request_id)
+            .execute(&mut **self.inner())
             .await?;
         }
-        if !self.events.is_empty() {
+        if !events.is_empty() {
             // Delivered only if the transaction commits.
             sqlx::query("SELECT pg_notify($1, '')")
                 .bind(OUTBOX_CHANNEL)
-                .execute(&mut *self.tx)
+                .execute(&mut **self.inner())
                 .await?;
         }
+        let Some(tx) = self.tx.take() else {
+            return Ok(());
+        };
         match self.deferred.take() {
             // The idempotency layer stores the response in this same
             // transaction and commits it.
-            Some(deferred) => deferred.park(self.tx),
-            None => self.tx.commit().await?,
+            Some(deferred) => deferred.park(tx),
+            None => tx.commit().await?,
         }
         Ok(())
+    }
+
+    /// Rolls back now (rather than when the connection is next used, as a
+    /// plain drop does): locks taken in the transaction are released before
+    /// this returns.
+    pub async fn rollback(mut self) -> Result<(), DbError> {
+        if let Some(tx) = self.tx.take() {
+            tx.rollback().await?;
+        }
+        Ok(())
+    }
+
+    fn inner(&mut self) -> &mut PgTransaction {
+        // Only `commit`, `rollback` and `Drop` take the transaction, and
+        // each consumes the `WriteTx`.
+        self.tx
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("a WriteTx is used after it ended"))
+    }
+}
+
+impl Drop for WriteTx {
+    fn drop(&mut self) {
+        // A transaction the idempotency layer lent goes back to it, which
+        // rolls it back at once; any other one rolls back when its
+        // connection is next used (sqlx's behaviour).
+        if let (Some(deferred), Some(tx)) = (self.deferred.take(), self.tx.take()) {
+            deferred.give_back(tx);
+        }
     }
 }

@@ -267,6 +267,38 @@ impl TestApp {
         }
     }
 
+    /// Creates an operator (as `api operator create` does) and logs in;
+    /// returns the operator's email and access token.
+    pub async fn operator(&self, role: keel_auth::authz::PlatformRole) -> (String, String) {
+        let email = format!("op-{}@example.com", uuid::Uuid::new_v4().simple());
+        let meta = keel_db::RequestMeta::system("test", "test");
+        let tx = self.state.db.begin_system(meta).await.expect("system tx");
+        keel_auth::admin::operator_create(
+            tx,
+            keel_auth::admin::OperatorRequest {
+                email: email.clone(),
+                password: "an operator password".to_owned(),
+                role,
+            },
+            None,
+        )
+        .await
+        .expect("create operator");
+        let login = self
+            .post(
+                "/v1/admin/auth/login",
+                None,
+                json!({"email": email, "password": "an operator password"}),
+            )
+            .await;
+        assert_eq!(login.status, StatusCode::OK, "{:?}", login.body);
+        let token = login.body["access_token"]
+            .as_str()
+            .expect("token")
+            .to_owned();
+        (email, token)
+    }
+
     /// Adds a ready host with this capacity, as enrolment would.
     pub async fn add_host(&self, vcpus: i32, memory_mib: i64) -> uuid::Uuid {
         let id = uuid::Uuid::now_v7();

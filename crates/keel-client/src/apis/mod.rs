@@ -113,6 +113,7 @@ impl From<&str> for ContentType {
     }
 }
 
+pub mod admin_api;
 pub mod allocations_api;
 pub mod audit_api;
 pub mod auth_api;

@@ -1,5 +1,6 @@
 /* tslint:disable */
 /* eslint-disable */
+export * from './AdminApi';
 export * from './AllocationsApi';
 export * from './AuditApi';
 export * from './AuthApi';
