@@ -56,6 +56,7 @@ pub fn router_and_document() -> (Router<AppState>, Document) {
         .merge(crate::health::router())
         .merge(keel_auth::http::router())
         .merge(keel_auth::members_http::router())
+        .merge(keel_auth::credentials_http::router())
         .merge(keel_auth::audit::router())
         .merge(keel_auth::admin::router())
         .merge(keel_inventory::http::router())

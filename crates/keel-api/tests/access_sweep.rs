@@ -19,6 +19,7 @@ const PUBLIC: &[(&str, &str)] = &[
     ("post", "/v1/auth/login"),
     ("post", "/v1/auth/refresh"),
     ("post", "/v1/admin/auth/login"),
+    ("post", "/v1/auth/token"),
     ("post", "/v1/nodes/enrol"),
 ];
 
@@ -29,6 +30,10 @@ fn sample_body(operation_id: &str) -> Option<Value> {
         "allocation_create" => Some(json!({"name": "sweep", "flavor": "cpu.small"})),
         "project_create" | "project_update" => Some(json!({"name": "sweep"})),
         "member_update" => Some(json!({"role": "viewer"})),
+        "service_account_create" => Some(json!({"name": "sweep", "role": "viewer"})),
+        "service_account_update" => Some(json!({"disabled": true})),
+        "api_token_create" => Some(json!({"name": "sweep"})),
+        "service_account_key_create" => Some(json!({})),
         "admin_operator_create" => Some(json!({
             "email": "sweep-operator@example.com", "password": "a long enough password", "role": "operator"
         })),
@@ -82,6 +87,10 @@ struct Ids<'a> {
     allocation: &'a str,
     user: &'a str,
     invitation: &'a str,
+    /// A service account, one of its keys, a personal API token.
+    account: &'a str,
+    key: &'a str,
+    token: &'a str,
 }
 
 fn fill(path: &str, ids: &Ids<'_>) -> String {
@@ -89,6 +98,9 @@ fn fill(path: &str, ids: &Ids<'_>) -> String {
         .replace("{allocation_id}", ids.allocation)
         .replace("{user_id}", ids.user)
         .replace("{invitation_id}", ids.invitation)
+        .replace("{service_account_id}", ids.account)
+        .replace("{key_id}", ids.key)
+        .replace("{token_id}", ids.token)
 }
 
 #[tokio::test]
@@ -113,6 +125,9 @@ async fn every_endpoint_is_public_by_design_or_refuses_a_caller_without_a_token(
                 allocation: &random,
                 user: &owner.user_id,
                 invitation: &random,
+                account: &random,
+                key: &random,
+                token: &random,
             },
         );
         let method = Method::from_bytes(operation.method.to_uppercase().as_bytes()).unwrap();
@@ -149,11 +164,41 @@ async fn every_tenant_resource_is_a_404_for_another_tenant_and_nothing_changes()
         .as_str()
         .unwrap()
         .to_owned();
+    let account = app
+        .post(
+            &format!("/v1/projects/{}/service-accounts", owner.project_id),
+            Some(&owner.token),
+            json!({"name": "victim-sa", "role": "viewer"}),
+        )
+        .await;
+    let account = account.body["id"].as_str().unwrap().to_owned();
+    let key = app
+        .post(
+            &format!(
+                "/v1/projects/{}/service-accounts/{account}/keys",
+                owner.project_id
+            ),
+            Some(&owner.token),
+            json!({}),
+        )
+        .await;
+    let key = key.body["key"]["id"].as_str().unwrap().to_owned();
+    let token = app
+        .post(
+            "/v1/auth/api-tokens",
+            Some(&owner.token),
+            json!({"name": "victim"}),
+        )
+        .await;
+    let token = token.body["token"]["id"].as_str().unwrap().to_owned();
     let ids = Ids {
         project: &owner.project_id,
         allocation: &allocation,
         user: &member.user_id,
         invitation: &invitation,
+        account: &account,
+        key: &key,
+        token: &token,
     };
     let owner_audit = || async {
         let count: i64 =
@@ -257,6 +302,9 @@ async fn an_operator_token_opens_no_tenant_endpoint_and_admin_endpoints_need_one
                 allocation: &random,
                 user: &owner.user_id,
                 invitation: &random,
+                account: &random,
+                key: &random,
+                token: &random,
             },
         );
         let method = Method::from_bytes(operation.method.to_uppercase().as_bytes()).unwrap();

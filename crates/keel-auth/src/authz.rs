@@ -10,6 +10,7 @@ use keel_core::ids::{ProjectId, TenantId, UserId};
 use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 
+use crate::context::Caller;
 use crate::{AuthError, Principal};
 
 /// A member's role in a tenant.
@@ -97,8 +98,14 @@ impl PlatformRole {
 /// Whoever is asking, as the decision sees them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Subject {
-    /// A member (or later a service account) acting in a tenant.
+    /// A member signed in interactively.
     Tenant(Role),
+    /// A member through a personal API token: their role, minus tenant
+    /// administration and self-service.
+    ApiToken(Role),
+    /// A project's service account with its project role: the same, minus
+    /// anything outside its project.
+    ServiceAccount(Role),
     /// An operator acting on the platform.
     Platform(PlatformRole),
 }
@@ -118,9 +125,12 @@ impl From<PlatformRole> for Subject {
 impl Subject {
     /// Every column of the matrix.
     fn all() -> Vec<Subject> {
+        let delegated = [Role::Admin, Role::Member, Role::Viewer];
         Role::ALL
             .iter()
             .map(|role| Subject::Tenant(*role))
+            .chain(Role::ALL.iter().map(|role| Subject::ApiToken(*role)))
+            .chain(delegated.iter().map(|role| Subject::ServiceAccount(*role)))
             .chain(
                 PlatformRole::ALL
                     .iter()
@@ -129,10 +139,12 @@ impl Subject {
             .collect()
     }
 
-    fn as_str(self) -> &'static str {
+    fn label(self) -> String {
         match self {
-            Subject::Tenant(role) => role.as_str(),
-            Subject::Platform(role) => role.as_str(),
+            Subject::Tenant(role) => role.as_str().to_owned(),
+            Subject::ApiToken(role) => format!("token:{}", role.as_str()),
+            Subject::ServiceAccount(role) => format!("sa:{}", role.as_str()),
+            Subject::Platform(role) => role.as_str().to_owned(),
         }
     }
 }
@@ -171,6 +183,10 @@ actions! {
     InvitationAccept,
     ProjectGrantList,
     ProjectGrantManage,
+    ServiceAccountList,
+    ServiceAccountManage,
+    ApiTokenList,
+    ApiTokenManage,
     FlavorList,
     ProjectList,
     ProjectRead,
@@ -210,7 +226,11 @@ impl Action {
             Action::InvitationList | Action::InvitationCreate | Action::InvitationRevoke => {
                 Action::InvitationList
             }
-            Action::ProjectGrantList | Action::ProjectGrantManage => Action::ProjectRead,
+            Action::ProjectGrantList
+            | Action::ProjectGrantManage
+            | Action::ServiceAccountList
+            | Action::ServiceAccountManage => Action::ProjectRead,
+            Action::ApiTokenList | Action::ApiTokenManage => Action::ApiTokenList,
             Action::AuditRead => Action::AuditRead,
             Action::ProjectList
             | Action::ProjectRead
@@ -231,7 +251,7 @@ pub fn matrix() -> String {
     let subjects = Subject::all();
     let mut out = format!("{:<22}", "action");
     for subject in &subjects {
-        out.push_str(&format!(" {:<18}", subject.as_str()));
+        out.push_str(&format!(" {:<18}", subject.label()));
     }
     out = out.trim_end().to_owned();
     out.push('\n');
@@ -266,6 +286,8 @@ const VIEWER: &[Action] = &[
     Action::MemberList,
     Action::MemberLeave,
     Action::InvitationAccept,
+    Action::ApiTokenList,
+    Action::ApiTokenManage,
 ];
 
 /// Members also run workloads.
@@ -284,6 +306,22 @@ const ADMIN: &[Action] = &[
     Action::InvitationRevoke,
     Action::ProjectGrantList,
     Action::ProjectGrantManage,
+    Action::ServiceAccountList,
+    Action::ServiceAccountManage,
+];
+
+/// What a role may hand to a token or a service account: the work, never
+/// the administration of the tenant or of anyone's access.
+const DELEGABLE: &[Action] = &[
+    Action::FlavorList,
+    Action::ProjectList,
+    Action::ProjectRead,
+    Action::ProjectUpdate,
+    Action::ProjectDelete,
+    Action::AllocationList,
+    Action::AllocationRead,
+    Action::AllocationCreate,
+    Action::AllocationTerminate,
 ];
 
 /// Owners alone hand out and take away ownership.
@@ -305,15 +343,27 @@ const OPERATOR: &[Action] = &[Action::AdminOperatorCreate];
 /// default: an action no list names is allowed to nobody. Tenant roles
 /// never get an admin action, and operators never a tenant action.
 pub fn decide(subject: impl Into<Subject>, action: Action) -> bool {
-    let lists: &[&[Action]] = match subject.into() {
-        Subject::Tenant(Role::Owner) => &[VIEWER, MEMBER, ADMIN, OWNER],
-        Subject::Tenant(Role::Admin) => &[VIEWER, MEMBER, ADMIN],
-        Subject::Tenant(Role::Member) => &[VIEWER, MEMBER],
-        Subject::Tenant(Role::Viewer) => &[VIEWER],
-        Subject::Platform(PlatformRole::Operator) => &[READ_ONLY_OPERATOR, OPERATOR],
-        Subject::Platform(PlatformRole::ReadOnlyOperator) => &[READ_ONLY_OPERATOR],
-    };
-    lists.iter().any(|list| list.contains(&action))
+    fn tenant_lists(role: Role) -> &'static [&'static [Action]] {
+        match role {
+            Role::Owner => &[VIEWER, MEMBER, ADMIN, OWNER],
+            Role::Admin => &[VIEWER, MEMBER, ADMIN],
+            Role::Member => &[VIEWER, MEMBER],
+            Role::Viewer => &[VIEWER],
+        }
+    }
+    let allowed = |lists: &[&[Action]]| lists.iter().any(|list| list.contains(&action));
+    match subject.into() {
+        Subject::Tenant(role) => allowed(tenant_lists(role)),
+        Subject::ApiToken(role) => DELEGABLE.contains(&action) && allowed(tenant_lists(role)),
+        // A service account lives in one project: no tenant-wide listing.
+        Subject::ServiceAccount(role) => {
+            DELEGABLE.contains(&action)
+                && action != Action::ProjectList
+                && allowed(tenant_lists(role))
+        }
+        Subject::Platform(PlatformRole::Operator) => allowed(&[READ_ONLY_OPERATOR, OPERATOR]),
+        Subject::Platform(PlatformRole::ReadOnlyOperator) => allowed(&[READ_ONLY_OPERATOR]),
+    }
 }
 
 /// Proof that the caller may perform `action` on this project. Functions
@@ -322,9 +372,9 @@ pub fn decide(subject: impl Into<Subject>, action: Action) -> bool {
 pub struct ProjectHandle {
     pub tenant_id: TenantId,
     pub project_id: ProjectId,
-    pub user_id: UserId,
+    pub caller: Caller,
     /// The caller's effective role on the project (tenant role raised by a
-    /// project grant).
+    /// project grant, or a service account's project role).
     pub role: Role,
     pub action: Action,
 }
@@ -333,115 +383,168 @@ pub struct ProjectHandle {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TenantHandle {
     pub tenant_id: TenantId,
-    pub user_id: UserId,
-    pub role: Role,
+    pub caller: Caller,
+    pub subject: Subject,
 }
 
 impl TenantHandle {
-    /// Whether the caller's role also allows `action` (for a second,
+    /// Whether the caller may also do `action` (for a second,
     /// data-dependent check such as touching an owner).
     pub fn may(&self, action: Action) -> bool {
-        decide(self.role, action)
+        decide(self.subject, action)
+    }
+
+    /// The user behind the caller (403 for a service account).
+    pub fn user_id(&self) -> Result<UserId, AuthError> {
+        match self.caller {
+            Caller::User { user_id, .. } | Caller::ApiToken { user_id, .. } => Ok(user_id),
+            Caller::ServiceAccount { .. } => {
+                Err(AuthError::Forbidden("a service account cannot do this"))
+            }
+        }
     }
 }
 
-async fn member_role(
+const SESSION_ENDED: AuthError = AuthError::Unauthenticated(
+    "the session or token has ended, or its tenant membership no longer exists",
+);
+
+/// What the database says about the caller (and, for a project, about the
+/// project): one round trip, whichever kind of caller.
+struct Standing {
+    role: Role,
+    /// A project grant (users) raising the role on the project.
+    grant: Option<Role>,
+    /// Whether the project exists and is within the caller's reach.
+    project_visible: bool,
+}
+
+async fn standing(
     conn: &mut PgConnection,
     principal: &Principal,
-) -> Result<Option<Role>, AuthError> {
-    // The membership and the session in one round trip: a logged-out,
-    // revoked or expired session is as good as no membership.
-    let role: Option<String> = sqlx::query_scalar(
-        "SELECT m.role FROM memberships m
-         WHERE m.tenant_id = $1 AND m.user_id = $2
-           AND EXISTS (SELECT FROM sessions s
-                       WHERE s.id = $3 AND s.user_id = $2 AND s.tenant_id = $1
-                         AND s.revoked_at IS NULL AND s.expires_at > now())",
-    )
-    .bind(principal.tenant_id)
-    .bind(principal.user_id)
-    .bind(principal.session_id)
-    .fetch_optional(conn)
-    .await?;
-    Ok(role.as_deref().and_then(Role::parse))
+    project_id: Option<ProjectId>,
+) -> Result<Standing, AuthError> {
+    let row: Option<(String, Option<String>, bool)> = match principal.caller {
+        Caller::User { user_id, .. } | Caller::ApiToken { user_id, .. } => {
+            // The membership, the credential being live, the project and any
+            // grant on it.
+            let (credential, live) = match principal.caller {
+                Caller::User { session_id, .. } => (
+                    session_id.as_uuid(),
+                    "EXISTS (SELECT FROM sessions s
+                             WHERE s.id = $3 AND s.user_id = $2 AND s.tenant_id = $1
+                               AND s.revoked_at IS NULL AND s.expires_at > now())",
+                ),
+                Caller::ApiToken { token_id, .. } => (
+                    token_id.as_uuid(),
+                    "EXISTS (SELECT FROM api_tokens t
+                             WHERE t.id = $3 AND t.user_id = $2 AND t.tenant_id = $1
+                               AND t.revoked_at IS NULL AND t.expires_at > now())",
+                ),
+                Caller::ServiceAccount { .. } => unreachable!("matched above"),
+            };
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT m.role, g.role, p.id IS NOT NULL
+                 FROM memberships m
+                 LEFT JOIN projects p ON p.id = $4 AND p.tenant_id = m.tenant_id AND p.deleted_at IS NULL
+                 LEFT JOIN project_grants g ON g.project_id = p.id AND g.tenant_id = m.tenant_id AND g.user_id = m.user_id
+                 WHERE m.tenant_id = $1 AND m.user_id = $2 AND {live}"
+            )))
+            .bind(principal.tenant_id)
+            .bind(user_id)
+            .bind(credential)
+            .bind(project_id)
+            .fetch_optional(&mut *conn)
+            .await?
+        }
+        Caller::ServiceAccount {
+            service_account_id,
+            key_id,
+        } => {
+            // Enabled, the key live, and the project is the account's own.
+            sqlx::query_as(
+                "SELECT sa.role, NULL::text,
+                        (p.id IS NOT NULL AND p.id = sa.project_id)
+                 FROM service_accounts sa
+                 LEFT JOIN projects p ON p.id = $4 AND p.tenant_id = sa.tenant_id AND p.deleted_at IS NULL
+                 WHERE sa.id = $2 AND sa.tenant_id = $1 AND sa.disabled_at IS NULL
+                   AND EXISTS (SELECT FROM service_account_keys k
+                               WHERE k.id = $3 AND k.service_account_id = sa.id
+                                 AND k.revoked_at IS NULL AND k.expires_at > now())",
+            )
+            .bind(principal.tenant_id)
+            .bind(service_account_id)
+            .bind(key_id)
+            .bind(project_id)
+            .fetch_optional(&mut *conn)
+            .await?
+        }
+    };
+    let (role, grant, project_visible) = row.ok_or(SESSION_ENDED)?;
+    Ok(Standing {
+        role: Role::parse(&role).ok_or(SESSION_ENDED)?,
+        grant: grant.as_deref().and_then(Role::parse),
+        project_visible,
+    })
+}
+
+fn subject_of(caller: Caller, role: Role) -> Subject {
+    match caller {
+        Caller::User { .. } => Subject::Tenant(role),
+        Caller::ApiToken { .. } => Subject::ApiToken(role),
+        Caller::ServiceAccount { .. } => Subject::ServiceAccount(role),
+    }
 }
 
 /// Authorises a tenant-wide action (e.g. listing projects). The caller's
-/// membership is read in the same transaction as the work it guards.
+/// standing is read in the same transaction as the work it guards.
 pub async fn authorize_tenant(
     conn: &mut PgConnection,
     principal: &Principal,
     action: Action,
 ) -> Result<TenantHandle, AuthError> {
-    let role = authorize_tenant_membership(conn, principal).await?;
-    if !decide(role, action) {
+    let standing = standing(conn, principal, None).await?;
+    let subject = subject_of(principal.caller, standing.role);
+    if !decide(subject, action) {
         return Err(AuthError::Forbidden("your role does not allow this"));
     }
     Ok(TenantHandle {
         tenant_id: principal.tenant_id,
-        user_id: principal.user_id,
-        role,
+        caller: principal.caller,
+        subject,
     })
 }
 
 /// Authorises `action` on a project: 404 when the project does not exist
 /// or is not visible to the caller, 403 when it is visible but the action
-/// is not allowed.
+/// is not allowed. Row-level security already hides other tenants'
+/// projects; the tenant filter is the application's half of the double
+/// isolation.
 pub async fn authorize_project(
     conn: &mut PgConnection,
     principal: &Principal,
     action: Action,
     project_id: ProjectId,
 ) -> Result<ProjectHandle, AuthError> {
-    // Membership, session, the project's existence and any project grant,
-    // in one round trip. Row-level security already hides other tenants'
-    // projects; the tenant filter is the application's half of the double
-    // isolation.
-    let row: Option<(String, Option<String>, bool)> = sqlx::query_as(
-        "SELECT m.role, g.role, p.id IS NOT NULL
-         FROM memberships m
-         LEFT JOIN projects p ON p.id = $4 AND p.tenant_id = m.tenant_id AND p.deleted_at IS NULL
-         LEFT JOIN project_grants g ON g.project_id = p.id AND g.tenant_id = m.tenant_id AND g.user_id = m.user_id
-         WHERE m.tenant_id = $1 AND m.user_id = $2
-           AND EXISTS (SELECT FROM sessions s
-                       WHERE s.id = $3 AND s.user_id = $2 AND s.tenant_id = $1
-                         AND s.revoked_at IS NULL AND s.expires_at > now())",
-    )
-    .bind(principal.tenant_id)
-    .bind(principal.user_id)
-    .bind(principal.session_id)
-    .bind(project_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let (tenant_role, grant, exists) = row.ok_or(SESSION_ENDED)?;
-    let tenant_role = Role::parse(&tenant_role).ok_or(SESSION_ENDED)?;
-    let role = match grant.as_deref().and_then(Role::parse) {
-        Some(granted) => tenant_role.max(granted),
-        None => tenant_role,
+    let standing = standing(conn, principal, Some(project_id)).await?;
+    let role = match standing.grant {
+        Some(granted) => standing.role.max(granted),
+        None => standing.role,
     };
-    if !exists || !decide(role, action.read_action()) {
+    let subject = subject_of(principal.caller, role);
+    if !standing.project_visible || !decide(subject, action.read_action()) {
         return Err(AuthError::NotFound("project"));
     }
-    if !decide(role, action) {
+    if !decide(subject, action) {
         return Err(AuthError::Forbidden("your role does not allow this"));
     }
     Ok(ProjectHandle {
         tenant_id: principal.tenant_id,
         project_id,
-        user_id: principal.user_id,
+        caller: principal.caller,
         role,
         action,
     })
-}
-
-const SESSION_ENDED: AuthError =
-    AuthError::Unauthenticated("the session has ended, or its tenant membership no longer exists");
-
-async fn authorize_tenant_membership(
-    conn: &mut PgConnection,
-    principal: &Principal,
-) -> Result<Role, AuthError> {
-    member_role(conn, principal).await?.ok_or(SESSION_ENDED)
 }
 
 #[cfg(test)]

@@ -7,18 +7,47 @@ use axum::extract::{FromRef, FromRequestParts};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use keel_core::Actor;
-use keel_core::ids::{SessionId, TenantId, UserId};
+use keel_core::ids::{
+    ApiTokenId, ServiceAccountId, ServiceAccountKeyId, SessionId, TenantId, UserId,
+};
 use keel_db::{Db, DeferredCommit, RequestMeta, Scope, WriteTx};
 use keel_http::{ApiError, RequestId, TraceParent};
 
 use crate::{AuthError, TokenKeys};
 
-/// A verified caller: a user acting in one tenant.
+/// Who is behind an access token, and the credential it came from (which
+/// every authorised request checks is still live).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// A user signed in interactively.
+    User {
+        user_id: UserId,
+        session_id: SessionId,
+    },
+    /// A user through one of their personal API tokens.
+    ApiToken {
+        user_id: UserId,
+        token_id: ApiTokenId,
+    },
+    /// A project's service account through one of its keys.
+    ServiceAccount {
+        service_account_id: ServiceAccountId,
+        key_id: ServiceAccountKeyId,
+    },
+}
+
+/// A verified caller acting in one tenant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Principal {
-    pub user_id: UserId,
     pub tenant_id: TenantId,
-    /// The session the access token belongs to; it must still be live.
+    pub caller: Caller,
+}
+
+/// A user signed in interactively: the only caller that manages their own
+/// sessions and password, memberships and tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UserSession {
+    pub user_id: UserId,
     pub session_id: SessionId,
 }
 
@@ -89,7 +118,7 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let keys = Arc::<TokenKeys>::from_ref(state);
         let (principal, meta) = authenticate(parts, &keys)?;
-        tracing::Span::current().record("principal", tracing::field::display(principal.user_id));
+        tracing::Span::current().record("principal", principal.label());
         Ok(Ctx {
             meta,
             principal,
@@ -112,16 +141,12 @@ pub fn authenticate(
         .map(|id| id.0.clone())
         .unwrap_or_default();
     let principal = Principal {
-        user_id: verified.user_id,
         tenant_id: verified.tenant_id,
-        session_id: verified.session_id,
+        caller: verified.caller,
     };
     let meta = RequestMeta {
         request_id,
-        actor: Actor::User {
-            user_id: principal.user_id,
-            tenant_id: principal.tenant_id,
-        },
+        actor: principal.actor(),
         traceparent: parts
             .extensions
             .get::<TraceParent>()
@@ -131,16 +156,57 @@ pub fn authenticate(
 }
 
 impl Principal {
-    /// How idempotency keys and logs name this principal.
+    /// The user behind the caller, if any (service accounts have none).
+    pub fn user_id(&self) -> Option<UserId> {
+        match self.caller {
+            Caller::User { user_id, .. } | Caller::ApiToken { user_id, .. } => Some(user_id),
+            Caller::ServiceAccount { .. } => None,
+        }
+    }
+
+    /// The interactive session, or 403 for tokens and service accounts.
+    pub fn user_session(&self) -> Result<UserSession, AuthError> {
+        match self.caller {
+            Caller::User {
+                user_id,
+                session_id,
+            } => Ok(UserSession {
+                user_id,
+                session_id,
+            }),
+            Caller::ApiToken { .. } | Caller::ServiceAccount { .. } => Err(AuthError::Forbidden(
+                "only a signed-in user can do this, not an API token or service account",
+            )),
+        }
+    }
+
+    /// How idempotency keys, rate limits and logs name this principal.
+    /// A user's tokens and sessions share one name: they are one person.
     pub fn label(&self) -> String {
-        format!("user:{}", self.user_id)
+        self.actor().label()
+    }
+
+    /// Who audit rows name.
+    pub fn actor(&self) -> Actor {
+        match self.caller {
+            Caller::User { user_id, .. } | Caller::ApiToken { user_id, .. } => Actor::User {
+                user_id,
+                tenant_id: self.tenant_id,
+            },
+            Caller::ServiceAccount {
+                service_account_id, ..
+            } => Actor::ServiceAccount {
+                service_account_id,
+                tenant_id: self.tenant_id,
+            },
+        }
     }
 
     /// The transaction scope of this principal's requests.
     pub fn scope(&self) -> Scope {
         Scope::Tenant {
             tenant_id: self.tenant_id,
-            user_id: Some(self.user_id),
+            user_id: self.user_id(),
         }
     }
 }

@@ -15,6 +15,10 @@ pub enum AuthError {
     RefreshTokenReused,
     #[error("the current password is wrong")]
     WrongPassword,
+    #[error("the key or API token is invalid, expired or revoked, or its account is disabled")]
+    KeyInvalid,
+    #[error("a {0} with this name already exists")]
+    NameTaken(&'static str),
     #[error("an account with this email already exists")]
     EmailTaken,
     #[error("invalid input")]
@@ -72,6 +76,10 @@ impl From<AuthError> for ApiError {
                 "refresh_token_reused",
                 error.to_string(),
             ),
+            AuthError::KeyInvalid => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "invalid_key", error.to_string())
+            }
+            AuthError::NameTaken(_) => ApiError::conflict("name_taken", error.to_string()),
             AuthError::WrongPassword => ApiError::validation(vec![keel_http::FieldError {
                 field: "current_password".to_owned(),
                 code: "incorrect".to_owned(),

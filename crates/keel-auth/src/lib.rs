@@ -17,6 +17,8 @@
 //!   and verifying them.
 //! - [`admin`]: operators (platform principals, own login and tokens) and
 //!   the `/v1/admin` api.
+//! - [`credentials`] (+ [`credentials_http`]): service accounts and keys,
+//!   personal API tokens, and their exchange for access tokens.
 //! - [`session`]: login, refresh-token rotation, logout, password change.
 //! - [`secret`]: opaque bearer secrets (refresh and invitation tokens),
 //!   stored hashed.
@@ -29,6 +31,8 @@ pub mod audit;
 pub mod audit_chain;
 pub mod authz;
 pub mod context;
+pub mod credentials;
+pub mod credentials_http;
 mod error;
 pub mod http;
 pub mod idempotency;

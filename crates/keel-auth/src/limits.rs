@@ -27,7 +27,6 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use keel_core::ids::UserId;
 use keel_http::ApiError;
 use serde::{Deserialize, Serialize};
 
@@ -126,7 +125,7 @@ impl IntoResponse for RetryAfter {
 
 pub struct Limits {
     config: RateLimitConfig,
-    principal: DefaultKeyedRateLimiter<UserId>,
+    principal: DefaultKeyedRateLimiter<String>,
     ip: DefaultKeyedRateLimiter<IpAddr>,
     auth: DefaultKeyedRateLimiter<IpAddr>,
     failures: Mutex<HashMap<FailureKey, Failures>>,
@@ -276,7 +275,11 @@ fn is_auth_endpoint(request: &Request) -> bool {
     request.method() == Method::POST
         && matches!(
             request.uri().path(),
-            "/v1/auth/login" | "/v1/auth/register" | "/v1/auth/refresh" | "/v1/admin/auth/login"
+            "/v1/auth/login"
+                | "/v1/auth/register"
+                | "/v1/auth/refresh"
+                | "/v1/auth/token"
+                | "/v1/admin/auth/login"
         )
 }
 
@@ -300,7 +303,7 @@ where
     let auth_endpoint = is_auth_endpoint(&request);
     let (parts, body) = request.into_parts();
     let keys = Arc::<TokenKeys>::from_ref(&state);
-    let principal = authenticate(&parts, &keys).ok().map(|(p, _)| p.user_id);
+    let principal = authenticate(&parts, &keys).ok().map(|(p, _)| p.label());
     let verdict = ip
         .map_or(Ok(()), |ip| {
             if auth_endpoint {

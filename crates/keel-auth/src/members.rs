@@ -18,12 +18,13 @@ use keel_core::{Actor, ResourceName};
 use keel_db::{Audit, Db, NewEvent, RequestMeta, Scope, WriteTx};
 use time::{Duration, OffsetDateTime};
 
-use crate::authz::{Action, ProjectHandle, TenantHandle};
+use crate::authz::{Action, ProjectHandle, Subject, TenantHandle};
+use crate::context::UserSession;
 use crate::model::{
     GrantRequest, InvitationCreated, InvitationRequest, InvitationView, MemberUpdateRequest,
     MemberView, ProjectGrantView,
 };
-use crate::{AuthError, Principal, Role, secret};
+use crate::{AuthError, Role, secret};
 
 /// How long an invitation can be accepted.
 pub const INVITATION_TTL: Duration = Duration::days(7);
@@ -126,6 +127,7 @@ async fn lock_for_change(
     tenant: &TenantHandle,
     target: UserId,
 ) -> Result<Locked, AuthError> {
+    let caller = tenant.user_id()?;
     let rows: Vec<(UserId, String, i64)> = sqlx::query_as(
         "SELECT user_id, role, version FROM memberships
          WHERE tenant_id = $1 AND (role = 'owner' OR user_id = $2 OR user_id = $3)
@@ -133,7 +135,7 @@ async fn lock_for_change(
     )
     .bind(tenant.tenant_id)
     .bind(target)
-    .bind(tenant.user_id)
+    .bind(caller)
     .fetch_all(tx.conn())
     .await?;
     let mut locked = None;
@@ -146,7 +148,7 @@ async fn lock_for_change(
         } else if role == Role::Owner {
             other_owners += 1;
         }
-        if user_id == tenant.user_id {
+        if user_id == caller {
             caller_role = Some(role);
         }
     }
@@ -173,7 +175,7 @@ fn recheck(
         "the session's tenant membership no longer exists",
     ))?;
     let handle = TenantHandle {
-        role: caller,
+        subject: Subject::Tenant(caller),
         ..*tenant
     };
     if !handle.may(action) || (touches_owner && !handle.may(Action::OwnerManage)) {
@@ -238,7 +240,7 @@ pub async fn member_remove(
     user_id: UserId,
     expected_version: Option<i64>,
 ) -> Result<(), AuthError> {
-    let leaving = user_id == tenant.user_id;
+    let leaving = user_id == tenant.user_id()?;
     let locked = lock_for_change(&mut tx, tenant, user_id).await?;
     let action = if leaving {
         Action::MemberLeave
@@ -364,7 +366,7 @@ pub async fn invitation_create(
         .bind(email)
         .bind(request.role.as_str())
         .bind(&made.digest)
-        .bind(tenant.user_id)
+        .bind(tenant.user_id()?)
         .bind(OffsetDateTime::now_utc() + INVITATION_TTL)
         .fetch_one(tx.conn())
         .await;
@@ -459,14 +461,14 @@ struct PresentedInvitation {
     expires_at: OffsetDateTime,
 }
 
-/// Accepts an invitation as the signed-in `principal` (authorised in their
+/// Accepts an invitation as the signed-in `user` (authorised in their
 /// current tenant): they become a member of the inviting tenant. The
 /// transaction runs in the inviting tenant; the token's ids only say where
 /// to look, the secret proves it.
 pub async fn invitation_accept(
     db: &Db,
     meta: RequestMeta,
-    principal: &Principal,
+    user: &UserSession,
     token: &str,
 ) -> Result<MemberView, AuthError> {
     let presented =
@@ -475,7 +477,7 @@ pub async fn invitation_accept(
     let id = InvitationId::from(presented.ids[1]);
     let meta = RequestMeta {
         actor: Actor::User {
-            user_id: principal.user_id,
+            user_id: user.user_id,
             tenant_id,
         },
         ..meta
@@ -485,7 +487,7 @@ pub async fn invitation_accept(
             meta,
             Scope::Tenant {
                 tenant_id,
-                user_id: Some(principal.user_id),
+                user_id: Some(user.user_id),
             },
         )
         .await?;
@@ -505,7 +507,7 @@ pub async fn invitation_accept(
         return Err(AuthError::InvitationExpired);
     }
     let email: String = sqlx::query_scalar("SELECT email FROM users WHERE id = $1")
-        .bind(principal.user_id)
+        .bind(user.user_id)
         .fetch_one(tx.conn())
         .await?;
     if !email.trim().eq_ignore_ascii_case(row.email.trim()) {
@@ -517,7 +519,7 @@ pub async fn invitation_accept(
          ON CONFLICT (tenant_id, user_id) DO NOTHING",
     )
     .bind(tenant_id)
-    .bind(principal.user_id)
+    .bind(user.user_id)
     .bind(role.as_str())
     .execute(tx.conn())
     .await?
@@ -527,19 +529,19 @@ pub async fn invitation_accept(
     }
     sqlx::query("UPDATE invitations SET accepted_at = now(), accepted_by = $2 WHERE id = $1")
         .bind(id)
-        .bind(principal.user_id)
+        .bind(user.user_id)
         .execute(tx.conn())
         .await?;
-    let member = member_get(tx.conn(), tenant_id, principal.user_id).await?;
-    let name = member_name(tenant_id, principal.user_id);
+    let member = member_get(tx.conn(), tenant_id, user.user_id).await?;
+    let name = member_name(tenant_id, user.user_id);
     tx.emit(NewEvent::new(
         "member.added",
         "member",
-        principal.user_id.as_uuid(),
+        user.user_id.as_uuid(),
         member.version,
         Some(tenant_id),
         name.clone(),
-        serde_json::json!({ "user_id": principal.user_id, "role": role, "invitation_id": id }),
+        serde_json::json!({ "user_id": user.user_id, "role": role, "invitation_id": id }),
     ));
     tx.audit(Audit::new(
         "invitation.accept",

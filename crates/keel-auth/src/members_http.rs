@@ -131,7 +131,7 @@ async fn member_remove(
     Path(user_id): Path<UserId>,
     IfMatch(expected): IfMatch,
 ) -> Result<StatusCode, ApiError> {
-    let action = if user_id == ctx.principal.user_id {
+    let action = if Some(user_id) == ctx.principal.user_id() {
         Action::MemberLeave
     } else {
         Action::MemberRemove
@@ -247,13 +247,14 @@ async fn invitation_accept(
     State(db): State<Db>,
     Json(request): Json<InvitationAcceptRequest>,
 ) -> Result<Json<MemberView>, ApiError> {
+    let user = ctx.principal.user_session()?;
     {
         // The caller's own session must be live.
         let mut tx = ctx.begin().await.map_err(AuthError::from)?;
         authorize_tenant(tx.conn(), &ctx.principal, Action::InvitationAccept).await?;
     }
     Ok(Json(
-        members::invitation_accept(&db, ctx.meta.clone(), &ctx.principal, &request.token).await?,
+        members::invitation_accept(&db, ctx.meta.clone(), &user, &request.token).await?,
     ))
 }
 

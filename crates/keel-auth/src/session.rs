@@ -267,11 +267,12 @@ pub async fn refresh(
 
 /// Ends the caller's session: its access and refresh tokens stop working.
 pub async fn logout(tx: WriteTx, principal: &Principal) -> Result<(), AuthError> {
+    let user = principal.user_session()?;
     revoke_and_commit(
         tx,
-        principal.user_id,
+        user.user_id,
         principal.tenant_id,
-        principal.session_id,
+        user.session_id,
         "logout",
     )
     .await
@@ -284,13 +285,14 @@ pub async fn password_change(
     principal: &Principal,
     request: PasswordChangeRequest,
 ) -> Result<(), AuthError> {
+    let user = principal.user_session()?;
     let errors = request.validate();
     if !errors.is_empty() {
         return Err(AuthError::Validation(errors));
     }
     let stored: Option<String> =
         sqlx::query_scalar("SELECT password_hash FROM users WHERE id = $1")
-            .bind(principal.user_id)
+            .bind(user.user_id)
             .fetch_optional(tx.conn())
             .await?;
     if !password::verify(request.current_password, stored).await? {
@@ -298,7 +300,7 @@ pub async fn password_change(
     }
     let new_hash = password::hash(request.new_password).await?;
     sqlx::query("UPDATE users SET password_hash = $2 WHERE id = $1")
-        .bind(principal.user_id)
+        .bind(user.user_id)
         .bind(&new_hash)
         .execute(tx.conn())
         .await?;
@@ -306,8 +308,8 @@ pub async fn password_change(
         "UPDATE sessions SET revoked_at = now(), revoked_reason = 'password_changed'
          WHERE user_id = $1 AND id <> $2 AND revoked_at IS NULL",
     )
-    .bind(principal.user_id)
-    .bind(principal.session_id)
+    .bind(user.user_id)
+    .bind(user.session_id)
     .execute(tx.conn())
     .await?
     .rows_affected();
@@ -315,7 +317,7 @@ pub async fn password_change(
         Audit::new(
             "user.password_change",
             Some(principal.tenant_id),
-            ResourceName::new(None, None, None, "user", principal.user_id),
+            ResourceName::new(None, None, None, "user", user.user_id),
         )
         .with_details(serde_json::json!({ "other_sessions_revoked": revoked })),
     )

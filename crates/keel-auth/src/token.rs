@@ -11,7 +11,13 @@
 use std::collections::HashMap;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use keel_core::ids::{OperatorId, OperatorSessionId, SessionId, TenantId, UserId};
+use keel_core::ids::{
+    ApiTokenId, OperatorId, OperatorSessionId, ServiceAccountId, ServiceAccountKeyId, SessionId,
+    TenantId, UserId,
+};
+use uuid::Uuid;
+
+use crate::context::Caller;
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -75,14 +81,28 @@ impl TokenConfig {
     }
 }
 
+/// What an access token stands for (claim `knd`; absent means a session).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum TokenKind {
+    #[default]
+    Session,
+    ApiToken,
+    ServiceAccount,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
     iss: String,
     aud: String,
-    sub: UserId,
+    /// The user, or the service account.
+    sub: Uuid,
     tid: TenantId,
-    /// The session the token was issued for; checked on every request.
-    sid: SessionId,
+    /// The session, API token or service-account key the token came from;
+    /// checked on every request.
+    sid: Uuid,
+    #[serde(default)]
+    knd: TokenKind,
     iat: i64,
     exp: i64,
 }
@@ -107,9 +127,8 @@ pub struct VerifiedOperatorToken {
 /// The verified content of an access token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VerifiedToken {
-    pub user_id: UserId,
     pub tenant_id: TenantId,
-    pub session_id: SessionId,
+    pub caller: Caller,
 }
 
 pub struct IssuedToken {
@@ -209,27 +228,57 @@ impl TokenKeys {
         &self.signing_kid
     }
 
+    /// An access token for `caller` acting in `tenant_id`.
+    pub fn issue_for(&self, tenant_id: TenantId, caller: Caller) -> Result<IssuedToken, AuthError> {
+        let (knd, sub, sid) = match caller {
+            Caller::User {
+                user_id,
+                session_id,
+            } => (TokenKind::Session, user_id.as_uuid(), session_id.as_uuid()),
+            Caller::ApiToken { user_id, token_id } => {
+                (TokenKind::ApiToken, user_id.as_uuid(), token_id.as_uuid())
+            }
+            Caller::ServiceAccount {
+                service_account_id,
+                key_id,
+                ..
+            } => (
+                TokenKind::ServiceAccount,
+                service_account_id.as_uuid(),
+                key_id.as_uuid(),
+            ),
+        };
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let token = self.sign(&Claims {
+            iss: ISSUER.to_owned(),
+            aud: AUDIENCE.to_owned(),
+            sub,
+            tid: tenant_id,
+            sid,
+            knd,
+            iat: now,
+            exp: now + i64::from(self.ttl_secs),
+        })?;
+        Ok(IssuedToken {
+            token,
+            expires_in: self.ttl_secs,
+        })
+    }
+
+    /// An access token for a user's session.
     pub fn issue(
         &self,
         user_id: UserId,
         tenant_id: TenantId,
         session_id: SessionId,
     ) -> Result<IssuedToken, AuthError> {
-        let now = OffsetDateTime::now_utc().unix_timestamp();
-        let claims = Claims {
-            iss: ISSUER.to_owned(),
-            aud: AUDIENCE.to_owned(),
-            sub: user_id,
-            tid: tenant_id,
-            sid: session_id,
-            iat: now,
-            exp: now + i64::from(self.ttl_secs),
-        };
-        let token = self.sign(&claims)?;
-        Ok(IssuedToken {
-            token,
-            expires_in: self.ttl_secs,
-        })
+        self.issue_for(
+            tenant_id,
+            Caller::User {
+                user_id,
+                session_id,
+            },
+        )
     }
 
     fn sign(&self, claims: &impl Serialize) -> Result<String, AuthError> {
@@ -261,10 +310,23 @@ impl TokenKeys {
 
     pub fn verify(&self, token: &str) -> Result<VerifiedToken, AuthError> {
         let claims: Claims = self.decode(token, AUDIENCE)?;
+        let caller = match claims.knd {
+            TokenKind::Session => Caller::User {
+                user_id: UserId::from(claims.sub),
+                session_id: SessionId::from(claims.sid),
+            },
+            TokenKind::ApiToken => Caller::ApiToken {
+                user_id: UserId::from(claims.sub),
+                token_id: ApiTokenId::from(claims.sid),
+            },
+            TokenKind::ServiceAccount => Caller::ServiceAccount {
+                service_account_id: ServiceAccountId::from(claims.sub),
+                key_id: ServiceAccountKeyId::from(claims.sid),
+            },
+        };
         Ok(VerifiedToken {
-            user_id: claims.sub,
             tenant_id: claims.tid,
-            session_id: claims.sid,
+            caller,
         })
     }
 
@@ -325,9 +387,11 @@ mod tests {
         assert_eq!(
             keys.verify(&issued.token).unwrap(),
             VerifiedToken {
-                user_id: user,
                 tenant_id: tenant,
-                session_id: session,
+                caller: Caller::User {
+                    user_id: user,
+                    session_id: session,
+                },
             }
         );
     }
@@ -377,9 +441,10 @@ mod tests {
         let claims = Claims {
             iss: ISSUER.into(),
             aud: AUDIENCE.into(),
-            sub: UserId::new(),
+            sub: Uuid::now_v7(),
             tid: TenantId::new(),
-            sid: SessionId::new(),
+            sid: Uuid::now_v7(),
+            knd: TokenKind::Session,
             iat: now - 7200,
             exp: now - 3600,
         };

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{HostId, OperatorId, TenantId, UserId};
+use crate::ids::{HostId, OperatorId, ServiceAccountId, TenantId, UserId};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -10,6 +10,11 @@ pub enum Actor {
     /// A signed-in person acting inside one tenant.
     User {
         user_id: UserId,
+        tenant_id: TenantId,
+    },
+    /// A project's service account, through one of its keys.
+    ServiceAccount {
+        service_account_id: ServiceAccountId,
         tenant_id: TenantId,
     },
     /// A platform operator (never a member of a tenant).
@@ -35,6 +40,9 @@ impl Actor {
         match self {
             Actor::User { user_id, .. } => format!("user:{user_id}"),
             Actor::Operator { operator_id } => format!("operator:{operator_id}"),
+            Actor::ServiceAccount {
+                service_account_id, ..
+            } => format!("service_account:{service_account_id}"),
             Actor::Anonymous => "anonymous".to_owned(),
             Actor::Node { host_id } => format!("node:{host_id}"),
             Actor::System { component } => format!("system:{component}"),

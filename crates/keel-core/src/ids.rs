@@ -107,6 +107,18 @@ typed_id!(
     OperatorId
 );
 typed_id!(
+    /// A project's service account (a non-human principal).
+    ServiceAccountId
+);
+typed_id!(
+    /// One key of a service account.
+    ServiceAccountKeyId
+);
+typed_id!(
+    /// A user's personal API token.
+    ApiTokenId
+);
+typed_id!(
     /// One login of an operator.
     OperatorSessionId
 );

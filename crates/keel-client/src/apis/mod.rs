@@ -122,5 +122,6 @@ pub mod inventory_api;
 pub mod members_api;
 pub mod nodes_api;
 pub mod projects_api;
+pub mod service_accounts_api;
 
 pub mod configuration;

@@ -14,10 +14,30 @@
 
 import * as runtime from '../runtime';
 import {
+    type ApiTokenCreated,
+    ApiTokenCreatedFromJSON,
+    ApiTokenCreatedToJSON,
+} from '../models/ApiTokenCreated';
+import {
+    type ApiTokenRequest,
+    ApiTokenRequestFromJSON,
+    ApiTokenRequestToJSON,
+} from '../models/ApiTokenRequest';
+import {
+    type ApiTokenView,
+    ApiTokenViewFromJSON,
+    ApiTokenViewToJSON,
+} from '../models/ApiTokenView';
+import {
     type ErrorBody,
     ErrorBodyFromJSON,
     ErrorBodyToJSON,
 } from '../models/ErrorBody';
+import {
+    type ExchangedToken,
+    ExchangedTokenFromJSON,
+    ExchangedTokenToJSON,
+} from '../models/ExchangedToken';
 import {
     type LoginRequest,
     LoginRequestFromJSON,
@@ -44,10 +64,33 @@ import {
     RegisterResponseToJSON,
 } from '../models/RegisterResponse';
 import {
+    type TokenExchangeRequest,
+    TokenExchangeRequestFromJSON,
+    TokenExchangeRequestToJSON,
+} from '../models/TokenExchangeRequest';
+import {
     type TokenResponse,
     TokenResponseFromJSON,
     TokenResponseToJSON,
 } from '../models/TokenResponse';
+
+export interface ApiTokenCreateRequest {
+    /**
+     * 
+     */
+    apiTokenRequest: ApiTokenRequest;
+    /**
+     * Makes retries safe: the same key and request replay the first response
+     */
+    idempotencyKey?: string | null;
+}
+
+export interface ApiTokenRevokeRequest {
+    /**
+     * The token
+     */
+    tokenId: string;
+}
 
 export interface AuthLoginRequest {
     /**
@@ -77,6 +120,13 @@ export interface AuthRegisterRequest {
     registerRequest: RegisterRequest;
 }
 
+export interface AuthTokenExchangeRequest {
+    /**
+     * 
+     */
+    tokenExchangeRequest: TokenExchangeRequest;
+}
+
 /**
  * AuthApi - interface
  * 
@@ -84,6 +134,75 @@ export interface AuthRegisterRequest {
  * @interface AuthApiInterface
  */
 export interface AuthApiInterface {
+    /**
+     * Creates request options for apiTokenCreate without sending the request
+     * @param {ApiTokenRequest} apiTokenRequest 
+     * @param {string} [idempotencyKey] Makes retries safe: the same key and request replay the first response
+     * @throws {RequiredError}
+     * @memberof AuthApiInterface
+     */
+    apiTokenCreateRequestOpts(requestParameters: ApiTokenCreateRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Create a personal API token. The secret is in this response only.
+     * @param {ApiTokenRequest} apiTokenRequest 
+     * @param {string} [idempotencyKey] Makes retries safe: the same key and request replay the first response
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AuthApiInterface
+     */
+    apiTokenCreateRaw(requestParameters: ApiTokenCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<ApiTokenCreated>>;
+
+    /**
+     * Create a personal API token. The secret is in this response only.
+     */
+    apiTokenCreate(requestParameters: ApiTokenCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<ApiTokenCreated>;
+
+    /**
+     * Creates request options for apiTokenList without sending the request
+     * @throws {RequiredError}
+     * @memberof AuthApiInterface
+     */
+    apiTokenListRequestOpts(): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary List your personal API tokens in this tenant.
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AuthApiInterface
+     */
+    apiTokenListRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<Array<ApiTokenView>>>;
+
+    /**
+     * List your personal API tokens in this tenant.
+     */
+    apiTokenList(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<Array<ApiTokenView>>;
+
+    /**
+     * Creates request options for apiTokenRevoke without sending the request
+     * @param {string} tokenId The token
+     * @throws {RequiredError}
+     * @memberof AuthApiInterface
+     */
+    apiTokenRevokeRequestOpts(requestParameters: ApiTokenRevokeRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Revoke one of your personal API tokens.
+     * @param {string} tokenId The token
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AuthApiInterface
+     */
+    apiTokenRevokeRaw(requestParameters: ApiTokenRevokeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<void>>;
+
+    /**
+     * Revoke one of your personal API tokens.
+     */
+    apiTokenRevoke(requestParameters: ApiTokenRevokeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<void>;
+
     /**
      * Creates request options for authLogin without sending the request
      * @param {LoginRequest} loginRequest 
@@ -197,12 +316,191 @@ export interface AuthApiInterface {
      */
     authRegister(requestParameters: AuthRegisterRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<RegisterResponse>;
 
+    /**
+     * Creates request options for authTokenExchange without sending the request
+     * @param {TokenExchangeRequest} tokenExchangeRequest 
+     * @throws {RequiredError}
+     * @memberof AuthApiInterface
+     */
+    authTokenExchangeRequestOpts(requestParameters: AuthTokenExchangeRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Exchange a service-account key or a personal API token for a short-lived access token.
+     * @param {TokenExchangeRequest} tokenExchangeRequest 
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AuthApiInterface
+     */
+    authTokenExchangeRaw(requestParameters: AuthTokenExchangeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<ExchangedToken>>;
+
+    /**
+     * Exchange a service-account key or a personal API token for a short-lived access token.
+     */
+    authTokenExchange(requestParameters: AuthTokenExchangeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<ExchangedToken>;
+
 }
 
 /**
  * 
  */
 export class AuthApi extends runtime.BaseAPI implements AuthApiInterface {
+
+    /**
+     * Creates request options for apiTokenCreate without sending the request
+     */
+    async apiTokenCreateRequestOpts(requestParameters: ApiTokenCreateRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['apiTokenRequest'] == null) {
+            throw new runtime.RequiredError(
+                'apiTokenRequest',
+                'Required parameter "apiTokenRequest" was null or undefined when calling apiTokenCreate().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (requestParameters['idempotencyKey'] != null) {
+            headerParameters['Idempotency-Key'] = String(requestParameters['idempotencyKey']);
+        }
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/auth/api-tokens`;
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+            body: ApiTokenRequestToJSON(requestParameters['apiTokenRequest']),
+        };
+    }
+
+    /**
+     * Create a personal API token. The secret is in this response only.
+     */
+    async apiTokenCreateRaw(requestParameters: ApiTokenCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<ApiTokenCreated>> {
+        const requestOptions = await this.apiTokenCreateRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => ApiTokenCreatedFromJSON(jsonValue));
+    }
+
+    /**
+     * Create a personal API token. The secret is in this response only.
+     */
+    async apiTokenCreate(requestParameters: ApiTokenCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<ApiTokenCreated> {
+        const response = await this.apiTokenCreateRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for apiTokenList without sending the request
+     */
+    async apiTokenListRequestOpts(): Promise<runtime.RequestOpts> {
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/auth/api-tokens`;
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * List your personal API tokens in this tenant.
+     */
+    async apiTokenListRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<Array<ApiTokenView>>> {
+        const requestOptions = await this.apiTokenListRequestOpts();
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => jsonValue.map(ApiTokenViewFromJSON));
+    }
+
+    /**
+     * List your personal API tokens in this tenant.
+     */
+    async apiTokenList(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<Array<ApiTokenView>> {
+        const response = await this.apiTokenListRaw(initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for apiTokenRevoke without sending the request
+     */
+    async apiTokenRevokeRequestOpts(requestParameters: ApiTokenRevokeRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['tokenId'] == null) {
+            throw new runtime.RequiredError(
+                'tokenId',
+                'Required parameter "tokenId" was null or undefined when calling apiTokenRevoke().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/auth/api-tokens/{token_id}`;
+        urlPath = urlPath.replace('{token_id}', encodeURIComponent(String(requestParameters['tokenId'])));
+
+        return {
+            path: urlPath,
+            method: 'DELETE',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Revoke one of your personal API tokens.
+     */
+    async apiTokenRevokeRaw(requestParameters: ApiTokenRevokeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<void>> {
+        const requestOptions = await this.apiTokenRevokeRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.VoidApiResponse(response);
+    }
+
+    /**
+     * Revoke one of your personal API tokens.
+     */
+    async apiTokenRevoke(requestParameters: ApiTokenRevokeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<void> {
+        await this.apiTokenRevokeRaw(requestParameters, initOverrides);
+    }
 
     /**
      * Creates request options for authLogin without sending the request
@@ -440,6 +738,53 @@ export class AuthApi extends runtime.BaseAPI implements AuthApiInterface {
      */
     async authRegister(requestParameters: AuthRegisterRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<RegisterResponse> {
         const response = await this.authRegisterRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for authTokenExchange without sending the request
+     */
+    async authTokenExchangeRequestOpts(requestParameters: AuthTokenExchangeRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['tokenExchangeRequest'] == null) {
+            throw new runtime.RequiredError(
+                'tokenExchangeRequest',
+                'Required parameter "tokenExchangeRequest" was null or undefined when calling authTokenExchange().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+
+        let urlPath = `/v1/auth/token`;
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+            body: TokenExchangeRequestToJSON(requestParameters['tokenExchangeRequest']),
+        };
+    }
+
+    /**
+     * Exchange a service-account key or a personal API token for a short-lived access token.
+     */
+    async authTokenExchangeRaw(requestParameters: AuthTokenExchangeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<ExchangedToken>> {
+        const requestOptions = await this.authTokenExchangeRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => ExchangedTokenFromJSON(jsonValue));
+    }
+
+    /**
+     * Exchange a service-account key or a personal API token for a short-lived access token.
+     */
+    async authTokenExchange(requestParameters: AuthTokenExchangeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<ExchangedToken> {
+        const response = await this.authTokenExchangeRaw(requestParameters, initOverrides);
         return await response.value();
     }
 

@@ -9,3 +9,4 @@ export * from './InventoryApi';
 export * from './MembersApi';
 export * from './NodesApi';
 export * from './ProjectsApi';
+export * from './ServiceAccountsApi';
