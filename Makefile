@@ -1,11 +1,14 @@
 # Keel: the two commands a newcomer needs are `make run` and `make test`.
-.PHONY: run test build lint fmt codegen ci
+.PHONY: run test bench build lint fmt codegen ci
 
 run: ## Local mode: private Postgres, api (and, as they land, worker and agent)
 	bash scripts/run-local.sh
 
 test: ## Every test: unit, database (fresh database per test), end-to-end
 	bash scripts/test.sh
+
+bench: ## Throughput and latency of the api against pgbench running the same SQL (release build)
+	bash scripts/bench.sh
 
 build:
 	cargo build --workspace --all-targets

@@ -136,6 +136,15 @@ async fn keys_rotate_and_revoking_disabling_or_deleting_ends_access_at_once() {
     // The key list never shows secrets.
     let keys = app.get(&format!("{base}/keys"), Some(&owner.token)).await;
     assert_eq!(keys.body.as_array().unwrap().len(), 2);
+    assert!(
+        keys.body[0]["resource_name"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!(
+                "krn:keel::{}:{}:service_account_key/",
+                owner.tenant_id, owner.project_id
+            ))
+    );
     assert!(!keys.body.to_string().contains(&first[first.len() - 20..]));
 
     // Revoke the first key: its tokens stop, the second key's go on.

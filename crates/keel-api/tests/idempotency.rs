@@ -287,3 +287,70 @@ async fn the_purge_deletes_keys_past_retention_and_never_keeps_less_than_a_day()
     .await;
     assert_eq!(again.status, StatusCode::CREATED);
 }
+
+#[tokio::test]
+async fn an_api_token_never_replays_what_its_users_session_did() {
+    let app = TestApp::spawn().await;
+    app.add_host(8, 16384).await;
+    let owner = app.tenant("acme").await;
+    let uri = format!("/v1/projects/{}/allocations", owner.project_id);
+    let body = json!({"name": "job", "flavor": "cpu.small"});
+    let (by_session, _) = post_with_key(&app, &uri, &owner.token, "shared", body.clone()).await;
+    assert_eq!(by_session.status, StatusCode::ACCEPTED);
+    let created = app
+        .post(
+            "/v1/auth/api-tokens",
+            Some(&owner.token),
+            json!({"name": "ci"}),
+        )
+        .await;
+    let exchanged = app
+        .post(
+            "/v1/auth/token",
+            None,
+            json!({"secret": created.body["secret"]}),
+        )
+        .await;
+    let token = exchanged.body["access_token"].as_str().unwrap();
+    let (by_token, _) = post_with_key(&app, &uri, token, "shared", body).await;
+    assert_eq!(by_token.status, StatusCode::ACCEPTED);
+    assert!(by_token.headers.get("idempotent-replayed").is_none());
+    assert_ne!(by_token.body["id"], by_session.body["id"]);
+}
+
+#[tokio::test]
+async fn a_response_holding_a_secret_is_never_stored_nor_replayed() {
+    let app = TestApp::spawn().await;
+    let owner = app.tenant("acme").await;
+    let body = json!({"name": "laptop"});
+    let (first, _) = post_with_key(
+        &app,
+        "/v1/auth/api-tokens",
+        &owner.token,
+        "tok-1",
+        body.clone(),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let (again, _) = post_with_key(&app, "/v1/auth/api-tokens", &owner.token, "tok-1", body).await;
+    again.assert_error(StatusCode::CONFLICT, "idempotency_response_withheld");
+    assert_eq!(app.count("SELECT count(*) FROM api_tokens").await, 1);
+    assert_eq!(
+        app.count("SELECT count(*) FROM idempotency_keys WHERE key = 'tok-1' AND response_body IS NULL AND status_code = 201")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_logged_out_session_cannot_replay() {
+    let app = TestApp::spawn().await;
+    let owner = app.tenant("acme").await;
+    let body = json!({"name": "research"});
+    let (first, _) = post_with_key(&app, "/v1/projects", &owner.token, "k", body.clone()).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    app.post("/v1/auth/logout", Some(&owner.token), json!({}))
+        .await;
+    let (again, _) = post_with_key(&app, "/v1/projects", &owner.token, "k", body).await;
+    again.assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+}

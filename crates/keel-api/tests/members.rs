@@ -485,3 +485,46 @@ async fn a_project_grant_raises_a_viewer_on_that_project_only() {
         .await
         .assert_error(StatusCode::FORBIDDEN, "forbidden");
 }
+
+#[tokio::test]
+async fn a_member_removed_and_invited_back_does_not_get_old_sessions_back() {
+    let app = TestApp::spawn().await;
+    let owner = app.tenant("acme").await;
+    let member = app.member(&owner, "member").await;
+    app.request(
+        Method::DELETE,
+        &format!("/v1/members/{}", member.user_id),
+        Some(&owner.token),
+        None,
+    )
+    .await;
+    // Invited and accepted again (from their own tenant's session).
+    let invited = app
+        .post(
+            "/v1/invitations",
+            Some(&owner.token),
+            json!({"email": member.email, "role": "member"}),
+        )
+        .await;
+    let home = app.login(&member.email, PASSWORD, None).await;
+    let home_token = home.body["access_token"].as_str().unwrap();
+    let accepted = app
+        .post(
+            "/v1/invitations/accept",
+            Some(home_token),
+            json!({"token": invited.body["token"]}),
+        )
+        .await;
+    assert_eq!(accepted.status, StatusCode::OK, "{:?}", accepted.body);
+    // The sessions from before the removal stay dead.
+    app.get("/v1/projects", Some(&member.token))
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+    app.post(
+        "/v1/auth/refresh",
+        None,
+        json!({"refresh_token": member.refresh_token}),
+    )
+    .await
+    .assert_error(StatusCode::UNAUTHORIZED, "invalid_refresh_token");
+}

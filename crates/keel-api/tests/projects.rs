@@ -236,3 +236,19 @@ async fn members_may_not_create_or_rename_projects_and_viewers_may_not_either() 
             .assert_error(StatusCode::FORBIDDEN, "forbidden");
     }
 }
+
+#[tokio::test]
+async fn names_that_hide_characters_are_refused_and_create_nothing() {
+    let app = TestApp::spawn().await;
+    let tenant = app.tenant("acme").await;
+    for name in ["report\u{202E}fdp.exe", "a\u{200B}b", "tab\tbed"] {
+        app.post("/v1/projects", Some(&tenant.token), json!({"name": name}))
+            .await
+            .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    }
+    assert_eq!(
+        app.count("SELECT count(*) FROM projects").await,
+        1,
+        "only the default project"
+    );
+}

@@ -379,6 +379,9 @@ async fn admin_login(
     Json(request): Json<OperatorLoginRequest>,
 ) -> Response {
     let ip = client.and_then(|axum::Extension(ClientIp(ip))| ip);
+    if request.email.len() > crate::model::MAX_EMAIL_LEN {
+        return ApiError::from(AuthError::InvalidCredentials).into_response();
+    }
     // Operator accounts are throttled apart from user accounts.
     let account = format!("operator:{}", request.email);
     let delay = match limits.login_gate(ip, &account) {

@@ -431,8 +431,11 @@ async fn standing(
             let (credential, live) = match principal.caller {
                 Caller::User { session_id, .. } => (
                     session_id.as_uuid(),
+                    // A session older than the membership belongs to an
+                    // earlier membership that ended: it never comes back.
                     "EXISTS (SELECT FROM sessions s
                              WHERE s.id = $3 AND s.user_id = $2 AND s.tenant_id = $1
+                               AND s.created_at >= m.created_at
                                AND s.revoked_at IS NULL AND s.expires_at > now())",
                 ),
                 Caller::ApiToken { token_id, .. } => (
@@ -486,6 +489,12 @@ async fn standing(
         grant: grant.as_deref().and_then(Role::parse),
         project_visible,
     })
+}
+
+/// Checks only that the caller's credential is live (the idempotency layer
+/// asks before replaying a stored response).
+pub async fn ensure_live(conn: &mut PgConnection, principal: &Principal) -> Result<(), AuthError> {
+    standing(conn, principal, None).await.map(|_| ())
 }
 
 fn subject_of(caller: Caller, role: Role) -> Subject {

@@ -186,6 +186,20 @@ impl Principal {
         self.actor().label()
     }
 
+    /// The scope of this caller's idempotency keys: a person's sessions
+    /// share one (a retry after a token refresh still replays), each API
+    /// token and each service account has its own, so a narrower credential
+    /// can never replay what a wider one did.
+    pub fn idempotency_scope(&self) -> String {
+        match self.caller {
+            Caller::User { user_id, .. } => format!("user:{user_id}"),
+            Caller::ApiToken { token_id, .. } => format!("api_token:{token_id}"),
+            Caller::ServiceAccount {
+                service_account_id, ..
+            } => format!("service_account:{service_account_id}"),
+        }
+    }
+
     /// Who audit rows name.
     pub fn actor(&self) -> Actor {
         match self.caller {

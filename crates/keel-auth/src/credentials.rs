@@ -21,7 +21,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::authz::{ProjectHandle, TenantHandle};
 use crate::context::Caller;
-use crate::model::field;
+use crate::model::{display_name_errors, field};
 use crate::{AuthError, Role, TokenKeys, secret};
 
 const SERVICE_ACCOUNT_PREFIX: &str = "ksa";
@@ -42,20 +42,7 @@ fn lifetime(days: Option<u32>) -> Result<Duration, AuthError> {
 }
 
 fn name_errors(name: &str) -> Vec<FieldError> {
-    let name = name.trim();
-    if name.is_empty() {
-        vec![field("name", "required", "must not be empty")]
-    } else if name.chars().count() > 100 {
-        vec![field("name", "too_long", "must be at most 100 characters")]
-    } else if name.chars().any(char::is_control) {
-        vec![field(
-            "name",
-            "invalid",
-            "must not contain control characters",
-        )]
-    } else {
-        Vec::new()
-    }
+    display_name_errors("name", name).into_iter().collect()
 }
 
 fn account_name(
@@ -64,6 +51,17 @@ fn account_name(
     id: ServiceAccountId,
 ) -> ResourceName {
     ResourceName::new(None, Some(tenant), Some(project), "service_account", id)
+}
+
+fn key_name(project: &ProjectHandle, id: ServiceAccountKeyId) -> String {
+    ResourceName::new(
+        None,
+        Some(project.tenant_id),
+        Some(project.project_id),
+        "service_account_key",
+        id,
+    )
+    .to_string()
 }
 
 /// `POST /v1/projects/{project_id}/service-accounts`
@@ -142,6 +140,9 @@ pub struct KeyRequest {
 pub struct ServiceAccountKeyView {
     pub id: ServiceAccountKeyId,
     pub service_account_id: ServiceAccountId,
+    /// Canonical resource name, as in audit rows.
+    #[sqlx(skip)]
+    pub resource_name: String,
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
@@ -362,7 +363,7 @@ pub async fn key_create(
         SERVICE_ACCOUNT_PREFIX,
         &[project.tenant_id.as_uuid(), key_id.as_uuid()],
     );
-    let key: ServiceAccountKeyView = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let mut key: ServiceAccountKeyView = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "INSERT INTO service_account_keys (id, tenant_id, service_account_id, secret_sha256, expires_at)
          VALUES ($1, $2, $3, $4, $5) RETURNING {KEY_COLUMNS}"
     )))
@@ -373,6 +374,7 @@ pub async fn key_create(
     .bind(OffsetDateTime::now_utc() + lifetime)
     .fetch_one(tx.conn())
     .await?;
+    key.resource_name = key_name(project, key_id);
     tx.commit(
         Audit::new(
             "service_account_key.create",
@@ -397,14 +399,18 @@ pub async fn key_list(
     id: ServiceAccountId,
 ) -> Result<Vec<ServiceAccountKeyView>, AuthError> {
     account_exists(tx, project, id).await?;
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let mut keys: Vec<ServiceAccountKeyView> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {KEY_COLUMNS} FROM service_account_keys
          WHERE tenant_id = $1 AND service_account_id = $2 ORDER BY id"
     )))
     .bind(project.tenant_id)
     .bind(id)
     .fetch_all(tx.conn())
-    .await?)
+    .await?;
+    for key in &mut keys {
+        key.resource_name = key_name(project, key.id);
+    }
+    Ok(keys)
 }
 
 /// Revokes one key; the account's other keys keep working.
@@ -456,6 +462,9 @@ pub struct ApiTokenRequest {
 pub struct ApiTokenView {
     pub id: ApiTokenId,
     pub name: String,
+    /// Canonical resource name, as in audit rows.
+    #[sqlx(skip)]
+    pub resource_name: String,
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
@@ -501,7 +510,7 @@ pub async fn api_token_create(
         API_TOKEN_PREFIX,
         &[tenant.tenant_id.as_uuid(), id.as_uuid()],
     );
-    let token: ApiTokenView = sqlx::query_as(
+    let mut token: ApiTokenView = sqlx::query_as(
         "INSERT INTO api_tokens (id, tenant_id, user_id, name, secret_sha256, expires_at)
          VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, name, created_at, expires_at",
     )
@@ -513,6 +522,7 @@ pub async fn api_token_create(
     .bind(OffsetDateTime::now_utc() + lifetime)
     .fetch_one(tx.conn())
     .await?;
+    token.resource_name = api_token_name(tenant.tenant_id, id).to_string();
     tx.commit(
         Audit::new(
             "api_token.create",
@@ -533,7 +543,7 @@ pub async fn api_token_list(
     conn: &mut sqlx::PgConnection,
     tenant: &TenantHandle,
 ) -> Result<Vec<ApiTokenView>, AuthError> {
-    Ok(sqlx::query_as(
+    let mut tokens: Vec<ApiTokenView> = sqlx::query_as(
         "SELECT id, name, created_at, expires_at FROM api_tokens
          WHERE tenant_id = $1 AND user_id = $2 AND revoked_at IS NULL AND expires_at > now()
          ORDER BY id",
@@ -541,7 +551,11 @@ pub async fn api_token_list(
     .bind(tenant.tenant_id)
     .bind(tenant.user_id()?)
     .fetch_all(conn)
-    .await?)
+    .await?;
+    for token in &mut tokens {
+        token.resource_name = api_token_name(tenant.tenant_id, token.id).to_string();
+    }
+    Ok(tokens)
 }
 
 /// Revokes one of the caller's tokens.

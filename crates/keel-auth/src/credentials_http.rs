@@ -21,7 +21,9 @@ use crate::credentials::{
     ServiceAccountView, TokenExchangeRequest,
 };
 use crate::http::page_error;
+use crate::idempotency::ShownOnce;
 use crate::{AuthError, Ctx, TokenKeys};
+use axum::Extension;
 
 pub fn router<S>() -> OpenApiRouter<S>
 where
@@ -113,11 +115,11 @@ async fn api_token_list(ctx: Ctx) -> Result<Json<Vec<ApiTokenView>>, ApiError> {
 async fn api_token_create(
     ctx: Ctx,
     Json(request): Json<ApiTokenRequest>,
-) -> Result<(StatusCode, Json<ApiTokenCreated>), ApiError> {
+) -> Result<(StatusCode, Extension<ShownOnce>, Json<ApiTokenCreated>), ApiError> {
     let mut tx = ctx.begin().await.map_err(AuthError::from)?;
     let tenant = authorize_tenant(tx.conn(), &ctx.principal, Action::ApiTokenManage).await?;
     let created = credentials::api_token_create(tx, &tenant, request).await?;
-    Ok((StatusCode::CREATED, Json(created)))
+    Ok((StatusCode::CREATED, Extension(ShownOnce), Json(created)))
 }
 
 /// Revoke one of your personal API tokens.
@@ -364,7 +366,14 @@ async fn service_account_key_create(
     ctx: Ctx,
     Path((project_id, id)): Path<(ProjectId, ServiceAccountId)>,
     Json(request): Json<KeyRequest>,
-) -> Result<(StatusCode, Json<ServiceAccountKeyCreated>), ApiError> {
+) -> Result<
+    (
+        StatusCode,
+        Extension<ShownOnce>,
+        Json<ServiceAccountKeyCreated>,
+    ),
+    ApiError,
+> {
     let mut tx = ctx.begin().await.map_err(AuthError::from)?;
     let project = authorize_project(
         tx.conn(),
@@ -374,7 +383,7 @@ async fn service_account_key_create(
     )
     .await?;
     let created = credentials::key_create(tx, &project, id, request).await?;
-    Ok((StatusCode::CREATED, Json(created)))
+    Ok((StatusCode::CREATED, Extension(ShownOnce), Json(created)))
 }
 
 /// Revoke one key of a service account.

@@ -18,6 +18,7 @@ use keel_http::{IfMatch, Path, etag};
 use crate::authz::{Action, authorize_project, authorize_tenant};
 use crate::context::anonymous_meta;
 use crate::limits::{ClientIp, Limits};
+use crate::model::MAX_EMAIL_LEN;
 use crate::model::{
     LoginRequest, PasswordChangeRequest, Project, ProjectRequest, ProjectView, RefreshRequest,
     RegisterRequest, RegisterResponse, TokenResponse,
@@ -91,6 +92,11 @@ async fn auth_login(
     Json(request): Json<LoginRequest>,
 ) -> Response {
     let ip = client.and_then(|Extension(ClientIp(ip))| ip);
+    // No account has an email this long; refusing it first keeps the
+    // throttle's memory small.
+    if request.email.len() > MAX_EMAIL_LEN {
+        return ApiError::from(AuthError::InvalidCredentials).into_response();
+    }
     let email = request.email.clone();
     // A throttled IP is refused before any work; a targeted account is
     // answered slowly, whatever the password.

@@ -8,7 +8,11 @@
 //!   `409 idempotency_key_in_use` (an advisory lock on the key, tried, never
 //!   waited for);
 //! - keys belong to the principal that sent them (and its tenant): two
-//!   callers never see each other's;
+//!   callers never see each other's; a person's API token does not share
+//!   their sessions' keys, and a replay re-checks that the credential is
+//!   still live;
+//! - a response that carries a secret shown once is not stored: its replay
+//!   is `409 idempotency_response_withheld` (the request did succeed);
 //! - keys are kept for `idempotency_retention` (at least 24 hours), then
 //!   [`purge`]d by the worker.
 //!
@@ -44,6 +48,29 @@ const KEPT_HEADERS: [HeaderName; 3] = [header::CONTENT_TYPE, header::ETAG, heade
 /// The shortest retention allowed.
 pub const MIN_RETENTION: Duration = Duration::hours(24);
 
+/// Put in a response's extensions by handlers whose body carries a secret
+/// shown once (API tokens, service-account keys, invitation tokens): the
+/// layer keeps the key and status but never the body, and answers a replay
+/// with `409 idempotency_response_withheld`.
+#[derive(Clone, Copy, Debug)]
+pub struct ShownOnce;
+
+const SHOWN_ONCE_HEADER: &str = "keel-shown-once";
+
+/// Routes the layer leaves alone: they take no `Ctx` transaction (login,
+/// refresh, token exchange, registration), or commit through a second
+/// transaction (invitation acceptance), or are the operators' (no tenant).
+fn exempt(path: &str) -> bool {
+    matches!(
+        path,
+        "/v1/auth/login"
+            | "/v1/auth/register"
+            | "/v1/auth/refresh"
+            | "/v1/auth/token"
+            | "/v1/invitations/accept"
+    ) || path.starts_with("/v1/admin/")
+}
+
 fn valid_key(key: &str) -> bool {
     (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
 }
@@ -67,6 +94,17 @@ struct Stored {
 }
 
 fn replay(stored: Stored) -> Response {
+    let shown_once = stored
+        .response_headers
+        .as_ref()
+        .is_some_and(|headers| headers.get(SHOWN_ONCE_HEADER).is_some());
+    if shown_once {
+        return ApiError::conflict(
+            "idempotency_response_withheld",
+            "the request with this Idempotency-Key succeeded; its response held a secret that is shown only once",
+        )
+        .into_response();
+    }
     let status = stored
         .status_code
         .and_then(|code| u16::try_from(code).ok())
@@ -105,7 +143,7 @@ where
     Db: FromRef<S>,
     Arc<TokenKeys>: FromRef<S>,
 {
-    if request.method() != Method::POST {
+    if request.method() != Method::POST || exempt(request.uri().path()) {
         return next.run(request).await;
     }
     let Some(raw_key) = request.headers().get(HEADER) else {
@@ -143,7 +181,7 @@ where
         .path_and_query()
         .map_or_else(|| parts.uri.path().to_owned(), ToString::to_string);
     let hash = request_hash(&parts.method, &path, &bytes);
-    let label = principal.label();
+    let label = principal.idempotency_scope();
 
     let db = Db::from_ref(&state);
     let mut tx = match db.begin_tenant(meta, principal.scope()).await {
@@ -158,7 +196,14 @@ where
             .fetch_one(tx.conn())
             .await;
     match locked {
-        Ok(true) => {}
+        Ok(true) => {
+            // A stored response is replayed only to a caller whose
+            // credential is still live (not logged out, revoked, removed).
+            if let Err(error) = crate::authz::ensure_live(tx.conn(), &principal).await {
+                let _ = tx.rollback().await;
+                return ApiError::from(error).into_response();
+            }
+        }
         Ok(false) => {
             let _ = tx.rollback().await;
             return ApiError::conflict(
@@ -229,14 +274,18 @@ where
         Ok(body) => body,
         Err(error) => return ApiError::internal(error).into_response(),
     };
+    let shown_once = response_parts.extensions.get::<ShownOnce>().is_some();
     let stored_update = if response_parts.status.is_success() {
-        let headers: serde_json::Map<String, serde_json::Value> = KEPT_HEADERS
+        let mut headers: serde_json::Map<String, serde_json::Value> = KEPT_HEADERS
             .iter()
             .filter_map(|name| {
                 let value = response_parts.headers.get(name)?.to_str().ok()?;
                 Some((name.as_str().to_owned(), value.into()))
             })
             .collect();
+        if shown_once {
+            headers.insert(SHOWN_ONCE_HEADER.to_owned(), "true".into());
+        }
         sqlx::query(
             "UPDATE idempotency_keys SET status_code = $4, response_headers = $5, response_body = $6
              WHERE tenant_id = $1 AND principal = $2 AND key = $3",
@@ -246,7 +295,8 @@ where
         .bind(&key)
         .bind(i16::try_from(response_parts.status.as_u16()).unwrap_or(500))
         .bind(serde_json::Value::Object(headers))
-        .bind(body.as_ref())
+        // A secret shown once is never written down.
+        .bind((!shown_once).then_some(body.as_ref()))
         .execute(&mut *parked)
         .await
     } else {

@@ -47,8 +47,8 @@ pub struct RateLimitConfig {
     /// Register, login and refresh: per client IP.
     pub auth_per_minute: u32,
     pub auth_burst: u32,
-    /// Take the client IP from the first `X-Forwarded-For` entry (only
-    /// behind a proxy that sets it).
+    /// Take the client IP from the last `X-Forwarded-For` entry, the one
+    /// the proxy in front appended (only behind exactly one such proxy).
     pub trust_forwarded_for: bool,
     /// Failed logins an IP or account may have before slowing down.
     pub login_free_failures: u32,
@@ -142,6 +142,10 @@ impl std::fmt::Debug for Limits {
 
 /// How often (in checks) stale keys are dropped.
 const PRUNE_EVERY: u64 = 4096;
+/// The most failed-login entries kept; beyond it new ones are not
+/// recorded until old ones expire (memory stays bounded under a flood of
+/// distinct addresses or accounts).
+const MAX_FAILURE_ENTRIES: usize = 100_000;
 
 impl Limits {
     pub fn new(config: RateLimitConfig) -> Self {
@@ -232,7 +236,13 @@ impl Limits {
             .map(FailureKey::Ip)
             .into_iter()
             .chain([FailureKey::Account(email.trim().to_lowercase())]);
+        if failures.len() >= MAX_FAILURE_ENTRIES {
+            failures.retain(|_, entry| entry.last.elapsed() < window);
+        }
         for key in keys {
+            if failures.len() >= MAX_FAILURE_ENTRIES && !failures.contains_key(&key) {
+                continue;
+            }
             let entry = failures.entry(key).or_insert(Failures {
                 count: 0,
                 last: now,
@@ -259,7 +269,9 @@ fn client_ip(request: &Request, trust_forwarded_for: bool) -> Option<IpAddr> {
             .headers()
             .get("x-forwarded-for")
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.split(',').next())
+            // The right-most entry is the one the trusted proxy appended;
+            // anything left of it the client wrote.
+            .and_then(|value| value.rsplit(',').next())
             .and_then(|first| first.trim().parse().ok())
     {
         return Some(ip);
@@ -373,6 +385,26 @@ mod tests {
                 .login_gate(Some(IpAddr::from([203, 0, 113, 7])), "victim@example.com")
                 .unwrap(),
             Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn behind_a_proxy_the_client_is_the_entry_the_proxy_appended() {
+        let mut request = Request::builder()
+            .header("x-forwarded-for", "203.0.113.66, 198.51.100.7")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        request
+            .extensions_mut()
+            .insert(ConnectInfo(SocketAddr::from(([10, 0, 0, 1], 443))));
+        assert_eq!(
+            client_ip(&request, true),
+            Some(IpAddr::from([198, 51, 100, 7]))
+        );
+        // Untrusted, the header is ignored.
+        assert_eq!(
+            client_ip(&request, false),
+            Some(IpAddr::from([10, 0, 0, 1]))
         );
     }
 

@@ -15,11 +15,13 @@ use utoipa_axum::routes;
 
 use crate::authz::{Action, authorize_project, authorize_tenant};
 use crate::http::page_error;
+use crate::idempotency::ShownOnce;
 use crate::model::{
     GrantRequest, InvitationAcceptRequest, InvitationCreated, InvitationRequest, InvitationView,
     MemberUpdateRequest, MemberView, ProjectGrantView,
 };
 use crate::{AuthError, Ctx, TokenKeys, members};
+use axum::Extension;
 
 pub fn router<S>() -> OpenApiRouter<S>
 where
@@ -190,11 +192,11 @@ async fn invitation_list(
 async fn invitation_create(
     ctx: Ctx,
     Json(request): Json<InvitationRequest>,
-) -> Result<(StatusCode, Json<InvitationCreated>), ApiError> {
+) -> Result<(StatusCode, Extension<ShownOnce>, Json<InvitationCreated>), ApiError> {
     let mut tx = ctx.begin().await.map_err(AuthError::from)?;
     let tenant = authorize_tenant(tx.conn(), &ctx.principal, Action::InvitationCreate).await?;
     let created = members::invitation_create(tx, &tenant, request).await?;
-    Ok((StatusCode::CREATED, Json(created)))
+    Ok((StatusCode::CREATED, Extension(ShownOnce), Json(created)))
 }
 
 /// Withdraw an open invitation.

@@ -10,6 +10,8 @@ use time::OffsetDateTime;
 
 pub const PASSWORD_MIN_LEN: usize = 10;
 pub const PASSWORD_MAX_LEN: usize = 128;
+/// The longest email address (RFC 5321's path limit).
+pub const MAX_EMAIL_LEN: usize = 254;
 
 /// `POST /v1/auth/register`
 #[derive(Clone, Deserialize, utoipa::ToSchema)]
@@ -58,6 +60,45 @@ pub(crate) fn email_is_plausible(email: &str) -> bool {
         && (3..=254).contains(&email.len())
 }
 
+/// Characters that change how text displays without being visible:
+/// zero-width characters, bidirectional overrides and isolates, the BOM.
+/// A name containing one can impersonate another name in a list.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{200B}'..='\u{200F}'
+        | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2069}'
+        | '\u{FEFF}'
+        | '\u{00AD}')
+}
+
+/// The rules for a name people read (tenants, projects, service accounts,
+/// tokens): 1–100 characters after trimming, no control characters, no
+/// invisible formatting characters.
+pub(crate) fn display_name_errors(name_field: &str, value: &str) -> Option<FieldError> {
+    let value = value.trim();
+    if value.is_empty() {
+        Some(field(name_field, "required", "must not be empty"))
+    } else if value.chars().count() > 100 {
+        Some(field(
+            name_field,
+            "too_long",
+            "must be at most 100 characters",
+        ))
+    } else if value
+        .chars()
+        .any(|c| c.is_control() || is_invisible_format(c))
+    {
+        Some(field(
+            name_field,
+            "invalid",
+            "must not contain control or invisible formatting characters",
+        ))
+    } else {
+        None
+    }
+}
+
 /// The password rules, shared by registration and password change.
 pub(crate) fn password_errors(name: &str, password: &str) -> Option<FieldError> {
     let len = password.chars().count();
@@ -77,16 +118,7 @@ impl RegisterRequest {
             errors.push(field("email", "invalid", "must be an email address"));
         }
         errors.extend(password_errors("password", &self.password));
-        let name = self.tenant_name.trim();
-        if name.is_empty() {
-            errors.push(field("tenant_name", "required", "must not be empty"));
-        } else if name.chars().count() > 100 {
-            errors.push(field(
-                "tenant_name",
-                "too_long",
-                "must be at most 100 characters",
-            ));
-        }
+        errors.extend(display_name_errors("tenant_name", &self.tenant_name));
         errors
     }
 }
@@ -241,20 +273,9 @@ pub struct ProjectRequest {
 
 impl ProjectRequest {
     pub fn validate(&self) -> Vec<FieldError> {
-        let name = self.name.trim();
-        if name.is_empty() {
-            vec![field("name", "required", "must not be empty")]
-        } else if name.chars().count() > 100 {
-            vec![field("name", "too_long", "must be at most 100 characters")]
-        } else if name.chars().any(char::is_control) {
-            vec![field(
-                "name",
-                "invalid",
-                "must not contain control characters",
-            )]
-        } else {
-            Vec::new()
-        }
+        display_name_errors("name", &self.name)
+            .into_iter()
+            .collect()
     }
 }
 
@@ -404,6 +425,23 @@ mod tests {
             assert!(!email_is_plausible(email), "{email}");
         }
         assert!(email_is_plausible("a+tag@sub.example.org"));
+    }
+
+    #[test]
+    fn names_with_invisible_or_control_characters_are_refused() {
+        for name in [
+            "evil\u{202E}gnp.exe",
+            "zero\u{200B}width",
+            "bell\u{7}",
+            "\u{FEFF}bom",
+        ] {
+            assert_eq!(
+                display_name_errors("name", name).map(|e| e.code),
+                Some("invalid".to_owned()),
+                "{name:?}"
+            );
+        }
+        assert!(display_name_errors("name", "Ünïcödé 日本 ok").is_none());
     }
 
     #[test]

@@ -220,11 +220,15 @@ pub async fn refresh(
     if row.expires_at <= now || row.session_expires_at <= now {
         return Err(AuthError::RefreshTokenInvalid);
     }
+    // The membership the session was started in: a member removed and
+    // invited back does not get their old sessions back.
     let still_member: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT FROM memberships WHERE tenant_id = $1 AND user_id = $2)",
+        "SELECT EXISTS (SELECT FROM memberships m JOIN sessions s ON s.id = $3
+                        WHERE m.tenant_id = $1 AND m.user_id = $2 AND s.created_at >= m.created_at)",
     )
     .bind(row.tenant_id)
     .bind(user_id)
+    .bind(row.session_id)
     .fetch_one(tx.conn())
     .await?;
     if !still_member {

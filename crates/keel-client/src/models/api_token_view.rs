@@ -23,6 +23,9 @@ pub struct ApiTokenView {
     pub id: uuid::Uuid,
     #[serde(rename = "name")]
     pub name: String,
+    /// Canonical resource name, as in audit rows.
+    #[serde(rename = "resource_name")]
+    pub resource_name: String,
 }
 
 impl ApiTokenView {
@@ -32,12 +35,14 @@ impl ApiTokenView {
         expires_at: chrono::DateTime<chrono::FixedOffset>,
         id: uuid::Uuid,
         name: String,
+        resource_name: String,
     ) -> ApiTokenView {
         ApiTokenView {
             created_at,
             expires_at,
             id,
             name,
+            resource_name,
         }
     }
 }

@@ -21,6 +21,9 @@ pub struct ServiceAccountKeyView {
     /// One key of a service account.
     #[serde(rename = "id")]
     pub id: uuid::Uuid,
+    /// Canonical resource name, as in audit rows.
+    #[serde(rename = "resource_name")]
+    pub resource_name: String,
     #[serde(rename = "revoked")]
     pub revoked: bool,
     /// A project's service account (a non-human principal).
@@ -34,6 +37,7 @@ impl ServiceAccountKeyView {
         created_at: chrono::DateTime<chrono::FixedOffset>,
         expires_at: chrono::DateTime<chrono::FixedOffset>,
         id: uuid::Uuid,
+        resource_name: String,
         revoked: bool,
         service_account_id: uuid::Uuid,
     ) -> ServiceAccountKeyView {
@@ -41,6 +45,7 @@ impl ServiceAccountKeyView {
             created_at,
             expires_at,
             id,
+            resource_name,
             revoked,
             service_account_id,
         }

@@ -35,6 +35,10 @@ export interface ApiTokenView {
      * 
      */
     name: string;
+    /**
+     * Canonical resource name, as in audit rows.
+     */
+    resourceName: string;
 }
 
 /**
@@ -45,6 +49,7 @@ export function instanceOfApiTokenView(value: object): value is ApiTokenView {
     if ((!('expiresAt' in (value as Record<string, any>)) && !('expires_at' in (value as Record<string, any>))) || ((value as Record<string, any>)['expiresAt'] === undefined && (value as Record<string, any>)['expires_at'] === undefined)) return false;
     if (!('id' in value) || value['id'] === undefined) return false;
     if (!('name' in value) || value['name'] === undefined) return false;
+    if ((!('resourceName' in (value as Record<string, any>)) && !('resource_name' in (value as Record<string, any>))) || ((value as Record<string, any>)['resourceName'] === undefined && (value as Record<string, any>)['resource_name'] === undefined)) return false;
     return true;
 }
 
@@ -62,6 +67,7 @@ export function ApiTokenViewFromJSONTyped(json: any, ignoreDiscriminator: boolea
         'expiresAt': (json['expires_at'] == null ? json['expires_at'] : parseDateTime(json['expires_at'])),
         'id': json['id'],
         'name': json['name'],
+        'resourceName': json['resource_name'],
     };
 }
 
@@ -80,6 +86,7 @@ export function ApiTokenViewToJSONTyped(value?: ApiTokenView | null, ignoreDiscr
         'expires_at': value['expiresAt'] == null ? value['expiresAt'] : serializeDateTime(value['expiresAt']),
         'id': value['id'],
         'name': value['name'],
+        'resource_name': value['resourceName'],
     };
 }
 

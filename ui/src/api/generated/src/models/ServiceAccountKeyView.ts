@@ -32,6 +32,10 @@ export interface ServiceAccountKeyView {
      */
     id: string;
     /**
+     * Canonical resource name, as in audit rows.
+     */
+    resourceName: string;
+    /**
      * 
      */
     revoked: boolean;
@@ -48,6 +52,7 @@ export function instanceOfServiceAccountKeyView(value: object): value is Service
     if ((!('createdAt' in (value as Record<string, any>)) && !('created_at' in (value as Record<string, any>))) || ((value as Record<string, any>)['createdAt'] === undefined && (value as Record<string, any>)['created_at'] === undefined)) return false;
     if ((!('expiresAt' in (value as Record<string, any>)) && !('expires_at' in (value as Record<string, any>))) || ((value as Record<string, any>)['expiresAt'] === undefined && (value as Record<string, any>)['expires_at'] === undefined)) return false;
     if (!('id' in value) || value['id'] === undefined) return false;
+    if ((!('resourceName' in (value as Record<string, any>)) && !('resource_name' in (value as Record<string, any>))) || ((value as Record<string, any>)['resourceName'] === undefined && (value as Record<string, any>)['resource_name'] === undefined)) return false;
     if (!('revoked' in value) || value['revoked'] === undefined) return false;
     if ((!('serviceAccountId' in (value as Record<string, any>)) && !('service_account_id' in (value as Record<string, any>))) || ((value as Record<string, any>)['serviceAccountId'] === undefined && (value as Record<string, any>)['service_account_id'] === undefined)) return false;
     return true;
@@ -66,6 +71,7 @@ export function ServiceAccountKeyViewFromJSONTyped(json: any, ignoreDiscriminato
         'createdAt': (json['created_at'] == null ? json['created_at'] : parseDateTime(json['created_at'])),
         'expiresAt': (json['expires_at'] == null ? json['expires_at'] : parseDateTime(json['expires_at'])),
         'id': json['id'],
+        'resourceName': json['resource_name'],
         'revoked': json['revoked'],
         'serviceAccountId': json['service_account_id'],
     };
@@ -85,6 +91,7 @@ export function ServiceAccountKeyViewToJSONTyped(value?: ServiceAccountKeyView |
         'created_at': value['createdAt'] == null ? value['createdAt'] : serializeDateTime(value['createdAt']),
         'expires_at': value['expiresAt'] == null ? value['expiresAt'] : serializeDateTime(value['expiresAt']),
         'id': value['id'],
+        'resource_name': value['resourceName'],
         'revoked': value['revoked'],
         'service_account_id': value['serviceAccountId'],
     };

@@ -1,0 +1,57 @@
+-- The SQL of an authenticated POST /v1/projects/{id}/allocations with an
+-- Idempotency-Key, statement for statement: the idempotency layer, the
+-- authorisation, the allocation and its placement, the audit and outbox
+-- rows, the stored response, one transaction.
+\set key random(1, 2000000000)
+BEGIN;
+SELECT set_config('keel.tenant_id', :tenant, true), set_config('keel.user_id', :user, true);
+SELECT pg_try_advisory_xact_lock(hashtextextended('idempotency|' || :tenant || '|user:' || :user || '|' || :key, 0));
+SELECT request_hash, status_code, response_headers, response_body FROM idempotency_keys
+ WHERE tenant_id = :tenant::uuid AND principal = 'user:' || :user AND key = :key::text;
+SELECT gen_random_uuid()::text AS idem \gset
+INSERT INTO idempotency_keys (tenant_id, principal, key, request_hash)
+VALUES (:tenant::uuid, 'user:' || :user, :idem, sha256(convert_to(:idem, 'UTF8')));
+SELECT m.role, g.role, p.id IS NOT NULL
+  FROM memberships m
+  LEFT JOIN projects p ON p.id = :project::uuid AND p.tenant_id = m.tenant_id AND p.deleted_at IS NULL
+  LEFT JOIN project_grants g ON g.project_id = p.id AND g.tenant_id = m.tenant_id AND g.user_id = m.user_id
+ WHERE m.tenant_id = :tenant::uuid AND m.user_id = :user::uuid
+   AND EXISTS (SELECT FROM sessions s
+               WHERE s.id = :session::uuid AND s.user_id = :user::uuid AND s.tenant_id = :tenant::uuid
+                 AND s.revoked_at IS NULL AND s.expires_at > now());
+SELECT name, vcpus, memory_mib, gpu_model, gpu_count, disk_gib FROM flavors
+ WHERE name = 'cpu.small' AND retired_at IS NULL;
+INSERT INTO allocations (id, tenant_id, project_id, name, flavor, region, command, state)
+VALUES (gen_random_uuid(), :tenant::uuid, :project::uuid, 'bench', 'cpu.small', 'local-1', '{sleep,infinity}', 'requested')
+RETURNING id AS alloc \gset
+WITH candidate AS (
+    SELECT id FROM hosts
+     WHERE state = 'ready' AND revoked_at IS NULL AND region = 'local-1'
+       AND vcpus - reserved_vcpus >= 1 AND memory_mib - reserved_memory_mib >= 1024
+       AND gpu_count - reserved_gpus >= 0 AND (0 = 0 OR gpu_model = NULL)
+     ORDER BY vcpus - reserved_vcpus, memory_mib - reserved_memory_mib, id
+     LIMIT 1 FOR UPDATE)
+UPDATE hosts SET reserved_vcpus = reserved_vcpus + 1, reserved_memory_mib = reserved_memory_mib + 1024,
+                 reserved_gpus = reserved_gpus + 0
+  FROM candidate WHERE hosts.id = candidate.id RETURNING hosts.id AS host \gset
+UPDATE allocations SET state = 'scheduled', host_id = :host::uuid, reserved = true, updated_at = now(), version = version + 1
+ WHERE id = :alloc::uuid
+RETURNING id, tenant_id, project_id, name, flavor, region, command, state, failure_reason,
+          host_id, reserved, created_at, updated_at, version;
+INSERT INTO audit_log (id, tenant_id, actor, actor_detail, action, resource, request_id, outcome, details)
+VALUES (gen_random_uuid(), :tenant::uuid, 'user:' || :user, '{"type":"user"}', 'allocation.create',
+        'krn:keel:local-1:' || :tenant || ':' || :project || ':allocation/' || :alloc, 'bench', 'success',
+        '{"name":"bench","flavor":"cpu.small","state":"scheduled"}');
+INSERT INTO outbox (id, tenant_id, event_type, aggregate_type, aggregate_id, aggregate_version, resource, payload, traceparent, request_id)
+VALUES (gen_random_uuid(), :tenant::uuid, 'allocation.requested', 'allocation', :alloc::uuid, 1,
+        'krn:keel:local-1:' || :tenant || ':' || :project || ':allocation/' || :alloc,
+        '{"allocation_id":"x","state":"requested"}', NULL, 'bench');
+INSERT INTO outbox (id, tenant_id, event_type, aggregate_type, aggregate_id, aggregate_version, resource, payload, traceparent, request_id)
+VALUES (gen_random_uuid(), :tenant::uuid, 'allocation.scheduled', 'allocation', :alloc::uuid, 2,
+        'krn:keel:local-1:' || :tenant || ':' || :project || ':allocation/' || :alloc,
+        '{"allocation_id":"x","state":"scheduled"}', NULL, 'bench');
+SELECT pg_notify('keel_outbox', '');
+UPDATE idempotency_keys SET status_code = 202, response_headers = '{"content-type":"application/json"}',
+       response_body = convert_to(repeat('x', 400), 'UTF8')
+ WHERE tenant_id = :tenant::uuid AND principal = 'user:' || :user AND key = :idem;
+COMMIT;
