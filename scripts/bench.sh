@@ -18,6 +18,7 @@
 # postgres://postgres@127.0.0.1:5432/postgres), BENCH_CLIENTS (32),
 # BENCH_SECONDS (10).
 set -euo pipefail
+export PGOPTIONS="-c client_min_messages=warning"
 cd "$(dirname "$0")/.."
 
 admin_url=${KEEL_BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}

@@ -1,16 +1,18 @@
 -- The SQL of an authenticated POST /v1/projects/{id}/allocations with an
 -- Idempotency-Key, statement for statement: the idempotency layer, the
 -- authorisation, the allocation and its placement, the audit and outbox
--- rows, the stored response, one transaction.
+-- rows, the stored response, one transaction. (pgbench reads `:name` as a
+-- variable even inside string literals, hence `chr(58)` for the colons of
+-- resource names.)
 \set key random(1, 2000000000)
 BEGIN;
 SELECT set_config('keel.tenant_id', :tenant, true), set_config('keel.user_id', :user, true);
-SELECT pg_try_advisory_xact_lock(hashtextextended('idempotency|' || :tenant || '|user:' || :user || '|' || :key, 0));
+SELECT pg_try_advisory_xact_lock(hashtextextended('idempotency|' || :tenant::text || '|user:' || :user::text || '|' || :key::text, 0));
 SELECT request_hash, status_code, response_headers, response_body FROM idempotency_keys
- WHERE tenant_id = :tenant::uuid AND principal = 'user:' || :user AND key = :key::text;
+ WHERE tenant_id = :tenant::uuid AND principal = 'user:' || :user::text AND key = :key::text;
 SELECT gen_random_uuid()::text AS idem \gset
 INSERT INTO idempotency_keys (tenant_id, principal, key, request_hash)
-VALUES (:tenant::uuid, 'user:' || :user, :idem, sha256(convert_to(:idem, 'UTF8')));
+VALUES (:tenant::uuid, 'user:' || :user::text, :idem, sha256(convert_to(:idem, 'UTF8')));
 SELECT m.role, g.role, p.id IS NOT NULL
   FROM memberships m
   LEFT JOIN projects p ON p.id = :project::uuid AND p.tenant_id = m.tenant_id AND p.deleted_at IS NULL
@@ -39,19 +41,19 @@ UPDATE allocations SET state = 'scheduled', host_id = :host::uuid, reserved = tr
 RETURNING id, tenant_id, project_id, name, flavor, region, command, state, failure_reason,
           host_id, reserved, created_at, updated_at, version;
 INSERT INTO audit_log (id, tenant_id, actor, actor_detail, action, resource, request_id, outcome, details)
-VALUES (gen_random_uuid(), :tenant::uuid, 'user:' || :user, '{"type":"user"}', 'allocation.create',
-        'krn:keel:local-1:' || :tenant || ':' || :project || ':allocation/' || :alloc, 'bench', 'success',
+VALUES (gen_random_uuid(), :tenant::uuid, 'user:' || :user::text, '{"type":"user"}', 'allocation.create',
+        concat_ws(chr(58), 'krn', 'keel', 'local-1', :tenant::text, :project::text, 'allocation/' || :alloc::text), 'bench', 'success',
         '{"name":"bench","flavor":"cpu.small","state":"scheduled"}');
 INSERT INTO outbox (id, tenant_id, event_type, aggregate_type, aggregate_id, aggregate_version, resource, payload, traceparent, request_id)
 VALUES (gen_random_uuid(), :tenant::uuid, 'allocation.requested', 'allocation', :alloc::uuid, 1,
-        'krn:keel:local-1:' || :tenant || ':' || :project || ':allocation/' || :alloc,
+        concat_ws(chr(58), 'krn', 'keel', 'local-1', :tenant::text, :project::text, 'allocation/' || :alloc::text),
         '{"allocation_id":"x","state":"requested"}', NULL, 'bench');
 INSERT INTO outbox (id, tenant_id, event_type, aggregate_type, aggregate_id, aggregate_version, resource, payload, traceparent, request_id)
 VALUES (gen_random_uuid(), :tenant::uuid, 'allocation.scheduled', 'allocation', :alloc::uuid, 2,
-        'krn:keel:local-1:' || :tenant || ':' || :project || ':allocation/' || :alloc,
+        concat_ws(chr(58), 'krn', 'keel', 'local-1', :tenant::text, :project::text, 'allocation/' || :alloc::text),
         '{"allocation_id":"x","state":"scheduled"}', NULL, 'bench');
 SELECT pg_notify('keel_outbox', '');
 UPDATE idempotency_keys SET status_code = 202, response_headers = '{"content-type":"application/json"}',
        response_body = convert_to(repeat('x', 400), 'UTF8')
- WHERE tenant_id = :tenant::uuid AND principal = 'user:' || :user AND key = :idem;
+ WHERE tenant_id = :tenant::uuid AND principal = 'user:' || :user::text AND key = :idem;
 COMMIT;
