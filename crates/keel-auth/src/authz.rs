@@ -419,45 +419,68 @@ struct Standing {
     project_visible: bool,
 }
 
+/// A member's role, their credential being live (`live`, a condition on
+/// `$1` tenant, `$2` user, `$3` credential and the membership `m`), the
+/// project (`$4`) and any grant on it.
+async fn member_standing(
+    conn: &mut PgConnection,
+    principal: &Principal,
+    user_id: UserId,
+    credential: uuid::Uuid,
+    live: &'static str,
+    project_id: Option<ProjectId>,
+) -> Result<Option<(String, Option<String>, bool)>, AuthError> {
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT m.role, g.role, p.id IS NOT NULL
+         FROM memberships m
+         LEFT JOIN projects p ON p.id = $4 AND p.tenant_id = m.tenant_id AND p.deleted_at IS NULL
+         LEFT JOIN project_grants g ON g.project_id = p.id AND g.tenant_id = m.tenant_id AND g.user_id = m.user_id
+         WHERE m.tenant_id = $1 AND m.user_id = $2 AND {live}"
+    )))
+    .bind(principal.tenant_id)
+    .bind(user_id)
+    .bind(credential)
+    .bind(project_id)
+    .fetch_optional(conn)
+    .await?)
+}
+
 async fn standing(
     conn: &mut PgConnection,
     principal: &Principal,
     project_id: Option<ProjectId>,
 ) -> Result<Standing, AuthError> {
     let row: Option<(String, Option<String>, bool)> = match principal.caller {
-        Caller::User { user_id, .. } | Caller::ApiToken { user_id, .. } => {
-            // The membership, the credential being live, the project and any
-            // grant on it.
-            let (credential, live) = match principal.caller {
-                Caller::User { session_id, .. } => (
-                    session_id.as_uuid(),
-                    // A session older than the membership belongs to an
-                    // earlier membership that ended: it never comes back.
-                    "EXISTS (SELECT FROM sessions s
-                             WHERE s.id = $3 AND s.user_id = $2 AND s.tenant_id = $1
-                               AND s.created_at >= m.created_at
-                               AND s.revoked_at IS NULL AND s.expires_at > now())",
-                ),
-                Caller::ApiToken { token_id, .. } => (
-                    token_id.as_uuid(),
-                    "EXISTS (SELECT FROM api_tokens t
-                             WHERE t.id = $3 AND t.user_id = $2 AND t.tenant_id = $1
-                               AND t.revoked_at IS NULL AND t.expires_at > now())",
-                ),
-                Caller::ServiceAccount { .. } => unreachable!("matched above"),
-            };
-            sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "SELECT m.role, g.role, p.id IS NOT NULL
-                 FROM memberships m
-                 LEFT JOIN projects p ON p.id = $4 AND p.tenant_id = m.tenant_id AND p.deleted_at IS NULL
-                 LEFT JOIN project_grants g ON g.project_id = p.id AND g.tenant_id = m.tenant_id AND g.user_id = m.user_id
-                 WHERE m.tenant_id = $1 AND m.user_id = $2 AND {live}"
-            )))
-            .bind(principal.tenant_id)
-            .bind(user_id)
-            .bind(credential)
-            .bind(project_id)
-            .fetch_optional(&mut *conn)
+        // A session older than the membership belongs to an earlier
+        // membership that ended: it never comes back.
+        Caller::User {
+            user_id,
+            session_id,
+        } => {
+            member_standing(
+                conn,
+                principal,
+                user_id,
+                session_id.as_uuid(),
+                "EXISTS (SELECT FROM sessions s
+                         WHERE s.id = $3 AND s.user_id = $2 AND s.tenant_id = $1
+                           AND s.created_at >= m.created_at
+                           AND s.revoked_at IS NULL AND s.expires_at > now())",
+                project_id,
+            )
+            .await?
+        }
+        Caller::ApiToken { user_id, token_id } => {
+            member_standing(
+                conn,
+                principal,
+                user_id,
+                token_id.as_uuid(),
+                "EXISTS (SELECT FROM api_tokens t
+                         WHERE t.id = $3 AND t.user_id = $2 AND t.tenant_id = $1
+                           AND t.revoked_at IS NULL AND t.expires_at > now())",
+                project_id,
+            )
             .await?
         }
         Caller::ServiceAccount {
