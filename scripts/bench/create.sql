@@ -5,22 +5,18 @@
 -- variable even inside string literals, hence `chr(58)` for the colons of
 -- resource names.)
 \set key random(1, 2000000000)
+\startpipeline
 BEGIN;
 SELECT set_config('keel.tenant_id', :tenant, true), set_config('keel.user_id', :user, true);
+\endpipeline
 SELECT pg_try_advisory_xact_lock(hashtextextended('idempotency|' || :tenant::text || '|user:' || :user::text || '|' || :key::text, 0));
 SELECT request_hash, status_code, response_headers, response_body FROM idempotency_keys
  WHERE tenant_id = :tenant::uuid AND principal = 'user:' || :user::text AND key = :key::text;
 SELECT gen_random_uuid()::text AS idem \gset
 INSERT INTO idempotency_keys (tenant_id, principal, key, request_hash)
 VALUES (:tenant::uuid, 'user:' || :user::text, :idem, sha256(convert_to(:idem, 'UTF8')));
-SELECT m.role, g.role, p.id IS NOT NULL
-  FROM memberships m
-  LEFT JOIN projects p ON p.id = :project::uuid AND p.tenant_id = m.tenant_id AND p.deleted_at IS NULL
-  LEFT JOIN project_grants g ON g.project_id = p.id AND g.tenant_id = m.tenant_id AND g.user_id = m.user_id
- WHERE m.tenant_id = :tenant::uuid AND m.user_id = :user::uuid
-   AND EXISTS (SELECT FROM sessions s
-               WHERE s.id = :session::uuid AND s.user_id = :user::uuid AND s.tenant_id = :tenant::uuid
-                 AND s.revoked_at IS NULL AND s.expires_at > now());
+SELECT role, grant_role, project_visible
+  FROM caller_standing('user', :tenant::uuid, :user::uuid, :session::uuid, :project::uuid);
 SELECT name, vcpus, memory_mib, gpu_model, gpu_count, disk_gib FROM flavors
  WHERE name = 'cpu.small' AND retired_at IS NULL;
 INSERT INTO allocations (id, tenant_id, project_id, name, flavor, region, command, state)

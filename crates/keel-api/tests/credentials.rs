@@ -82,6 +82,14 @@ async fn a_service_account_works_in_its_project_and_nowhere_else() {
     app.get(&format!("/v1/projects/{other}/allocations"), Some(&token))
         .await
         .assert_error(StatusCode::NOT_FOUND, "not_found");
+    // Reading a project asks for the caller's standing in the same
+    // statement: its own project reads, the other is not found.
+    let own = app.get(&project, Some(&token)).await;
+    assert_eq!(own.status, StatusCode::OK, "{:?}", own.body);
+    assert_eq!(own.body["id"], owner.project_id.as_str());
+    app.get(&format!("/v1/projects/{other}"), Some(&token))
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
     // Never tenant administration, never self-service of a person.
     for (method, uri, body) in [
         (Method::GET, "/v1/projects".to_owned(), None),
@@ -161,6 +169,12 @@ async fn keys_rotate_and_revoking_disabling_or_deleting_ends_access_at_once() {
     app.get(&uri, Some(&first_token))
         .await
         .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+    app.get(
+        &format!("/v1/projects/{}", owner.project_id),
+        Some(&first_token),
+    )
+    .await
+    .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
     app.post("/v1/auth/token", None, json!({"secret": first}))
         .await
         .assert_error(StatusCode::UNAUTHORIZED, "invalid_key");
@@ -285,6 +299,11 @@ async fn a_personal_api_token_acts_as_its_user_without_administering() {
         app.get("/v1/projects", Some(&token)).await.status,
         StatusCode::OK
     );
+    let project_uri = format!("/v1/projects/{}", owner.project_id);
+    assert_eq!(
+        app.get(&project_uri, Some(&token)).await.status,
+        StatusCode::OK
+    );
     let allocation_uri = format!("/v1/projects/{}/allocations", owner.project_id);
     assert_eq!(
         app.post(&allocation_uri, Some(&token), allocation())
@@ -329,6 +348,9 @@ async fn a_personal_api_token_acts_as_its_user_without_administering() {
         .await;
     assert_eq!(revoked.status, StatusCode::NO_CONTENT);
     app.get("/v1/projects", Some(&token))
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+    app.get(&project_uri, Some(&token))
         .await
         .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
 }

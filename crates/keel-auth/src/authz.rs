@@ -8,7 +8,8 @@
 
 use keel_core::ids::{ProjectId, TenantId, UserId};
 use serde::{Deserialize, Serialize};
-use sqlx::PgConnection;
+use sqlx::postgres::PgArguments;
+use sqlx::{Arguments, FromRow, PgConnection};
 
 use crate::context::Caller;
 use crate::{AuthError, Principal};
@@ -410,7 +411,15 @@ const SESSION_ENDED: AuthError = AuthError::Unauthenticated(
 );
 
 /// What the database says about the caller (and, for a project, about the
-/// project): one round trip, whichever kind of caller.
+/// project): the row of `caller_standing(…)` (migrations/0011), one
+/// statement whichever kind of caller.
+#[derive(sqlx::FromRow)]
+struct StandingRow {
+    role: String,
+    grant_role: Option<String>,
+    project_visible: bool,
+}
+
 struct Standing {
     role: Role,
     /// A project grant (users) raising the role on the project.
@@ -419,30 +428,70 @@ struct Standing {
     project_visible: bool,
 }
 
-/// A member's role, their credential being live (`live`, a condition on
-/// `$1` tenant, `$2` user, `$3` credential and the membership `m`), the
-/// project (`$4`) and any grant on it.
-async fn member_standing(
-    conn: &mut PgConnection,
+impl StandingRow {
+    fn parse(self) -> Result<Standing, AuthError> {
+        Ok(Standing {
+            role: Role::parse(&self.role).ok_or(SESSION_ENDED)?,
+            grant: self.grant_role.as_deref().and_then(Role::parse),
+            project_visible: self.project_visible,
+        })
+    }
+}
+
+/// Statements calling `caller_standing(…)` (migrations/0011), one per kind
+/// of caller: `[user, API token, service account]`. The kind is a literal,
+/// so that each kind gets its own prepared statement whose plan keeps only
+/// its branch of the function (with the kind as a parameter, Postgres
+/// re-plans all three branches on every call). The arguments are `$1` the
+/// tenant, `$2` the user or service account, `$3` the credential, `$4` the
+/// project (bound by [`standing_args`]).
+#[macro_export]
+macro_rules! with_standing {
+    ($before:literal, $after:literal) => {
+        [
+            concat!($before, "caller_standing('user', $1, $2, $3, $4)", $after),
+            concat!(
+                $before,
+                "caller_standing('api_token', $1, $2, $3, $4)",
+                $after
+            ),
+            concat!(
+                $before,
+                "caller_standing('service_account', $1, $2, $3, $4)",
+                $after
+            ),
+        ]
+    };
+}
+
+/// The statements (see [`with_standing!`]) that read the caller's standing.
+const STANDING: [&str; 3] = with_standing!("SELECT role, grant_role, project_visible FROM ", "");
+
+/// Which of a [`with_standing!`] statement's variants is this caller's,
+/// and its arguments.
+fn standing_args(
     principal: &Principal,
-    user_id: UserId,
-    credential: uuid::Uuid,
-    live: &'static str,
     project_id: Option<ProjectId>,
-) -> Result<Option<(String, Option<String>, bool)>, AuthError> {
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT m.role, g.role, p.id IS NOT NULL
-         FROM memberships m
-         LEFT JOIN projects p ON p.id = $4 AND p.tenant_id = m.tenant_id AND p.deleted_at IS NULL
-         LEFT JOIN project_grants g ON g.project_id = p.id AND g.tenant_id = m.tenant_id AND g.user_id = m.user_id
-         WHERE m.tenant_id = $1 AND m.user_id = $2 AND {live}"
-    )))
-    .bind(principal.tenant_id)
-    .bind(user_id)
-    .bind(credential)
-    .bind(project_id)
-    .fetch_optional(conn)
-    .await?)
+) -> Result<(usize, PgArguments), AuthError> {
+    let (variant, who, credential) = match principal.caller {
+        Caller::User {
+            user_id,
+            session_id,
+        } => (0, user_id.as_uuid(), session_id.as_uuid()),
+        Caller::ApiToken { user_id, token_id } => (1, user_id.as_uuid(), token_id.as_uuid()),
+        Caller::ServiceAccount {
+            service_account_id,
+            key_id,
+        } => (2, service_account_id.as_uuid(), key_id.as_uuid()),
+    };
+    let mut args = PgArguments::default();
+    let encoded = args
+        .add(principal.tenant_id)
+        .and_then(|()| args.add(who))
+        .and_then(|()| args.add(credential))
+        .and_then(|()| args.add(project_id));
+    encoded.map_err(|error| AuthError::from(sqlx::Error::Encode(error)))?;
+    Ok((variant, args))
 }
 
 async fn standing(
@@ -450,68 +499,12 @@ async fn standing(
     principal: &Principal,
     project_id: Option<ProjectId>,
 ) -> Result<Standing, AuthError> {
-    let row: Option<(String, Option<String>, bool)> = match principal.caller {
-        // A session older than the membership belongs to an earlier
-        // membership that ended: it never comes back.
-        Caller::User {
-            user_id,
-            session_id,
-        } => {
-            member_standing(
-                conn,
-                principal,
-                user_id,
-                session_id.as_uuid(),
-                "EXISTS (SELECT FROM sessions s
-                         WHERE s.id = $3 AND s.user_id = $2 AND s.tenant_id = $1
-                           AND s.created_at >= m.created_at
-                           AND s.revoked_at IS NULL AND s.expires_at > now())",
-                project_id,
-            )
-            .await?
-        }
-        Caller::ApiToken { user_id, token_id } => {
-            member_standing(
-                conn,
-                principal,
-                user_id,
-                token_id.as_uuid(),
-                "EXISTS (SELECT FROM api_tokens t
-                         WHERE t.id = $3 AND t.user_id = $2 AND t.tenant_id = $1
-                           AND t.revoked_at IS NULL AND t.expires_at > now())",
-                project_id,
-            )
-            .await?
-        }
-        Caller::ServiceAccount {
-            service_account_id,
-            key_id,
-        } => {
-            // Enabled, the key live, and the project is the account's own.
-            sqlx::query_as(
-                "SELECT sa.role, NULL::text,
-                        (p.id IS NOT NULL AND p.id = sa.project_id)
-                 FROM service_accounts sa
-                 LEFT JOIN projects p ON p.id = $4 AND p.tenant_id = sa.tenant_id AND p.deleted_at IS NULL
-                 WHERE sa.id = $2 AND sa.tenant_id = $1 AND sa.disabled_at IS NULL
-                   AND EXISTS (SELECT FROM service_account_keys k
-                               WHERE k.id = $3 AND k.service_account_id = sa.id
-                                 AND k.revoked_at IS NULL AND k.expires_at > now())",
-            )
-            .bind(principal.tenant_id)
-            .bind(service_account_id)
-            .bind(key_id)
-            .bind(project_id)
-            .fetch_optional(&mut *conn)
-            .await?
-        }
-    };
-    let (role, grant, project_visible) = row.ok_or(SESSION_ENDED)?;
-    Ok(Standing {
-        role: Role::parse(&role).ok_or(SESSION_ENDED)?,
-        grant: grant.as_deref().and_then(Role::parse),
-        project_visible,
-    })
+    let (variant, args) = standing_args(principal, project_id)?;
+    sqlx::query_as_with::<_, StandingRow, _>(STANDING[variant], args)
+        .fetch_optional(conn)
+        .await?
+        .ok_or(SESSION_ENDED)?
+        .parse()
 }
 
 /// Checks only that the caller's credential is live (the idempotency layer
@@ -559,6 +552,41 @@ pub async fn authorize_project(
     project_id: ProjectId,
 ) -> Result<ProjectHandle, AuthError> {
     let standing = standing(conn, principal, Some(project_id)).await?;
+    judge_project(standing, principal, action, project_id)
+}
+
+/// [`authorize_project`] and a read of the project's rows in ONE
+/// statement, which returns `T` when the caller may do `action`. `sql`,
+/// made by [`with_standing!`], selects `s.role, s.grant_role,
+/// s.project_visible` and `T`'s columns `FROM caller_standing(…) s LEFT
+/// JOIN … ON s.project_visible AND …` (`$1` the tenant, `$4` the project);
+/// the row of a project the caller cannot see is never decoded.
+pub async fn authorize_project_read<T>(
+    conn: &mut PgConnection,
+    principal: &Principal,
+    action: Action,
+    project_id: ProjectId,
+    sql: &[&'static str; 3],
+) -> Result<(ProjectHandle, T), AuthError>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+{
+    let (variant, args) = standing_args(principal, Some(project_id))?;
+    let row = sqlx::query_with(sql[variant], args)
+        .fetch_optional(conn)
+        .await?
+        .ok_or(SESSION_ENDED)?;
+    let standing = StandingRow::from_row(&row)?.parse()?;
+    let project = judge_project(standing, principal, action, project_id)?;
+    Ok((project, T::from_row(&row)?))
+}
+
+fn judge_project(
+    standing: Standing,
+    principal: &Principal,
+    action: Action,
+    project_id: ProjectId,
+) -> Result<ProjectHandle, AuthError> {
     let role = match standing.grant {
         Some(granted) => standing.role.max(granted),
         None => standing.role,

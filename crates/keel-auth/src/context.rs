@@ -130,20 +130,32 @@ where
 
 /// Verifies the bearer token of a request and builds the metadata its
 /// changes carry. Shared by [`Ctx`] and the idempotency layer.
+/// The first layer to verify a request's token leaves its principal here,
+/// so the token is checked once per request, not once per layer.
+#[derive(Clone, Copy)]
+struct Verified(Principal);
+
 pub fn authenticate(
-    parts: &Parts,
+    parts: &mut Parts,
     keys: &TokenKeys,
 ) -> Result<(Principal, RequestMeta), AuthError> {
-    let verified = keys.verify(bearer(parts)?)?;
+    let principal = match parts.extensions.get::<Verified>() {
+        Some(Verified(principal)) => *principal,
+        None => {
+            let verified = keys.verify(bearer(parts)?)?;
+            let principal = Principal {
+                tenant_id: verified.tenant_id,
+                caller: verified.caller,
+            };
+            parts.extensions.insert(Verified(principal));
+            principal
+        }
+    };
     let request_id = parts
         .extensions
         .get::<RequestId>()
         .map(|id| id.0.clone())
         .unwrap_or_default();
-    let principal = Principal {
-        tenant_id: verified.tenant_id,
-        caller: verified.caller,
-    };
     let meta = RequestMeta {
         request_id,
         actor: principal.actor(),

@@ -162,7 +162,7 @@ where
     };
     let (mut parts, body) = request.into_parts();
     let keys = Arc::<TokenKeys>::from_ref(&state);
-    let Ok((principal, meta)) = authenticate(&parts, &keys) else {
+    let Ok((principal, meta)) = authenticate(&mut parts, &keys) else {
         return next.run(Request::from_parts(parts, body)).await;
     };
     let bytes = match axum::body::to_bytes(body, MAX_REQUEST_BYTES).await {

@@ -313,9 +313,9 @@ where
         limits.prune();
     }
     let auth_endpoint = is_auth_endpoint(&request);
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let keys = Arc::<TokenKeys>::from_ref(&state);
-    let principal = authenticate(&parts, &keys).ok().map(|(p, _)| p.label());
+    let principal = authenticate(&mut parts, &keys).ok().map(|(p, _)| p.label());
     let verdict = ip
         .map_or(Ok(()), |ip| {
             if auth_endpoint {

@@ -6,9 +6,9 @@ use keel_core::page::{Page, Paginated};
 use keel_core::{Actor, ResourceName};
 use keel_db::{Audit, Db, NewEvent, RequestMeta, Scope, WriteTx};
 
-use crate::authz::{ProjectHandle, TenantHandle};
+use crate::authz::{Action, ProjectHandle, TenantHandle, authorize_project_read};
 use crate::model::{Project, ProjectRequest, RegisterRequest, RegisterResponse};
-use crate::{AuthError, Role, password};
+use crate::{AuthError, Principal, Role, password};
 
 /// Creates a user, their tenant (they are its owner) and its `default`
 /// project, in one audited transaction that runs inside the new tenant.
@@ -161,18 +161,30 @@ pub async fn project_create(
 }
 
 /// One live project of the caller's tenant.
+/// The caller's standing and the project, in one statement.
+const PROJECT_READ: [&str; 3] = crate::with_standing!(
+    "SELECT s.role, s.grant_role, s.project_visible,
+            p.id, p.tenant_id, p.name, p.created_at, p.version
+       FROM ",
+    " s
+       LEFT JOIN projects p ON s.project_visible AND p.id = $4 AND p.tenant_id = $1
+                           AND p.deleted_at IS NULL"
+);
+
 pub async fn project_get(
     conn: &mut sqlx::PgConnection,
-    project: &ProjectHandle,
+    principal: &Principal,
+    project_id: ProjectId,
 ) -> Result<Project, AuthError> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL"
-    )))
-    .bind(project.project_id)
-    .bind(project.tenant_id)
-    .fetch_optional(conn)
-    .await?
-    .ok_or(AuthError::NotFound("project"))
+    let (_, project) = authorize_project_read(
+        conn,
+        principal,
+        Action::ProjectRead,
+        project_id,
+        &PROJECT_READ,
+    )
+    .await?;
+    Ok(project)
 }
 
 /// Locks the project and checks the caller's expected version.

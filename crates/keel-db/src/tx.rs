@@ -4,7 +4,7 @@
 use keel_core::ids::{EventId, TenantId, UserId};
 use keel_core::{Actor, ResourceName};
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::{DbError, DeferredCommit, OUTBOX_CHANNEL, PgTransaction};
@@ -129,33 +129,33 @@ pub struct WriteTx {
     deferred: Option<DeferredCommit>,
 }
 
+/// `BEGIN` and the scope's settings as one simple query: one round trip
+/// instead of two, on every transaction the api opens. Formatting values
+/// into SQL is safe here only because they are typed UUIDs, whose text is
+/// hex digits and hyphens.
+fn begin_statement(scope: Scope) -> String {
+    match scope {
+        Scope::Tenant { tenant_id, user_id } => format!(
+            "BEGIN; SELECT set_config('keel.tenant_id', '{tenant_id}', true), \
+             set_config('keel.user_id', '{}', true)",
+            user_id.map(|user| user.to_string()).unwrap_or_default()
+        ),
+        Scope::User { user_id } => {
+            format!("BEGIN; SELECT set_config('keel.user_id', '{user_id}', true)")
+        }
+        Scope::System => "BEGIN; SET LOCAL ROLE keel_system".to_owned(),
+    }
+}
+
 impl WriteTx {
     pub(crate) async fn begin(
         pool: &PgPool,
         meta: RequestMeta,
         scope: Scope,
     ) -> Result<Self, DbError> {
-        let mut tx = pool.begin().await?;
-        match scope {
-            Scope::Tenant { tenant_id, user_id } => {
-                sqlx::query("SELECT set_config('keel.tenant_id', $1, true), set_config('keel.user_id', $2, true)")
-                    .bind(tenant_id.to_string())
-                    .bind(user_id.map(|u| u.to_string()).unwrap_or_default())
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            Scope::User { user_id } => {
-                sqlx::query("SELECT set_config('keel.user_id', $1, true)")
-                    .bind(user_id.to_string())
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            Scope::System => {
-                sqlx::query("SET LOCAL ROLE keel_system")
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
+        let tx = pool
+            .begin_with(AssertSqlSafe(begin_statement(scope)))
+            .await?;
         Ok(Self {
             tx: Some(tx),
             meta,
