@@ -43,6 +43,7 @@ fn sample_body(operation_id: &str) -> Option<Value> {
         "invitation_accept" => Some(json!({
             "token": "kit_0190a0a0a0a0a0a0a0a0a0a0a0a0a0a0_0190a0a0a0a0a0a0a0a0a0a0a0a0a0a0_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
         })),
+        "auth_account_delete" => Some(json!({"current_password": "a long enough password"})),
         "auth_password_change" => Some(
             json!({"current_password": "a long enough password", "new_password": "a long enough password"}),
         ),
@@ -233,6 +234,10 @@ async fn every_tenant_resource_is_a_404_for_another_tenant_and_nothing_changes()
         if operation.path.starts_with("/v1/admin/") {
             // A tenant token is no operator token.
             response.assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+        } else if operation.operation_id == "auth_account_delete" {
+            // The intruder's own account, which it cannot delete while it
+            // is the only owner of its own tenant.
+            response.assert_error(StatusCode::CONFLICT, "last_owner");
         } else if operation.operation_id == "invitation_accept" {
             // Tenant-wide, but the sample token names no invitation.
             response.assert_error(StatusCode::NOT_FOUND, "not_found");

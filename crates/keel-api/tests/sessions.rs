@@ -1,5 +1,6 @@
 //! Sessions: refresh-token rotation and reuse detection, logout, password
-//! change, and signing-key rotation without logging anyone out.
+//! change, signing-key rotation without logging anyone out, and deleting
+//! one's account.
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
@@ -294,4 +295,111 @@ async fn a_refresh_after_the_membership_ended_is_refused() {
             .await,
         1
     );
+}
+
+#[tokio::test]
+async fn deleting_an_account_ends_its_tokens_everywhere_and_leaves_no_tenant_without_owner() {
+    let app = TestApp::spawn().await;
+    let owner = app.tenant("acme").await;
+    let home = app.tenant("mara-home").await;
+    let mara = app.join(&owner, home.clone(), "member").await;
+    let pat = app
+        .post(
+            "/v1/auth/api-tokens",
+            Some(&mara.token),
+            json!({"name": "laptop"}),
+        )
+        .await;
+    let pat = app
+        .post(
+            "/v1/auth/token",
+            None,
+            json!({"secret": pat.body["secret"]}),
+        )
+        .await;
+    let pat = field(&pat.body, "access_token").to_owned();
+    let delete = |token: String, password: &'static str| {
+        let app = &app;
+        async move {
+            app.post(
+                "/v1/auth/delete-account",
+                Some(&token),
+                json!({"current_password": password}),
+            )
+            .await
+        }
+    };
+
+    // A wrong password, an API token, or being a tenant's only owner (her
+    // home tenant's) deletes nothing.
+    delete(mara.token.clone(), "not the password")
+        .await
+        .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    delete(pat.clone(), PASSWORD)
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    delete(mara.token.clone(), PASSWORD)
+        .await
+        .assert_error(StatusCode::CONFLICT, "last_owner");
+    assert_eq!(
+        app.get("/v1/projects", Some(&mara.token)).await.status,
+        StatusCode::OK
+    );
+
+    // With a second owner at home, she can go.
+    let co_owner = app.join(&home, owner.clone(), "owner").await;
+    let deleted = delete(mara.token.clone(), PASSWORD).await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT, "{:?}", deleted.body);
+
+    // Every token she held, in every tenant, ends at once.
+    for token in [&mara.token, &home.token, &pat] {
+        app.get("/v1/projects", Some(token))
+            .await
+            .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+    }
+    for refresh in [&mara.refresh_token, &home.refresh_token] {
+        app.post("/v1/auth/refresh", None, json!({"refresh_token": refresh}))
+            .await
+            .assert_error(StatusCode::UNAUTHORIZED, "invalid_refresh_token");
+    }
+    app.login(&mara.email, PASSWORD, None)
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "invalid_credentials");
+
+    // Both tenants keep an owner, no longer list her, and audit her going.
+    for token in [&owner.token, &co_owner.token] {
+        let members = app.get("/v1/members", Some(token)).await;
+        assert_eq!(members.status, StatusCode::OK, "{:?}", members.body);
+        assert!(!members.body.to_string().contains(&mara.user_id));
+    }
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_log WHERE action = 'user.delete'")
+            .await,
+        2
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM outbox WHERE event_type = 'member.removed'")
+            .await,
+        2
+    );
+    let left: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM users WHERE id = $1::uuid)
+              + (SELECT count(*) FROM memberships WHERE user_id = $1::uuid)
+              + (SELECT count(*) FROM sessions WHERE user_id = $1::uuid)",
+    )
+    .bind(&mara.user_id)
+    .fetch_one(&mut app.database.admin().await)
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
+
+    // The email is free again.
+    let again = app
+        .post(
+            "/v1/auth/register",
+            None,
+            json!({"email": mara.email, "password": PASSWORD, "tenant_name": "again"}),
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::CREATED, "{:?}", again.body);
 }

@@ -171,6 +171,8 @@ macro_rules! actions {
 actions! {
     SessionEnd,
     PasswordChange,
+    /// Deleting one's own user account (every membership with it).
+    AccountDelete,
     AuditRead,
     MemberList,
     MemberUpdate,
@@ -218,6 +220,7 @@ impl Action {
             | Action::AdminAuditVerify => self,
             Action::SessionEnd => Action::SessionEnd,
             Action::PasswordChange => Action::PasswordChange,
+            Action::AccountDelete => Action::AccountDelete,
             Action::MemberLeave => Action::MemberLeave,
             Action::InvitationAccept => Action::InvitationAccept,
             Action::MemberList
@@ -279,6 +282,7 @@ pub fn matrix() -> String {
 const VIEWER: &[Action] = &[
     Action::SessionEnd,
     Action::PasswordChange,
+    Action::AccountDelete,
     Action::FlavorList,
     Action::ProjectList,
     Action::ProjectRead,

@@ -35,6 +35,10 @@ pub enum AuthError {
     ProjectNotEmpty,
     #[error("the tenant must keep an owner: promote another member to owner first")]
     LastOwner,
+    #[error(
+        "you are the last owner of a tenant: make another member owner there before deleting your account"
+    )]
+    LastOwnerOfATenant,
     #[error("that user is already a member of the tenant")]
     AlreadyMember,
     #[error("an open invitation for this email exists; revoke it first")]
@@ -100,7 +104,9 @@ impl From<AuthError> for ApiError {
             AuthError::ProjectNotEmpty => {
                 ApiError::conflict("project_not_empty", error.to_string())
             }
-            AuthError::LastOwner => ApiError::conflict("last_owner", error.to_string()),
+            AuthError::LastOwner | AuthError::LastOwnerOfATenant => {
+                ApiError::conflict("last_owner", error.to_string())
+            }
             AuthError::AlreadyMember => ApiError::conflict("already_member", error.to_string()),
             AuthError::InvitationPending => {
                 ApiError::conflict("invitation_pending", error.to_string())

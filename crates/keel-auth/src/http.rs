@@ -20,8 +20,8 @@ use crate::context::anonymous_meta;
 use crate::limits::{ClientIp, Limits};
 use crate::model::MAX_EMAIL_LEN;
 use crate::model::{
-    LoginRequest, PasswordChangeRequest, Project, ProjectRequest, ProjectView, RefreshRequest,
-    RegisterRequest, RegisterResponse, TokenResponse,
+    AccountDeleteRequest, LoginRequest, PasswordChangeRequest, Project, ProjectRequest,
+    ProjectView, RefreshRequest, RegisterRequest, RegisterResponse, TokenResponse,
 };
 use crate::{AuthError, Ctx, TokenKeys, service, session};
 use axum::Extension;
@@ -40,6 +40,7 @@ where
         .routes(routes!(auth_refresh))
         .routes(routes!(auth_logout))
         .routes(routes!(auth_password_change))
+        .routes(routes!(auth_account_delete))
         .routes(routes!(project_list, project_create))
         .routes(routes!(project_get, project_update, project_delete))
 }
@@ -195,6 +196,41 @@ async fn auth_password_change(
     let mut tx = ctx.begin().await.map_err(AuthError::from)?;
     authorize_tenant(tx.conn(), &ctx.principal, Action::PasswordChange).await?;
     session::password_change(tx, &ctx.principal, request).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Delete the caller's own account: every membership, session and token,
+/// in every tenant. Asks for the password again; refused while the caller
+/// is the last owner of a tenant. Only a signed-in user can do this, never
+/// an API token or a service account.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/delete-account",
+    operation_id = "auth_account_delete",
+    tag = "auth",
+    request_body = AccountDeleteRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Deleted; every token of the user stops working"),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 403, description = "`forbidden` (an API token or service account)", body = ErrorBody),
+        (status = 409, description = "`last_owner`: a tenant would be left without an owner", body = ErrorBody),
+        (status = 422, description = "`validation_failed` (a wrong `current_password`) or `invalid_body`", body = ErrorBody),
+    )
+)]
+async fn auth_account_delete(
+    State(db): State<Db>,
+    ctx: Ctx,
+    Json(request): Json<AccountDeleteRequest>,
+) -> Result<StatusCode, ApiError> {
+    // A system transaction: the account spans tenants (see
+    // `session::account_delete`).
+    let mut tx = db
+        .begin_system(ctx.meta.clone())
+        .await
+        .map_err(AuthError::from)?;
+    authorize_tenant(tx.conn(), &ctx.principal, Action::AccountDelete).await?;
+    session::account_delete(tx, &ctx.principal, request).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -59,7 +59,8 @@ const SHOWN_ONCE_HEADER: &str = "keel-shown-once";
 
 /// Routes the layer leaves alone: they take no `Ctx` transaction (login,
 /// refresh, token exchange, registration), or commit through a second
-/// transaction (invitation acceptance), or are the operators' (no tenant).
+/// transaction (invitation acceptance, account deletion), or are the
+/// operators' (no tenant).
 fn exempt(path: &str) -> bool {
     matches!(
         path,
@@ -68,6 +69,7 @@ fn exempt(path: &str) -> bool {
             | "/v1/auth/refresh"
             | "/v1/auth/token"
             | "/v1/invitations/accept"
+            | "/v1/auth/delete-account"
     ) || path.starts_with("/v1/admin/")
 }
 

@@ -216,6 +216,20 @@ impl PasswordChangeRequest {
     }
 }
 
+/// `POST /v1/auth/delete-account`: the password again, as for a password
+/// change.
+#[derive(Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccountDeleteRequest {
+    pub current_password: String,
+}
+
+impl std::fmt::Debug for AccountDeleteRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AccountDeleteRequest { .. }")
+    }
+}
+
 /// A project row.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct Project {

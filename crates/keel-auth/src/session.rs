@@ -11,10 +11,11 @@
 
 use keel_core::ids::{RefreshTokenId, SessionId, TenantId, UserId};
 use keel_core::{Actor, ResourceName};
-use keel_db::{Audit, Db, RequestMeta, Scope, WriteTx};
+use keel_db::{Audit, Db, NewEvent, RequestMeta, Scope, WriteTx};
 use time::OffsetDateTime;
 
-use crate::model::{LoginRequest, PasswordChangeRequest, TokenResponse};
+use crate::members::member_name;
+use crate::model::{AccountDeleteRequest, LoginRequest, PasswordChangeRequest, TokenResponse};
 use crate::{AuthError, Principal, TokenKeys, password, secret};
 
 const REFRESH_PREFIX: &str = "krt";
@@ -324,6 +325,92 @@ pub async fn password_change(
             ResourceName::new(None, None, None, "user", user.user_id),
         )
         .with_details(serde_json::json!({ "other_sessions_revoked": revoked })),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Deletes the caller's own account, in every tenant at once: after the
+/// password again, and only if no tenant would be left without an owner.
+/// The user row goes, and with it (ON DELETE CASCADE) every membership,
+/// session, refresh token, project grant and API token: every token the
+/// user holds fails its next request. Each tenant's audit log records it.
+///
+/// `tx` is a system transaction: the owners of the user's other tenants
+/// are invisible to a tenant transaction, and the last-owner check needs
+/// them locked.
+pub async fn account_delete(
+    mut tx: WriteTx,
+    principal: &Principal,
+    request: AccountDeleteRequest,
+) -> Result<(), AuthError> {
+    let user = principal.user_session()?;
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT password_hash FROM users WHERE id = $1 FOR UPDATE")
+            .bind(user.user_id)
+            .fetch_optional(tx.conn())
+            .await?;
+    if !password::verify(request.current_password, stored).await? {
+        return Err(AuthError::WrongPassword);
+    }
+    // The user's memberships and every owner of their tenants, locked in
+    // (tenant, user) order as member changes lock them within a tenant.
+    let rows: Vec<(TenantId, UserId, String, i64)> = sqlx::query_as(
+        "SELECT tenant_id, user_id, role, version FROM memberships
+         WHERE tenant_id IN (SELECT tenant_id FROM memberships WHERE user_id = $1)
+           AND (role = 'owner' OR user_id = $1)
+         ORDER BY tenant_id, user_id FOR UPDATE",
+    )
+    .bind(user.user_id)
+    .fetch_all(tx.conn())
+    .await?;
+    let memberships: Vec<(TenantId, &str, i64)> = rows
+        .iter()
+        .filter(|(_, user_id, _, _)| *user_id == user.user_id)
+        .map(|(tenant_id, _, role, version)| (*tenant_id, role.as_str(), *version))
+        .collect();
+    for (tenant_id, role, _) in &memberships {
+        let other_owners = rows
+            .iter()
+            .filter(|(t, u, r, _)| t == tenant_id && *u != user.user_id && r == "owner")
+            .count();
+        if *role == "owner" && other_owners == 0 {
+            return Err(AuthError::LastOwnerOfATenant);
+        }
+    }
+    sqlx::query("DELETE FROM users WHERE id = $1")
+        .bind(user.user_id)
+        .execute(tx.conn())
+        .await?;
+    for (tenant_id, role, version) in &memberships {
+        let name = member_name(*tenant_id, user.user_id);
+        tx.emit(NewEvent::new(
+            "member.removed",
+            "member",
+            user.user_id.as_uuid(),
+            version + 1,
+            Some(*tenant_id),
+            name.clone(),
+            serde_json::json!({ "user_id": user.user_id, "left": true, "account_deleted": true }),
+        ));
+        if *tenant_id != principal.tenant_id {
+            tx.audit(
+                Audit::new("user.delete", Some(*tenant_id), name)
+                    .with_details(serde_json::json!({ "role": role })),
+            );
+        }
+    }
+    let role = memberships
+        .iter()
+        .find(|(tenant_id, _, _)| *tenant_id == principal.tenant_id)
+        .map(|(_, role, _)| *role);
+    tx.commit(
+        Audit::new(
+            "user.delete",
+            Some(principal.tenant_id),
+            member_name(principal.tenant_id, user.user_id),
+        )
+        .with_details(serde_json::json!({ "role": role, "tenants": memberships.len() })),
     )
     .await?;
     Ok(())

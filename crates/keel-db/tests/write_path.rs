@@ -315,7 +315,7 @@ async fn every_table_with_a_tenant_column_forces_row_level_security() {
 }
 
 #[tokio::test]
-async fn a_transaction_can_change_only_the_user_it_acts_as() {
+async fn a_transaction_can_change_only_the_user_it_acts_as_and_delete_none() {
     let test = keel_testing::test_db().await;
     let (acme, _) = create_tenant(&test.db, "acme").await;
     let mut admin = test.admin().await;
@@ -345,4 +345,12 @@ async fn a_transaction_can_change_only_the_user_it_acts_as() {
         .unwrap()
         .rows_affected();
     assert_eq!(changed, 1, "only the acting user's own row");
+    // Deleting users is for system transactions only (account deletion):
+    // a tenant transaction deletes no user, not even its own.
+    let deleted = sqlx::query("DELETE FROM users")
+        .execute(tx.conn())
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!(deleted, 0, "no user deleted outside a system transaction");
 }

@@ -62,6 +62,7 @@ pub struct TestResponse {
 }
 
 /// A registered user with a token for their own tenant.
+#[derive(Clone)]
 pub struct Tenant {
     pub email: String,
     pub user_id: String,
@@ -232,6 +233,12 @@ impl TestApp {
     /// invitation, logged in to that tenant.
     pub async fn member(&self, owner: &Tenant, role: &str) -> Tenant {
         let own = self.tenant(&format!("{role}-home")).await;
+        self.join(owner, own, role).await
+    }
+
+    /// `own` (signed in anywhere) is invited into `owner`'s tenant with
+    /// `role`, accepts, and signs in there.
+    pub async fn join(&self, owner: &Tenant, own: Tenant, role: &str) -> Tenant {
         let invited = self
             .post(
                 "/v1/invitations",

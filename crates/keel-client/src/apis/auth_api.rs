@@ -43,6 +43,17 @@ pub enum ApiTokenRevokeError {
     UnknownValue(serde_json::Value),
 }
 
+/// struct for typed errors of method [`auth_account_delete`]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AuthAccountDeleteError {
+    Status401(models::ErrorBody),
+    Status403(models::ErrorBody),
+    Status409(models::ErrorBody),
+    Status422(models::ErrorBody),
+    UnknownValue(serde_json::Value),
+}
+
 /// struct for typed errors of method [`auth_login`]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -227,6 +238,44 @@ pub async fn api_token_revoke(
     } else {
         let content = resp.text().await?;
         let entity: Option<ApiTokenRevokeError> = serde_json::from_str(&content).ok();
+        Err(Error::ResponseError(ResponseContent {
+            status,
+            content,
+            entity,
+        }))
+    }
+}
+
+pub async fn auth_account_delete(
+    configuration: &configuration::Configuration,
+    account_delete_request: models::AccountDeleteRequest,
+) -> Result<(), Error<AuthAccountDeleteError>> {
+    // add a prefix to parameters to efficiently prevent name collisions
+    let p_body_account_delete_request = account_delete_request;
+
+    let uri_str = format!("{}/v1/auth/delete-account", configuration.base_path);
+    let mut req_builder = configuration
+        .client
+        .request(reqwest::Method::POST, &uri_str);
+
+    if let Some(ref user_agent) = configuration.user_agent {
+        req_builder = req_builder.header(reqwest::header::USER_AGENT, user_agent.clone());
+    }
+    if let Some(ref token) = configuration.bearer_access_token {
+        req_builder = req_builder.bearer_auth(token.to_owned());
+    };
+    req_builder = req_builder.json(&p_body_account_delete_request);
+
+    let req = req_builder.build()?;
+    let resp = configuration.client.execute(req).await?;
+
+    let status = resp.status();
+
+    if !status.is_client_error() && !status.is_server_error() {
+        Ok(())
+    } else {
+        let content = resp.text().await?;
+        let entity: Option<AuthAccountDeleteError> = serde_json::from_str(&content).ok();
         Err(Error::ResponseError(ResponseContent {
             status,
             content,

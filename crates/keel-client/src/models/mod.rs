@@ -1,3 +1,5 @@
+pub mod account_delete_request;
+pub use self::account_delete_request::AccountDeleteRequest;
 pub mod allocation_state;
 pub use self::allocation_state::AllocationState;
 pub mod allocation_view;

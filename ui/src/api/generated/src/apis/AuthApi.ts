@@ -14,6 +14,11 @@
 
 import * as runtime from '../runtime';
 import {
+    type AccountDeleteRequest,
+    AccountDeleteRequestFromJSON,
+    AccountDeleteRequestToJSON,
+} from '../models/AccountDeleteRequest';
+import {
     type ApiTokenCreated,
     ApiTokenCreatedFromJSON,
     ApiTokenCreatedToJSON,
@@ -90,6 +95,13 @@ export interface ApiTokenRevokeRequest {
      * The token
      */
     tokenId: string;
+}
+
+export interface AuthAccountDeleteRequest {
+    /**
+     * 
+     */
+    accountDeleteRequest: AccountDeleteRequest;
 }
 
 export interface AuthLoginRequest {
@@ -202,6 +214,29 @@ export interface AuthApiInterface {
      * Revoke one of your personal API tokens.
      */
     apiTokenRevoke(requestParameters: ApiTokenRevokeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<void>;
+
+    /**
+     * Creates request options for authAccountDelete without sending the request
+     * @param {AccountDeleteRequest} accountDeleteRequest 
+     * @throws {RequiredError}
+     * @memberof AuthApiInterface
+     */
+    authAccountDeleteRequestOpts(requestParameters: AuthAccountDeleteRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Delete the caller\'s own account: every membership, session and token, in every tenant. Asks for the password again; refused while the caller is the last owner of a tenant. Only a signed-in user can do this, never an API token or a service account.
+     * @param {AccountDeleteRequest} accountDeleteRequest 
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AuthApiInterface
+     */
+    authAccountDeleteRaw(requestParameters: AuthAccountDeleteRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<void>>;
+
+    /**
+     * Delete the caller\'s own account: every membership, session and token, in every tenant. Asks for the password again; refused while the caller is the last owner of a tenant. Only a signed-in user can do this, never an API token or a service account.
+     */
+    authAccountDelete(requestParameters: AuthAccountDeleteRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<void>;
 
     /**
      * Creates request options for authLogin without sending the request
@@ -500,6 +535,60 @@ export class AuthApi extends runtime.BaseAPI implements AuthApiInterface {
      */
     async apiTokenRevoke(requestParameters: ApiTokenRevokeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<void> {
         await this.apiTokenRevokeRaw(requestParameters, initOverrides);
+    }
+
+    /**
+     * Creates request options for authAccountDelete without sending the request
+     */
+    async authAccountDeleteRequestOpts(requestParameters: AuthAccountDeleteRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['accountDeleteRequest'] == null) {
+            throw new runtime.RequiredError(
+                'accountDeleteRequest',
+                'Required parameter "accountDeleteRequest" was null or undefined when calling authAccountDelete().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/auth/delete-account`;
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+            body: AccountDeleteRequestToJSON(requestParameters['accountDeleteRequest']),
+        };
+    }
+
+    /**
+     * Delete the caller\'s own account: every membership, session and token, in every tenant. Asks for the password again; refused while the caller is the last owner of a tenant. Only a signed-in user can do this, never an API token or a service account.
+     */
+    async authAccountDeleteRaw(requestParameters: AuthAccountDeleteRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<void>> {
+        const requestOptions = await this.authAccountDeleteRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.VoidApiResponse(response);
+    }
+
+    /**
+     * Delete the caller\'s own account: every membership, session and token, in every tenant. Asks for the password again; refused while the caller is the last owner of a tenant. Only a signed-in user can do this, never an API token or a service account.
+     */
+    async authAccountDelete(requestParameters: AuthAccountDeleteRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<void> {
+        await this.authAccountDeleteRaw(requestParameters, initOverrides);
     }
 
     /**

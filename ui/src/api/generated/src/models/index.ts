@@ -1,5 +1,6 @@
 /* tslint:disable */
 /* eslint-disable */
+export * from './AccountDeleteRequest';
 export * from './AllocationState';
 export * from './AllocationView';
 export * from './ApiTokenCreated';
