@@ -7,6 +7,7 @@
 \set key random(1, 2000000000)
 \startpipeline
 BEGIN;
+SET LOCAL ROLE NONE;
 SELECT set_config('keel.tenant_id', :tenant, true), set_config('keel.user_id', :user, true);
 \endpipeline
 SELECT pg_try_advisory_xact_lock(hashtextextended('idempotency|' || :tenant::text || '|user:' || :user::text || '|' || :key::text, 0));

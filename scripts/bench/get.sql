@@ -5,6 +5,7 @@
 -- ROLLBACK goes out with the pool's release check.
 \startpipeline
 BEGIN;
+SET LOCAL ROLE NONE;
 SELECT set_config('keel.tenant_id', :tenant, true), set_config('keel.user_id', :user, true);
 \endpipeline
 SELECT s.role, s.grant_role, s.project_visible, p.id, p.tenant_id, p.name, p.created_at, p.version

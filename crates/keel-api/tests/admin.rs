@@ -23,6 +23,13 @@ async fn an_operator_lists_tenants_and_every_request_is_audited() {
     assert_eq!(items[0]["members"], 1);
     assert_eq!(items[0]["projects"], 1);
     assert_eq!(
+        items[0]["resource_name"],
+        format!(
+            "krn:keel::{id}::tenant/{id}",
+            id = items[0]["id"].as_str().unwrap()
+        )
+    );
+    assert_eq!(
         app.count(
             "SELECT count(*) FROM audit_log WHERE tenant_id IS NULL AND actor LIKE 'operator:%'
              AND action IN ('operator.login', 'admin.tenant_list')"
@@ -58,6 +65,13 @@ async fn read_only_operators_look_but_do_not_touch() {
         .await;
     assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
     assert_eq!(created.body["role"], "read_only_operator");
+    assert_eq!(
+        created.body["resource_name"],
+        format!(
+            "krn:keel::::operator/{}",
+            created.body["id"].as_str().unwrap()
+        )
+    );
     app.post(
         "/v1/admin/operators",
         Some(&operator),

@@ -5,7 +5,8 @@
 
 mod common;
 
-use axum::http::StatusCode;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
 use common::TestApp;
 use serde_json::json;
 
@@ -147,6 +148,58 @@ async fn terminating_an_allocation_moves_it_to_terminating_and_then_on_a_second_
             .await,
         1
     );
+}
+
+#[tokio::test]
+async fn terminating_with_a_stale_if_match_is_a_412_and_changes_nothing() {
+    let app = TestApp::spawn().await;
+    app.add_host(4, 8192).await;
+    let tenant = app.tenant("acme").await;
+    let created = app
+        .post(
+            &allocations(&tenant.project_id),
+            Some(&tenant.token),
+            json!({"name": "a", "flavor": "cpu.small"}),
+        )
+        .await;
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    let etag = created.headers[header::ETAG].to_str().unwrap().to_owned();
+    assert_eq!(etag, format!("\"{}\"", created.body["version"]));
+    let uri = format!("{}/{id}", allocations(&tenant.project_id));
+    assert_eq!(
+        app.get(&uri, Some(&tenant.token)).await.headers[header::ETAG],
+        etag.as_str()
+    );
+    let terminate = |if_match: &str| {
+        Request::builder()
+            .method(Method::POST)
+            .uri(format!("{uri}/terminate"))
+            .header(header::AUTHORIZATION, format!("Bearer {}", tenant.token))
+            .header(header::IF_MATCH, if_match)
+            .body(Body::empty())
+            .unwrap()
+    };
+
+    app.send(terminate("\"1\""))
+        .await
+        .assert_error(StatusCode::PRECONDITION_FAILED, "precondition_failed");
+    let unchanged = app.get(&uri, Some(&tenant.token)).await;
+    assert_eq!(unchanged.body["state"], "scheduled");
+    assert_eq!(unchanged.headers[header::ETAG], etag.as_str());
+
+    let terminated = app.send(terminate(&etag)).await;
+    assert_eq!(
+        terminated.status,
+        StatusCode::ACCEPTED,
+        "{:?}",
+        terminated.body
+    );
+    assert_eq!(terminated.body["state"], "terminating");
+    assert_eq!(
+        terminated.headers[header::ETAG],
+        format!("\"{}\"", terminated.body["version"]).as_str()
+    );
+    assert_ne!(terminated.headers[header::ETAG], etag.as_str());
 }
 
 #[tokio::test]

@@ -372,9 +372,13 @@ async fn deleting_an_account_ends_its_tokens_everywhere_and_leaves_no_tenant_wit
         assert_eq!(members.status, StatusCode::OK, "{:?}", members.body);
         assert!(!members.body.to_string().contains(&mara.user_id));
     }
+    // Each row names her as its own tenant knows her.
     assert_eq!(
-        app.count("SELECT count(*) FROM audit_log WHERE action = 'user.delete'")
-            .await,
+        app.count(
+            "SELECT count(*) FROM audit_log WHERE action = 'user.delete'
+             AND actor_detail->>'tenant_id' = tenant_id::text"
+        )
+        .await,
         2
     );
     assert_eq!(
@@ -402,4 +406,42 @@ async fn deleting_an_account_ends_its_tokens_everywhere_and_leaves_no_tenant_wit
         )
         .await;
     assert_eq!(again.status, StatusCode::CREATED, "{:?}", again.body);
+}
+
+#[tokio::test]
+async fn two_co_owners_deleting_their_accounts_at_once_leave_one_owner() {
+    let app = TestApp::spawn().await;
+    let ann = app.tenant("ann").await;
+    let bob = app.tenant("bob").await;
+    // Each owns the other's tenant too: either could leave alone.
+    app.join(&ann, bob.clone(), "owner").await;
+    app.join(&bob, ann.clone(), "owner").await;
+    let delete = |token: String| {
+        let app = &app;
+        async move {
+            app.post(
+                "/v1/auth/delete-account",
+                Some(&token),
+                json!({"current_password": PASSWORD}),
+            )
+            .await
+        }
+    };
+    let (first, second) = tokio::join!(delete(ann.token.clone()), delete(bob.token.clone()));
+    let mut statuses = [first.status, second.status];
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [StatusCode::NO_CONTENT, StatusCode::CONFLICT],
+        "{:?} {:?}",
+        first.body,
+        second.body
+    );
+    // Both tenants still have exactly one owner: whoever stayed.
+    assert_eq!(
+        app.count("SELECT count(*) FROM memberships WHERE role = 'owner'")
+            .await,
+        2
+    );
+    assert_eq!(app.count("SELECT count(*) FROM users").await, 1);
 }

@@ -173,6 +173,8 @@ impl OperatorRequest {
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct OperatorView {
     pub id: OperatorId,
+    /// `krn:keel::::operator/{id}`.
+    pub resource_name: String,
     pub email: String,
     pub role: PlatformRole,
     #[serde(with = "time::serde::rfc3339")]
@@ -196,6 +198,7 @@ impl TryFrom<OperatorRow> for OperatorView {
     fn try_from(row: OperatorRow) -> Result<Self, Self::Error> {
         Ok(OperatorView {
             id: row.id,
+            resource_name: operator_name(row.id).to_string(),
             email: row.email,
             role: PlatformRole::parse(&row.role).ok_or(AuthError::CorruptRole)?,
             created_at: row.created_at,
@@ -332,6 +335,9 @@ pub async fn operator_login(
 #[derive(Clone, Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct TenantSummary {
     pub id: TenantId,
+    /// `krn:keel::{tenant}::tenant/{tenant}`.
+    #[sqlx(skip)]
+    pub resource_name: String,
     pub name: String,
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
@@ -534,7 +540,7 @@ async fn admin_tenant_list(
     let page: Page = params.validate().map_err(page_error)?;
     let mut tx = ctx.begin().await.map_err(AuthError::from)?;
     authorize_platform(tx.conn(), &ctx.principal, Action::AdminTenantList).await?;
-    let rows: Vec<TenantSummary> = sqlx::query_as(
+    let mut rows: Vec<TenantSummary> = sqlx::query_as(
         "SELECT t.id, t.name, t.created_at,
                 (SELECT count(*) FROM memberships m WHERE m.tenant_id = t.id) AS members,
                 (SELECT count(*) FROM projects p WHERE p.tenant_id = t.id AND p.deleted_at IS NULL) AS projects
@@ -545,6 +551,9 @@ async fn admin_tenant_list(
     .fetch_all(tx.conn())
     .await
     .map_err(AuthError::from)?;
+    for tenant in &mut rows {
+        tenant.resource_name = ResourceName::tenant(tenant.id).to_string();
+    }
     tx.commit(Audit::new(
         "admin.tenant_list",
         None,

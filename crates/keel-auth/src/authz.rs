@@ -449,7 +449,6 @@ impl StandingRow {
 /// re-plans all three branches on every call). The arguments are `$1` the
 /// tenant, `$2` the user or service account, `$3` the credential, `$4` the
 /// project (bound by [`standing_args`]).
-#[macro_export]
 macro_rules! with_standing {
     ($before:literal, $after:literal) => {
         [
@@ -467,6 +466,8 @@ macro_rules! with_standing {
         ]
     };
 }
+
+pub(crate) use with_standing;
 
 /// The statements (see [`with_standing!`]) that read the caller's standing.
 const STANDING: [&str; 3] = with_standing!("SELECT role, grant_role, project_visible FROM ", "");
@@ -564,7 +565,8 @@ pub async fn authorize_project(
 /// made by [`with_standing!`], selects `s.role, s.grant_role,
 /// s.project_visible` and `T`'s columns `FROM caller_standing(…) s LEFT
 /// JOIN … ON s.project_visible AND …` (`$1` the tenant, `$4` the project);
-/// the row of a project the caller cannot see is never decoded.
+/// the row of a project the caller cannot see is never decoded. For reads
+/// of one row (`fetch_optional`).
 pub async fn authorize_project_read<T>(
     conn: &mut PgConnection,
     principal: &Principal,

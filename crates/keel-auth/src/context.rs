@@ -128,13 +128,14 @@ where
     }
 }
 
-/// Verifies the bearer token of a request and builds the metadata its
-/// changes carry. Shared by [`Ctx`] and the idempotency layer.
 /// The first layer to verify a request's token leaves its principal here,
 /// so the token is checked once per request, not once per layer.
 #[derive(Clone, Copy)]
 struct Verified(Principal);
 
+/// Verifies the bearer token of a request and builds the metadata its
+/// changes carry. Shared by [`Ctx`], the rate limits and the idempotency
+/// layer; the first of them to call it verifies, the others reuse that.
 pub fn authenticate(
     parts: &mut Parts,
     keys: &TokenKeys,

@@ -5,11 +5,11 @@
 use std::sync::Arc;
 
 use axum::extract::{FromRef, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use keel_core::ids::{ApiTokenId, ProjectId, ServiceAccountId, ServiceAccountKeyId};
 use keel_core::page::{PageParams, Paginated};
 use keel_db::Db;
-use keel_http::{ApiError, ErrorBody, IfMatch, Json, Path, Query, RequestId, TraceParent, etag};
+use keel_http::{ApiError, ErrorBody, IfMatch, Json, Path, Query, RequestId, Tagged, TraceParent};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -209,7 +209,7 @@ async fn service_account_create(
     ctx: Ctx,
     Path(project_id): Path<ProjectId>,
     Json(request): Json<ServiceAccountRequest>,
-) -> Result<(StatusCode, HeaderMap, Json<ServiceAccountView>), ApiError> {
+) -> Result<(StatusCode, Tagged<ServiceAccountView>), ApiError> {
     let mut tx = ctx.begin().await.map_err(AuthError::from)?;
     let project = authorize_project(
         tx.conn(),
@@ -220,10 +220,7 @@ async fn service_account_create(
     .await?;
     let account =
         credentials::account_create(tx, &project, ctx.principal.user_id(), request).await?;
-    let mut headers = HeaderMap::new();
-    let (name, value) = etag(account.version);
-    headers.insert(name, value);
-    Ok((StatusCode::CREATED, headers, Json(account)))
+    Ok((StatusCode::CREATED, Tagged(account.version, account)))
 }
 
 /// Disable or re-enable a service account.
@@ -254,7 +251,7 @@ async fn service_account_update(
     Path((project_id, id)): Path<(ProjectId, ServiceAccountId)>,
     IfMatch(expected): IfMatch,
     Json(request): Json<ServiceAccountUpdate>,
-) -> Result<(HeaderMap, Json<ServiceAccountView>), ApiError> {
+) -> Result<Tagged<ServiceAccountView>, ApiError> {
     let mut tx = ctx.begin().await.map_err(AuthError::from)?;
     let project = authorize_project(
         tx.conn(),
@@ -264,10 +261,7 @@ async fn service_account_update(
     )
     .await?;
     let account = credentials::account_update(tx, &project, id, request, expected).await?;
-    let mut headers = HeaderMap::new();
-    let (name, value) = etag(account.version);
-    headers.insert(name, value);
-    Ok((headers, Json(account)))
+    Ok(Tagged(account.version, account))
 }
 
 /// Delete a service account and its keys.

@@ -11,9 +11,8 @@ use keel_http::{ApiError, ErrorBody, Json, Query, RequestId, TraceParent};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use axum::http::HeaderMap;
 use keel_core::ids::ProjectId;
-use keel_http::{IfMatch, Path, etag};
+use keel_http::{IfMatch, Path, Tagged};
 
 use crate::authz::{Action, authorize_project, authorize_tenant};
 use crate::context::anonymous_meta;
@@ -267,11 +266,8 @@ pub fn page_error(error: keel_core::page::PageError) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", error.to_string())
 }
 
-fn with_etag(project: Project) -> (HeaderMap, Json<ProjectView>) {
-    let mut headers = HeaderMap::new();
-    let (name, value) = etag(project.version);
-    headers.insert(name, value);
-    (headers, Json(project.into()))
+fn tagged(project: Project) -> Tagged<ProjectView> {
+    Tagged(project.version, project.into())
 }
 
 /// Create a project in the caller's tenant.
@@ -294,11 +290,11 @@ fn with_etag(project: Project) -> (HeaderMap, Json<ProjectView>) {
 async fn project_create(
     ctx: Ctx,
     Json(request): Json<ProjectRequest>,
-) -> Result<(StatusCode, HeaderMap, Json<ProjectView>), ApiError> {
+) -> Result<(StatusCode, Tagged<ProjectView>), ApiError> {
     let mut tx = ctx.begin().await.map_err(AuthError::from)?;
     let tenant = authorize_tenant(tx.conn(), &ctx.principal, Action::ProjectCreate).await?;
-    let (headers, body) = with_etag(service::project_create(tx, &tenant, request).await?);
-    Ok((StatusCode::CREATED, headers, body))
+    let project = service::project_create(tx, &tenant, request).await?;
+    Ok((StatusCode::CREATED, tagged(project)))
 }
 
 /// Read one project.
@@ -319,9 +315,9 @@ async fn project_create(
 async fn project_get(
     ctx: Ctx,
     Path(project_id): Path<ProjectId>,
-) -> Result<(HeaderMap, Json<ProjectView>), ApiError> {
+) -> Result<Tagged<ProjectView>, ApiError> {
     let mut tx = ctx.begin().await.map_err(AuthError::from)?;
-    Ok(with_etag(
+    Ok(tagged(
         service::project_get(tx.conn(), &ctx.principal, project_id).await?,
     ))
 }
@@ -355,11 +351,11 @@ async fn project_update(
     Path(project_id): Path<ProjectId>,
     IfMatch(expected): IfMatch,
     Json(request): Json<ProjectRequest>,
-) -> Result<(HeaderMap, Json<ProjectView>), ApiError> {
+) -> Result<Tagged<ProjectView>, ApiError> {
     let mut tx = ctx.begin().await.map_err(AuthError::from)?;
     let project =
         authorize_project(tx.conn(), &ctx.principal, Action::ProjectUpdate, project_id).await?;
-    Ok(with_etag(
+    Ok(tagged(
         service::project_update(tx, &project, request, expected).await?,
     ))
 }

@@ -59,8 +59,8 @@ const SHOWN_ONCE_HEADER: &str = "keel-shown-once";
 
 /// Routes the layer leaves alone: they take no `Ctx` transaction (login,
 /// refresh, token exchange, registration), or commit through a second
-/// transaction (invitation acceptance, account deletion), or are the
-/// operators' (no tenant).
+/// transaction (invitation acceptance), or through a system transaction
+/// of their own (account deletion), or are the operators' (no tenant).
 fn exempt(path: &str) -> bool {
     matches!(
         path,

@@ -1,8 +1,10 @@
 //! Rate limits and login throttling.
 //!
 //! - Every request counts against its client IP; an authenticated one also
-//!   against its principal. The token endpoints (register, login, refresh)
-//!   (and the operators' login) have a much stricter per-IP limit. Over a limit: `429 rate_limited`
+//!   against its principal. The token endpoints (register, login, refresh,
+//!   token exchange, the operators' login) and those that check a password
+//!   again (password change, account deletion) have a much stricter
+//!   per-IP limit. Over a limit: `429 rate_limited`
 //!   with `Retry-After`. Limits are GCRA buckets (`governor`) per key.
 //! - Failed logins slow down the IP they come from (after a few free
 //!   failures each further attempt must wait twice as long as the last,
@@ -282,7 +284,7 @@ fn client_ip(request: &Request, trust_forwarded_for: bool) -> Option<IpAddr> {
         .map(|ConnectInfo(address)| address.ip())
 }
 
-/// The token endpoints: stricter per-IP limit.
+/// The token and password endpoints: stricter per-IP limit.
 fn is_auth_endpoint(request: &Request) -> bool {
     request.method() == Method::POST
         && matches!(
@@ -291,6 +293,8 @@ fn is_auth_endpoint(request: &Request) -> bool {
                 | "/v1/auth/register"
                 | "/v1/auth/refresh"
                 | "/v1/auth/token"
+                | "/v1/auth/password"
+                | "/v1/auth/delete-account"
                 | "/v1/admin/auth/login"
         )
 }

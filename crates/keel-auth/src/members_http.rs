@@ -5,11 +5,11 @@
 use std::sync::Arc;
 
 use axum::extract::{FromRef, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use keel_core::ids::{InvitationId, ProjectId, UserId};
 use keel_core::page::{PageParams, Paginated};
 use keel_db::Db;
-use keel_http::{ApiError, ErrorBody, IfMatch, Json, Path, Query, etag};
+use keel_http::{ApiError, ErrorBody, IfMatch, Json, Path, Query, Tagged};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -37,13 +37,6 @@ where
         .routes(routes!(invitation_accept))
         .routes(routes!(project_grant_list))
         .routes(routes!(project_grant_set, project_grant_remove))
-}
-
-fn with_etag<T>(version: i64, body: T) -> (HeaderMap, Json<T>) {
-    let mut headers = HeaderMap::new();
-    let (name, value) = etag(version);
-    headers.insert(name, value);
-    (headers, Json(body))
 }
 
 /// List the members of the caller's tenant.
@@ -99,11 +92,11 @@ async fn member_update(
     Path(user_id): Path<UserId>,
     IfMatch(expected): IfMatch,
     Json(request): Json<MemberUpdateRequest>,
-) -> Result<(HeaderMap, Json<MemberView>), ApiError> {
+) -> Result<Tagged<MemberView>, ApiError> {
     let mut tx = ctx.begin().await.map_err(AuthError::from)?;
     let tenant = authorize_tenant(tx.conn(), &ctx.principal, Action::MemberUpdate).await?;
     let member = members::member_update(tx, &tenant, user_id, request, expected).await?;
-    Ok(with_etag(member.version, member))
+    Ok(Tagged(member.version, member))
 }
 
 /// Remove a member, or leave the tenant (your own user id). The last owner
@@ -319,7 +312,7 @@ async fn project_grant_set(
     ctx: Ctx,
     Path((project_id, user_id)): Path<(ProjectId, UserId)>,
     Json(request): Json<GrantRequest>,
-) -> Result<(HeaderMap, Json<ProjectGrantView>), ApiError> {
+) -> Result<Tagged<ProjectGrantView>, ApiError> {
     let mut tx = ctx.begin().await.map_err(AuthError::from)?;
     let project = authorize_project(
         tx.conn(),
@@ -329,7 +322,7 @@ async fn project_grant_set(
     )
     .await?;
     let grant = members::grant_set(tx, &project, user_id, request).await?;
-    Ok(with_etag(grant.version, grant))
+    Ok(Tagged(grant.version, grant))
 }
 
 /// Take a member's grant on this project away.

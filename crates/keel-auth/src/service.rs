@@ -160,9 +160,9 @@ pub async fn project_create(
     Ok(project)
 }
 
-/// One live project of the caller's tenant.
-/// The caller's standing and the project, in one statement.
-const PROJECT_READ: [&str; 3] = crate::with_standing!(
+/// The caller's standing and the project, in one statement (the columns
+/// are `PROJECT_COLUMNS`, written out: `concat!` takes only literals).
+const PROJECT_READ: [&str; 3] = crate::authz::with_standing!(
     "SELECT s.role, s.grant_role, s.project_visible,
             p.id, p.tenant_id, p.name, p.created_at, p.version
        FROM ",
@@ -171,6 +171,8 @@ const PROJECT_READ: [&str; 3] = crate::with_standing!(
                            AND p.deleted_at IS NULL"
 );
 
+/// One live project of the caller's tenant, if the caller may read it:
+/// the authorisation and the read are one statement (the hot read).
 pub async fn project_get(
     conn: &mut sqlx::PgConnection,
     principal: &Principal,

@@ -345,12 +345,35 @@ pub async fn account_delete(
     request: AccountDeleteRequest,
 ) -> Result<(), AuthError> {
     let user = principal.user_session()?;
+    // The password first, holding no lock (hashing is slow).
     let stored: Option<String> =
+        sqlx::query_scalar("SELECT password_hash FROM users WHERE id = $1")
+            .bind(user.user_id)
+            .fetch_optional(tx.conn())
+            .await?;
+    if !password::verify(request.current_password, stored.clone()).await? {
+        return Err(AuthError::WrongPassword);
+    }
+    // Then the rows the delete cascades to, in the order a refresh locks
+    // them (refresh token, then session), before the user row that a
+    // refresh's insert waits on: a refresh running now either finishes
+    // first or finds its rows gone, and neither waits on the other in a
+    // cycle.
+    sqlx::query("SELECT FROM refresh_tokens WHERE user_id = $1 ORDER BY id FOR UPDATE")
+        .bind(user.user_id)
+        .execute(tx.conn())
+        .await?;
+    sqlx::query("SELECT FROM sessions WHERE user_id = $1 ORDER BY id FOR UPDATE")
+        .bind(user.user_id)
+        .execute(tx.conn())
+        .await?;
+    let locked: Option<String> =
         sqlx::query_scalar("SELECT password_hash FROM users WHERE id = $1 FOR UPDATE")
             .bind(user.user_id)
             .fetch_optional(tx.conn())
             .await?;
-    if !password::verify(request.current_password, stored).await? {
+    if locked.is_none() || locked != stored {
+        // Changed (or gone) while the password was being checked.
         return Err(AuthError::WrongPassword);
     }
     // The user's memberships and every owner of their tenants, locked in
@@ -394,9 +417,15 @@ pub async fn account_delete(
             serde_json::json!({ "user_id": user.user_id, "left": true, "account_deleted": true }),
         ));
         if *tenant_id != principal.tenant_id {
+            // Named as this tenant knows them, not by the tenant they
+            // were signed in to.
             tx.audit(
                 Audit::new("user.delete", Some(*tenant_id), name)
-                    .with_details(serde_json::json!({ "role": role })),
+                    .with_details(serde_json::json!({ "role": role }))
+                    .by(Actor::User {
+                        user_id: user.user_id,
+                        tenant_id: *tenant_id,
+                    }),
             );
         }
     }

@@ -55,6 +55,11 @@ impl Db {
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(std::time::Duration::from_secs(config.acquire_timeout_secs))
+            // sqlx already checks each connection when it comes back to the
+            // pool; checking it again on the way out would cost every
+            // request one more round trip. A connection that died while
+            // idle fails one query, which then fails that request.
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         Ok(Self { pool })
@@ -77,7 +82,8 @@ impl Db {
     }
 
     /// Begins a system transaction that sees every tenant. Use only from
-    /// the worker and from agent-facing endpoints.
+    /// the worker, agent-facing and operator endpoints, and for a user's
+    /// own account, which spans tenants (account deletion).
     pub async fn begin_system(&self, meta: RequestMeta) -> Result<WriteTx, DbError> {
         WriteTx::begin(&self.pool, meta, Scope::System).await
     }
@@ -86,7 +92,7 @@ impl Db {
     /// domain change and so has no audit row: outbox fan-out and delivery
     /// state. Domain changes use [`Db::begin_system`].
     pub async fn begin_bookkeeping(&self) -> Result<PgTransaction, DbError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = tx::begin_detached(&self.pool, "BEGIN".to_owned()).await?;
         sqlx::query("SET LOCAL ROLE keel_system")
             .execute(&mut *tx)
             .await?;

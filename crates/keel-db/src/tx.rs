@@ -93,6 +93,9 @@ pub struct Audit {
     pub resource: ResourceName,
     pub tenant_id: Option<TenantId>,
     pub details: serde_json::Value,
+    /// Who the row names, when not the transaction's actor (a change that
+    /// spans tenants names the actor as each tenant knows it).
+    pub actor: Option<Actor>,
 }
 
 impl Audit {
@@ -102,7 +105,13 @@ impl Audit {
             resource,
             tenant_id,
             details: serde_json::Value::Object(Default::default()),
+            actor: None,
         }
+    }
+
+    pub fn by(mut self, actor: Actor) -> Self {
+        self.actor = Some(actor);
+        self
     }
 
     pub fn with_details(mut self, details: impl Serialize) -> Self {
@@ -130,21 +139,44 @@ pub struct WriteTx {
 }
 
 /// `BEGIN` and the scope's settings as one simple query: one round trip
-/// instead of two, on every transaction the api opens. Formatting values
-/// into SQL is safe here only because they are typed UUIDs, whose text is
-/// hex digits and hyphens.
+/// instead of two, on every transaction the api opens. Every scope sets
+/// every setting (and the role back to the login role), so nothing of an
+/// earlier transaction on the connection can carry over. Nothing in it can
+/// fail once `BEGIN` ran (a failure would leave the connection inside an
+/// aborted transaction that sqlx does not know of). Formatting values into
+/// SQL is safe here only because they are typed UUIDs, whose text is hex
+/// digits and hyphens.
 fn begin_statement(scope: Scope) -> String {
-    match scope {
-        Scope::Tenant { tenant_id, user_id } => format!(
-            "BEGIN; SELECT set_config('keel.tenant_id', '{tenant_id}', true), \
-             set_config('keel.user_id', '{}', true)",
-            user_id.map(|user| user.to_string()).unwrap_or_default()
+    let (tenant, user) = match scope {
+        Scope::Tenant { tenant_id, user_id } => (
+            tenant_id.to_string(),
+            user_id.map(|user| user.to_string()).unwrap_or_default(),
         ),
-        Scope::User { user_id } => {
-            format!("BEGIN; SELECT set_config('keel.user_id', '{user_id}', true)")
-        }
-        Scope::System => "BEGIN; SET LOCAL ROLE keel_system".to_owned(),
-    }
+        Scope::User { user_id } => (String::new(), user_id.to_string()),
+        Scope::System => (String::new(), String::new()),
+    };
+    format!(
+        "BEGIN; SET LOCAL ROLE NONE; \
+         SELECT set_config('keel.tenant_id', '{tenant}', true), set_config('keel.user_id', '{user}', true)"
+    )
+}
+
+/// Begins a transaction with `statement` in a task of its own. sqlx
+/// 0.9.0's begin is not cancel-safe on Postgres (transact-rs/sqlx#4393,
+/// fixed upstream but not released): a request dropped while `BEGIN` is in
+/// flight would hand its connection back to the pool inside an open
+/// transaction, and the next borrower would run in it. The task runs to
+/// the end even when the request is gone; its transaction is then dropped
+/// normally, which rolls it back.
+pub(crate) async fn begin_detached(
+    pool: &PgPool,
+    statement: String,
+) -> Result<PgTransaction, DbError> {
+    let pool = pool.clone();
+    tokio::spawn(async move { pool.begin_with(AssertSqlSafe(statement)).await })
+        .await
+        .map_err(|_| DbError::Sqlx(sqlx::Error::BeginFailed))?
+        .map_err(DbError::from)
 }
 
 impl WriteTx {
@@ -153,9 +185,14 @@ impl WriteTx {
         meta: RequestMeta,
         scope: Scope,
     ) -> Result<Self, DbError> {
-        let tx = pool
-            .begin_with(AssertSqlSafe(begin_statement(scope)))
-            .await?;
+        let mut tx = begin_detached(pool, begin_statement(scope)).await?;
+        if scope == Scope::System {
+            // Apart from the one-query begin: it can fail (a missing grant),
+            // and inside sqlx's transaction a failure rolls back.
+            sqlx::query("SET LOCAL ROLE keel_system")
+                .execute(&mut *tx)
+                .await?;
+        }
         Ok(Self {
             tx: Some(tx),
             meta,
@@ -227,21 +264,20 @@ impl WriteTx {
         let mut audits = std::mem::take(&mut self.audits);
         audits.push(audit);
         let events = std::mem::take(&mut self.events);
-        let actor_detail =
-            serde_json::to_value(&self.meta.actor).unwrap_or(serde_json::Value::Null);
-        let actor_label = self.meta.actor.label();
         let request_id = self.meta.request_id.clone();
         let traceparent = self.meta.traceparent.clone();
         // On an error below, dropping `self` hands a lent transaction back
         // to the idempotency layer (see `Drop`).
         for audit in &audits {
+            let actor = audit.actor.as_ref().unwrap_or(&self.meta.actor);
+            let actor_detail = serde_json::to_value(actor).unwrap_or(serde_json::Value::Null);
             sqlx::query(
                 "INSERT INTO audit_log (id, tenant_id, actor, actor_detail, action, resource, request_id, outcome, details)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, 'success', $8)",
             )
             .bind(Uuid::now_v7())
             .bind(audit.tenant_id)
-            .bind(&actor_label)
+            .bind(actor.label())
             .bind(&actor_detail)
             .bind(audit.action)
             .bind(audit.resource.as_str())

@@ -354,3 +354,57 @@ async fn a_transaction_can_change_only_the_user_it_acts_as_and_delete_none() {
         .rows_affected();
     assert_eq!(deleted, 0, "no user deleted outside a system transaction");
 }
+
+#[tokio::test]
+async fn a_begin_dropped_midway_leaves_no_transaction_on_its_connection() {
+    use std::future::Future;
+    use std::task::Poll;
+
+    let test = keel_testing::test_db().await;
+    let (acme, _) = create_tenant(&test.db, "acme").await;
+    // One connection, so the next query must get the one the begin had.
+    let mut config = test.config();
+    config.max_connections = 1;
+    let db = keel_db::Db::connect(&config).await.unwrap();
+    let mut admin = test.admin().await;
+    // A request dropped (client gone) after 0, 1, 2, … polls of its begin:
+    // wherever that lands, even between sending BEGIN and reading its
+    // answer, the connection comes back outside any transaction.
+    for polls in 0..300 {
+        {
+            let scope = Scope::Tenant {
+                tenant_id: acme,
+                user_id: None,
+            };
+            let mut begin = std::pin::pin!(db.begin_tenant(meta(), scope));
+            for _ in 0..polls {
+                let ready =
+                    std::future::poll_fn(|cx| Poll::Ready(begin.as_mut().poll(cx).is_ready()))
+                        .await;
+                if ready {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+        // Hold the one connection and ask Postgres, from outside, what
+        // state its session is in.
+        let mut conn = db.pool().acquire().await.unwrap();
+        let (pid, tenant): (i32, Option<String>) = sqlx::query_as(
+            "SELECT pg_backend_pid(), NULLIF(current_setting('keel.tenant_id', true), '')",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        let state: String = sqlx::query_scalar("SELECT state FROM pg_stat_activity WHERE pid = $1")
+            .bind(pid)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+        drop(conn);
+        assert!(
+            state == "idle" && tenant.is_none(),
+            "after {polls} polls: the session is {state}, tenant {tenant:?}"
+        );
+    }
+}

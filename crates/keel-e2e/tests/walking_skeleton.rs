@@ -234,7 +234,7 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
     assert_eq!(retried.id, created.id);
     let id = created.id.to_string();
 
-    eventually("the allocation to be running", &logs, || async {
+    let running = eventually("the allocation to be running", &logs, || async {
         let allocation = allocations_api::allocation_get(&tenant, &project, &id)
             .await
             .ok()?;
@@ -244,7 +244,7 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
             "{:?}",
             allocation.failure_reason
         );
-        (allocation.state == AllocationState::Running).then_some(())
+        (allocation.state == AllocationState::Running).then_some(allocation)
     })
     .await;
     let pid_file = agent_state.join("workloads").join(&id).join("pid");
@@ -257,7 +257,9 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
         "the workload process runs on the host while running"
     );
 
-    let terminating = allocations_api::allocation_terminate(&tenant, &project, &id)
+    // Terminate the allocation as last seen (If-Match: its version).
+    let seen = format!("\"{}\"", running.version);
+    let terminating = allocations_api::allocation_terminate(&tenant, &project, &id, Some(&seen))
         .await
         .unwrap();
     assert_eq!(terminating.state, AllocationState::Terminating);

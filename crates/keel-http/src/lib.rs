@@ -16,7 +16,7 @@ pub mod tls;
 
 pub use error::{ApiError, ErrorBody, FieldError};
 pub use extract::{Json, Path, Query};
-pub use precondition::{IfMatch, etag};
+pub use precondition::{IfMatch, Tagged, etag};
 pub use request_id::{REQUEST_ID_HEADER, RequestId, TraceParent, request_id_layer};
 
 /// Fallback for unknown routes: a 404 in the envelope.

@@ -16,6 +16,17 @@ pub fn etag(version: i64) -> (axum::http::HeaderName, HeaderValue) {
     (ETAG, value)
 }
 
+/// A JSON response carrying the resource's version as its `ETag`: what
+/// every read and write of a mutable resource answers with.
+#[derive(Clone, Debug)]
+pub struct Tagged<T>(pub i64, pub T);
+
+impl<T: serde::Serialize> axum::response::IntoResponse for Tagged<T> {
+    fn into_response(self) -> axum::response::Response {
+        ([etag(self.0)], axum::Json(self.1)).into_response()
+    }
+}
+
 /// The version an update expects, from `If-Match` (`"3"` or `W/"3"`);
 /// `None` when the header is absent or `*`. A malformed value is a 400
 /// `invalid_header`.

@@ -18,6 +18,8 @@ pub enum ProvisioningError {
         from: AllocationState,
         action: &'static str,
     },
+    #[error("the allocation changed since the version given in If-Match")]
+    PreconditionFailed,
     #[error(transparent)]
     Auth(#[from] keel_auth::AuthError),
     #[error(transparent)]
@@ -41,6 +43,11 @@ impl From<ProvisioningError> for ApiError {
             ProvisioningError::InvalidTransition { .. } => {
                 ApiError::conflict("invalid_state_transition", error.to_string())
             }
+            ProvisioningError::PreconditionFailed => ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "precondition_failed",
+                error.to_string(),
+            ),
             ProvisioningError::Auth(auth) => auth.into(),
             ProvisioningError::Inventory(inventory) => inventory.into(),
             ProvisioningError::Database(_) | ProvisioningError::Db(_) => ApiError::internal(error),

@@ -10,7 +10,7 @@ use keel_auth::{Ctx, TokenKeys};
 use keel_core::ids::{AllocationId, ProjectId};
 use keel_core::page::{PageParams, Paginated};
 use keel_db::Db;
-use keel_http::{ApiError, ErrorBody, Json, Path, Query};
+use keel_http::{ApiError, ErrorBody, IfMatch, Json, Path, Query, Tagged};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -42,7 +42,7 @@ where
     request_body = NewAllocation,
     security(("bearer" = [])),
     responses(
-        (status = 202, description = "Accepted; watch `state`", body = AllocationView),
+        (status = 202, description = "Accepted; watch `state`. `ETag` carries its version", body = AllocationView),
         (status = 400, description = "`invalid_json` or `invalid_path`", body = ErrorBody),
         (status = 401, description = "`unauthenticated`", body = ErrorBody),
         (status = 403, description = "`forbidden`", body = ErrorBody),
@@ -54,7 +54,7 @@ async fn allocation_create(
     ctx: Ctx,
     Path(project_id): Path<ProjectId>,
     Json(new): Json<NewAllocation>,
-) -> Result<(StatusCode, Json<AllocationView>), ApiError> {
+) -> Result<(StatusCode, Tagged<AllocationView>), ApiError> {
     let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
     let project = authorize_project(
         tx.conn(),
@@ -65,7 +65,10 @@ async fn allocation_create(
     .await
     .map_err(ProvisioningError::from)?;
     let allocation = service::allocation_create(tx, &project, new).await?;
-    Ok((StatusCode::ACCEPTED, Json(allocation.into())))
+    Ok((
+        StatusCode::ACCEPTED,
+        Tagged(allocation.version, allocation.into()),
+    ))
 }
 
 /// List the project's allocations (terminated ones are left out).
@@ -114,7 +117,7 @@ async fn allocation_list(
     ),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "The allocation", body = AllocationView),
+        (status = 200, description = "The allocation; `ETag` carries its version", body = AllocationView),
         (status = 400, description = "`invalid_path`", body = ErrorBody),
         (status = 401, description = "`unauthenticated`", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
@@ -123,7 +126,7 @@ async fn allocation_list(
 async fn allocation_get(
     ctx: Ctx,
     Path((project_id, allocation_id)): Path<(ProjectId, AllocationId)>,
-) -> Result<Json<AllocationView>, ApiError> {
+) -> Result<Tagged<AllocationView>, ApiError> {
     let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
     let project = authorize_project(
         tx.conn(),
@@ -134,11 +137,13 @@ async fn allocation_get(
     .await
     .map_err(ProvisioningError::from)?;
     let allocation = service::allocation_get(tx.conn(), &project, allocation_id).await?;
-    Ok(Json(allocation.into()))
+    Ok(Tagged(allocation.version, allocation.into()))
 }
 
 /// Terminate an allocation: it moves to `terminating`, its workload is
 /// stopped on the host, then it is `terminated` and its capacity released.
+/// Send the `ETag` you read as `If-Match` to terminate only the allocation
+/// as you last saw it.
 #[utoipa::path(
     post,
     path = "/v1/projects/{project_id}/allocations/{allocation_id}/terminate",
@@ -147,21 +152,24 @@ async fn allocation_get(
     params(
         ("project_id" = ProjectId, Path, description = "The project"),
         ("allocation_id" = AllocationId, Path, description = "The allocation"),
+        ("If-Match" = Option<String>, Header, description = "The `ETag` the termination is based on"),
     ),
     security(("bearer" = [])),
     responses(
-        (status = 202, description = "Accepted; watch `state`", body = AllocationView),
-        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 202, description = "Accepted; watch `state`. `ETag` carries the new version", body = AllocationView),
+        (status = 400, description = "`invalid_path` or `invalid_header`", body = ErrorBody),
         (status = 401, description = "`unauthenticated`", body = ErrorBody),
         (status = 403, description = "`forbidden`", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
         (status = 409, description = "`invalid_state_transition`: already terminated", body = ErrorBody),
+        (status = 412, description = "`precondition_failed`: it changed since that `ETag`", body = ErrorBody),
     )
 )]
 async fn allocation_terminate(
     ctx: Ctx,
     Path((project_id, allocation_id)): Path<(ProjectId, AllocationId)>,
-) -> Result<(StatusCode, Json<AllocationView>), ApiError> {
+    IfMatch(expected): IfMatch,
+) -> Result<(StatusCode, Tagged<AllocationView>), ApiError> {
     let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
     let project = authorize_project(
         tx.conn(),
@@ -171,6 +179,9 @@ async fn allocation_terminate(
     )
     .await
     .map_err(ProvisioningError::from)?;
-    let allocation = service::allocation_terminate(tx, &project, allocation_id).await?;
-    Ok((StatusCode::ACCEPTED, Json(allocation.into())))
+    let allocation = service::allocation_terminate(tx, &project, allocation_id, expected).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Tagged(allocation.version, allocation.into()),
+    ))
 }

@@ -247,11 +247,15 @@ pub async fn allocation_terminate(
     mut tx: WriteTx,
     project: &ProjectHandle,
     id: AllocationId,
+    expected_version: Option<i64>,
 ) -> Result<Allocation, ProvisioningError> {
     let current = allocation_get(tx.conn(), project, id).await?;
     let current = allocation_lock(tx.conn(), current.id)
         .await?
         .ok_or(ProvisioningError::NotFound)?;
+    if expected_version.is_some_and(|version| version != current.version) {
+        return Err(ProvisioningError::PreconditionFailed);
+    }
     if current.state() == AllocationState::Terminating {
         return Ok(current);
     }

@@ -54,6 +54,7 @@ pub enum AllocationTerminateError {
     Status403(models::ErrorBody),
     Status404(models::ErrorBody),
     Status409(models::ErrorBody),
+    Status412(models::ErrorBody),
     UnknownValue(serde_json::Value),
 }
 
@@ -234,10 +235,12 @@ pub async fn allocation_terminate(
     configuration: &configuration::Configuration,
     project_id: &str,
     allocation_id: &str,
+    if_match: Option<&str>,
 ) -> Result<models::AllocationView, Error<AllocationTerminateError>> {
     // add a prefix to parameters to efficiently prevent name collisions
     let p_path_project_id = project_id;
     let p_path_allocation_id = allocation_id;
+    let p_header_if_match = if_match;
 
     let uri_str = format!(
         "{}/v1/projects/{project_id}/allocations/{allocation_id}/terminate",
@@ -251,6 +254,9 @@ pub async fn allocation_terminate(
 
     if let Some(ref user_agent) = configuration.user_agent {
         req_builder = req_builder.header(reqwest::header::USER_AGENT, user_agent.clone());
+    }
+    if let Some(param_value) = p_header_if_match {
+        req_builder = req_builder.header("If-Match", param_value.to_string());
     }
     if let Some(ref token) = configuration.bearer_access_token {
         req_builder = req_builder.bearer_auth(token.to_owned());

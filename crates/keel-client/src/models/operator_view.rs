@@ -23,6 +23,9 @@ pub struct OperatorView {
     /// A platform operator.
     #[serde(rename = "id")]
     pub id: uuid::Uuid,
+    /// `krn:keel::::operator/{id}`.
+    #[serde(rename = "resource_name")]
+    pub resource_name: String,
     #[serde(rename = "role")]
     pub role: models::PlatformRole,
 }
@@ -34,6 +37,7 @@ impl OperatorView {
         disabled: bool,
         email: String,
         id: uuid::Uuid,
+        resource_name: String,
         role: models::PlatformRole,
     ) -> OperatorView {
         OperatorView {
@@ -41,6 +45,7 @@ impl OperatorView {
             disabled,
             email,
             id,
+            resource_name,
             role,
         }
     }

@@ -25,6 +25,9 @@ pub struct PaginatedTenantSummaryItemsInner {
     pub name: String,
     #[serde(rename = "projects")]
     pub projects: i64,
+    /// `krn:keel::{tenant}::tenant/{tenant}`.
+    #[serde(rename = "resource_name")]
+    pub resource_name: String,
 }
 
 impl PaginatedTenantSummaryItemsInner {
@@ -35,6 +38,7 @@ impl PaginatedTenantSummaryItemsInner {
         members: i64,
         name: String,
         projects: i64,
+        resource_name: String,
     ) -> PaginatedTenantSummaryItemsInner {
         PaginatedTenantSummaryItemsInner {
             created_at,
@@ -42,6 +46,7 @@ impl PaginatedTenantSummaryItemsInner {
             members,
             name,
             projects,
+            resource_name,
         }
     }
 }

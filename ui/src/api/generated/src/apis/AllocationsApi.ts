@@ -84,6 +84,10 @@ export interface AllocationTerminateRequest {
      * The allocation
      */
     allocationId: string;
+    /**
+     * The `ETag` the termination is based on
+     */
+    ifMatch?: string | null;
 }
 
 /**
@@ -176,6 +180,7 @@ export interface AllocationsApiInterface {
      * Creates request options for allocationTerminate without sending the request
      * @param {string} projectId The project
      * @param {string} allocationId The allocation
+     * @param {string} [ifMatch] The &#x60;ETag&#x60; the termination is based on
      * @throws {RequiredError}
      * @memberof AllocationsApiInterface
      */
@@ -183,9 +188,10 @@ export interface AllocationsApiInterface {
 
     /**
      * 
-     * @summary Terminate an allocation: it moves to `terminating`, its workload is stopped on the host, then it is `terminated` and its capacity released.
+     * @summary Terminate an allocation: it moves to `terminating`, its workload is stopped on the host, then it is `terminated` and its capacity released. Send the `ETag` you read as `If-Match` to terminate only the allocation as you last saw it.
      * @param {string} projectId The project
      * @param {string} allocationId The allocation
+     * @param {string} [ifMatch] The &#x60;ETag&#x60; the termination is based on
      * @param {*} [options] Override http request option.
      * @throws {RequiredError}
      * @memberof AllocationsApiInterface
@@ -193,7 +199,7 @@ export interface AllocationsApiInterface {
     allocationTerminateRaw(requestParameters: AllocationTerminateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<AllocationView>>;
 
     /**
-     * Terminate an allocation: it moves to `terminating`, its workload is stopped on the host, then it is `terminated` and its capacity released.
+     * Terminate an allocation: it moves to `terminating`, its workload is stopped on the host, then it is `terminated` and its capacity released. Send the `ETag` you read as `If-Match` to terminate only the allocation as you last saw it.
      */
     allocationTerminate(requestParameters: AllocationTerminateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AllocationView>;
 
@@ -415,6 +421,10 @@ export class AllocationsApi extends runtime.BaseAPI implements AllocationsApiInt
 
         const headerParameters: runtime.HTTPHeaders = {};
 
+        if (requestParameters['ifMatch'] != null) {
+            headerParameters['If-Match'] = String(requestParameters['ifMatch']);
+        }
+
         if (this.configuration && this.configuration.accessToken) {
             const token = this.configuration.accessToken;
             const tokenString = await token("bearer", []);
@@ -437,7 +447,7 @@ export class AllocationsApi extends runtime.BaseAPI implements AllocationsApiInt
     }
 
     /**
-     * Terminate an allocation: it moves to `terminating`, its workload is stopped on the host, then it is `terminated` and its capacity released.
+     * Terminate an allocation: it moves to `terminating`, its workload is stopped on the host, then it is `terminated` and its capacity released. Send the `ETag` you read as `If-Match` to terminate only the allocation as you last saw it.
      */
     async allocationTerminateRaw(requestParameters: AllocationTerminateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<AllocationView>> {
         const requestOptions = await this.allocationTerminateRequestOpts(requestParameters);
@@ -447,7 +457,7 @@ export class AllocationsApi extends runtime.BaseAPI implements AllocationsApiInt
     }
 
     /**
-     * Terminate an allocation: it moves to `terminating`, its workload is stopped on the host, then it is `terminated` and its capacity released.
+     * Terminate an allocation: it moves to `terminating`, its workload is stopped on the host, then it is `terminated` and its capacity released. Send the `ETag` you read as `If-Match` to terminate only the allocation as you last saw it.
      */
     async allocationTerminate(requestParameters: AllocationTerminateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AllocationView> {
         const response = await this.allocationTerminateRaw(requestParameters, initOverrides);

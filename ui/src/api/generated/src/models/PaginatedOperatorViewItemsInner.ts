@@ -44,6 +44,10 @@ export interface PaginatedOperatorViewItemsInner {
      */
     id: string;
     /**
+     * `krn:keel::::operator/{id}`.
+     */
+    resourceName: string;
+    /**
      * 
      */
     role: PlatformRole;
@@ -59,6 +63,7 @@ export function instanceOfPaginatedOperatorViewItemsInner(value: object): value 
     if (!('disabled' in value) || value['disabled'] === undefined) return false;
     if (!('email' in value) || value['email'] === undefined) return false;
     if (!('id' in value) || value['id'] === undefined) return false;
+    if ((!('resourceName' in (value as Record<string, any>)) && !('resource_name' in (value as Record<string, any>))) || ((value as Record<string, any>)['resourceName'] === undefined && (value as Record<string, any>)['resource_name'] === undefined)) return false;
     if (!('role' in value) || value['role'] === undefined) return false;
     return true;
 }
@@ -77,6 +82,7 @@ export function PaginatedOperatorViewItemsInnerFromJSONTyped(json: any, ignoreDi
         'disabled': json['disabled'],
         'email': json['email'],
         'id': json['id'],
+        'resourceName': json['resource_name'],
         'role': PlatformRoleFromJSON(json['role']),
     };
 }
@@ -96,6 +102,7 @@ export function PaginatedOperatorViewItemsInnerToJSONTyped(value?: PaginatedOper
         'disabled': value['disabled'],
         'email': value['email'],
         'id': value['id'],
+        'resource_name': value['resourceName'],
         'role': PlatformRoleToJSON(value['role']),
     };
 }

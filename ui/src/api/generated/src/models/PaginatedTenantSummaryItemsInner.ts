@@ -39,6 +39,10 @@ export interface PaginatedTenantSummaryItemsInner {
      * 
      */
     projects: number;
+    /**
+     * `krn:keel::{tenant}::tenant/{tenant}`.
+     */
+    resourceName: string;
 }
 
 /**
@@ -50,6 +54,7 @@ export function instanceOfPaginatedTenantSummaryItemsInner(value: object): value
     if (!('members' in value) || value['members'] === undefined) return false;
     if (!('name' in value) || value['name'] === undefined) return false;
     if (!('projects' in value) || value['projects'] === undefined) return false;
+    if ((!('resourceName' in (value as Record<string, any>)) && !('resource_name' in (value as Record<string, any>))) || ((value as Record<string, any>)['resourceName'] === undefined && (value as Record<string, any>)['resource_name'] === undefined)) return false;
     return true;
 }
 
@@ -68,6 +73,7 @@ export function PaginatedTenantSummaryItemsInnerFromJSONTyped(json: any, ignoreD
         'members': json['members'],
         'name': json['name'],
         'projects': json['projects'],
+        'resourceName': json['resource_name'],
     };
 }
 
@@ -87,6 +93,7 @@ export function PaginatedTenantSummaryItemsInnerToJSONTyped(value?: PaginatedTen
         'members': value['members'],
         'name': value['name'],
         'projects': value['projects'],
+        'resource_name': value['resourceName'],
     };
 }
 

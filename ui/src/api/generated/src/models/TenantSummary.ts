@@ -39,6 +39,10 @@ export interface TenantSummary {
      * 
      */
     projects: number;
+    /**
+     * `krn:keel::{tenant}::tenant/{tenant}`.
+     */
+    resourceName: string;
 }
 
 /**
@@ -50,6 +54,7 @@ export function instanceOfTenantSummary(value: object): value is TenantSummary {
     if (!('members' in value) || value['members'] === undefined) return false;
     if (!('name' in value) || value['name'] === undefined) return false;
     if (!('projects' in value) || value['projects'] === undefined) return false;
+    if ((!('resourceName' in (value as Record<string, any>)) && !('resource_name' in (value as Record<string, any>))) || ((value as Record<string, any>)['resourceName'] === undefined && (value as Record<string, any>)['resource_name'] === undefined)) return false;
     return true;
 }
 
@@ -68,6 +73,7 @@ export function TenantSummaryFromJSONTyped(json: any, ignoreDiscriminator: boole
         'members': json['members'],
         'name': json['name'],
         'projects': json['projects'],
+        'resourceName': json['resource_name'],
     };
 }
 
@@ -87,6 +93,7 @@ export function TenantSummaryToJSONTyped(value?: TenantSummary | null, ignoreDis
         'members': value['members'],
         'name': value['name'],
         'projects': value['projects'],
+        'resource_name': value['resourceName'],
     };
 }
 
