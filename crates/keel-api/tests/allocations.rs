@@ -27,6 +27,10 @@ async fn flavors_are_listed_for_a_signed_in_user() {
         .map(|f| f["name"].as_str().unwrap())
         .collect();
     assert!(names.contains(&"cpu.small"), "{names:?}");
+    assert_eq!(
+        flavors.body["items"][0]["resource_name"],
+        format!("krn:keel::::flavor/{}", names[0])
+    );
     app.get("/v1/flavors", None)
         .await
         .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");

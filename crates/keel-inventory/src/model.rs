@@ -1,5 +1,6 @@
 //! Inventory types.
 
+use keel_core::ResourceName;
 use serde::Serialize;
 
 /// A flavor: the size of an allocation.
@@ -18,6 +19,8 @@ pub struct Flavor {
 pub struct FlavorView {
     #[schema(example = "cpu.small")]
     pub name: String,
+    /// `krn:keel::::flavor/{name}`: flavors belong to the platform.
+    pub resource_name: String,
     pub vcpus: i32,
     pub memory_mib: i32,
     /// GPU model, e.g. `nvidia-a100`; `null` for CPU-only flavors.
@@ -29,6 +32,7 @@ pub struct FlavorView {
 impl From<Flavor> for FlavorView {
     fn from(flavor: Flavor) -> Self {
         Self {
+            resource_name: ResourceName::new(None, None, None, "flavor", &flavor.name).to_string(),
             name: flavor.name,
             vcpus: flavor.vcpus,
             memory_mib: flavor.memory_mib,

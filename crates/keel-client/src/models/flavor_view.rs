@@ -30,6 +30,9 @@ pub struct FlavorView {
     pub memory_mib: i32,
     #[serde(rename = "name")]
     pub name: String,
+    /// `krn:keel::::flavor/{name}`: flavors belong to the platform.
+    #[serde(rename = "resource_name")]
+    pub resource_name: String,
     #[serde(rename = "vcpus")]
     pub vcpus: i32,
 }
@@ -41,6 +44,7 @@ impl FlavorView {
         gpu_count: i32,
         memory_mib: i32,
         name: String,
+        resource_name: String,
         vcpus: i32,
     ) -> FlavorView {
         FlavorView {
@@ -49,6 +53,7 @@ impl FlavorView {
             gpu_model: None,
             memory_mib,
             name,
+            resource_name,
             vcpus,
         }
     }

@@ -40,6 +40,10 @@ export interface FlavorView {
      */
     name: string;
     /**
+     * `krn:keel::::flavor/{name}`: flavors belong to the platform.
+     */
+    resourceName: string;
+    /**
      * 
      */
     vcpus: number;
@@ -53,6 +57,7 @@ export function instanceOfFlavorView(value: object): value is FlavorView {
     if ((!('gpuCount' in (value as Record<string, any>)) && !('gpu_count' in (value as Record<string, any>))) || ((value as Record<string, any>)['gpuCount'] === undefined && (value as Record<string, any>)['gpu_count'] === undefined)) return false;
     if ((!('memoryMib' in (value as Record<string, any>)) && !('memory_mib' in (value as Record<string, any>))) || ((value as Record<string, any>)['memoryMib'] === undefined && (value as Record<string, any>)['memory_mib'] === undefined)) return false;
     if (!('name' in value) || value['name'] === undefined) return false;
+    if ((!('resourceName' in (value as Record<string, any>)) && !('resource_name' in (value as Record<string, any>))) || ((value as Record<string, any>)['resourceName'] === undefined && (value as Record<string, any>)['resource_name'] === undefined)) return false;
     if (!('vcpus' in value) || value['vcpus'] === undefined) return false;
     return true;
 }
@@ -72,6 +77,7 @@ export function FlavorViewFromJSONTyped(json: any, ignoreDiscriminator: boolean)
         'gpuModel': json['gpu_model'] === undefined ? undefined : json['gpu_model'] === null ? null : json['gpu_model'],
         'memoryMib': json['memory_mib'],
         'name': json['name'],
+        'resourceName': json['resource_name'],
         'vcpus': json['vcpus'],
     };
 }
@@ -92,6 +98,7 @@ export function FlavorViewToJSONTyped(value?: FlavorView | null, ignoreDiscrimin
         'gpu_model': value['gpuModel'],
         'memory_mib': value['memoryMib'],
         'name': value['name'],
+        'resource_name': value['resourceName'],
         'vcpus': value['vcpus'],
     };
 }
