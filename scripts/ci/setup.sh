@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepares a fresh Debian machine for the tests: installs what is missing
-# (Postgres, psql, curl, Java, OpenAPI Generator) and starts Postgres on
+# (Postgres, psql, curl, Java, OpenAPI Generator, moto) and starts Postgres on
 # 127.0.0.1:5432 with password-less local access for `postgres`.
 set -euo pipefail
 
@@ -16,6 +16,9 @@ fi
 
 # OpenAPI Generator (the jar ships inside the PyPI package; runs offline).
 command -v openapi-generator-cli >/dev/null 2>&1 || python3 -m pip install -q 'openapi-generator-cli==7.26.*'
+
+# moto's server: a real KMS API on 127.0.0.1 for the AWS KMS tests.
+python3 -c 'import moto.server' >/dev/null 2>&1 || python3 -m pip install -q 'moto[server]==5.*'
 
 # Postgres on 127.0.0.1:5432 with trust auth for `postgres`.
 if ! pg_isready -h 127.0.0.1 -p 5432 -q; then

@@ -26,4 +26,6 @@ pub enum KmsError {
     Decrypt,
     #[error("the system's random number generator failed")]
     Random,
+    #[error("the KMS failed: {0}")]
+    Backend(String),
 }

@@ -7,6 +7,7 @@
 //!
 //! - [`Kms`] is the one trait: `generate_data_key` and `decrypt_data_key`,
 //!   the two calls AWS KMS offers for exactly this.
+//! - [`AwsKms`] is AWS KMS through `aws-sdk-kms`.
 //! - [`LocalKms`] keeps its master keys in a file (0600, created on first
 //!   run) for local mode; [`LocalKms::rotate`] adds a master key that wraps
 //!   every new data key while the old ones still unwrap theirs.
@@ -14,6 +15,7 @@
 //!   its envelope, bound to a context string so that one stored secret
 //!   cannot be passed off as another.
 
+mod aws;
 mod crypto;
 pub mod envelope;
 mod error;
@@ -23,6 +25,7 @@ use std::future::Future;
 
 use zeroize::Zeroizing;
 
+pub use aws::{AwsKms, AwsKmsConfig};
 pub use error::KmsError;
 pub use local::LocalKms;
 

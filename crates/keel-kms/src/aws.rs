@@ -1,0 +1,148 @@
+//! AWS KMS through `aws-sdk-kms`: `GenerateDataKey` under one master key,
+//! `Decrypt` naming the master key each envelope records. Rotating means
+//! configuring a new master key (or letting AWS rotate a key's material):
+//! new envelopes name the new key, old ones still name, and open with,
+//! theirs.
+
+use aws_sdk_kms::Client;
+use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_kms::error::DisplayErrorContext;
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::DataKeySpec;
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+use zeroize::Zeroizing;
+
+use crate::{DataKey, Kms, KmsError, WrappedKey};
+
+/// Where the AWS KMS is and which master key wraps new data keys.
+#[derive(Clone)]
+pub struct AwsKmsConfig {
+    pub region: String,
+    /// The master key for new data keys: id, ARN or alias.
+    pub key_id: String,
+    /// Another endpoint than AWS's (a VPC endpoint, or a test server).
+    pub endpoint_url: Option<String>,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: Option<String>,
+}
+
+impl std::fmt::Debug for AwsKmsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsKmsConfig")
+            .field("region", &self.region)
+            .field("key_id", &self.key_id)
+            .field("endpoint_url", &self.endpoint_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Data keys wrapped by AWS KMS.
+pub struct AwsKms {
+    client: Client,
+    key_id: String,
+}
+
+impl AwsKms {
+    pub fn new(config: &AwsKmsConfig) -> Self {
+        Self {
+            client: client(config),
+            key_id: config.key_id.clone(),
+        }
+    }
+
+    /// The SDK client, for set-up steps (creating keys in tests).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// An SDK client on the SDK's hyper client with rustls on ring (the TLS
+/// stack the rest of Keel uses), with the configured credentials.
+pub fn client(config: &AwsKmsConfig) -> Client {
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+        .build_https();
+    let mut builder = aws_sdk_kms::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(config.region.clone()))
+        .http_client(http)
+        .credentials_provider(Credentials::new(
+            config.access_key_id.clone(),
+            config.secret_access_key.clone(),
+            config.session_token.clone(),
+            None,
+            "keel-config",
+        ));
+    if let Some(url) = &config.endpoint_url {
+        builder = builder.endpoint_url(url.clone());
+    }
+    Client::from_conf(builder.build())
+}
+
+fn backend(error: impl std::error::Error) -> KmsError {
+    KmsError::Backend(DisplayErrorContext(error).to_string())
+}
+
+fn key_bytes(plaintext: Option<&Blob>) -> Result<Zeroizing<[u8; 32]>, KmsError> {
+    let bytes = plaintext.ok_or(KmsError::Backend(
+        "AWS KMS returned no plaintext".to_owned(),
+    ))?;
+    let key: [u8; 32] = bytes
+        .as_ref()
+        .try_into()
+        .map_err(|_| KmsError::Backend("AWS KMS returned a key of another size".to_owned()))?;
+    Ok(Zeroizing::new(key))
+}
+
+impl Kms for AwsKms {
+    async fn generate_data_key(&self) -> Result<DataKey, KmsError> {
+        let out = self
+            .client
+            .generate_data_key()
+            .key_id(&self.key_id)
+            .key_spec(DataKeySpec::Aes256)
+            .send()
+            .await
+            .map_err(backend)?;
+        let plaintext = key_bytes(out.plaintext())?;
+        let blob = out
+            .ciphertext_blob()
+            .ok_or(KmsError::Backend(
+                "AWS KMS returned no wrapped key".to_owned(),
+            ))?
+            .as_ref()
+            .to_vec();
+        // The key's ARN, whatever form of id was configured: envelopes
+        // name the exact key that opens them.
+        let key_id = out.key_id().unwrap_or(&self.key_id).to_owned();
+        Ok(DataKey {
+            plaintext,
+            wrapped: WrappedKey { key_id, blob },
+        })
+    }
+
+    async fn decrypt_data_key(
+        &self,
+        wrapped: &WrappedKey,
+    ) -> Result<Zeroizing<[u8; 32]>, KmsError> {
+        let out = self
+            .client
+            .decrypt()
+            .key_id(&wrapped.key_id)
+            .ciphertext_blob(Blob::new(wrapped.blob.clone()))
+            .send()
+            .await
+            .map_err(|error| {
+                if error
+                    .as_service_error()
+                    .is_some_and(|e| e.is_invalid_ciphertext_exception())
+                {
+                    KmsError::Decrypt
+                } else {
+                    backend(error)
+                }
+            })?;
+        key_bytes(out.plaintext())
+    }
+}
