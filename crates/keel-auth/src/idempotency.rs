@@ -77,11 +77,16 @@ fn valid_key(key: &str) -> bool {
     (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
 }
 
-fn request_hash(method: &Method, path: &str, body: &[u8]) -> Vec<u8> {
+/// What makes two requests "the same": method, path with query, the
+/// `If-Match` precondition (a retry with another one is another request)
+/// and the body.
+fn request_hash(method: &Method, path: &str, if_match: &[u8], body: &[u8]) -> Vec<u8> {
     let mut hasher = Sha256::new();
     hasher.update(method.as_str().as_bytes());
     hasher.update(b" ");
     hasher.update(path.as_bytes());
+    hasher.update(b"\nif-match: ");
+    hasher.update(if_match);
     hasher.update(b"\n");
     hasher.update(body);
     hasher.finalize().to_vec()
@@ -182,7 +187,11 @@ where
         .uri
         .path_and_query()
         .map_or_else(|| parts.uri.path().to_owned(), ToString::to_string);
-    let hash = request_hash(&parts.method, &path, &bytes);
+    let if_match = parts
+        .headers
+        .get(header::IF_MATCH)
+        .map_or(&[][..], |value| value.as_bytes());
+    let hash = request_hash(&parts.method, &path, if_match, &bytes);
     let label = principal.idempotency_scope();
 
     let db = Db::from_ref(&state);
@@ -380,10 +389,23 @@ mod tests {
 
     #[test]
     fn the_request_hash_covers_method_path_and_body() {
-        let base = request_hash(&Method::POST, "/v1/projects", b"{}");
-        assert_ne!(base, request_hash(&Method::POST, "/v1/projectz", b"{}"));
-        assert_ne!(base, request_hash(&Method::POST, "/v1/projects", b"{ }"));
-        assert_ne!(base, request_hash(&Method::PUT, "/v1/projects", b"{}"));
-        assert_eq!(base, request_hash(&Method::POST, "/v1/projects", b"{}"));
+        let base = request_hash(&Method::POST, "/v1/projects", b"", b"{}");
+        assert_ne!(
+            base,
+            request_hash(&Method::POST, "/v1/projectz", b"", b"{}")
+        );
+        assert_ne!(
+            base,
+            request_hash(&Method::POST, "/v1/projects", b"", b"{ }")
+        );
+        assert_ne!(base, request_hash(&Method::PUT, "/v1/projects", b"", b"{}"));
+        assert_ne!(
+            base,
+            request_hash(&Method::POST, "/v1/projects", b"\"2\"", b"{}")
+        );
+        assert_eq!(
+            base,
+            request_hash(&Method::POST, "/v1/projects", b"", b"{}")
+        );
     }
 }

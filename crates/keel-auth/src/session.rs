@@ -304,6 +304,12 @@ pub async fn password_change(
         return Err(AuthError::WrongPassword);
     }
     let new_hash = password::hash(request.new_password).await?;
+    // The user's sessions before the user row, as account deletion locks
+    // them: the two never wait on each other in a cycle.
+    sqlx::query("SELECT FROM sessions WHERE user_id = $1 ORDER BY id FOR UPDATE")
+        .bind(user.user_id)
+        .execute(tx.conn())
+        .await?;
     sqlx::query("UPDATE users SET password_hash = $2 WHERE id = $1")
         .bind(user.user_id)
         .bind(&new_hash)

@@ -12,8 +12,9 @@
 //!   user) with `set_config(…, true)`, i.e. for this transaction only, and
 //!   Postgres row-level security hides every other tenant's rows;
 //! - a **system** transaction (`SET LOCAL ROLE keel_system`) sees every
-//!   tenant; only the worker and the agent-facing endpoints use it, and
-//!   their changes are audited under a system or node actor.
+//!   tenant; only the worker, the agent-facing and operator endpoints and
+//!   a user's own account deletion (which spans tenants) use it, and their
+//!   changes are audited under the actor they act for.
 
 mod config;
 mod deferred;

@@ -1,8 +1,12 @@
 //! AWS KMS through `aws-sdk-kms`: `GenerateDataKey` under one master key,
-//! `Decrypt` naming the master key each envelope records. Rotating means
-//! configuring a new master key (or letting AWS rotate a key's material):
-//! new envelopes name the new key, old ones still name, and open with,
-//! theirs.
+//! `Decrypt` naming the master key each envelope records — only if it is
+//! the configured key or a retired one still configured: an envelope
+//! rewritten to name a key someone else controls is refused before AWS is
+//! asked. The caller's context goes along as the encryption context, so
+//! AWS itself binds each data key to what it protects. Rotating means
+//! configuring a new master key and listing the old one as retired (or
+//! letting AWS rotate a key's material): new envelopes name the new key,
+//! old ones still open with theirs.
 
 use aws_sdk_kms::Client;
 use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
@@ -18,8 +22,10 @@ use crate::{DataKey, Kms, KmsError, WrappedKey};
 #[derive(Clone)]
 pub struct AwsKmsConfig {
     pub region: String,
-    /// The master key for new data keys: id, ARN or alias.
+    /// The master key for new data keys: a key id or key ARN.
     pub key_id: String,
+    /// Earlier master keys (ids or ARNs) whose envelopes must still open.
+    pub retired_key_ids: Vec<String>,
     /// Another endpoint than AWS's (a VPC endpoint, or a test server).
     pub endpoint_url: Option<String>,
     pub access_key_id: String,
@@ -32,6 +38,7 @@ impl std::fmt::Debug for AwsKmsConfig {
         f.debug_struct("AwsKmsConfig")
             .field("region", &self.region)
             .field("key_id", &self.key_id)
+            .field("retired_key_ids", &self.retired_key_ids)
             .field("endpoint_url", &self.endpoint_url)
             .finish_non_exhaustive()
     }
@@ -41,14 +48,30 @@ impl std::fmt::Debug for AwsKmsConfig {
 pub struct AwsKms {
     client: Client,
     key_id: String,
+    /// Every master key an envelope may name: the current and retired ones.
+    allowed: Vec<String>,
 }
+
+/// The encryption-context entry that carries the caller's context.
+const CONTEXT_KEY: &str = "keel:context";
 
 impl AwsKms {
     pub fn new(config: &AwsKmsConfig) -> Self {
+        let mut allowed = vec![config.key_id.clone()];
+        allowed.extend(config.retired_key_ids.iter().cloned());
         Self {
             client: client(config),
             key_id: config.key_id.clone(),
+            allowed,
         }
+    }
+
+    /// Whether `named` (the ARN an envelope records) is one of the
+    /// configured keys, given as an id or an ARN.
+    fn allows(&self, named: &str) -> bool {
+        self.allowed
+            .iter()
+            .any(|key| named == key || named.rsplit_once(":key/").is_some_and(|(_, id)| id == key))
     }
 
     /// The SDK client, for set-up steps (creating keys in tests).
@@ -96,12 +119,13 @@ fn key_bytes(plaintext: Option<&Blob>) -> Result<Zeroizing<[u8; 32]>, KmsError> 
 }
 
 impl Kms for AwsKms {
-    async fn generate_data_key(&self) -> Result<DataKey, KmsError> {
+    async fn generate_data_key(&self, context: &str) -> Result<DataKey, KmsError> {
         let out = self
             .client
             .generate_data_key()
             .key_id(&self.key_id)
             .key_spec(DataKeySpec::Aes256)
+            .encryption_context(CONTEXT_KEY, context)
             .send()
             .await
             .map_err(backend)?;
@@ -125,11 +149,16 @@ impl Kms for AwsKms {
     async fn decrypt_data_key(
         &self,
         wrapped: &WrappedKey,
+        context: &str,
     ) -> Result<Zeroizing<[u8; 32]>, KmsError> {
+        if !self.allows(&wrapped.key_id) {
+            return Err(KmsError::ForeignMasterKey(wrapped.key_id.clone()));
+        }
         let out = self
             .client
             .decrypt()
             .key_id(&wrapped.key_id)
+            .encryption_context(CONTEXT_KEY, context)
             .ciphertext_blob(Blob::new(wrapped.blob.clone()))
             .send()
             .await

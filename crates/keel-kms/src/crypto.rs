@@ -37,7 +37,7 @@ pub(crate) fn seal(key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u
             Aad::from(aad),
             &mut body,
         )
-        .map_err(|_| KmsError::Random)?;
+        .map_err(|_| KmsError::Seal)?;
     out.extend_from_slice(&body);
     Ok(out)
 }

@@ -7,8 +7,9 @@
 //! Each seal asks the KMS for a new data key, so a master-key rotation
 //! applies to every write after it, and every envelope names the master
 //! key that opens it. The context (e.g. `keel/pki/node-ca.key`) is the
-//! AES-GCM associated data: an envelope opened under another context fails,
-//! so one stored secret cannot be swapped in for another.
+//! AES-GCM associated data and is bound to the wrapped data key by the KMS
+//! too: an envelope opened under another context fails, so one stored
+//! secret cannot be swapped in for another.
 
 use zeroize::Zeroizing;
 
@@ -18,7 +19,7 @@ const MAGIC: &[u8; 4] = b"KEV1";
 
 /// Encrypts `secret` under a new data key and returns the envelope.
 pub async fn seal<K: Kms>(kms: &K, context: &str, secret: &[u8]) -> Result<Vec<u8>, KmsError> {
-    let data_key = kms.generate_data_key().await?;
+    let data_key = kms.generate_data_key(context).await?;
     let key_id = data_key.wrapped.key_id.as_bytes();
     let key_id_len = u8::try_from(key_id.len()).map_err(|_| KmsError::Malformed("key id"))?;
     let blob = &data_key.wrapped.blob;
@@ -41,7 +42,7 @@ pub async fn open<K: Kms>(
     envelope: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, KmsError> {
     let (wrapped, body) = parse(envelope)?;
-    let data_key = kms.decrypt_data_key(&wrapped).await?;
+    let data_key = kms.decrypt_data_key(&wrapped, context).await?;
     crypto::open(&data_key, context.as_bytes(), body)
 }
 

@@ -26,6 +26,10 @@ pub enum KmsError {
     Decrypt,
     #[error("the system's random number generator failed")]
     Random,
+    #[error("the secret could not be encrypted")]
+    Seal,
+    #[error("the envelope names master key `{0}`, which is not one this KMS is configured to use")]
+    ForeignMasterKey(String),
     #[error("the KMS failed: {0}")]
     Backend(String),
 }

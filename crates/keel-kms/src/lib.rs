@@ -45,15 +45,21 @@ pub struct DataKey {
 }
 
 /// A key management service that wraps data keys under master keys it
-/// never lets out.
+/// never lets out. `context` names what the data key protects (e.g.
+/// `keel/pki/node-ca.key`): a data key wrapped for one context never
+/// unwraps for another.
 pub trait Kms: Send + Sync {
     /// A new 256-bit data key, wrapped under the current master key.
-    fn generate_data_key(&self) -> impl Future<Output = Result<DataKey, KmsError>> + Send;
+    fn generate_data_key(
+        &self,
+        context: &str,
+    ) -> impl Future<Output = Result<DataKey, KmsError>> + Send;
 
-    /// Unwraps a data key that this KMS wrapped, under any master key it
-    /// still holds.
+    /// Unwraps a data key that this KMS wrapped for `context`, under any
+    /// master key it still holds (and no other).
     fn decrypt_data_key(
         &self,
         wrapped: &WrappedKey,
+        context: &str,
     ) -> impl Future<Output = Result<Zeroizing<[u8; 32]>, KmsError>> + Send;
 }

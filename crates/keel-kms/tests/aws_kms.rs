@@ -58,10 +58,11 @@ fn start_moto() -> Moto {
     moto
 }
 
-fn config(moto: &Moto, key_id: &str) -> AwsKmsConfig {
+fn config(moto: &Moto, key_id: &str, retired: &[&str]) -> AwsKmsConfig {
     AwsKmsConfig {
         region: "us-east-1".to_owned(),
         key_id: key_id.to_owned(),
+        retired_key_ids: retired.iter().map(|key| (*key).to_owned()).collect(),
         endpoint_url: Some(moto.url.clone()),
         access_key_id: "testing".to_owned(),
         secret_access_key: "testing".to_owned(),
@@ -84,9 +85,9 @@ async fn create_key(kms: &AwsKms) -> String {
 #[tokio::test]
 async fn envelopes_under_aws_kms_open_across_a_key_rotation_and_only_as_sealed() {
     let moto = start_moto();
-    let setup = AwsKms::new(&config(&moto, "unused"));
+    let setup = AwsKms::new(&config(&moto, "unused", &[]));
     let first = create_key(&setup).await;
-    let kms = AwsKms::new(&config(&moto, &first));
+    let kms = AwsKms::new(&config(&moto, &first, &[]));
 
     let old = envelope::seal(&kms, "keel/pki/node-ca.key", b"ca key")
         .await
@@ -105,9 +106,15 @@ async fn envelopes_under_aws_kms_open_across_a_key_rotation_and_only_as_sealed()
     ));
 
     // Rotation: a new master key wraps new data keys; the old envelope
-    // still opens through the key it names.
+    // still opens through the key it names, once that key is listed as
+    // retired — and not otherwise.
     let second = create_key(&setup).await;
-    let rotated = AwsKms::new(&config(&moto, &second));
+    let forgetful = AwsKms::new(&config(&moto, &second, &[]));
+    assert!(matches!(
+        envelope::open(&forgetful, "keel/pki/node-ca.key", &old).await,
+        Err(KmsError::ForeignMasterKey(_))
+    ));
+    let rotated = AwsKms::new(&config(&moto, &second, &[&first]));
     let new = envelope::seal(&rotated, "keel/pki/node-ca.key", b"new ca key")
         .await
         .unwrap();
@@ -131,16 +138,17 @@ async fn envelopes_under_aws_kms_open_across_a_key_rotation_and_only_as_sealed()
             .await
             .is_err()
     );
-    let local = keel_kms::LocalKms::open_or_create(
-        std::env::temp_dir().join(format!("keel-kms-aws-test-{}", std::process::id())),
+    // A key AWS made but that is not configured here is never asked.
+    let stranger = create_key(&setup).await;
+    let foreign = envelope::seal(
+        &AwsKms::new(&config(&moto, &stranger, &[])),
+        "keel/pki/node-ca.key",
+        b"forged ca key",
     )
+    .await
     .unwrap();
-    let foreign = envelope::seal(&local, "keel/pki/node-ca.key", b"x")
-        .await
-        .unwrap();
-    assert!(
-        envelope::open(&rotated, "keel/pki/node-ca.key", &foreign)
-            .await
-            .is_err()
-    );
+    assert!(matches!(
+        envelope::open(&rotated, "keel/pki/node-ca.key", &foreign).await,
+        Err(KmsError::ForeignMasterKey(_))
+    ));
 }
