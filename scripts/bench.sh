@@ -54,7 +54,8 @@ export KEEL_DATABASE__MIGRATE_URL=$bench_admin_url
 export KEEL_AUTH__SIGNING_KEYS='["bench-signing-key-that-is-long-enough-0123456789"]'
 export KEEL_SERVER__LISTEN=127.0.0.1:$port
 export KEEL_AGENT__LISTEN=127.0.0.1:$((port + 1))
-export KEEL_PKI__DIR=$scratch/pki
+export KEEL_KMS__PROVIDER=local
+export KEEL_KMS__MASTER_KEY_FILE=$scratch/kms/master-keys.json
 export KEEL_RATE_LIMIT__ENABLED=false
 export KEEL_LOG__FILTER=warn
 target/release/api migrate >/dev/null

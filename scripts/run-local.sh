@@ -80,7 +80,16 @@ if [ -n "$pg_started" ]; then
         END IF; END \$\$; GRANT keel_app, keel_system TO keel_api;" >/dev/null
 fi
 
-export KEEL_PKI__DIR="$state/pki"
+# The KMS master key of local mode; the CAs and signing keys live in
+# Postgres, sealed under it.
+export KEEL_KMS__PROVIDER=local
+export KEEL_KMS__MASTER_KEY_FILE="$state/kms/master-keys.json"
+if [ -d "$state/pki" ]; then
+    # Keys from before they moved into Postgres: the local agent trusts a
+    # CA that no longer exists, so it enrols again.
+    echo "keel: control-plane keys now live in Postgres; re-enrolling the local agent"
+    rm -rf "$state/pki" "$state/agent"
+fi
 listen=${KEEL_SERVER__LISTEN:-127.0.0.1:8080}
 export KEEL_SERVER__LISTEN="$listen"
 KEEL_DATABASE_MIGRATE_ON_START=false ./target/debug/api &

@@ -3,8 +3,20 @@
 //! ```text
 //! api [--config FILE] [serve]   run the api (migrates first by default)
 //! api [--config FILE] migrate   apply migrations and exit
-//! api [--config FILE] join-token [--ttl-secs N]
-//!                               create a one-time node join token (default 1 h)
+//! api [--config FILE] join-token [--ttl-secs N] [--node UUID]
+//!                               create a one-time node join token (default 1 h);
+//!                               with --node, one that re-enrols that node
+//! api [--config FILE] keys rotate-task-signing [--overlap-secs N]
+//!                               add a task-signing key that signs after N
+//!                               seconds (default 3600); the others retire N
+//!                               seconds later
+//! api [--config FILE] kms rotate
+//!                               local KMS: add a master key for new envelopes
+//! api [--config FILE] kms rewrap
+//!                               re-seal every stored key under the current
+//!                               master key (after a rotation)
+//! api [--config FILE] kms status
+//!                               which master keys sealed the stored keys
 //! api [--config FILE] audit verify [--chain UUID]
 //!                               verify the audit hash chains (all, or one
 //!                               tenant's; the nil UUID is the platform's);
@@ -28,7 +40,14 @@ enum Command {
     Openapi,
     JoinToken {
         ttl_secs: i64,
+        node: Option<uuid::Uuid>,
     },
+    RotateTaskSigning {
+        overlap_secs: i64,
+    },
+    KmsRotate,
+    KmsRewrap,
+    KmsStatus,
     AuditVerify {
         chain: Option<uuid::Uuid>,
     },
@@ -49,8 +68,37 @@ fn parse_args() -> anyhow::Result<(Command, Option<PathBuf>)> {
             "migrate" if command.is_none() => command = Some(Command::Migrate),
             "openapi" if command.is_none() => command = Some(Command::Openapi),
             "join-token" if command.is_none() => {
-                command = Some(Command::JoinToken { ttl_secs: 3600 })
+                command = Some(Command::JoinToken {
+                    ttl_secs: 3600,
+                    node: None,
+                })
             }
+            "keys" if command.is_none() => match args.next().as_deref() {
+                Some("rotate-task-signing") => {
+                    command = Some(Command::RotateTaskSigning { overlap_secs: 3600 })
+                }
+                _ => bail!("usage: api keys rotate-task-signing [--overlap-secs N]"),
+            },
+            "kms" if command.is_none() => match args.next().as_deref() {
+                Some("rotate") => command = Some(Command::KmsRotate),
+                Some("rewrap") => command = Some(Command::KmsRewrap),
+                Some("status") => command = Some(Command::KmsStatus),
+                _ => bail!("usage: api kms rotate|rewrap|status"),
+            },
+            "--overlap-secs" => match (&mut command, args.next().map(|v| v.parse::<i64>())) {
+                (Some(Command::RotateTaskSigning { overlap_secs }), Some(Ok(value)))
+                    if (1..=30 * 86_400).contains(&value) =>
+                {
+                    *overlap_secs = value
+                }
+                _ => {
+                    bail!("--overlap-secs follows `keys rotate-task-signing` and takes 1..=2592000")
+                }
+            },
+            "--node" => match (&mut command, args.next().map(|v| v.parse::<uuid::Uuid>())) {
+                (Some(Command::JoinToken { node, .. }), Some(Ok(value))) => *node = Some(value),
+                _ => bail!("--node follows `join-token` and takes a node id"),
+            },
             "audit" if command.is_none() => match args.next().as_deref() {
                 Some("verify") => command = Some(Command::AuditVerify { chain: None }),
                 _ => bail!("usage: api audit verify [--chain UUID]"),
@@ -82,7 +130,7 @@ fn parse_args() -> anyhow::Result<(Command, Option<PathBuf>)> {
                 ),
             },
             "--ttl-secs" => match (&mut command, args.next().map(|v| v.parse::<i64>())) {
-                (Some(Command::JoinToken { ttl_secs }), Some(Ok(value)))
+                (Some(Command::JoinToken { ttl_secs, .. }), Some(Ok(value)))
                     if (60..=86_400).contains(&value) =>
                 {
                     *ttl_secs = value
@@ -113,20 +161,18 @@ async fn run() -> anyhow::Result<()> {
             tracing::info!("migrations applied");
             Ok(())
         }
-        Command::JoinToken { ttl_secs } => {
-            let keys = keel_api::keys::ControlPlaneKeys::load_or_create(&config.pki.dir)?;
+        Command::JoinToken { ttl_secs, node } => {
+            let db = connect(&config).await?;
+            let kms = keel_api::keys::kms(&config, false)?;
+            let keys = keel_api::keys::ControlPlaneKeys::load(&db, &kms).await?;
             let channel = keel_api::node_channel(&keys, &config)?;
-            let db = keel_db::Db::connect(&config.database)
-                .await
-                .context("connecting to Postgres")?;
-            let meta =
-                keel_db::RequestMeta::system("cli", uuid::Uuid::now_v7().simple().to_string());
             let token = keel_inventory::enrol::join_token_create(
                 &db,
-                meta,
+                cli_meta(),
                 &channel,
                 keel_core::DEFAULT_REGION,
                 time::Duration::seconds(ttl_secs),
+                node.map(keel_core::ids::HostId::from),
             )
             .await
             .context("creating a join token")?;
@@ -137,6 +183,49 @@ async fn run() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::RotateTaskSigning { overlap_secs } => {
+            let db = connect(&config).await?;
+            let kms = keel_api::keys::kms(&config, false)?;
+            let key = keel_inventory::trust::rotate_signing_key(
+                &db,
+                &kms,
+                cli_meta(),
+                time::Duration::seconds(overlap_secs),
+            )
+            .await
+            .context("rotating the task-signing key")?;
+            println!("{}", serde_json::to_string(&key)?);
+            Ok(())
+        }
+        Command::KmsRotate => match keel_api::keys::kms(&config, false)? {
+            keel_kms::AnyKms::Local(mut local) => {
+                let id = local.rotate().context("rotating the local master key")?;
+                println!("{id}");
+                eprintln!(
+                    "new envelopes now use master key {id}; run `api kms rewrap` to re-seal the stored keys under it"
+                );
+                Ok(())
+            }
+            keel_kms::AnyKms::Aws(_) => bail!(
+                "AWS KMS keys rotate in AWS: enable automatic rotation on the key, or set kms.key_id to a new key and list the old one in kms.retired_key_ids, then run `api kms rewrap`"
+            ),
+        },
+        Command::KmsRewrap => {
+            let db = connect(&config).await?;
+            let kms = keel_api::keys::kms(&config, false)?;
+            let count = keel_inventory::trust::rewrap(&db, &kms, cli_meta())
+                .await
+                .context("re-sealing the stored keys")?;
+            println!("re-sealed {count} keys");
+            Ok(())
+        }
+        Command::KmsStatus => {
+            let db = connect(&config).await?;
+            for (master_key, count) in keel_inventory::trust::master_key_usage(&db).await? {
+                println!("{master_key}\t{count}");
+            }
+            Ok(())
+        }
         Command::AuditVerify { chain } => audit_verify(&config, chain).await,
         Command::OperatorCreate { email, role } => {
             let email = email.context("operator create needs --email")?;
@@ -144,6 +233,16 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Serve | Command::Openapi => keel_api::serve(config).await,
     }
+}
+
+fn cli_meta() -> keel_db::RequestMeta {
+    keel_db::RequestMeta::system("cli", uuid::Uuid::now_v7().simple().to_string())
+}
+
+async fn connect(config: &Config) -> anyhow::Result<keel_db::Db> {
+    keel_db::Db::connect(&config.database)
+        .await
+        .context("connecting to Postgres")
 }
 
 /// Creates an operator, audited as `system:cli`.

@@ -4,7 +4,7 @@
 //! worker [--config FILE]
 //! ```
 //!
-//! Reads the same configuration as the api (database, pki.dir, log). Any
+//! Reads the same configuration as the api (database, kms, log). Any
 //! number of workers can run side by side: they coordinate through
 //! Postgres only.
 
@@ -17,6 +17,7 @@ use keel_api::keys::ControlPlaneKeys;
 use keel_api::{Config, telemetry};
 use keel_outbox::Consumer;
 use keel_provisioning::consumer::{ProvisioningConsumer, WorkerCredentials};
+use keel_provisioning::signing::SignerRing;
 
 fn config_file() -> anyhow::Result<Option<PathBuf>> {
     let mut args = std::env::args().skip(1);
@@ -33,16 +34,28 @@ fn config_file() -> anyhow::Result<Option<PathBuf>> {
 async fn run() -> anyhow::Result<()> {
     let config = Config::load(config_file()?.as_deref())?;
     telemetry::init(&config.log);
-    let keys = ControlPlaneKeys::load(&config.pki.dir)?;
-    let identity = keys.service_identity("worker", &[])?;
     let db = keel_db::Db::connect(&config.database)
         .await
         .context("connecting to Postgres")?;
+    let kms = Arc::new(keel_api::keys::kms(&config, false)?);
+    let keys = ControlPlaneKeys::load(&db, &kms).await?;
+    let identity = keys.service_identity("worker", &[])?;
+    let signers = Arc::new(
+        SignerRing::load(&db, &kms)
+            .await
+            .context("loading the task-signing keys")?,
+    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let reload = tokio::spawn(signers.clone().reload_until_stopped(
+        db.clone(),
+        kms.clone(),
+        stop.subscribe(),
+    ));
 
     let provisioning = ProvisioningConsumer::new(
         db.clone(),
         WorkerCredentials {
-            task_signer: keys.task_signer,
+            signers,
             node_ca_pem: keys.node_ca.cert_pem().to_owned(),
             client_cert_pem: identity.cert_pem,
             client_key_pem: identity.key_pem,
@@ -51,7 +64,6 @@ async fn run() -> anyhow::Result<()> {
     let consumers: Vec<Arc<dyn Consumer>> = vec![Arc::new(provisioning)];
 
     let instance = format!("{}-{}", hostname(), std::process::id());
-    let (stop, stopped) = tokio::sync::watch::channel(false);
     let relay = tokio::spawn(keel_outbox::relay::run(
         db.clone(),
         consumers.clone(),
@@ -75,6 +87,7 @@ async fn run() -> anyhow::Result<()> {
     relay.await.context("relay task")?.context("relay")?;
     purge.await.context("idempotency purge task")?;
     sealer.await.context("audit sealer task")?;
+    reload.await.context("signing-key reload task")?;
     result.context("consumer workers")?;
     tracing::info!("worker stopped");
     Ok(())

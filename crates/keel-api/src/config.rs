@@ -6,7 +6,7 @@
 //! `auth.signing_keys`) print as `[REDACTED]` in `Debug`.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -32,6 +32,9 @@ pub struct Config {
     pub auth: TokenConfig,
     #[serde(default)]
     pub pki: PkiConfig,
+    /// Which KMS seals the control plane's private keys.
+    #[serde(default)]
+    pub kms: keel_kms::KmsConfig,
     #[serde(default)]
     pub agent: AgentListenerConfig,
     #[serde(default)]
@@ -40,11 +43,11 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
 }
 
-/// Where the control plane keeps its CAs and keys.
+/// Certificates issued to nodes. (The CAs and keys themselves live in
+/// Postgres, sealed by the KMS.)
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PkiConfig {
-    pub dir: PathBuf,
     /// Lifetime of a node certificate, in hours.
     pub node_cert_lifetime_hours: u32,
 }
@@ -52,7 +55,6 @@ pub struct PkiConfig {
 impl Default for PkiConfig {
     fn default() -> Self {
         Self {
-            dir: PathBuf::from(".keel/pki"),
             node_cert_lifetime_hours: 168,
         }
     }
@@ -96,6 +98,7 @@ const SECTIONS: &[&str] = &[
     "database_migrate_on_start",
     "auth",
     "pki",
+    "kms",
     "agent",
     "idempotency",
     "rate_limit",

@@ -1,33 +1,29 @@
-//! The control plane's key material: the node CA, the control-plane CA,
-//! the task-signing key, and the certificates the api's agent listener and
-//! the worker present.
+//! The control plane's key material as one process holds it: the two CAs
+//! (from Postgres, private keys opened by the KMS; see
+//! `keel_inventory::trust`) and the certificates this process presents.
 //!
-//! Kept as files (keys 0600) in `pki.dir`; the api creates what is missing
-//! at start-up ([`ControlPlaneKeys::load_or_create`]), the worker only
-//! loads ([`ControlPlaneKeys::load`]). Envelope encryption of these keys
-//! under a KMS key, and their storage in Postgres for multi-host
-//! deployments, is the node-channel issue's work; this module is the seam.
+//! The api creates what is missing at start-up
+//! ([`ControlPlaneKeys::load_or_create`]); the worker and the CLI only
+//! load ([`ControlPlaneKeys::load`]). Service certificates (the api's agent
+//! listener, the worker's client certificate) are issued fresh, in memory,
+//! by each process from the control-plane CA: no service key is ever
+//! written anywhere.
 
-use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-
-use anyhow::{Context, bail};
+use anyhow::Context;
+use keel_db::Db;
+use keel_inventory::trust;
+use keel_kms::AnyKms;
 use keel_pki::{CaKind, CertificateAuthority};
-use keel_task::TaskSigner;
-use time::{Duration, OffsetDateTime};
+use time::Duration;
+
+use crate::Config;
 
 /// Lifetime of the certificates the api and the worker present.
 const SERVICE_CERT_LIFETIME: Duration = Duration::days(30);
-/// Re-issue a service certificate when less than this is left.
-const SERVICE_CERT_RENEW_BEFORE: Duration = Duration::days(7);
 
 pub struct ControlPlaneKeys {
     pub node_ca: CertificateAuthority,
     pub control_plane_ca: CertificateAuthority,
-    pub task_signer: TaskSigner,
-    dir: PathBuf,
 }
 
 /// A certificate and its key, as PEM.
@@ -36,141 +32,61 @@ pub struct Identity {
     pub key_pem: String,
 }
 
-fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
-    let temporary = path.with_extension("tmp");
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temporary)
-        .with_context(|| format!("writing {}", temporary.display()))?;
-    file.write_all(contents.as_bytes())?;
-    file.sync_all()?;
-    fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
-}
-
-fn read(path: &Path) -> anyhow::Result<String> {
-    fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
-}
-
-fn load_ca(
-    dir: &Path,
-    kind: CaKind,
-    stem: &str,
-    create: bool,
-) -> anyhow::Result<CertificateAuthority> {
-    let (cert, key) = (
-        dir.join(format!("{stem}.crt")),
-        dir.join(format!("{stem}.key")),
-    );
-    if cert.exists() && key.exists() {
-        return CertificateAuthority::from_pem(kind, &read(&cert)?, &read(&key)?)
-            .with_context(|| format!("loading the {kind} CA from {}", dir.display()));
-    }
-    if !create {
-        bail!(
-            "the {kind} CA is missing in {} (start the api once to create it)",
-            dir.display()
-        );
-    }
-    let ca = CertificateAuthority::generate(kind)?;
-    write_private(&key, &ca.key_pem())?;
-    write_private(&cert, ca.cert_pem())?;
-    tracing::info!(%kind, fingerprint = %ca.fingerprint_sha256_hex(), "created a certificate authority");
-    Ok(ca)
-}
-
-/// When a PEM certificate expires; `None` if it cannot be read (then it
-/// is simply re-issued).
-fn certificate_not_after(cert_pem: &str) -> Option<OffsetDateTime> {
-    let der = keel_pki::certs_from_pem(cert_pem)
-        .ok()?
-        .into_iter()
-        .next()?;
-    let (_, certificate) = x509_parser::parse_x509_certificate(&der).ok()?;
-    OffsetDateTime::from_unix_timestamp(certificate.validity().not_after.timestamp()).ok()
+/// The configured KMS. `create` lets a local KMS make its master-key file
+/// (the api's start-up; everything else needs it to exist).
+pub fn kms(config: &Config, create: bool) -> anyhow::Result<AnyKms> {
+    AnyKms::from_config(&config.kms, create).context("opening the KMS (the [kms] section)")
 }
 
 impl ControlPlaneKeys {
     /// Loads the key material, creating whatever is missing. For the api.
-    pub fn load_or_create(dir: &Path) -> anyhow::Result<Self> {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-        Self::open(dir, true)
+    pub async fn load_or_create(db: &Db, kms: &AnyKms) -> anyhow::Result<Self> {
+        let keys = Self::open(db, kms, true).await?;
+        trust::ensure_signing_key(db, kms)
+            .await
+            .context("creating the first task-signing key")?;
+        Ok(keys)
     }
 
-    /// Loads existing key material. For the worker.
-    pub fn load(dir: &Path) -> anyhow::Result<Self> {
-        Self::open(dir, false)
+    /// Loads existing key material. For the worker and the CLI.
+    pub async fn load(db: &Db, kms: &AnyKms) -> anyhow::Result<Self> {
+        Self::open(db, kms, false).await
     }
 
-    fn open(dir: &Path, create: bool) -> anyhow::Result<Self> {
-        let node_ca = load_ca(dir, CaKind::Node, "node-ca", create)?;
-        let control_plane_ca = load_ca(dir, CaKind::ControlPlane, "control-plane-ca", create)?;
-        let signer_path = dir.join("task-signing.key");
-        let task_signer = if signer_path.exists() {
-            TaskSigner::from_pkcs8_pem(&read(&signer_path)?)
-                .context("loading the task-signing key")?
-        } else if create {
-            let signer = TaskSigner::generate();
-            write_private(&signer_path, &signer.to_pkcs8_pem())?;
-            signer
-        } else {
-            bail!("the task-signing key is missing in {}", dir.display());
-        };
+    async fn open(db: &Db, kms: &AnyKms, create: bool) -> anyhow::Result<Self> {
+        let node_ca = trust::authority(db, kms, CaKind::Node, create)
+            .await
+            .context("loading the node CA")?;
+        let control_plane_ca = trust::authority(db, kms, CaKind::ControlPlane, create)
+            .await
+            .context("loading the control-plane CA")?;
         Ok(Self {
             node_ca,
             control_plane_ca,
-            task_signer,
-            dir: dir.to_owned(),
         })
     }
 
-    /// The certificate a control-plane component presents, issued by the
-    /// control-plane CA and re-issued when it nears expiry. `server_names`
-    /// non-empty makes it a server certificate for those names.
+    /// A fresh certificate for a control-plane component, from the
+    /// control-plane CA. `server_names` non-empty makes it a server
+    /// certificate for those names (DNS names or IP addresses).
     pub fn service_identity(
         &self,
         component: &str,
         server_names: &[String],
     ) -> anyhow::Result<Identity> {
-        let (cert_path, key_path) = (
-            self.dir.join(format!("{component}.crt")),
-            self.dir.join(format!("{component}.key")),
-        );
-        if cert_path.exists() && key_path.exists() {
-            let cert_pem = read(&cert_path)?;
-            let fresh = certificate_not_after(&cert_pem).is_some_and(|not_after| {
-                not_after - OffsetDateTime::now_utc() > SERVICE_CERT_RENEW_BEFORE
-            });
-            if fresh {
-                return Ok(Identity {
-                    cert_pem,
-                    key_pem: read(&key_path)?,
-                });
-            }
-        }
         let (issued, key_pem) = if server_names.is_empty() {
             self.control_plane_ca
                 .issue_control_plane_client(component, SERVICE_CERT_LIFETIME)?
         } else {
-            let (dns, ips): (Vec<String>, Vec<std::net::IpAddr>) =
-                server_names
-                    .iter()
-                    .fold((Vec::new(), Vec::new()), |(mut dns, mut ips), name| {
-                        match name.parse() {
-                            Ok(ip) => ips.push(ip),
-                            Err(_) => dns.push(name.clone()),
-                        }
-                        (dns, ips)
-                    });
+            let (ips, dns): (Vec<_>, Vec<_>) = server_names
+                .iter()
+                .partition(|name| name.parse::<std::net::IpAddr>().is_ok());
+            let ips: Vec<std::net::IpAddr> =
+                ips.iter().filter_map(|name| name.parse().ok()).collect();
+            let dns: Vec<String> = dns.into_iter().cloned().collect();
             self.control_plane_ca
                 .issue_server(component, &dns, &ips, SERVICE_CERT_LIFETIME)?
         };
-        write_private(&key_path, &key_pem)?;
-        write_private(&cert_path, &issued.cert_pem)?;
         Ok(Identity {
             cert_pem: issued.cert_pem,
             key_pem,

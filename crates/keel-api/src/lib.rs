@@ -21,7 +21,7 @@ use keel_auth::TokenKeys;
 use keel_auth::limits::Limits;
 use keel_db::Db;
 use keel_http::tls::MtlsServer;
-use keel_inventory::enrol::{NodeChannel, TaskSigningKeyView};
+use keel_inventory::enrol::NodeChannel;
 use tokio::net::TcpListener;
 
 use crate::keys::ControlPlaneKeys;
@@ -63,30 +63,30 @@ pub fn node_channel(keys: &ControlPlaneKeys, config: &Config) -> anyhow::Result<
             &keys.node_ca.key_pem(),
         )?,
         control_plane_ca_pem: keys.control_plane_ca.cert_pem().to_owned(),
-        task_signing_keys: vec![TaskSigningKeyView {
-            key_id: keys.task_signer.key_id().to_owned(),
-            public_key: keel_task::verifying_key_to_base64(&keys.task_signer.verifying_key()),
-        }],
         agent_api_url: config.agent.url(),
         node_cert_lifetime: time::Duration::hours(i64::from(config.pki.node_cert_lifetime_hours)),
     })
 }
 
-/// Builds the state from a loaded configuration: connects to Postgres
-/// (after migrating, when `migrate_on_start`) and loads (or creates) the
-/// control plane's keys.
-pub async fn state_from_config(
-    config: &Config,
-    keys: &ControlPlaneKeys,
-) -> anyhow::Result<AppState> {
+/// Connects to Postgres, after migrating when `migrate_on_start`.
+pub async fn connect(config: &Config) -> anyhow::Result<Db> {
     if config.database_migrate_on_start {
         keel_db::migrate(&config.database)
             .await
             .context("applying migrations")?;
     }
-    let db = Db::connect(&config.database)
+    Db::connect(&config.database)
         .await
-        .context("connecting to Postgres")?;
+        .context("connecting to Postgres")
+}
+
+/// Builds the state from a loaded configuration and the control plane's
+/// keys.
+pub fn state_from_config(
+    config: &Config,
+    db: Db,
+    keys: &ControlPlaneKeys,
+) -> anyhow::Result<AppState> {
     let tokens = TokenKeys::new(&config.auth).context("invalid auth settings")?;
     Ok(AppState {
         db,
@@ -101,36 +101,58 @@ pub async fn state_from_config(
 /// [`keel_http::tls::TlsPeer`].
 pub fn agent_app(state: AppState) -> Router {
     keel_provisioning::agent_http::router()
+        .merge(keel_inventory::agent_http::router())
         .fallback(keel_http::route_not_found)
         .with_state(state)
         .layer(axum::middleware::from_fn(keel_http::request_id_layer))
 }
 
 /// The TLS configuration of the agent listener: the api's certificate
-/// from the control-plane CA; clients must present a node-CA certificate.
+/// from the control-plane CA; clients must present a node-CA certificate
+/// whose serial is not on `deny_list`.
 pub fn agent_tls_config(
     keys: &ControlPlaneKeys,
     config: &Config,
+    deny_list: Arc<keel_pki::DenyList>,
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let identity = keys.service_identity("api", &config.agent.server_names)?;
-    Ok(keel_pki::server_config_requiring_client_certs(
+    Ok(keel_pki::server_config_with_deny_list(
         &[keys.node_ca.cert_der().clone()],
         &identity.cert_pem,
         &identity.key_pem,
+        deny_list,
     )?)
+}
+
+/// The deny list of the agent listener, loaded once (so the listener
+/// starts fresh) and then kept fresh by
+/// `keel_inventory::nodes::refresh_deny_list`.
+pub async fn deny_list(db: &Db) -> anyhow::Result<Arc<keel_pki::DenyList>> {
+    let deny_list = Arc::new(keel_pki::DenyList::new(
+        keel_inventory::nodes::DENY_LIST_MAX_AGE,
+    ));
+    deny_list.replace(
+        keel_inventory::nodes::revoked_serials(db)
+            .await
+            .context("loading the certificate deny list")?,
+    );
+    Ok(deny_list)
 }
 
 /// Runs the api (public listener and agent listener) until Ctrl-C or
 /// SIGTERM, then drains in-flight requests on both.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
-    let keys = ControlPlaneKeys::load_or_create(&config.pki.dir)?;
-    let state = state_from_config(&config, &keys).await?;
+    let db = connect(&config).await?;
+    let kms = keys::kms(&config, true)?;
+    let keys = ControlPlaneKeys::load_or_create(&db, &kms).await?;
+    let deny_list = deny_list(&db).await?;
+    let state = state_from_config(&config, db.clone(), &keys)?;
     let listener = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("binding server.listen = {}", config.server.listen))?;
     let agent_server = MtlsServer::bind(
         config.agent.listen,
-        agent_tls_config(&keys, &config)?,
+        agent_tls_config(&keys, &config, deny_list.clone())?,
         agent_app(state.clone()),
     )
     .await
@@ -142,6 +164,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     );
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let refresher = tokio::spawn(keel_inventory::nodes::refresh_deny_list(
+        db,
+        deny_list,
+        stopped.clone(),
+    ));
     let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
@@ -167,6 +194,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         },
         async { signal.await.context("waiting for a signal") },
     )?;
+    refresher.await.context("deny-list refresher")?;
     tracing::info!("api stopped");
     Ok(())
 }

@@ -60,6 +60,7 @@ pub fn router_and_document() -> (Router<AppState>, Document) {
         .merge(keel_auth::audit::router())
         .merge(keel_auth::admin::router())
         .merge(keel_inventory::http::router())
+        .merge(keel_inventory::admin_http::router())
         .merge(keel_provisioning::http::router())
         .split_for_parts()
 }

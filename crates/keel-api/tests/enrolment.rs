@@ -17,6 +17,7 @@ async fn join_token(app: &TestApp, ttl: time::Duration) -> String {
         &app.state.node_channel,
         "local-1",
         ttl,
+        None,
     )
     .await
     .unwrap()

@@ -205,6 +205,8 @@ actions! {
     AdminOperatorCreate,
     AdminTenantList,
     AdminAuditVerify,
+    AdminHostList,
+    AdminHostRevoke,
 }
 
 impl Action {
@@ -217,7 +219,9 @@ impl Action {
             | Action::AdminOperatorList
             | Action::AdminOperatorCreate
             | Action::AdminTenantList
-            | Action::AdminAuditVerify => self,
+            | Action::AdminAuditVerify
+            | Action::AdminHostList
+            | Action::AdminHostRevoke => self,
             Action::SessionEnd => Action::SessionEnd,
             Action::PasswordChange => Action::PasswordChange,
             Action::AccountDelete => Action::AccountDelete,
@@ -338,10 +342,11 @@ const READ_ONLY_OPERATOR: &[Action] = &[
     Action::AdminOperatorList,
     Action::AdminTenantList,
     Action::AdminAuditVerify,
+    Action::AdminHostList,
 ];
 
 /// Operators also manage the platform.
-const OPERATOR: &[Action] = &[Action::AdminOperatorCreate];
+const OPERATOR: &[Action] = &[Action::AdminOperatorCreate, Action::AdminHostRevoke];
 
 /// The decision: may `subject` (a tenant role or a platform role) do
 /// `action`? Pure, total, and the only place this is answered. Deny by

@@ -56,7 +56,7 @@ fn free_port() -> u16 {
 fn control_plane_env(
     command: &mut Command,
     database: &keel_testing::TestDb,
-    pki: &Path,
+    kms_dir: &Path,
     api: u16,
     agents: u16,
 ) {
@@ -68,7 +68,11 @@ fn control_plane_env(
         .env("KEEL_AUTH__SIGNING_KEYS", format!("[\"{SIGNING_KEY}\"]"))
         .env("KEEL_SERVER__LISTEN", format!("127.0.0.1:{api}"))
         .env("KEEL_AGENT__LISTEN", format!("127.0.0.1:{agents}"))
-        .env("KEEL_PKI__DIR", pki)
+        .env("KEEL_KMS__PROVIDER", "local")
+        .env(
+            "KEEL_KMS__MASTER_KEY_FILE",
+            kms_dir.join("master-keys.json"),
+        )
         .env("KEEL_LOG__FILTER", "info");
 }
 
@@ -118,8 +122,8 @@ fn pid_is_alive(pid: u32) -> bool {
 async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_removes_the_process() {
     let database = keel_testing::test_db().await;
     let scratch = std::env::temp_dir().join(format!("keel-e2e-{}", uuid::Uuid::new_v4().simple()));
-    let (pki, agent_state, logs) = (
-        scratch.join("pki"),
+    let (kms_dir, agent_state, logs) = (
+        scratch.join("kms"),
         scratch.join("agent"),
         scratch.join("logs"),
     );
@@ -128,7 +132,7 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
     let base = format!("http://127.0.0.1:{api_port}");
 
     let mut api_command = Command::new(binary("api"));
-    control_plane_env(&mut api_command, &database, &pki, api_port, agents_port);
+    control_plane_env(&mut api_command, &database, &kms_dir, api_port, agents_port);
     let api = spawn("api", &mut api_command, &logs);
     let config = Configuration {
         base_path: base.clone(),
@@ -143,7 +147,13 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
 
     // A join token, then enrolment and the agent itself.
     let mut token_command = Command::new(binary("api"));
-    control_plane_env(&mut token_command, &database, &pki, api_port, agents_port);
+    control_plane_env(
+        &mut token_command,
+        &database,
+        &kms_dir,
+        api_port,
+        agents_port,
+    );
     let token = token_command.arg("join-token").output().unwrap();
     assert!(
         token.status.success(),
@@ -180,7 +190,13 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
         &logs,
     );
     let mut worker_command = Command::new(binary("worker"));
-    control_plane_env(&mut worker_command, &database, &pki, api_port, agents_port);
+    control_plane_env(
+        &mut worker_command,
+        &database,
+        &kms_dir,
+        api_port,
+        agents_port,
+    );
     let worker = spawn("worker", &mut worker_command, &logs);
 
     // A tenant signs up and launches an allocation, through the generated client.
@@ -341,7 +357,13 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
     })
     .await;
     let mut verify_command = Command::new(binary("api"));
-    control_plane_env(&mut verify_command, &database, &pki, api_port, agents_port);
+    control_plane_env(
+        &mut verify_command,
+        &database,
+        &kms_dir,
+        api_port,
+        agents_port,
+    );
     let verified = verify_command.args(["audit", "verify"]).output().unwrap();
     assert!(
         verified.status.success(),

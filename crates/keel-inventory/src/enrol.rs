@@ -6,6 +6,12 @@
 //! certificate built from the CSR's public key alone (see `keel-pki`). The
 //! token is consumed, the host created and the certificate's serial
 //! recorded in one audited transaction.
+//!
+//! A token made for an existing host (`for_host`) re-enrols it: the node
+//! keeps its id, its enrolment epoch goes up by one (tasks signed for the
+//! old epoch are refused by the agent), and every certificate issued
+//! before is revoked. A revoked host cannot be re-enrolled: it was
+//! removed, and comes back only as a new node.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -20,23 +26,16 @@ use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
 use crate::InventoryError;
+use crate::trust::{PublishedSigningKey, published_signing_keys};
 
-/// Everything enrolment hands a new node besides its certificate.
+/// Everything enrolment hands a new node besides its certificate and the
+/// task-signing keys (read from the database at each enrolment).
 pub struct NodeChannel {
     pub node_ca: CertificateAuthority,
     pub control_plane_ca_pem: String,
-    pub task_signing_keys: Vec<TaskSigningKeyView>,
     /// Where agents send reports and heartbeats (the api's mTLS listener).
     pub agent_api_url: String,
     pub node_cert_lifetime: Duration,
-}
-
-/// A public task-signing key the agent must trust.
-#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
-pub struct TaskSigningKeyView {
-    pub key_id: String,
-    /// Base64 of the 32 raw bytes of the Ed25519 public key.
-    pub public_key: String,
 }
 
 /// Capacity the agent detected on its host.
@@ -84,7 +83,8 @@ pub struct EnrolResponse {
     pub certificate_pem: String,
     pub node_ca_pem: String,
     pub control_plane_ca_pem: String,
-    pub task_signing_keys: Vec<TaskSigningKeyView>,
+    /// Every task-signing key; the agent trusts those not retired.
+    pub task_signing_keys: Vec<PublishedSigningKey>,
     pub agent_api_url: String,
 }
 
@@ -164,13 +164,15 @@ fn secret_digest(secret: &str) -> Vec<u8> {
     Sha256::digest(secret.as_bytes()).to_vec()
 }
 
-/// Creates a join token for `region`, valid for `ttl`.
+/// Creates a join token for `region`, valid for `ttl`; with `for_host`,
+/// a token that re-enrols that (not revoked) host instead of creating one.
 pub async fn join_token_create(
     db: &Db,
     meta: RequestMeta,
     channel: &NodeChannel,
     region: &str,
     ttl: Duration,
+    for_host: Option<HostId>,
 ) -> Result<JoinTokenView, InventoryError> {
     let id = JoinTokenId::new();
     let mut secret_bytes = [0_u8; 32];
@@ -178,18 +180,32 @@ pub async fn join_token_create(
     let secret = URL_SAFE_NO_PAD.encode(secret_bytes);
     let expires_at = OffsetDateTime::now_utc() + ttl;
     let mut tx = db.begin_system(meta).await?;
+    let region = match for_host {
+        None => region.to_owned(),
+        Some(host) => sqlx::query_scalar::<_, String>(
+            "SELECT region FROM hosts WHERE id = $1 AND revoked_at IS NULL FOR SHARE",
+        )
+        .bind(host)
+        .fetch_optional(tx.conn())
+        .await?
+        .ok_or(InventoryError::HostNotFound)?,
+    };
     sqlx::query(
-        "INSERT INTO join_tokens (id, secret_sha256, region, expires_at) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO join_tokens (id, secret_sha256, region, expires_at, for_host) VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(id)
     .bind(secret_digest(&secret))
-    .bind(region)
+    .bind(&region)
     .bind(expires_at)
+    .bind(for_host)
     .execute(tx.conn())
     .await?;
-    let resource = ResourceName::new(Some(region), None, None, "join-token", id);
-    tx.commit(Audit::new("join_token.create", None, resource))
-        .await?;
+    let resource = ResourceName::new(Some(&region), None, None, "join-token", id);
+    tx.commit(
+        Audit::new("join_token.create", None, resource)
+            .with_details(serde_json::json!({ "for_host": for_host })),
+    )
+    .await?;
     Ok(JoinTokenView {
         id,
         token: format!("{id}.{secret}"),
@@ -223,29 +239,38 @@ pub async fn node_enrol(
         .split_once('.')
         .and_then(|(id, secret)| Some((id.parse::<JoinTokenId>().ok()?, secret)))
         .ok_or(InventoryError::InvalidJoinToken)?;
-    let host_id = HostId::new();
-    let meta = RequestMeta {
-        actor: Actor::Node { host_id },
-        ..meta
-    };
     let mut tx = db.begin_system(meta).await?;
     // Lock the token: two agents racing with one token cannot both win.
-    let token: Option<(Vec<u8>, String, OffsetDateTime, Option<OffsetDateTime>)> = sqlx::query_as(
-        "SELECT secret_sha256, region, expires_at, used_at FROM join_tokens WHERE id = $1 FOR UPDATE",
+    let token: Option<JoinTokenRow> = sqlx::query_as(
+        "SELECT secret_sha256, region, expires_at, used_at, for_host FROM join_tokens WHERE id = $1 FOR UPDATE",
     )
     .bind(token_id)
     .fetch_optional(tx.conn())
     .await?;
-    let region = match token {
-        Some((digest, region, expires_at, None))
+    let (region, for_host) = match token {
+        Some((digest, region, expires_at, None, for_host))
             if constant_time_eq(&digest, &secret_digest(secret))
                 && expires_at > OffsetDateTime::now_utc() =>
         {
-            region
+            (region, for_host)
         }
         // Unknown, wrong secret, expired or used: one answer for all.
         _ => return Err(InventoryError::InvalidJoinToken),
     };
+    let (host_id, epoch) = match for_host {
+        None => (HostId::new(), 1),
+        Some(host) => {
+            // Re-enrolment: the host must still exist and not be revoked.
+            let epoch: Option<i64> = sqlx::query_scalar(
+                "SELECT enrolment_epoch + 1 FROM hosts WHERE id = $1 AND revoked_at IS NULL FOR UPDATE",
+            )
+            .bind(host)
+            .fetch_optional(tx.conn())
+            .await?;
+            (host, epoch.ok_or(InventoryError::InvalidJoinToken)?)
+        }
+    };
+    tx.set_actor(Actor::Node { host_id });
     let issued = channel
         .node_ca
         .sign_node_csr(
@@ -255,53 +280,124 @@ pub async fn node_enrol(
         )
         .map_err(InventoryError::InvalidCsr)?;
     let capacity = &request.capacity;
-    sqlx::query(
-        "INSERT INTO hosts (id, name, region, state, agent_url, vcpus, memory_mib, gpu_model, gpu_count,
-                            cert_serial, cert_not_after, last_seen_at)
-         VALUES ($1, $2, $3, 'ready', $4, $5, $6, $7, $8, $9, $10, now())",
-    )
-    .bind(host_id)
-    .bind(&request.name)
-    .bind(&region)
-    .bind(&request.agent_url)
-    .bind(i32::try_from(capacity.vcpus).unwrap_or(i32::MAX))
-    .bind(i64::try_from(capacity.memory_mib).unwrap_or(i64::MAX))
-    .bind(&capacity.gpu_model)
-    .bind(i32::try_from(capacity.gpu_count).unwrap_or(0))
-    .bind(&issued.serial_hex)
-    .bind(issued.not_after)
-    .execute(tx.conn())
-    .await?;
+    let vcpus = i32::try_from(capacity.vcpus).unwrap_or(i32::MAX);
+    let memory_mib = i64::try_from(capacity.memory_mib).unwrap_or(i64::MAX);
+    let gpu_count = i32::try_from(capacity.gpu_count).unwrap_or(0);
+    let version: i64 = if for_host.is_none() {
+        sqlx::query(
+            "INSERT INTO hosts (id, name, region, state, agent_url, vcpus, memory_mib, gpu_model, gpu_count,
+                                cert_serial, cert_not_after, last_seen_at)
+             VALUES ($1, $2, $3, 'ready', $4, $5, $6, $7, $8, $9, $10, now())",
+        )
+        .bind(host_id)
+        .bind(&request.name)
+        .bind(&region)
+        .bind(&request.agent_url)
+        .bind(vcpus)
+        .bind(memory_mib)
+        .bind(&capacity.gpu_model)
+        .bind(gpu_count)
+        .bind(&issued.serial_hex)
+        .bind(issued.not_after)
+        .execute(tx.conn())
+        .await?;
+        1
+    } else {
+        // The capacity may have changed (new hardware); it is never set
+        // below what running allocations hold.
+        let version: i64 = sqlx::query_scalar(
+            "UPDATE hosts SET enrolment_epoch = $2, cert_serial = $3, cert_not_after = $4, name = $5,
+                              agent_url = $6, vcpus = GREATEST($7, reserved_vcpus),
+                              memory_mib = GREATEST($8, reserved_memory_mib), gpu_model = $9,
+                              gpu_count = GREATEST($10, reserved_gpus), last_seen_at = now(),
+                              version = version + 1
+              WHERE id = $1 RETURNING version",
+        )
+        .bind(host_id)
+        .bind(epoch)
+        .bind(&issued.serial_hex)
+        .bind(issued.not_after)
+        .bind(&request.name)
+        .bind(&request.agent_url)
+        .bind(vcpus)
+        .bind(memory_mib)
+        .bind(&capacity.gpu_model)
+        .bind(gpu_count)
+        .fetch_one(tx.conn())
+        .await?;
+        sqlx::query(
+            "UPDATE node_certificates SET revoked_at = now() WHERE host_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(host_id)
+        .execute(tx.conn())
+        .await?;
+        version
+    };
+    record_certificate(tx.conn(), host_id, epoch, &issued).await?;
     sqlx::query("UPDATE join_tokens SET used_at = now(), host_id = $2 WHERE id = $1")
         .bind(token_id)
         .bind(host_id)
         .execute(tx.conn())
         .await?;
+    let task_signing_keys = published_signing_keys(tx.conn()).await?;
     let resource = host_resource(&region, host_id);
+    let (event, action) = if for_host.is_none() {
+        ("host.enrolled", "host.enrol")
+    } else {
+        ("host.reenrolled", "host.reenrol")
+    };
     tx.emit(NewEvent::new(
-        "host.enrolled",
+        event,
         "host",
         host_id.as_uuid(),
-        1,
+        version,
         None,
         resource.clone(),
-        serde_json::json!({ "host_id": host_id, "name": request.name, "region": region }),
+        serde_json::json!({ "host_id": host_id, "name": request.name, "region": region, "enrolment_epoch": epoch }),
     ));
     tx.commit(
-        Audit::new("host.enrol", None, resource).with_details(serde_json::json!({
+        Audit::new(action, None, resource).with_details(serde_json::json!({
             "join_token_id": token_id, "cert_serial": issued.serial_hex, "name": request.name,
+            "enrolment_epoch": epoch,
         })),
     )
     .await?;
     Ok(EnrolResponse {
         node_id: host_id,
-        enrolment_epoch: 1,
+        enrolment_epoch: epoch,
         certificate_pem: issued.cert_pem,
         node_ca_pem: channel.node_ca.cert_pem().to_owned(),
         control_plane_ca_pem: channel.control_plane_ca_pem.clone(),
-        task_signing_keys: channel.task_signing_keys.clone(),
+        task_signing_keys,
         agent_api_url: channel.agent_api_url.clone(),
     })
+}
+
+type JoinTokenRow = (
+    Vec<u8>,
+    String,
+    OffsetDateTime,
+    Option<OffsetDateTime>,
+    Option<HostId>,
+);
+
+/// Records an issued node certificate (the revocation list's source).
+pub async fn record_certificate(
+    conn: &mut sqlx::PgConnection,
+    host: HostId,
+    epoch: i64,
+    issued: &keel_pki::IssuedCertificate,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO node_certificates (serial, host_id, enrolment_epoch, not_after) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(&issued.serial_hex)
+    .bind(host)
+    .bind(epoch)
+    .bind(issued.not_after)
+    .execute(conn)
+    .await
+    .map(|_| ())
 }
 
 /// The resource name of a host.

@@ -11,6 +11,10 @@ pub enum InventoryError {
     InvalidJoinToken,
     #[error("the certificate signing request is unacceptable")]
     InvalidCsr(#[source] keel_pki::PkiError),
+    #[error("no such host, or it is revoked")]
+    HostNotFound,
+    #[error(transparent)]
+    Trust(#[from] crate::trust::TrustError),
     #[error("database error")]
     Database(#[from] sqlx::Error),
     #[error("database error")]
@@ -33,8 +37,13 @@ impl From<InventoryError> for ApiError {
                 "invalid_csr",
                 format!("the certificate signing request is unacceptable: {cause}"),
             ),
+            InventoryError::HostNotFound => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", error.to_string())
+            }
             InventoryError::Auth(auth) => auth.into(),
-            InventoryError::Database(_) | InventoryError::Db(_) => ApiError::internal(error),
+            InventoryError::Trust(_) | InventoryError::Database(_) | InventoryError::Db(_) => {
+                ApiError::internal(error)
+            }
         }
     }
 }

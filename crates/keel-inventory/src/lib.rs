@@ -9,11 +9,15 @@
 //!
 //! Hosts are operator inventory, owned by no tenant.
 
+pub mod admin_http;
+pub mod agent_http;
 pub mod enrol;
 mod error;
 pub mod http;
 pub mod model;
+pub mod nodes;
 pub mod service;
+pub mod trust;
 
 pub use error::InventoryError;
 pub use model::{Flavor, FlavorView};

@@ -19,17 +19,27 @@ use zeroize::Zeroizing;
 use crate::{DataKey, Kms, KmsError, WrappedKey};
 
 /// Where the AWS KMS is and which master key wraps new data keys.
-#[derive(Clone)]
+///
+/// Credentials are either given here or taken from the standard
+/// environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+/// `AWS_SESSION_TOKEN`) when the KMS is built.
+#[derive(Clone, Default, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct AwsKmsConfig {
     pub region: String,
     /// The master key for new data keys: a key id or key ARN.
     pub key_id: String,
     /// Earlier master keys (ids or ARNs) whose envelopes must still open.
+    #[serde(default)]
     pub retired_key_ids: Vec<String>,
     /// Another endpoint than AWS's (a VPC endpoint, or a test server).
+    #[serde(default)]
     pub endpoint_url: Option<String>,
-    pub access_key_id: String,
-    pub secret_access_key: String,
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key: Option<String>,
+    #[serde(default)]
     pub session_token: Option<String>,
 }
 
@@ -56,14 +66,15 @@ pub struct AwsKms {
 const CONTEXT_KEY: &str = "keel:context";
 
 impl AwsKms {
-    pub fn new(config: &AwsKmsConfig) -> Self {
+    /// Fails only when no credentials are configured or in the environment.
+    pub fn new(config: &AwsKmsConfig) -> Result<Self, KmsError> {
         let mut allowed = vec![config.key_id.clone()];
         allowed.extend(config.retired_key_ids.iter().cloned());
-        Self {
-            client: client(config),
+        Ok(Self {
+            client: client(config, credentials(config)?),
             key_id: config.key_id.clone(),
             allowed,
-        }
+        })
     }
 
     /// Whether `named` (the ARN an envelope records) is one of the
@@ -80,9 +91,32 @@ impl AwsKms {
     }
 }
 
+/// The configured credentials, else those of the standard environment
+/// variables.
+fn credentials(config: &AwsKmsConfig) -> Result<Credentials, KmsError> {
+    let from_env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+    let (access_key_id, secret_access_key, session_token) =
+        match (&config.access_key_id, &config.secret_access_key) {
+            (Some(id), Some(secret)) => (id.clone(), secret.clone(), config.session_token.clone()),
+            (None, None) => (
+                from_env("AWS_ACCESS_KEY_ID").ok_or(KmsError::NoCredentials)?,
+                from_env("AWS_SECRET_ACCESS_KEY").ok_or(KmsError::NoCredentials)?,
+                from_env("AWS_SESSION_TOKEN"),
+            ),
+            _ => return Err(KmsError::NoCredentials),
+        };
+    Ok(Credentials::new(
+        access_key_id,
+        secret_access_key,
+        session_token,
+        None,
+        "keel-config",
+    ))
+}
+
 /// An SDK client on the SDK's hyper client with rustls on ring (the TLS
-/// stack the rest of Keel uses), with the configured credentials.
-pub fn client(config: &AwsKmsConfig) -> Client {
+/// stack the rest of Keel uses).
+fn client(config: &AwsKmsConfig, credentials: Credentials) -> Client {
     let http = aws_smithy_http_client::Builder::new()
         .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
         .build_https();
@@ -90,13 +124,7 @@ pub fn client(config: &AwsKmsConfig) -> Client {
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new(config.region.clone()))
         .http_client(http)
-        .credentials_provider(Credentials::new(
-            config.access_key_id.clone(),
-            config.secret_access_key.clone(),
-            config.session_token.clone(),
-            None,
-            "keel-config",
-        ));
+        .credentials_provider(credentials);
     if let Some(url) = &config.endpoint_url {
         builder = builder.endpoint_url(url.clone());
     }

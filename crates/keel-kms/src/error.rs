@@ -30,6 +30,10 @@ pub enum KmsError {
     Seal,
     #[error("the envelope names master key `{0}`, which is not one this KMS is configured to use")]
     ForeignMasterKey(String),
+    #[error(
+        "no AWS credentials: set kms.access_key_id and kms.secret_access_key, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    )]
+    NoCredentials,
     #[error("the KMS failed: {0}")]
     Backend(String),
 }

@@ -16,6 +16,7 @@
 //!   cannot be passed off as another.
 
 mod aws;
+mod config;
 mod crypto;
 pub mod envelope;
 mod error;
@@ -26,6 +27,7 @@ use std::future::Future;
 use zeroize::Zeroizing;
 
 pub use aws::{AwsKms, AwsKmsConfig};
+pub use config::{AnyKms, KmsConfig};
 pub use error::KmsError;
 pub use local::LocalKms;
 

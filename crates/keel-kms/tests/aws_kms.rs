@@ -64,8 +64,8 @@ fn config(moto: &Moto, key_id: &str, retired: &[&str]) -> AwsKmsConfig {
         key_id: key_id.to_owned(),
         retired_key_ids: retired.iter().map(|key| (*key).to_owned()).collect(),
         endpoint_url: Some(moto.url.clone()),
-        access_key_id: "testing".to_owned(),
-        secret_access_key: "testing".to_owned(),
+        access_key_id: Some("testing".to_owned()),
+        secret_access_key: Some("testing".to_owned()),
         session_token: None,
     }
 }
@@ -85,9 +85,9 @@ async fn create_key(kms: &AwsKms) -> String {
 #[tokio::test]
 async fn envelopes_under_aws_kms_open_across_a_key_rotation_and_only_as_sealed() {
     let moto = start_moto();
-    let setup = AwsKms::new(&config(&moto, "unused", &[]));
+    let setup = AwsKms::new(&config(&moto, "unused", &[])).unwrap();
     let first = create_key(&setup).await;
-    let kms = AwsKms::new(&config(&moto, &first, &[]));
+    let kms = AwsKms::new(&config(&moto, &first, &[])).unwrap();
 
     let old = envelope::seal(&kms, "keel/pki/node-ca.key", b"ca key")
         .await
@@ -109,12 +109,12 @@ async fn envelopes_under_aws_kms_open_across_a_key_rotation_and_only_as_sealed()
     // still opens through the key it names, once that key is listed as
     // retired — and not otherwise.
     let second = create_key(&setup).await;
-    let forgetful = AwsKms::new(&config(&moto, &second, &[]));
+    let forgetful = AwsKms::new(&config(&moto, &second, &[])).unwrap();
     assert!(matches!(
         envelope::open(&forgetful, "keel/pki/node-ca.key", &old).await,
         Err(KmsError::ForeignMasterKey(_))
     ));
-    let rotated = AwsKms::new(&config(&moto, &second, &[&first]));
+    let rotated = AwsKms::new(&config(&moto, &second, &[&first])).unwrap();
     let new = envelope::seal(&rotated, "keel/pki/node-ca.key", b"new ca key")
         .await
         .unwrap();
@@ -141,7 +141,7 @@ async fn envelopes_under_aws_kms_open_across_a_key_rotation_and_only_as_sealed()
     // A key AWS made but that is not configured here is never asked.
     let stranger = create_key(&setup).await;
     let foreign = envelope::seal(
-        &AwsKms::new(&config(&moto, &stranger, &[])),
+        &AwsKms::new(&config(&moto, &stranger, &[])).unwrap(),
         "keel/pki/node-ca.key",
         b"forged ca key",
     )

@@ -46,26 +46,33 @@
 //!
 //! # What is not here
 //!
-//! Storage (the caller stores [`CertificateAuthority::key_pem`]; encrypting
-//! it at rest is the caller's job), join tokens, revocation lists and
-//! task-signing keys live elsewhere.
+//! Storage (the caller stores [`CertificateAuthority::key_pem`], sealed by
+//! the KMS: `keel_inventory::trust`), join tokens and task-signing keys
+//! live elsewhere. The revocation *check* is here ([`DenyList`], used by
+//! [`server_config_with_deny_list`]); which serials are revoked is the
+//! control plane's database.
 
 mod ca;
 mod csr;
 mod error;
+mod hot;
 mod identity;
+mod revocation;
 mod tls;
 mod verifier;
 
 pub use ca::{CaKind, CertificateAuthority, IssuedCertificate};
 pub use csr::make_csr;
 pub use error::PkiError;
+pub use hot::HotIdentity;
 pub use identity::{
     CONTROL_PLANE_URI_PREFIX, NODE_URI_PREFIX, control_plane_identity, control_plane_uri,
     is_valid_component, node_identity, node_uri,
 };
+pub use revocation::{Denied, DenyList, serial_hex};
 pub use tls::{
-    certs_from_pem, client_config, client_config_for_node, private_key_from_pem,
-    server_config_requiring_client_certs,
+    certs_from_pem, client_config, client_config_for_node, client_config_with_hot_identity,
+    private_key_from_pem, server_config_requiring_client_certs, server_config_with_deny_list,
+    server_config_with_hot_identity,
 };
 pub use verifier::NodeServerVerifier;

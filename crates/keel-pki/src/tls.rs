@@ -19,6 +19,8 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use uuid::Uuid;
 
 use crate::error::PkiError;
+use crate::hot::HotIdentity;
+use crate::revocation::{DenyList, DenyListClientVerifier};
 use crate::verifier::NodeServerVerifier;
 
 /// All certificates in a PEM string, in order. An input without any
@@ -56,6 +58,60 @@ pub fn server_config_requiring_client_certs(
             certs_from_pem(cert_chain_pem)?,
             private_key_from_pem(key_pem)?,
         )?;
+    Ok(Arc::new(config))
+}
+
+/// Like [`server_config_requiring_client_certs`], and every client
+/// certificate is also checked against `deny_list` (see [`DenyList`]):
+/// revoked serials, and everything while the list is stale, are refused.
+pub fn server_config_with_deny_list(
+    ca_roots: &[CertificateDer<'_>],
+    cert_chain_pem: &str,
+    key_pem: &str,
+    deny_list: Arc<DenyList>,
+) -> Result<Arc<ServerConfig>, PkiError> {
+    let provider = ring_provider();
+    let roots = Arc::new(root_store(ca_roots)?);
+    let inner =
+        WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider)).build()?;
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(Arc::new(DenyListClientVerifier { inner, deny_list }))
+        .with_single_cert(
+            certs_from_pem(cert_chain_pem)?,
+            private_key_from_pem(key_pem)?,
+        )?;
+    Ok(Arc::new(config))
+}
+
+/// A server config like [`server_config_requiring_client_certs`] that
+/// presents whatever `identity` holds at each handshake (renewal without
+/// restart).
+pub fn server_config_with_hot_identity(
+    client_roots: &[CertificateDer<'_>],
+    identity: Arc<HotIdentity>,
+) -> Result<Arc<ServerConfig>, PkiError> {
+    let provider = identity.provider();
+    let roots = Arc::new(root_store(client_roots)?);
+    let client_verifier =
+        WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider)).build()?;
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(client_verifier)
+        .with_cert_resolver(identity);
+    Ok(Arc::new(config))
+}
+
+/// A client config like [`client_config`] that presents whatever
+/// `identity` holds at each handshake.
+pub fn client_config_with_hot_identity(
+    server_roots: &[CertificateDer<'_>],
+    identity: Arc<HotIdentity>,
+) -> Result<Arc<ClientConfig>, PkiError> {
+    let config = ClientConfig::builder_with_provider(identity.provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(root_store(server_roots)?)
+        .with_client_cert_resolver(identity);
     Ok(Arc::new(config))
 }
 

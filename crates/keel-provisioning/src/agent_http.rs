@@ -2,8 +2,9 @@
 //! listener (`keel_http::tls::MtlsServer`): a peer is a node agent whose
 //! certificate the node CA signed, and its identity is the node id in that
 //! certificate (the [`TlsPeer`] the server attaches to each request), never
-//! anything it says in a body. A request without a [`TlsPeer`] is refused
-//! with 403 `forbidden_peer`. These routes are not part of the public API
+//! anything it says in a body, checked against the database on every
+//! request (`keel_inventory::nodes::authenticated_node`). A request without
+//! a [`TlsPeer`] is refused with 403 `forbidden_peer`. These routes are not part of the public API
 //! document.
 
 use axum::Router;
@@ -11,10 +12,11 @@ use axum::extract::{FromRef, State};
 use axum::http::StatusCode;
 use axum::routing::post;
 use keel_core::Actor;
-use keel_core::ids::{AllocationId, HostId};
+use keel_core::ids::AllocationId;
 use keel_db::{Db, RequestMeta};
 use keel_http::tls::TlsPeer;
 use keel_http::{ApiError, Json, RequestId, TraceParent};
+use keel_inventory::nodes::authenticated_node;
 use serde::Deserialize;
 
 use crate::ProvisioningError;
@@ -46,38 +48,6 @@ pub enum ReportedState {
     Terminated,
 }
 
-/// The node behind a connection, if it is enrolled and not revoked.
-async fn authenticated_node(db: &Db, peer: &TlsPeer) -> Result<HostId, ApiError> {
-    let node = peer
-        .certificate
-        .as_deref()
-        .and_then(|der| keel_pki::node_identity(der))
-        .map(HostId::from)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden_peer",
-                "not a node certificate",
-            )
-        })?;
-    // The node record is authoritative: a removed or revoked node is
-    // refused even while its certificate is still within its lifetime.
-    let active: Option<bool> =
-        sqlx::query_scalar("SELECT revoked_at IS NULL FROM hosts WHERE id = $1")
-            .bind(node)
-            .fetch_optional(db.pool())
-            .await
-            .map_err(ApiError::internal)?;
-    match active {
-        Some(true) => Ok(node),
-        _ => Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden_peer",
-            "this node is not enrolled",
-        )),
-    }
-}
-
 async fn agent_report(
     State(db): State<Db>,
     peer: TlsPeer,
@@ -85,7 +55,7 @@ async fn agent_report(
     trace: TraceParent,
     Json(report): Json<AgentReport>,
 ) -> Result<StatusCode, ApiError> {
-    let host = authenticated_node(&db, &peer).await?;
+    let host = authenticated_node(&db, &peer).await?.host_id;
     let observed = match report.state {
         ReportedState::Running => Observed::Running,
         ReportedState::Terminated => Observed::Terminated,

@@ -21,7 +21,10 @@ use keel_core::Actor;
 use keel_core::ids::{AllocationId, HostId, TaskId};
 use keel_db::{Audit, Db, RequestMeta};
 use keel_outbox::{Consumer, DeliveredEvent, HandlerError};
-use keel_task::{Operation, TaskPayload, TaskSigner};
+use keel_task::{Operation, TaskPayload};
+use std::sync::Arc;
+
+use crate::signing::SignerRing;
 use time::OffsetDateTime;
 
 use crate::service::{allocation_lock, transition};
@@ -33,7 +36,7 @@ const TASK_LIFETIME_SECS: i64 = 300;
 
 /// The worker's credentials towards node agents.
 pub struct WorkerCredentials {
-    pub task_signer: TaskSigner,
+    pub signers: Arc<SignerRing>,
     pub node_ca_pem: String,
     pub client_cert_pem: String,
     pub client_key_pem: String,
@@ -82,6 +85,9 @@ impl ProvisioningConsumer {
     }
 
     async fn on_event(&self, event: &DeliveredEvent) -> Result<(), HandlerError> {
+        if event.event_type == "host.revoked" {
+            return self.on_host_revoked(event).await;
+        }
         let allocation_id = AllocationId::from(event.aggregate_id);
         let meta = RequestMeta {
             request_id: event.request_id.clone(),
@@ -149,8 +155,8 @@ impl ProvisioningConsumer {
         };
         let envelope = self
             .credentials
-            .task_signer
-            .sign_to_bytes(&payload)
+            .signers
+            .sign(&payload)
             .map_err(HandlerError::new)?;
         let audit = Audit::new("task.issue", Some(allocation.tenant_id), allocation.resource_name()).with_details(
             serde_json::json!({ "task_id": payload.task_id, "host_id": host, "seq": seq, "operation": payload.operation }),
@@ -179,6 +185,39 @@ impl ProvisioningConsumer {
     }
 }
 
+impl ProvisioningConsumer {
+    /// A revoked host runs nothing more for anyone: its allocations fail,
+    /// which releases what they held.
+    async fn on_host_revoked(&self, event: &DeliveredEvent) -> Result<(), HandlerError> {
+        let host = HostId::from(event.aggregate_id);
+        let meta = RequestMeta {
+            request_id: event.request_id.clone(),
+            actor: Actor::system("worker"),
+            traceparent: event.traceparent.clone(),
+        };
+        let mut tx = self
+            .db
+            .begin_system(meta)
+            .await
+            .map_err(HandlerError::new)?;
+        let failed = crate::service::fail_allocations_of_revoked_host(&mut tx, host)
+            .await
+            .map_err(HandlerError::new)?;
+        tx.commit(
+            Audit::new(
+                "host.revoke_settle",
+                None,
+                keel_core::ResourceName::new(None, None, None, "host", host),
+            )
+            .with_details(serde_json::json!({ "allocations_failed": failed })),
+        )
+        .await
+        .map_err(HandlerError::new)?;
+        tracing::info!(host = %host, failed, "failed the allocations of a revoked host");
+        Ok(())
+    }
+}
+
 async fn start_operation(
     tx: &mut keel_db::WriteTx,
     allocation: &crate::Allocation,
@@ -202,7 +241,7 @@ impl Consumer for ProvisioningConsumer {
     fn wants(&self, event_type: &str) -> bool {
         matches!(
             event_type,
-            "allocation.scheduled" | "allocation.terminating"
+            "allocation.scheduled" | "allocation.terminating" | "host.revoked"
         )
     }
 

@@ -16,6 +16,7 @@ mod error;
 pub mod http;
 pub mod model;
 pub mod service;
+pub mod signing;
 
 pub use error::ProvisioningError;
 pub use model::{Allocation, AllocationState, AllocationView, NewAllocation};

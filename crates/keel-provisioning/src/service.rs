@@ -240,6 +240,33 @@ pub async fn allocation_lock(
     .await?)
 }
 
+/// Fails every allocation still on a revoked host (the `host.revoked`
+/// event's consumer), each transition audited and evented like any other.
+/// Returns how many. Idempotent: a second run finds none left.
+pub async fn fail_allocations_of_revoked_host(
+    tx: &mut WriteTx,
+    host: keel_core::ids::HostId,
+) -> Result<usize, ProvisioningError> {
+    let allocations: Vec<Allocation> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM allocations
+          WHERE host_id = $1 AND state NOT IN ('terminated', 'failed')
+          ORDER BY id FOR UPDATE"
+    )))
+    .bind(host)
+    .fetch_all(tx.conn())
+    .await?;
+    for allocation in &allocations {
+        transition(
+            tx,
+            allocation,
+            AllocationState::Failed,
+            Some("the host was revoked by an operator"),
+        )
+        .await?;
+    }
+    Ok(allocations.len())
+}
+
 /// Asks for an allocation to be terminated: it moves to `terminating` and
 /// the worker tells its host. Terminating an allocation that is already
 /// terminating changes nothing; one that is terminated is a conflict.

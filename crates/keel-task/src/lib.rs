@@ -84,6 +84,7 @@
 //! # Ok::<(), keel_task::TaskError>(())
 //! ```
 
+mod endorsement;
 mod envelope;
 mod error;
 mod keys;
@@ -92,6 +93,7 @@ mod rejection;
 mod signer;
 mod verifier;
 
+pub use endorsement::{ENDORSEMENT_PREFIX, endorsement_is_valid};
 pub use envelope::TaskEnvelope;
 pub use error::TaskError;
 pub use keys::{key_id_of, verifying_key_from_base64, verifying_key_to_base64};

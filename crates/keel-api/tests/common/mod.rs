@@ -23,6 +23,9 @@ pub const SIGNING_KEY: &str = "test-signing-key-that-is-long-enough-0123456789";
 pub struct TestApp {
     pub database: TestDb,
     pub state: AppState,
+    pub config: keel_api::Config,
+    pub kms: Arc<keel_kms::AnyKms>,
+    pub keys: Arc<keel_api::keys::ControlPlaneKeys>,
 }
 
 /// A configuration pointing at the test database (for helpers that take one).
@@ -34,6 +37,12 @@ pub fn test_config(database: &TestDb) -> keel_api::Config {
         database_migrate_on_start: false,
         auth: TokenConfig::with_keys(&[SIGNING_KEY]),
         pki: Default::default(),
+        kms: keel_kms::KmsConfig::Local {
+            master_key_file: std::env::temp_dir().join(format!(
+                "keel-test-kms-{}.json",
+                uuid::Uuid::new_v4().simple()
+            )),
+        },
         agent: Default::default(),
         idempotency: Default::default(),
         rate_limit: relaxed_limits(),
@@ -80,18 +89,24 @@ impl TestApp {
     pub async fn spawn_with_limits(limits: RateLimitConfig) -> Self {
         let database = keel_testing::test_db().await;
         let tokens = TokenKeys::new(&TokenConfig::with_keys(&[SIGNING_KEY])).expect("token keys");
-        let pki_dir =
-            std::env::temp_dir().join(format!("keel-test-pki-{}", uuid::Uuid::new_v4().simple()));
-        let keys =
-            keel_api::keys::ControlPlaneKeys::load_or_create(&pki_dir).expect("control-plane keys");
         let config = test_config(&database);
+        let kms = keel_api::keys::kms(&config, true).expect("local KMS");
+        let keys = keel_api::keys::ControlPlaneKeys::load_or_create(&database.db, &kms)
+            .await
+            .expect("control-plane keys");
         let state = AppState {
             db: database.db.clone(),
             tokens: Arc::new(tokens),
             node_channel: Arc::new(keel_api::node_channel(&keys, &config).expect("node channel")),
             limits: Arc::new(Limits::new(limits)),
         };
-        Self { database, state }
+        Self {
+            database,
+            state,
+            config,
+            kms: Arc::new(kms),
+            keys: Arc::new(keys),
+        }
     }
 
     pub async fn request(

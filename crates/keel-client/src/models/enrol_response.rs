@@ -27,8 +27,9 @@ pub struct EnrolResponse {
     /// A compute host, enrolled by its node agent.
     #[serde(rename = "node_id")]
     pub node_id: uuid::Uuid,
+    /// Every task-signing key; the agent trusts those not retired.
     #[serde(rename = "task_signing_keys")]
-    pub task_signing_keys: Vec<models::TaskSigningKeyView>,
+    pub task_signing_keys: Vec<models::PublishedSigningKey>,
 }
 
 impl EnrolResponse {
@@ -40,7 +41,7 @@ impl EnrolResponse {
         enrolment_epoch: i64,
         node_ca_pem: String,
         node_id: uuid::Uuid,
-        task_signing_keys: Vec<models::TaskSigningKeyView>,
+        task_signing_keys: Vec<models::PublishedSigningKey>,
     ) -> EnrolResponse {
         EnrolResponse {
             agent_api_url,

@@ -24,6 +24,11 @@ import {
     ErrorBodyToJSON,
 } from '../models/ErrorBody';
 import {
+    type HostView,
+    HostViewFromJSON,
+    HostViewToJSON,
+} from '../models/HostView';
+import {
     type OperatorLoginRequest,
     OperatorLoginRequestFromJSON,
     OperatorLoginRequestToJSON,
@@ -44,6 +49,11 @@ import {
     OperatorViewToJSON,
 } from '../models/OperatorView';
 import {
+    type PaginatedHostView,
+    PaginatedHostViewFromJSON,
+    PaginatedHostViewToJSON,
+} from '../models/PaginatedHostView';
+import {
     type PaginatedOperatorView,
     PaginatedOperatorViewFromJSON,
     PaginatedOperatorViewToJSON,
@@ -53,6 +63,24 @@ import {
     PaginatedTenantSummaryFromJSON,
     PaginatedTenantSummaryToJSON,
 } from '../models/PaginatedTenantSummary';
+
+export interface AdminHostListRequest {
+    /**
+     * How many items to return (1–200, default 50).
+     */
+    limit?: number;
+    /**
+     * The `next_cursor` of the previous page.
+     */
+    cursor?: string;
+}
+
+export interface AdminHostRevokeRequest {
+    /**
+     * The host
+     */
+    hostId: string;
+}
 
 export interface AdminLoginRequest {
     /**
@@ -117,6 +145,54 @@ export interface AdminApiInterface {
      * Verify every audit hash chain (every tenant\'s and the platform\'s).
      */
     adminAuditVerify(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<Array<ChainVerification>>;
+
+    /**
+     * Creates request options for adminHostList without sending the request
+     * @param {number} [limit] How many items to return (1–200, default 50).
+     * @param {string} [cursor] The &#x60;next_cursor&#x60; of the previous page.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminHostListRequestOpts(requestParameters: AdminHostListRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary List hosts (revoked ones included).
+     * @param {number} [limit] How many items to return (1–200, default 50).
+     * @param {string} [cursor] The &#x60;next_cursor&#x60; of the previous page.
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminHostListRaw(requestParameters: AdminHostListRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<PaginatedHostView>>;
+
+    /**
+     * List hosts (revoked ones included).
+     */
+    adminHostList(requestParameters: AdminHostListRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<PaginatedHostView>;
+
+    /**
+     * Creates request options for adminHostRevoke without sending the request
+     * @param {string} hostId The host
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminHostRevokeRequestOpts(requestParameters: AdminHostRevokeRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Revoke a host: its certificates are refused from now on, no task is signed for it, it cannot renew or re-enrol, and its allocations fail. Revoking a revoked host returns it unchanged.
+     * @param {string} hostId The host
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminHostRevokeRaw(requestParameters: AdminHostRevokeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<HostView>>;
+
+    /**
+     * Revoke a host: its certificates are refused from now on, no task is signed for it, it cannot renew or re-enrol, and its allocations fail. Revoking a revoked host returns it unchanged.
+     */
+    adminHostRevoke(requestParameters: AdminHostRevokeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<HostView>;
 
     /**
      * Creates request options for adminLogin without sending the request
@@ -284,6 +360,112 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
      */
     async adminAuditVerify(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<Array<ChainVerification>> {
         const response = await this.adminAuditVerifyRaw(initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminHostList without sending the request
+     */
+    async adminHostListRequestOpts(requestParameters: AdminHostListRequest): Promise<runtime.RequestOpts> {
+        const queryParameters: any = {};
+
+        if (requestParameters['limit'] != null) {
+            queryParameters['limit'] = requestParameters['limit'];
+        }
+
+        if (requestParameters['cursor'] != null) {
+            queryParameters['cursor'] = requestParameters['cursor'];
+        }
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/hosts`;
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * List hosts (revoked ones included).
+     */
+    async adminHostListRaw(requestParameters: AdminHostListRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<PaginatedHostView>> {
+        const requestOptions = await this.adminHostListRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => PaginatedHostViewFromJSON(jsonValue));
+    }
+
+    /**
+     * List hosts (revoked ones included).
+     */
+    async adminHostList(requestParameters: AdminHostListRequest = {}, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<PaginatedHostView> {
+        const response = await this.adminHostListRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminHostRevoke without sending the request
+     */
+    async adminHostRevokeRequestOpts(requestParameters: AdminHostRevokeRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['hostId'] == null) {
+            throw new runtime.RequiredError(
+                'hostId',
+                'Required parameter "hostId" was null or undefined when calling adminHostRevoke().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/hosts/{host_id}/revoke`;
+        urlPath = urlPath.replace('{host_id}', encodeURIComponent(String(requestParameters['hostId'])));
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Revoke a host: its certificates are refused from now on, no task is signed for it, it cannot renew or re-enrol, and its allocations fail. Revoking a revoked host returns it unchanged.
+     */
+    async adminHostRevokeRaw(requestParameters: AdminHostRevokeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<HostView>> {
+        const requestOptions = await this.adminHostRevokeRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => HostViewFromJSON(jsonValue));
+    }
+
+    /**
+     * Revoke a host: its certificates are refused from now on, no task is signed for it, it cannot renew or re-enrol, and its allocations fail. Revoking a revoked host returns it unchanged.
+     */
+    async adminHostRevoke(requestParameters: AdminHostRevokeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<HostView> {
+        const response = await this.adminHostRevokeRaw(requestParameters, initOverrides);
         return await response.value();
     }
 

@@ -13,13 +13,13 @@
  */
 
 import { mapValues } from '../runtime';
-import type { TaskSigningKeyView } from './TaskSigningKeyView';
+import type { PublishedSigningKey } from './PublishedSigningKey';
 import {
-    TaskSigningKeyViewFromJSON,
-    TaskSigningKeyViewFromJSONTyped,
-    TaskSigningKeyViewToJSON,
-    TaskSigningKeyViewToJSONTyped,
-} from './TaskSigningKeyView';
+    PublishedSigningKeyFromJSON,
+    PublishedSigningKeyFromJSONTyped,
+    PublishedSigningKeyToJSON,
+    PublishedSigningKeyToJSONTyped,
+} from './PublishedSigningKey';
 
 /**
  * What an enrolled node needs to serve tasks and to report.
@@ -52,9 +52,9 @@ export interface EnrolResponse {
      */
     nodeId: string;
     /**
-     * 
+     * Every task-signing key; the agent trusts those not retired.
      */
-    taskSigningKeys: Array<TaskSigningKeyView>;
+    taskSigningKeys: Array<PublishedSigningKey>;
 }
 
 /**
@@ -87,7 +87,7 @@ export function EnrolResponseFromJSONTyped(json: any, ignoreDiscriminator: boole
         'enrolmentEpoch': json['enrolment_epoch'],
         'nodeCaPem': json['node_ca_pem'],
         'nodeId': json['node_id'],
-        'taskSigningKeys': ((json['task_signing_keys'] as Array<any>).map(TaskSigningKeyViewFromJSON)),
+        'taskSigningKeys': ((json['task_signing_keys'] as Array<any>).map(PublishedSigningKeyFromJSON)),
     };
 }
 
@@ -108,7 +108,7 @@ export function EnrolResponseToJSONTyped(value?: EnrolResponse | null, ignoreDis
         'enrolment_epoch': value['enrolmentEpoch'],
         'node_ca_pem': value['nodeCaPem'],
         'node_id': value['nodeId'],
-        'task_signing_keys': ((value['taskSigningKeys'] as Array<any>).map(TaskSigningKeyViewToJSON)),
+        'task_signing_keys': ((value['taskSigningKeys'] as Array<any>).map(PublishedSigningKeyToJSON)),
     };
 }
 

@@ -1,0 +1,654 @@
+//! The node channel at production depth, control-plane side: keys sealed by
+//! the KMS in Postgres, task-signing key rotation with endorsements,
+//! re-enrolment with epoch bumps, certificate renewal, and revocation
+//! (operator endpoint, request checks, the handshake deny list) — the
+//! agent listener is a real mutual-TLS server here.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use common::TestApp;
+use keel_api::keys::ControlPlaneKeys;
+use keel_auth::authz::PlatformRole;
+use keel_db::RequestMeta;
+use keel_http::tls::MtlsServer;
+use keel_inventory::trust;
+use keel_kms::{AnyKms, KmsConfig};
+use keel_pki::DenyList;
+use serde_json::{Value, json};
+
+async fn join_token(app: &TestApp, for_host: Option<&str>) -> String {
+    keel_inventory::enrol::join_token_create(
+        &app.state.db,
+        RequestMeta::system("test", "test"),
+        &app.state.node_channel,
+        "local-1",
+        time::Duration::hours(1),
+        for_host.map(|id| keel_core::ids::HostId::from(id.parse::<uuid::Uuid>().unwrap())),
+    )
+    .await
+    .unwrap()
+    .token
+}
+
+/// A node as its agent holds it after enrolment.
+struct Node {
+    id: String,
+    epoch: i64,
+    cert_pem: String,
+    key_pem: String,
+    body: Value,
+}
+
+async fn enrol(app: &TestApp, token: &str) -> Node {
+    let (csr, key_pem) = keel_pki::make_csr("node-1").unwrap();
+    let enrolled = app
+        .post(
+            "/v1/nodes/enrol",
+            None,
+            json!({
+                "join_token": token,
+                "csr_pem": csr,
+                "name": "node-1",
+                "agent_url": "https://127.0.0.1:7443",
+                "capacity": {"vcpus": 8, "memory_mib": 16384}
+            }),
+        )
+        .await;
+    assert_eq!(enrolled.status, StatusCode::CREATED, "{:?}", enrolled.body);
+    Node {
+        id: enrolled.body["node_id"].as_str().unwrap().to_owned(),
+        epoch: enrolled.body["enrolment_epoch"].as_i64().unwrap(),
+        cert_pem: enrolled.body["certificate_pem"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+        key_pem,
+        body: enrolled.body,
+    }
+}
+
+/// The api's agent listener, served for real.
+struct Listener {
+    address: SocketAddr,
+    deny_list: Arc<DenyList>,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn listener(app: &TestApp, max_age: Duration) -> Listener {
+    let deny_list = Arc::new(DenyList::new(max_age));
+    deny_list.replace(
+        keel_inventory::nodes::revoked_serials(&app.state.db)
+            .await
+            .unwrap(),
+    );
+    let tls = keel_api::agent_tls_config(&app.keys, &app.config, deny_list.clone()).unwrap();
+    let server = MtlsServer::bind(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        tls,
+        keel_api::agent_app(app.state.clone()),
+    )
+    .await
+    .unwrap();
+    let address = server.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.serve(async {
+        let _ = stopped.await;
+    }));
+    Listener {
+        address,
+        deny_list,
+        stop,
+    }
+}
+
+impl Listener {
+    async fn refresh(&self, app: &TestApp) {
+        self.deny_list.replace(
+            keel_inventory::nodes::revoked_serials(&app.state.db)
+                .await
+                .unwrap(),
+        );
+    }
+}
+
+/// A client presenting `cert_pem`/`key_pem`, one fresh connection per
+/// client (so every call is a new handshake).
+fn client(app: &TestApp, cert_pem: &str, key_pem: &str) -> reqwest::Client {
+    let tls = keel_pki::client_config(
+        &[app.keys.control_plane_ca.cert_der().clone()],
+        cert_pem,
+        key_pem,
+    )
+    .unwrap();
+    reqwest::Client::builder()
+        .use_preconfigured_tls((*tls).clone())
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+async fn get_keys(
+    app: &TestApp,
+    listener: &Listener,
+    cert: &str,
+    key: &str,
+) -> Result<reqwest::Response, reqwest::Error> {
+    client(app, cert, key)
+        .get(format!(
+            "https://127.0.0.1:{}/v1/agent/signing-keys",
+            listener.address.port()
+        ))
+        .send()
+        .await
+}
+
+async fn renew(
+    app: &TestApp,
+    listener: &Listener,
+    cert: &str,
+    key: &str,
+) -> Result<(reqwest::StatusCode, Value, String), reqwest::Error> {
+    let (csr, new_key) = keel_pki::make_csr("node-1").unwrap();
+    let response = client(app, cert, key)
+        .post(format!(
+            "https://127.0.0.1:{}/v1/agent/renew",
+            listener.address.port()
+        ))
+        .json(&json!({ "csr_pem": csr }))
+        .send()
+        .await?;
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    Ok((status, body, new_key))
+}
+
+#[tokio::test]
+async fn private_keys_are_stored_only_sealed_and_bound_to_their_row() {
+    let app = TestApp::spawn().await;
+    let mut admin = app.database.admin().await;
+    let sealed: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT private_key_sealed FROM certificate_authorities
+         UNION ALL SELECT private_key_sealed FROM task_signing_keys",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(sealed.len(), 3, "two CAs and one task-signing key");
+    for envelope in &sealed {
+        assert!(envelope.starts_with(b"KEV1"));
+        assert!(
+            !envelope
+                .windows(b"PRIVATE KEY".len())
+                .any(|window| window == b"PRIVATE KEY")
+        );
+    }
+
+    // Another process with the same KMS loads the same CAs.
+    let again = ControlPlaneKeys::load(&app.state.db, &app.kms)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.node_ca.fingerprint_sha256_hex(),
+        app.keys.node_ca.fingerprint_sha256_hex()
+    );
+
+    // A process with another master key opens nothing.
+    let stranger = AnyKms::from_config(
+        &KmsConfig::Local {
+            master_key_file: std::env::temp_dir().join(format!(
+                "keel-test-kms-{}.json",
+                uuid::Uuid::new_v4().simple()
+            )),
+        },
+        true,
+    )
+    .unwrap();
+    assert!(
+        ControlPlaneKeys::load(&app.state.db, &stranger)
+            .await
+            .is_err()
+    );
+
+    // One row's envelope moved into another row does not open there.
+    sqlx::query(
+        "UPDATE certificate_authorities SET private_key_sealed =
+            (SELECT private_key_sealed FROM certificate_authorities WHERE kind = 'control-plane')
+          WHERE kind = 'node'",
+    )
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let swapped = ControlPlaneKeys::load(&app.state.db, &app.kms).await;
+    let message = format!("{:#}", swapped.err().unwrap());
+    assert!(message.contains("could not be decrypted"), "{message}");
+}
+
+#[tokio::test]
+async fn a_master_key_rotation_keeps_old_envelopes_open_and_rewrap_moves_them() {
+    let app = TestApp::spawn().await;
+    let KmsConfig::Local { master_key_file } = &app.config.kms else {
+        unreachable!("tests use the local KMS");
+    };
+    let old_key = match keel_kms::LocalKms::open(master_key_file) {
+        Ok(local) => local.current_key_id().to_owned(),
+        Err(error) => panic!("{error}"),
+    };
+    let mut local = keel_kms::LocalKms::open(master_key_file).unwrap();
+    let new_key = local.rotate().unwrap();
+    let rotated = AnyKms::Local(keel_kms::LocalKms::open(master_key_file).unwrap());
+
+    // Old envelopes still open; every stored key is still under the old one.
+    ControlPlaneKeys::load(&app.state.db, &rotated)
+        .await
+        .unwrap();
+    assert_eq!(
+        trust::master_key_usage(&app.state.db).await.unwrap(),
+        vec![(old_key, 3)]
+    );
+
+    let count = trust::rewrap(&app.state.db, &rotated, RequestMeta::system("test", "t"))
+        .await
+        .unwrap();
+    assert_eq!(count, 3);
+    assert_eq!(
+        trust::master_key_usage(&app.state.db).await.unwrap(),
+        vec![(new_key, 3)]
+    );
+    let reloaded = ControlPlaneKeys::load(&app.state.db, &rotated)
+        .await
+        .unwrap();
+    assert_eq!(
+        reloaded.node_ca.fingerprint_sha256_hex(),
+        app.keys.node_ca.fingerprint_sha256_hex()
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_log WHERE action = 'kms.rewrap'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_rotated_task_signing_key_is_endorsed_signs_after_the_overlap_and_retires_the_old() {
+    let app = TestApp::spawn().await;
+    let db = &app.state.db;
+    let before = trust::signers(db, &app.kms).await.unwrap();
+    assert_eq!(before.len(), 1);
+    let old_id = before[0].signer.key_id().to_owned();
+
+    assert!(matches!(
+        trust::rotate_signing_key(
+            db,
+            &app.kms,
+            RequestMeta::system("test", "t"),
+            time::Duration::ZERO
+        )
+        .await,
+        Err(trust::TrustError::InvalidOverlap)
+    ));
+
+    let overlap = time::Duration::minutes(10);
+    let new = trust::rotate_signing_key(db, &app.kms, RequestMeta::system("test", "t"), overlap)
+        .await
+        .unwrap();
+    assert_eq!(new.endorsed_by.as_deref(), Some(old_id.as_str()));
+
+    let signers = trust::signers(db, &app.kms).await.unwrap();
+    assert_eq!(signers.len(), 2);
+    let now = time::OffsetDateTime::now_utc();
+    // The old key signs until the new one's time comes; then the new one.
+    assert_eq!(
+        trust::current_signer(&signers, now).unwrap().key_id(),
+        old_id
+    );
+    let later = now + overlap + time::Duration::seconds(2);
+    assert_eq!(
+        trust::current_signer(&signers, later).unwrap().key_id(),
+        new.key_id
+    );
+    let old_row = signers
+        .iter()
+        .find(|key| key.signer.key_id() == old_id)
+        .unwrap();
+    assert_eq!(
+        old_row.retires_at.unwrap().unix_timestamp(),
+        new.signs_from + overlap.whole_seconds()
+    );
+    // After both overlaps nothing but the new key is live.
+    let much_later = now + overlap * 2 + time::Duration::seconds(2);
+    assert_eq!(
+        trust::current_signer(&signers, much_later)
+            .unwrap()
+            .key_id(),
+        new.key_id
+    );
+
+    // The endorsement verifies with the old public key, and with nothing else.
+    let mut tx = db.begin_bookkeeping().await.unwrap();
+    let published = trust::published_signing_keys(&mut tx).await.unwrap();
+    drop(tx);
+    let old_public = keel_task::verifying_key_from_base64(&published[0].public_key).unwrap();
+    let new_public = keel_task::verifying_key_from_base64(&new.public_key).unwrap();
+    let signature = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        new.endorsement.as_deref().unwrap(),
+    )
+    .unwrap();
+    assert!(keel_task::endorsement_is_valid(
+        &old_public,
+        &new_public,
+        new.signs_from,
+        &signature
+    ));
+    assert!(!keel_task::endorsement_is_valid(
+        &new_public,
+        &new_public,
+        new.signs_from,
+        &signature
+    ));
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_log WHERE action = 'task_signing_key.rotate'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn re_enrolment_keeps_the_node_bumps_its_epoch_and_supersedes_its_certificates() {
+    let app = TestApp::spawn().await;
+    let first = enrol(&app, &join_token(&app, None).await).await;
+    assert_eq!(first.epoch, 1);
+    let keys = first.body["task_signing_keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert!(keys[0]["signs_from"].is_i64());
+
+    let token = join_token(&app, Some(&first.id)).await;
+    let second = enrol(&app, &token).await;
+    assert_eq!(second.id, first.id, "the node keeps its id");
+    assert_eq!(second.epoch, 2);
+    assert_eq!(app.count("SELECT count(*) FROM hosts").await, 1);
+    assert_eq!(
+        app.count("SELECT count(*) FROM node_certificates WHERE revoked_at IS NOT NULL")
+            .await,
+        1
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_log WHERE action = 'host.reenrol'")
+            .await,
+        1
+    );
+
+    // The superseded certificate is refused at the handshake and per request.
+    let listener = listener(&app, Duration::from_secs(60)).await;
+    assert!(
+        get_keys(&app, &listener, &first.cert_pem, &first.key_pem)
+            .await
+            .is_err()
+    );
+    listener.deny_list.replace(Vec::new());
+    let stale_cert = get_keys(&app, &listener, &first.cert_pem, &first.key_pem)
+        .await
+        .unwrap();
+    assert_eq!(stale_cert.status(), reqwest::StatusCode::FORBIDDEN);
+    let current = get_keys(&app, &listener, &second.cert_pem, &second.key_pem)
+        .await
+        .unwrap();
+    assert_eq!(current.status(), reqwest::StatusCode::OK);
+    let _ = listener.stop.send(());
+}
+
+#[tokio::test]
+async fn a_revoked_node_cannot_re_enrol_and_unknown_nodes_get_no_token() {
+    let app = TestApp::spawn().await;
+    let node = enrol(&app, &join_token(&app, None).await).await;
+    let early_token = join_token(&app, Some(&node.id)).await;
+    let (_, operator) = app.operator(PlatformRole::Operator).await;
+    let revoked = app
+        .post(
+            &format!("/v1/admin/hosts/{}/revoke", node.id),
+            Some(&operator),
+            json!({}),
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::OK, "{:?}", revoked.body);
+
+    let (csr, _) = keel_pki::make_csr("node-1").unwrap();
+    app.post(
+        "/v1/nodes/enrol",
+        None,
+        json!({
+            "join_token": early_token, "csr_pem": csr, "name": "node-1",
+            "agent_url": "https://127.0.0.1:7443", "capacity": {"vcpus": 8, "memory_mib": 16384}
+        }),
+    )
+    .await
+    .assert_error(StatusCode::UNAUTHORIZED, "invalid_join_token");
+    for host in [node.id.clone(), uuid::Uuid::new_v4().to_string()] {
+        let refused = keel_inventory::enrol::join_token_create(
+            &app.state.db,
+            RequestMeta::system("test", "test"),
+            &app.state.node_channel,
+            "local-1",
+            time::Duration::hours(1),
+            Some(keel_core::ids::HostId::from(
+                host.parse::<uuid::Uuid>().unwrap(),
+            )),
+        )
+        .await;
+        assert!(matches!(
+            refused,
+            Err(keel_inventory::InventoryError::HostNotFound)
+        ));
+    }
+}
+
+#[tokio::test]
+async fn a_node_renews_with_a_new_key_and_the_old_certificate_keeps_working() {
+    let app = TestApp::spawn().await;
+    let node = enrol(&app, &join_token(&app, None).await).await;
+    let listener = listener(&app, Duration::from_secs(60)).await;
+
+    let (status, body, new_key) = renew(&app, &listener, &node.cert_pem, &node.key_pem)
+        .await
+        .unwrap();
+    assert_eq!(status, reqwest::StatusCode::OK, "{body:?}");
+    let new_cert = body["certificate_pem"].as_str().unwrap();
+    assert_ne!(new_cert, node.cert_pem);
+    let der = keel_pki::certs_from_pem(new_cert).unwrap();
+    assert_eq!(
+        keel_pki::node_identity(&der[0]).unwrap().to_string(),
+        node.id
+    );
+
+    for (cert, key) in [
+        (new_cert, new_key.as_str()),
+        (&node.cert_pem, &node.key_pem),
+    ] {
+        let response = get_keys(&app, &listener, cert, key).await.unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::OK);
+        let keys: Value = response.json().await.unwrap();
+        assert_eq!(keys["keys"].as_array().unwrap().len(), 1);
+    }
+    assert_eq!(app.count("SELECT count(*) FROM node_certificates").await, 2);
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_log WHERE action = 'host.certificate_renew'")
+            .await,
+        1
+    );
+
+    // A CSR that is not one is refused and changes nothing.
+    let response = client(&app, &node.cert_pem, &node.key_pem)
+        .post(format!(
+            "https://127.0.0.1:{}/v1/agent/renew",
+            listener.address.port()
+        ))
+        .json(&json!({ "csr_pem": "not a csr" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(app.count("SELECT count(*) FROM node_certificates").await, 2);
+    let _ = listener.stop.send(());
+}
+
+#[tokio::test]
+async fn revoking_a_node_refuses_its_requests_renewals_and_handshakes() {
+    let app = TestApp::spawn().await;
+    let node = enrol(&app, &join_token(&app, None).await).await;
+    let other = enrol(&app, &join_token(&app, None).await).await;
+    let listener = listener(&app, Duration::from_secs(60)).await;
+
+    // Who may revoke: operators, not read-only operators, not tenants.
+    let path = format!("/v1/admin/hosts/{}/revoke", node.id);
+    let (_, read_only) = app.operator(PlatformRole::ReadOnlyOperator).await;
+    app.post(&path, Some(&read_only), json!({}))
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    let tenant = app.tenant("acme").await;
+    app.post(&path, Some(&tenant.token), json!({}))
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+    let (_, operator) = app.operator(PlatformRole::Operator).await;
+    app.post(
+        &format!("/v1/admin/hosts/{}/revoke", uuid::Uuid::new_v4()),
+        Some(&operator),
+        json!({}),
+    )
+    .await
+    .assert_error(StatusCode::NOT_FOUND, "not_found");
+
+    let revoked = app.post(&path, Some(&operator), json!({})).await;
+    assert_eq!(revoked.status, StatusCode::OK, "{:?}", revoked.body);
+    assert!(revoked.body["revoked_at"].is_string());
+    assert_eq!(revoked.body["state"], "offline");
+
+    // At once, before the deny list reloads: every request is refused.
+    let response = get_keys(&app, &listener, &node.cert_pem, &node.key_pem)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::FORBIDDEN);
+    let (status, _, _) = renew(&app, &listener, &node.cert_pem, &node.key_pem)
+        .await
+        .unwrap();
+    assert_eq!(status, reqwest::StatusCode::FORBIDDEN);
+
+    // After the reload, the handshake itself fails; other nodes are fine.
+    listener.refresh(&app).await;
+    assert!(
+        get_keys(&app, &listener, &node.cert_pem, &node.key_pem)
+            .await
+            .is_err()
+    );
+    let fine = get_keys(&app, &listener, &other.cert_pem, &other.key_pem)
+        .await
+        .unwrap();
+    assert_eq!(fine.status(), reqwest::StatusCode::OK);
+
+    // Revoking again changes nothing.
+    let again = app.post(&path, Some(&operator), json!({})).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.body["revoked_at"], revoked.body["revoked_at"]);
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_log WHERE action = 'host.revoke'")
+            .await,
+        1
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM outbox WHERE event_type = 'host.revoked'")
+            .await,
+        1
+    );
+    let listed = app.get("/v1/admin/hosts", Some(&read_only)).await;
+    assert_eq!(listed.status, StatusCode::OK);
+    assert_eq!(listed.body["items"].as_array().unwrap().len(), 2);
+    let _ = listener.stop.send(());
+}
+
+#[tokio::test]
+async fn a_stale_deny_list_refuses_every_node() {
+    let app = TestApp::spawn().await;
+    let node = enrol(&app, &join_token(&app, None).await).await;
+    let listener = listener(&app, Duration::from_millis(1)).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        get_keys(&app, &listener, &node.cert_pem, &node.key_pem)
+            .await
+            .is_err()
+    );
+    let _ = listener.stop.send(());
+}
+
+#[tokio::test]
+async fn the_allocations_of_a_revoked_host_fail_and_release_their_capacity() {
+    let app = TestApp::spawn().await;
+    let host = app.add_host(4, 8192).await;
+    let tenant = app.tenant("acme").await;
+    let created = app
+        .post(
+            &format!("/v1/projects/{}/allocations", tenant.project_id),
+            Some(&tenant.token),
+            json!({"name": "web-1", "flavor": "cpu.medium"}),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::ACCEPTED, "{:?}", created.body);
+    let (_, operator) = app.operator(PlatformRole::Operator).await;
+    let revoked = app
+        .post(
+            &format!("/v1/admin/hosts/{host}/revoke"),
+            Some(&operator),
+            json!({}),
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::OK);
+
+    // What the worker does on `host.revoked` (run twice: idempotent).
+    for expected in [1, 0] {
+        let mut tx = app
+            .state
+            .db
+            .begin_system(RequestMeta::system("test", "t"))
+            .await
+            .unwrap();
+        let failed = keel_provisioning::service::fail_allocations_of_revoked_host(
+            &mut tx,
+            keel_core::ids::HostId::from(host),
+        )
+        .await
+        .unwrap();
+        assert_eq!(failed, expected);
+        tx.commit(keel_db::Audit::new(
+            "test",
+            None,
+            keel_core::ResourceName::new(None, None, None, "host", host),
+        ))
+        .await
+        .unwrap();
+    }
+    let allocation = app
+        .get(
+            &format!(
+                "/v1/projects/{}/allocations/{}",
+                tenant.project_id,
+                created.body["id"].as_str().unwrap()
+            ),
+            Some(&tenant.token),
+        )
+        .await;
+    assert_eq!(allocation.body["state"], "failed");
+    assert_eq!(
+        allocation.body["failure_reason"],
+        "the host was revoked by an operator"
+    );
+    assert_eq!(
+        app.count("SELECT reserved_vcpus::bigint FROM hosts").await,
+        0
+    );
+}
