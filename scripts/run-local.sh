@@ -109,7 +109,7 @@ agent_listen=${KEEL_AGENT_LISTEN:-127.0.0.1:7443}
 if [ ! -f "$agent_state/node.json" ]; then
     token=$(./target/debug/api join-token 2>"$state/join-token.err")
     fingerprint=$(sed -n 's/.*fingerprint \([0-9a-f]*\).*/\1/p' "$state/join-token.err")
-    ./target/debug/keel-agent enrol --api-url "http://$listen" --join-token "$token" \
+    ./target/debug/keel-agent join --api-url "http://$listen" --join-token "$token" \
         --ca-fingerprint "$fingerprint" --state-dir "$agent_state" --listen "$agent_listen" --name local-agent
 fi
 ./target/debug/keel-agent run --state-dir "$agent_state" &

@@ -11,12 +11,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 use keel_http::tls::MtlsServer;
+use keel_pki::HotIdentity;
+use time::OffsetDateTime;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::reports::{ReportDelivery, ReportError};
+use crate::control::{ControlPlaneLink, LinkError, LinkOutcome, LinkTiming};
+use crate::reports::{ReportDelivery, ReportError, RetryPolicy};
 use crate::server::router;
 use crate::state::{AgentState, StateError};
+use crate::status::{AgentCondition, Status, write_status};
 use crate::tasks::{LedgerError, TaskInbox, TaskLedger};
 use crate::workloads::{ProcessDriver, WorkloadDriver, WorkloadError};
 
@@ -52,6 +56,24 @@ pub enum AgentError {
     /// The signal handlers could not be installed.
     #[error("could not install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+
+    /// The node's certificate and key could not be put into TLS.
+    #[error("the node certificate and key: {0}")]
+    Identity(#[source] keel_pki::PkiError),
+
+    /// The link to the control plane could not be set up.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
+
+/// How `run` ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// Stopped by SIGINT or SIGTERM.
+    Stopped,
+    /// The node cannot go on without a new join token; the reason is also
+    /// in `status.json` and the log.
+    NeedsReenrolment(String),
 }
 
 /// An agent server running in the background.
@@ -59,6 +81,7 @@ pub enum AgentError {
 pub struct RunningAgent {
     local_addr: SocketAddr,
     inbox: Arc<TaskInbox>,
+    identity: Arc<HotIdentity>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<()>,
 }
@@ -72,6 +95,11 @@ impl RunningAgent {
     /// The inbox tasks go through, e.g. to read the high-water mark.
     pub fn inbox(&self) -> &Arc<TaskInbox> {
         &self.inbox
+    }
+
+    /// The certificate the server presents (renewal swaps it).
+    pub fn identity(&self) -> &Arc<HotIdentity> {
+        &self.identity
     }
 
     /// Stops accepting, drains open connections and waits for the server to
@@ -93,10 +121,26 @@ pub async fn start_agent(
     listen: SocketAddr,
     driver: Arc<dyn WorkloadDriver>,
 ) -> Result<RunningAgent, AgentError> {
+    let identity =
+        HotIdentity::from_pem(&state.cert_pem, &state.key_pem).map_err(AgentError::Identity)?;
+    start_agent_with_identity(state, listen, driver, identity).await
+}
+
+/// [`start_agent`] presenting `identity`, which the caller may renew.
+pub async fn start_agent_with_identity(
+    state: &AgentState,
+    listen: SocketAddr,
+    driver: Arc<dyn WorkloadDriver>,
+    identity: Arc<HotIdentity>,
+) -> Result<RunningAgent, AgentError> {
     let verifier = state.task_verifier()?;
     let ledger = TaskLedger::open(&state.dir)?;
     let inbox = Arc::new(TaskInbox::new(verifier, ledger, driver));
-    let tls_config = state.server_tls_config()?;
+    let tls_config = keel_pki::server_config_with_hot_identity(
+        &control_plane_roots(state)?,
+        Arc::clone(&identity),
+    )
+    .map_err(AgentError::Identity)?;
     let server = MtlsServer::bind(listen, tls_config, router(Arc::clone(&inbox)))
         .await
         .map_err(|source| AgentError::Bind {
@@ -123,27 +167,94 @@ pub async fn start_agent(
     Ok(RunningAgent {
         local_addr,
         inbox,
+        identity,
         stop: Some(stop),
         server,
     })
 }
 
+fn control_plane_roots(
+    state: &AgentState,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, AgentError> {
+    keel_pki::certs_from_pem(&state.control_plane_ca_pem).map_err(AgentError::Identity)
+}
+
+/// Link timings from `KEEL_AGENT_KEY_REFRESH_SECS` and
+/// `KEEL_AGENT_RENEWAL_RETRY_SECS` (defaults: 60 and 30).
+fn timing_from_env() -> LinkTiming {
+    let seconds = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|value| value.parse::<u64>().ok())
+            .filter(|value| *value > 0)
+            .map(std::time::Duration::from_secs)
+    };
+    let default = LinkTiming::default();
+    LinkTiming {
+        key_refresh: seconds("KEEL_AGENT_KEY_REFRESH_SECS").unwrap_or(default.key_refresh),
+        renewal_retry: seconds("KEEL_AGENT_RENEWAL_RETRY_SECS").unwrap_or(default.renewal_retry),
+    }
+}
+
+fn needs_reenrolment(state_dir: &Path, reason: String) -> RunOutcome {
+    tracing::error!(%reason, "this node needs re-enrolment: create a join token with `api join-token --node <id>` and run `keel-agent join --reenrol`");
+    let mut status = Status::new(AgentCondition::NeedsReenrolment);
+    status.reason = Some(reason.clone());
+    write_status(state_dir, &status);
+    RunOutcome::NeedsReenrolment(reason)
+}
+
 /// The `run` command: load the state in `state_dir`, deliver reports to the
-/// control plane, run workloads as processes, and serve on the enrolled
-/// address until SIGINT or SIGTERM.
-pub async fn run_until_signal(state_dir: &Path) -> Result<(), AgentError> {
+/// control plane, keep the signing keys and the certificate fresh, run
+/// workloads as processes, and serve on the enrolled address until SIGINT
+/// or SIGTERM — or until the node needs re-enrolment (see
+/// [`RunOutcome`]).
+pub async fn run_until_signal(state_dir: &Path) -> Result<RunOutcome, AgentError> {
     let state = AgentState::load(state_dir)?;
-    let (report_queue, delivery) = ReportDelivery::for_state(&state)?;
+    if let Some((_, not_after)) = state.certificate_validity()
+        && not_after <= OffsetDateTime::now_utc()
+    {
+        return Ok(needs_reenrolment(
+            state_dir,
+            format!("the node certificate expired at {not_after} while the agent was not running"),
+        ));
+    }
+    let identity =
+        HotIdentity::from_pem(&state.cert_pem, &state.key_pem).map_err(AgentError::Identity)?;
+    let client_tls = keel_pki::client_config_with_hot_identity(
+        &control_plane_roots(&state)?,
+        Arc::clone(&identity),
+    )
+    .map_err(AgentError::Identity)?;
+    let (report_queue, delivery) = ReportDelivery::new(
+        &state.node.agent_api_url,
+        (*client_tls).clone(),
+        RetryPolicy::default(),
+    )?;
     let driver = Arc::new(ProcessDriver::new(&state.dir, Arc::new(report_queue))?);
     let termination = termination_signal()?;
 
-    let agent = start_agent(&state, state.node.listen, driver).await?;
+    let agent =
+        start_agent_with_identity(&state, state.node.listen, driver, Arc::clone(&identity)).await?;
+    let link = Arc::new(ControlPlaneLink::new(
+        &state,
+        identity,
+        (*client_tls).clone(),
+        Arc::clone(agent.inbox()),
+        timing_from_env(),
+    )?);
     let (stop_delivery, delivery_stopped) = oneshot::channel::<()>();
     let delivery = tokio::spawn(delivery.run(async move {
         let _ = delivery_stopped.await;
     }));
 
-    termination.await;
+    let outcome = tokio::select! {
+        () = termination => RunOutcome::Stopped,
+        outcome = link.run(std::future::pending()) => match outcome {
+            LinkOutcome::Stopped => RunOutcome::Stopped,
+            LinkOutcome::NeedsReenrolment(reason) => needs_reenrolment(state_dir, reason),
+        },
+    };
     tracing::info!("shutting down");
     // Tasks stop first, so nothing new is queued while delivery winds down.
     agent.shutdown().await;
@@ -151,7 +262,10 @@ pub async fn run_until_signal(state_dir: &Path) -> Result<(), AgentError> {
     if let Err(error) = delivery.await {
         tracing::error!(%error, "the report delivery task failed");
     }
-    Ok(())
+    if outcome == RunOutcome::Stopped {
+        write_status(state_dir, &Status::new(AgentCondition::Stopped));
+    }
+    Ok(outcome)
 }
 
 /// A future that resolves on the first SIGINT or SIGTERM. The handlers are

@@ -1,6 +1,6 @@
 //! The command line of the `keel-agent` binary, parsed by hand.
 //!
-//! The agent has two commands with a handful of `--flag value` options each,
+//! The agent has three commands with a handful of `--flag value` options each,
 //! which does not justify a parser dependency. Parsing lives in the library
 //! (not in `main.rs`) so it can be unit-tested; `main.rs` only maps the
 //! outcome to an exit code: 2 for a [`UsageError`], 1 for anything that went
@@ -14,19 +14,27 @@ use crate::enrol::EnrolOptions;
 /// The help text.
 pub const USAGE: &str = "\
 usage:
-  keel-agent enrol --api-url URL --join-token ID.SECRET --state-dir DIR
-                   --listen ADDR:PORT --name NAME
-                   [--ca-fingerprint SHA256_HEX] [--agent-url URL]
+  keel-agent join --api-url URL --join-token ID.SECRET --state-dir DIR
+                  --listen ADDR:PORT --name NAME
+                  [--ca-fingerprint SHA256_HEX] [--agent-url URL] [--reenrol]
   keel-agent run --state-dir DIR
+  keel-agent status --state-dir DIR
   keel-agent --help
 
-enrol   trades a single-use join token for a node certificate and saves it,
+join    trades a single-use join token for a node certificate and saves it,
         with the control plane's CA and task-signing keys, in DIR (mode 0700).
         --ca-fingerprint pins the control-plane CA delivered with the token;
         --agent-url overrides the URL announced to the control plane
-        (default https://ADDR:PORT).
+        (default https://ADDR:PORT). --reenrol replaces the enrolment in DIR
+        with a token made by `api join-token --node ID` for this node,
+        keeping its task log and workloads. (`enrol` is the same command.)
 run     serves signed tasks over mutual TLS on the enrolled address until
-        SIGINT or SIGTERM.
+        SIGINT or SIGTERM, renewing the node certificate and learning new
+        task-signing keys as it goes. Exits 78 when the node needs
+        re-enrolment (certificate expired, revoked or superseded).
+status  prints the node, its certificate, its keys and the state of its
+        task log; exits 78 if the node needs re-enrolment, 1 if the task
+        log's hash chain is broken.
 
 Logging is controlled by RUST_LOG (default: info).";
 
@@ -37,6 +45,11 @@ pub enum CliCommand {
     Enrol(EnrolOptions),
     /// `keel-agent run --state-dir DIR`
     Run {
+        /// The state directory saved by enrolment.
+        state_dir: PathBuf,
+    },
+    /// `keel-agent status --state-dir DIR`
+    Status {
         /// The state directory saved by enrolment.
         state_dir: PathBuf,
     },
@@ -58,24 +71,37 @@ pub fn parse_command_line(arguments: &[String]) -> Result<CliCommand, UsageError
         return Ok(CliCommand::Help);
     }
     let Some((command, rest)) = arguments.split_first() else {
-        return Err(UsageError("a command is required: enrol or run".to_owned()));
+        return Err(UsageError(
+            "a command is required: join, run or status".to_owned(),
+        ));
     };
     match command.as_str() {
-        "enrol" => parse_enrol(rest).map(CliCommand::Enrol),
+        "join" | "enrol" => parse_enrol(rest).map(CliCommand::Enrol),
         "run" => {
             let mut flags = Flags::parse(rest, &["--state-dir"])?;
             let state_dir = PathBuf::from(flags.required("--state-dir")?);
             Ok(CliCommand::Run { state_dir })
         }
+        "status" => {
+            let mut flags = Flags::parse(rest, &["--state-dir"])?;
+            let state_dir = PathBuf::from(flags.required("--state-dir")?);
+            Ok(CliCommand::Status { state_dir })
+        }
         other => Err(UsageError(format!(
-            "unknown command {other:?}: expected enrol or run"
+            "unknown command {other:?}: expected join, run or status"
         ))),
     }
 }
 
 fn parse_enrol(arguments: &[String]) -> Result<EnrolOptions, UsageError> {
+    let reenrol = arguments.iter().any(|argument| argument == "--reenrol");
+    let arguments: Vec<String> = arguments
+        .iter()
+        .filter(|argument| *argument != "--reenrol")
+        .cloned()
+        .collect();
     let mut flags = Flags::parse(
-        arguments,
+        &arguments,
         &[
             "--api-url",
             "--join-token",
@@ -110,6 +136,7 @@ fn parse_enrol(arguments: &[String]) -> Result<EnrolOptions, UsageError> {
         name: flags.required("--name")?,
         ca_fingerprint: flags.optional("--ca-fingerprint"),
         agent_url: flags.optional("--agent-url"),
+        reenrol,
     })
 }
 
@@ -194,6 +221,22 @@ mod tests {
         assert_eq!(
             parse_command_line(&arguments("run --state-dir /tmp/agent")).unwrap(),
             CliCommand::Run {
+                state_dir: PathBuf::from("/tmp/agent")
+            }
+        );
+    }
+
+    #[test]
+    fn join_is_enrol_and_takes_reenrol_and_status_takes_the_state_dir() {
+        let command = parse_command_line(&arguments(
+            "join --api-url http://x --join-token a.b --state-dir d --listen 127.0.0.1:1 \
+             --name n --reenrol",
+        ))
+        .unwrap();
+        assert!(matches!(command, CliCommand::Enrol(ref options) if options.reenrol));
+        assert_eq!(
+            parse_command_line(&arguments("status --state-dir /tmp/agent")).unwrap(),
+            CliCommand::Status {
                 state_dir: PathBuf::from("/tmp/agent")
             }
         );

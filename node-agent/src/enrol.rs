@@ -32,7 +32,10 @@ use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::state::{AgentState, NodeRecord, SigningKeyRecord, StateError, create_private_dir};
+use crate::state::{
+    AgentState, NodeRecord, SigningKeyRecord, StateError, create_private_dir, install_reenrolment,
+    read_node_record,
+};
 
 /// The path of the enrolment endpoint below the api's base URL.
 pub const ENROL_PATH: &str = "/v1/nodes/enrol";
@@ -61,6 +64,10 @@ pub struct EnrolOptions {
     /// The URL the control plane should reach the agent at; defaults to
     /// `https://{listen}`.
     pub agent_url: Option<String>,
+    /// Replace the enrolment in `state_dir` with a re-enrolment of the same
+    /// node (a token from `api join-token --node ID`), keeping the task
+    /// ledger and the workloads.
+    pub reenrol: bool,
 }
 
 impl fmt::Debug for EnrolOptions {
@@ -76,6 +83,7 @@ impl fmt::Debug for EnrolOptions {
             .field("name", &self.name)
             .field("ca_fingerprint", &self.ca_fingerprint)
             .field("agent_url", &self.agent_url)
+            .field("reenrol", &self.reenrol)
             .finish()
     }
 }
@@ -244,6 +252,18 @@ pub enum EnrolError {
     /// The response parsed but its contents do not fit together.
     #[error("the api's response is unusable: {0}")]
     InvalidResponse(#[source] StateError),
+
+    /// A re-enrolment token made this machine another node.
+    #[error(
+        "the join token enrolled node {got}, but this state directory is node {expected}: \
+         nothing was saved; create a token with `api join-token --node {expected}`"
+    )]
+    OtherNode {
+        /// The node this directory holds.
+        expected: Uuid,
+        /// The node the token made.
+        got: Uuid,
+    },
 }
 
 fn request_id_suffix(request_id: &Option<String>) -> String {
@@ -265,12 +285,24 @@ pub async fn enrol(options: &EnrolOptions) -> Result<EnrolledNode, EnrolError> {
         .as_deref()
         .map(normalise_fingerprint)
         .transpose()?;
-    if AgentState::is_enrolled(&options.state_dir) {
+    let enrolled = AgentState::is_enrolled(&options.state_dir);
+    if enrolled && !options.reenrol {
         return Err(StateError::AlreadyEnrolled {
             dir: options.state_dir.clone(),
         }
         .into());
     }
+    if options.reenrol && !enrolled {
+        return Err(StateError::NotEnrolled {
+            dir: options.state_dir.clone(),
+        }
+        .into());
+    }
+    let current_node = if options.reenrol {
+        Some(read_node_record(&options.state_dir)?)
+    } else {
+        None
+    };
     // Created now, so that an unusable directory is found before the join
     // token is spent.
     create_private_dir(&options.state_dir)?;
@@ -301,6 +333,14 @@ pub async fn enrol(options: &EnrolOptions) -> Result<EnrolledNode, EnrolError> {
         &response.control_plane_ca_pem,
         pinned_fingerprint.as_deref(),
     )?;
+    if let Some(current) = &current_node
+        && current.node_id != response.node_id
+    {
+        return Err(EnrolError::OtherNode {
+            expected: current.node_id,
+            got: response.node_id,
+        });
+    }
     let state = AgentState {
         dir: options.state_dir.clone(),
         node: NodeRecord {
@@ -319,7 +359,11 @@ pub async fn enrol(options: &EnrolOptions) -> Result<EnrolledNode, EnrolError> {
         signing_keys: response.task_signing_keys,
     };
     state.validate().map_err(EnrolError::InvalidResponse)?;
-    state.save()?;
+    if current_node.is_some() {
+        install_reenrolment(&state)?;
+    } else {
+        state.save()?;
+    }
     tracing::info!(
         node_id = %state.node.node_id,
         enrolment_epoch = state.node.enrolment_epoch,
@@ -526,6 +570,7 @@ mod tests {
             name: "node-a".to_owned(),
             ca_fingerprint: None,
             agent_url: None,
+            reenrol: false,
         };
         let debug = format!("{options:?}");
         assert!(debug.contains("token-id"));
@@ -542,6 +587,7 @@ mod tests {
             name: String::new(),
             ca_fingerprint: None,
             agent_url: None,
+            reenrol: false,
         };
         assert_eq!(options.effective_agent_url(), "https://127.0.0.1:7443");
     }

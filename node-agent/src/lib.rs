@@ -35,14 +35,19 @@
 
 pub mod agent;
 pub mod cli;
+pub mod control;
 pub mod enrol;
+pub mod keyring;
 pub mod reports;
 pub mod server;
 pub mod state;
+pub mod status;
 pub mod tasks;
 pub mod workloads;
 
-pub use agent::{AgentError, RunningAgent, run_until_signal, start_agent};
+pub use agent::{
+    AgentError, RunOutcome, RunningAgent, run_until_signal, start_agent, start_agent_with_identity,
+};
 pub use enrol::{EnrolError, EnrolOptions, EnrolledNode, enrol};
 pub use reports::{
     ReportDelivery, ReportError, ReportSink, RetryPolicy, WorkloadReport, WorkloadState,

@@ -1,12 +1,14 @@
 //! The `keel-agent` binary: parses the command line, sets up logging and a
-//! tokio runtime, and runs `enrol` or `run` from the library.
+//! tokio runtime, and runs `join`, `run` or `status` from the library.
 //!
-//! Exit codes: 0 on success, 2 for a usage error, 1 for any other failure,
-//! with a one-line explanation on stderr.
+//! Exit codes: 0 on success, 2 for a usage error, 78 when the node needs
+//! re-enrolment, 1 for any other failure, with an explanation on stderr.
 
 use std::process::ExitCode;
 
+use keel_agent::RunOutcome;
 use keel_agent::cli::{CliCommand, USAGE, UsageError, parse_command_line};
+use keel_agent::status::EXIT_NEEDS_REENROLMENT;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -61,16 +63,32 @@ fn main() -> ExitCode {
                         node.enrolment_epoch,
                         node.state_dir.display()
                     );
+                    0
                 })
                 .map_err(|error| error.to_string()),
-            CliCommand::Run { state_dir } => keel_agent::run_until_signal(&state_dir)
-                .await
+            CliCommand::Run { state_dir } => match keel_agent::run_until_signal(&state_dir).await {
+                Ok(RunOutcome::Stopped) => Ok(0),
+                Ok(RunOutcome::NeedsReenrolment(reason)) => {
+                    eprintln!(
+                        "keel-agent: this node needs re-enrolment: {reason}\n\
+                         create a token with `api join-token --node <node id>` and run \
+                         `keel-agent join --reenrol ...`"
+                    );
+                    Ok(EXIT_NEEDS_REENROLMENT)
+                }
+                Err(error) => Err(error.to_string()),
+            },
+            CliCommand::Status { state_dir } => keel_agent::status::report(&state_dir)
+                .map(|(text, exit)| {
+                    print!("{text}");
+                    exit
+                })
                 .map_err(|error| error.to_string()),
-            CliCommand::Help => Ok(()),
+            CliCommand::Help => Ok(0),
         }
     });
     match outcome {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(message) => {
             eprintln!("keel-agent: {message}");
             ExitCode::FAILURE

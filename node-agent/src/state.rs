@@ -12,7 +12,9 @@
 //! | `control-plane-ca.pem` | the only root the agent trusts for its peers    |
 //! | `signing-keys.json`    | the Ed25519 keys tasks must be signed with      |
 //! | `high-water`           | highest task sequence number acted on           |
-//! | `tasks.log`            | one JSON line per accepted task (audit trail)   |
+//! | `tasks.log`            | accepted tasks, hash-chained (see [`crate::tasks`]) |
+//! | `status.json`          | running, or why the agent stopped (`status`)    |
+//! | `renewal.json`         | a renewed key + certificate being installed     |
 //! | `workloads/`           | one working directory per allocation            |
 //!
 //! The directory is created with mode 0700 and every file with mode 0600
@@ -55,6 +57,9 @@ pub const CONTROL_PLANE_CA_FILE: &str = "control-plane-ca.pem";
 pub const SIGNING_KEYS_FILE: &str = "signing-keys.json";
 /// The replay high-water mark.
 pub const HIGH_WATER_FILE: &str = "high-water";
+/// A renewed key and certificate, written before they replace
+/// `key.pem` and `cert.pem` (a redo record: see [`install_identity`]).
+pub const RENEWAL_FILE: &str = "renewal.json";
 /// The append-only log of accepted tasks.
 pub const TASK_LOG_FILE: &str = "tasks.log";
 /// The parent of all workload working directories.
@@ -85,13 +90,35 @@ pub struct NodeRecord {
     pub enrolled_at: OffsetDateTime,
 }
 
-/// One trusted task-signing key, as the control plane hands it out.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One task-signing key, as the control plane publishes it. The agent
+/// keeps retired keys too (they verify the endorsements of later keys)
+/// but trusts only those not retired by its own clock (see
+/// [`crate::keyring`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SigningKeyRecord {
     /// The key's fingerprint as computed by [`keel_task::key_id_of`].
     pub key_id: String,
     /// Standard base64 of the 32 raw bytes of the Ed25519 public key.
     pub public_key: String,
+    /// Unix seconds from which the control plane signs with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signs_from: Option<i64>,
+    /// Unix seconds after which it is no longer trusted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retires_at: Option<i64>,
+    /// The key that endorsed this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endorsed_by: Option<String>,
+    /// Base64 of the endorsement signature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endorsement: Option<String>,
+}
+
+impl SigningKeyRecord {
+    /// Whether the key is trusted at `now_unix` (not yet retired).
+    pub fn is_live(&self, now_unix: i64) -> bool {
+        self.retires_at.is_none_or(|retires| retires > now_unix)
+    }
 }
 
 /// Everything the agent needs to run, as saved by enrolment.
@@ -129,7 +156,7 @@ impl fmt::Debug for AgentState {
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     /// The directory holds no completed enrolment.
-    #[error("{dir} holds no enrolment (no {NODE_FILE}); run `keel-agent enrol` first")]
+    #[error("{dir} holds no enrolment (no {NODE_FILE}); run `keel-agent join` first")]
     NotEnrolled {
         /// The state directory.
         dir: PathBuf,
@@ -263,6 +290,7 @@ impl AgentState {
             });
         }
         let key_path = dir.join(KEY_FILE);
+        finish_pending_renewal(dir)?;
         refuse_key_file_readable_by_others(&key_path)?;
 
         let node: NodeRecord = read_json(&dir.join(NODE_FILE))?;
@@ -309,40 +337,70 @@ impl AgentState {
         Ok(())
     }
 
-    /// The trusted task-signing keys, decoded and checked against their ids.
+    /// Every known task-signing key (retired ones included), decoded and
+    /// checked against its id.
     pub fn verifying_keys(&self) -> Result<Vec<VerifyingKey>, StateError> {
-        if self.signing_keys.is_empty() {
-            return Err(StateError::NoSigningKeys);
-        }
-        self.signing_keys
-            .iter()
-            .map(|record| {
-                let verifying_key =
-                    verifying_key_from_base64(&record.public_key).map_err(|source| {
-                        StateError::InvalidSigningKey {
-                            key_id: record.key_id.clone(),
-                            source,
-                        }
-                    })?;
-                let actual = key_id_of(&verifying_key);
-                if actual != record.key_id {
-                    return Err(StateError::SigningKeyIdMismatch {
-                        listed: record.key_id.clone(),
-                        actual,
-                    });
-                }
-                Ok(verifying_key)
-            })
-            .collect()
+        decode_signing_keys(&self.signing_keys)
     }
 
-    /// A verifier for tasks addressed to this node in its current epoch.
-    pub fn task_verifier(&self) -> Result<TaskVerifier, StateError> {
+    /// A verifier for tasks addressed to this node in its current epoch,
+    /// trusting the keys live at `now_unix`.
+    pub fn task_verifier_at(&self, now_unix: i64) -> Result<TaskVerifier, StateError> {
+        let live: Vec<SigningKeyRecord> = self
+            .signing_keys
+            .iter()
+            .filter(|record| record.is_live(now_unix))
+            .cloned()
+            .collect();
         Ok(TaskVerifier::new(
             self.node.node_id,
             self.node.enrolment_epoch,
-            self.verifying_keys()?,
+            decode_signing_keys(&live).or_else(|error| match error {
+                StateError::NoSigningKeys => Ok(Vec::new()),
+                other => Err(other),
+            })?,
         ))
+    }
+
+    /// The public fields of this state's identity, for logs and `status`.
+    pub fn certificate_validity(&self) -> Option<(OffsetDateTime, OffsetDateTime)> {
+        let der = keel_pki::certs_from_pem(&self.cert_pem).ok()?;
+        keel_pki::validity(der.first()?.as_ref())
+    }
+}
+
+/// Decodes task-signing key records, checking each against its key id.
+pub fn decode_signing_keys(records: &[SigningKeyRecord]) -> Result<Vec<VerifyingKey>, StateError> {
+    if records.is_empty() {
+        return Err(StateError::NoSigningKeys);
+    }
+    records
+        .iter()
+        .map(|record| {
+            let verifying_key =
+                verifying_key_from_base64(&record.public_key).map_err(|source| {
+                    StateError::InvalidSigningKey {
+                        key_id: record.key_id.clone(),
+                        source,
+                    }
+                })?;
+            let actual = key_id_of(&verifying_key);
+            if actual != record.key_id {
+                return Err(StateError::SigningKeyIdMismatch {
+                    listed: record.key_id.clone(),
+                    actual,
+                });
+            }
+            Ok(verifying_key)
+        })
+        .collect()
+}
+
+impl AgentState {
+    /// A verifier for tasks addressed to this node in its current epoch,
+    /// trusting the keys live now.
+    pub fn task_verifier(&self) -> Result<TaskVerifier, StateError> {
+        self.task_verifier_at(OffsetDateTime::now_utc().unix_timestamp())
     }
 
     /// The TLS server configuration: the node certificate, and client
@@ -387,6 +445,129 @@ impl AgentState {
             source,
         })
     }
+}
+
+/// Reads `node.json` alone (re-enrolment needs the node id even when the
+/// rest of the state no longer loads, e.g. with an expired certificate).
+pub fn read_node_record(dir: &Path) -> Result<NodeRecord, StateError> {
+    read_json(&dir.join(NODE_FILE))
+}
+
+/// Replaces `signing-keys.json` (atomically).
+pub fn save_signing_keys(dir: &Path, records: &[SigningKeyRecord]) -> Result<(), StateError> {
+    let path = dir.join(SIGNING_KEYS_FILE);
+    let bytes = to_json_bytes(&path, &records)?;
+    save_file(&path, &bytes)
+}
+
+/// A renewed identity (or a whole re-enrolment) on its way into the
+/// state files.
+#[derive(Serialize, Deserialize)]
+struct PendingIdentity {
+    cert_pem: String,
+    key_pem: String,
+    /// Re-enrolment only: everything else enrolment hands over.
+    #[serde(default)]
+    reenrolment: Option<Box<Reenrolment>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Reenrolment {
+    node: NodeRecord,
+    node_ca_pem: String,
+    control_plane_ca_pem: String,
+    signing_keys: Vec<SigningKeyRecord>,
+}
+
+/// Installs a new key and certificate so that a crash at any point leaves
+/// either the old pair or the new pair, never a key with the wrong
+/// certificate: the pair is first written whole to `renewal.json`, then
+/// each file is replaced, then the record is removed. [`AgentState::load`]
+/// finishes an installation a crash interrupted.
+pub fn install_identity(dir: &Path, cert_pem: &str, key_pem: &str) -> Result<(), StateError> {
+    write_pending(
+        dir,
+        &PendingIdentity {
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+            reenrolment: None,
+        },
+    )
+}
+
+/// Replaces an enrolment with a re-enrolment of the same node, keeping the
+/// task ledger and the workloads: like [`install_identity`], all or
+/// nothing across a crash.
+pub fn install_reenrolment(state: &AgentState) -> Result<(), StateError> {
+    write_pending(
+        &state.dir,
+        &PendingIdentity {
+            cert_pem: state.cert_pem.clone(),
+            key_pem: state.key_pem.clone(),
+            reenrolment: Some(Box::new(Reenrolment {
+                node: state.node.clone(),
+                node_ca_pem: state.node_ca_pem.clone(),
+                control_plane_ca_pem: state.control_plane_ca_pem.clone(),
+                signing_keys: state.signing_keys.clone(),
+            })),
+        },
+    )
+}
+
+fn write_pending(dir: &Path, pending_identity: &PendingIdentity) -> Result<(), StateError> {
+    let pending = dir.join(RENEWAL_FILE);
+    let record = serde_json::to_vec(pending_identity).map_err(|source| StateError::Json {
+        path: pending.clone(),
+        source,
+    })?;
+    save_file(&pending, &record)?;
+    finish_pending_renewal(dir)
+}
+
+/// Completes an identity installation recorded in `renewal.json`, if any.
+fn finish_pending_renewal(dir: &Path) -> Result<(), StateError> {
+    let pending = dir.join(RENEWAL_FILE);
+    let text = match fs::read_to_string(&pending) {
+        Ok(text) => text,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(StateError::Io {
+                path: pending,
+                source,
+            });
+        }
+    };
+    let Ok(identity) = serde_json::from_str::<PendingIdentity>(&text) else {
+        // Written atomically, so unreadable means it never completed: the
+        // old pair is still in place.
+        fs::remove_file(&pending).map_err(|source| StateError::Io {
+            path: pending.clone(),
+            source,
+        })?;
+        return Ok(());
+    };
+    save_file(&dir.join(KEY_FILE), identity.key_pem.as_bytes())?;
+    save_file(&dir.join(CERT_FILE), identity.cert_pem.as_bytes())?;
+    if let Some(reenrolment) = identity.reenrolment {
+        save_file(&dir.join(NODE_CA_FILE), reenrolment.node_ca_pem.as_bytes())?;
+        save_file(
+            &dir.join(CONTROL_PLANE_CA_FILE),
+            reenrolment.control_plane_ca_pem.as_bytes(),
+        )?;
+        save_signing_keys(dir, &reenrolment.signing_keys)?;
+        let node_path = dir.join(NODE_FILE);
+        let node_json = to_json_bytes(&node_path, &reenrolment.node)?;
+        save_file(&node_path, &node_json)?;
+        let _ = fs::remove_file(dir.join(crate::status::STATUS_FILE));
+    }
+    fs::remove_file(&pending).map_err(|source| StateError::Io {
+        path: pending.clone(),
+        source,
+    })?;
+    sync_parent_dir(&pending).map_err(|source| StateError::Io {
+        path: pending,
+        source,
+    })
 }
 
 /// Creates `dir` (and its parents) if missing and makes sure it is 0700.
@@ -525,6 +706,7 @@ mod tests {
             signing_keys: vec![SigningKeyRecord {
                 key_id: signer.key_id().to_owned(),
                 public_key: verifying_key_to_base64(&signer.verifying_key()),
+                ..SigningKeyRecord::default()
             }],
         }
     }
@@ -631,6 +813,36 @@ mod tests {
             state.validate(),
             Err(StateError::InsecureAgentApiUrl { .. })
         ));
+    }
+
+    #[test]
+    fn an_interrupted_renewal_is_finished_on_load_and_a_torn_one_dropped() {
+        let scratch = ScratchDir::new();
+        let state = sample_state(&scratch.0);
+        state.save().unwrap();
+        let node_ca = CertificateAuthority::generate(CaKind::Node).unwrap();
+        let (csr_pem, new_key) = keel_pki::make_csr("node-a").unwrap();
+        let new_cert = node_ca
+            .sign_node_csr(&csr_pem, state.node.node_id, time::Duration::hours(1))
+            .unwrap()
+            .cert_pem;
+
+        // A crash after the record was written, before the files moved.
+        let record = serde_json::json!({ "cert_pem": new_cert, "key_pem": new_key });
+        fs::write(scratch.0.join(RENEWAL_FILE), record.to_string()).unwrap();
+        let loaded = AgentState::load(&scratch.0).unwrap();
+        assert_eq!(
+            (loaded.cert_pem.as_str(), loaded.key_pem.as_str()),
+            (new_cert.as_str(), new_key.as_str())
+        );
+        assert!(!scratch.0.join(RENEWAL_FILE).exists());
+        assert_eq!(mode_of(&scratch.0.join(KEY_FILE)), 0o600);
+
+        // A record torn mid-write never completed: the pair in place stays.
+        fs::write(scratch.0.join(RENEWAL_FILE), "{\"cert_pem\": \"tr").unwrap();
+        let loaded = AgentState::load(&scratch.0).unwrap();
+        assert_eq!(loaded.cert_pem, new_cert);
+        assert!(!scratch.0.join(RENEWAL_FILE).exists());
     }
 
     #[test]

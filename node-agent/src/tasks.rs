@@ -20,6 +20,17 @@
 //! The disk writes are small and synchronous; they run on the async worker
 //! holding the lock on purpose, because tasks are rare and nothing else may
 //! proceed until the high-water mark is durable anyway.
+//!
+//! # The task log is a hash chain
+//!
+//! Each line of `tasks.log` holds the envelope exactly as received (so an
+//! operator can re-verify its signature and see every parameter the node
+//! was told to act on), when it was accepted, and `hash = SHA-256(prev ‖
+//! the line's other fields)`, where `prev` is the previous line's hash
+//! (64 zeros for the first). Editing, dropping or reordering a line breaks
+//! every hash after it; [`verify_task_log`] (`keel-agent status`) finds
+//! the first broken line. Lines written before the chain existed (no
+//! `hash`) are counted as legacy and the chain starts after them.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
@@ -92,6 +103,96 @@ pub struct TaskLogEntry {
     /// When the agent accepted the task.
     #[serde(with = "time::serde::rfc3339")]
     pub accepted_at: OffsetDateTime,
+    /// The signed envelope exactly as received.
+    #[serde(default)]
+    pub envelope: String,
+    /// The previous line's hash (64 zeros for the first).
+    #[serde(default)]
+    pub prev: String,
+    /// SHA-256 over `prev` and the fields above, hex.
+    #[serde(default)]
+    pub hash: String,
+}
+
+/// The `prev` of the first chained line.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+impl TaskLogEntry {
+    /// The hash this entry must carry: over `prev` and every other field,
+    /// in a fixed order, each length-prefixed.
+    pub fn expected_hash(&self) -> String {
+        use sha2::{Digest as _, Sha256};
+        let mut hasher = Sha256::new();
+        let accepted_at = self.accepted_at.unix_timestamp_nanos().to_string();
+        let task_id = self.task_id.to_string();
+        let allocation_id = self.allocation_id.to_string();
+        let seq = self.seq.to_string();
+        for field in [
+            self.prev.as_str(),
+            seq.as_str(),
+            task_id.as_str(),
+            allocation_id.as_str(),
+            self.op.as_str(),
+            accepted_at.as_str(),
+            self.envelope.as_str(),
+        ] {
+            hasher.update((field.len() as u64).to_be_bytes());
+            hasher.update(field.as_bytes());
+        }
+        hex::encode(hasher.finalize())
+    }
+}
+
+/// What [`verify_task_log`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskLogSummary {
+    /// Lines in the chain.
+    pub chained: usize,
+    /// Lines from before the chain (no hash).
+    pub legacy: usize,
+    /// The first line (1-based) whose hash or link is wrong, if any.
+    pub broken_at: Option<usize>,
+}
+
+/// Checks the hash chain of a task log's text.
+pub fn verify_task_log(text: &str) -> TaskLogSummary {
+    let mut summary = TaskLogSummary {
+        chained: 0,
+        legacy: 0,
+        broken_at: None,
+    };
+    let mut prev = GENESIS_HASH.to_owned();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let entry: TaskLogEntry = match serde_json::from_str(line) {
+            Ok(entry) => entry,
+            Err(_) => {
+                // A torn last line is a crash mid-append, not tampering.
+                let is_last = text
+                    .lines()
+                    .skip(index + 1)
+                    .all(|rest| rest.trim().is_empty());
+                if !is_last {
+                    summary.broken_at = Some(index + 1);
+                    return summary;
+                }
+                continue;
+            }
+        };
+        if entry.hash.is_empty() && summary.chained == 0 {
+            summary.legacy += 1;
+            continue;
+        }
+        if entry.prev != prev || entry.hash != entry.expected_hash() {
+            summary.broken_at = Some(index + 1);
+            return summary;
+        }
+        prev = entry.hash;
+        summary.chained += 1;
+    }
+    summary
 }
 
 /// The wire tag of an operation, as used in `tasks.log`.
@@ -110,6 +211,8 @@ pub struct TaskLedger {
     log_path: PathBuf,
     log: File,
     high_water: u64,
+    /// The hash of the last chained line.
+    last_hash: String,
 }
 
 impl TaskLedger {
@@ -137,6 +240,7 @@ impl TaskLedger {
         let mut log_text = String::new();
         log.read_to_string(&mut log_text).map_err(log_error)?;
         let from_log = highest_seq_in_log(&log_text);
+        let last_hash = last_hash_in_log(&log_text);
         // A crash in the middle of an append can leave a torn last line;
         // terminate it so the next entry starts on a line of its own.
         if !log_text.is_empty() && !log_text.ends_with('\n') {
@@ -152,6 +256,7 @@ impl TaskLedger {
             log_path,
             log,
             high_water,
+            last_hash,
         })
     }
 
@@ -165,15 +270,21 @@ impl TaskLedger {
     pub fn record_accepted(
         &mut self,
         payload: &TaskPayload,
+        envelope: &[u8],
         accepted_at: OffsetDateTime,
     ) -> Result<(), LedgerError> {
-        let entry = TaskLogEntry {
+        let mut entry = TaskLogEntry {
             seq: payload.seq,
             task_id: payload.task_id,
             allocation_id: payload.operation.allocation_id(),
             op: operation_name(&payload.operation).to_owned(),
             accepted_at,
+            // A verified envelope is JSON, hence UTF-8.
+            envelope: String::from_utf8_lossy(envelope).into_owned(),
+            prev: self.last_hash.clone(),
+            hash: String::new(),
         };
+        entry.hash = entry.expected_hash();
         let mut line = serde_json::to_vec(&entry).map_err(LedgerError::Encode)?;
         line.push(b'\n');
         let log_error = |source| LedgerError::Io {
@@ -192,8 +303,20 @@ impl TaskLedger {
             source,
         })?;
         self.high_water = payload.seq;
+        self.last_hash = entry.hash;
         Ok(())
     }
+}
+
+/// The hash of the last chained line that parses (the genesis hash if none).
+fn last_hash_in_log(log_text: &str) -> String {
+    log_text
+        .lines()
+        .rev()
+        .filter_map(|line| serde_json::from_str::<TaskLogEntry>(line).ok())
+        .find(|entry| !entry.hash.is_empty())
+        .map(|entry| entry.hash)
+        .unwrap_or_else(|| GENESIS_HASH.to_owned())
 }
 
 fn read_high_water_file(path: &Path) -> Result<u64, LedgerError> {
@@ -239,7 +362,7 @@ fn highest_seq_in_log(log_text: &str) -> u64 {
 
 /// Verifies, records and dispatches tasks. See the module docs.
 pub struct TaskInbox {
-    verifier: TaskVerifier,
+    verifier: std::sync::RwLock<Arc<TaskVerifier>>,
     ledger: Mutex<TaskLedger>,
     driver: Arc<dyn WorkloadDriver>,
 }
@@ -262,9 +385,26 @@ impl TaskInbox {
         driver: Arc<dyn WorkloadDriver>,
     ) -> Self {
         Self {
-            verifier,
+            verifier: std::sync::RwLock::new(Arc::new(verifier)),
             ledger: Mutex::new(ledger),
             driver,
+        }
+    }
+
+    /// Verifies with `verifier` from the next task on (the trusted keys
+    /// changed).
+    pub fn replace_verifier(&self, verifier: TaskVerifier) {
+        let verifier = Arc::new(verifier);
+        match self.verifier.write() {
+            Ok(mut guard) => *guard = verifier,
+            Err(poisoned) => *poisoned.into_inner() = verifier,
+        }
+    }
+
+    fn verifier(&self) -> Arc<TaskVerifier> {
+        match self.verifier.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
         }
     }
 
@@ -283,7 +423,7 @@ impl TaskInbox {
     ) -> Result<TaskPayload, TaskInboxError> {
         let mut ledger = self.ledger.lock().await;
         let payload = self
-            .verifier
+            .verifier()
             .verify(envelope_bytes, now_unix, ledger.high_water())
             .inspect_err(|rejection| {
                 tracing::warn!(
@@ -296,7 +436,7 @@ impl TaskInbox {
         let accepted_at = OffsetDateTime::from_unix_timestamp(now_unix)
             .unwrap_or_else(|_| OffsetDateTime::now_utc());
         ledger
-            .record_accepted(&payload, accepted_at)
+            .record_accepted(&payload, envelope_bytes, accepted_at)
             .inspect_err(|error| {
                 tracing::error!(
                     task_id = %payload.task_id,
@@ -391,7 +531,7 @@ mod tests {
         let scratch = ScratchDir::new();
         let mut ledger = TaskLedger::open(&scratch.0).unwrap();
         ledger
-            .record_accepted(&payload_with_seq(5), OffsetDateTime::now_utc())
+            .record_accepted(&payload_with_seq(5), b"{}", OffsetDateTime::now_utc())
             .unwrap();
         drop(ledger);
         assert_eq!(TaskLedger::open(&scratch.0).unwrap().high_water(), 5);
@@ -407,15 +547,17 @@ mod tests {
         let mut ledger = TaskLedger::open(&scratch.0).unwrap();
         let accepted_at = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
         let first = payload_with_seq(1);
-        ledger.record_accepted(&first, accepted_at).unwrap();
+        ledger.record_accepted(&first, b"{}", accepted_at).unwrap();
         ledger
-            .record_accepted(&payload_with_seq(2), accepted_at)
+            .record_accepted(&payload_with_seq(2), b"{}", accepted_at)
             .unwrap();
 
         let log = fs::read_to_string(scratch.0.join(TASK_LOG_FILE)).unwrap();
         let lines: Vec<&str> = log.lines().collect();
         assert_eq!(lines.len(), 2);
         let entry: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        let hash = entry["hash"].as_str().unwrap().to_owned();
+        assert_eq!(hash.len(), 64);
         assert_eq!(
             entry,
             serde_json::json!({
@@ -424,7 +566,69 @@ mod tests {
                 "allocation_id": Uuid::from_u128(7),
                 "op": "stop_workload",
                 "accepted_at": "2023-11-14T22:13:20Z",
+                "envelope": "{}",
+                "prev": GENESIS_HASH,
+                "hash": hash,
             })
+        );
+        let second: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(second["prev"], hash.as_str());
+    }
+
+    #[test]
+    fn the_task_log_chain_survives_reopening_and_finds_any_edit() {
+        let scratch = ScratchDir::new();
+        let mut ledger = TaskLedger::open(&scratch.0).unwrap();
+        for seq in 1..=3 {
+            ledger
+                .record_accepted(
+                    &payload_with_seq(seq),
+                    b"{\"v\":1}",
+                    OffsetDateTime::now_utc(),
+                )
+                .unwrap();
+        }
+        drop(ledger);
+        let mut ledger = TaskLedger::open(&scratch.0).unwrap();
+        ledger
+            .record_accepted(&payload_with_seq(4), b"{}", OffsetDateTime::now_utc())
+            .unwrap();
+        let log = fs::read_to_string(scratch.0.join(TASK_LOG_FILE)).unwrap();
+        assert_eq!(
+            verify_task_log(&log),
+            TaskLogSummary {
+                chained: 4,
+                legacy: 0,
+                broken_at: None
+            }
+        );
+
+        // Change what a task said, drop a line, swap two lines.
+        let lines: Vec<&str> = log.lines().collect();
+        let edited = log.replacen("stop_workload", "start_workload", 1);
+        let dropped = [lines[0], lines[2], lines[3]].join("\n");
+        let swapped = [lines[1], lines[0], lines[2], lines[3]].join("\n");
+        assert_eq!(verify_task_log(&edited).broken_at, Some(1));
+        assert_eq!(verify_task_log(&dropped).broken_at, Some(2));
+        assert_eq!(verify_task_log(&swapped).broken_at, Some(1));
+    }
+
+    #[test]
+    fn legacy_lines_before_the_chain_are_counted_not_broken() {
+        let scratch = ScratchDir::new();
+        fs::write(scratch.0.join(TASK_LOG_FILE), "{\"seq\":1,\"task_id\":\"00000000-0000-0000-0000-000000000001\",\"allocation_id\":\"00000000-0000-0000-0000-000000000007\",\"op\":\"stop_workload\",\"accepted_at\":\"2023-11-14T22:13:20Z\"}\n").unwrap();
+        let mut ledger = TaskLedger::open(&scratch.0).unwrap();
+        ledger
+            .record_accepted(&payload_with_seq(2), b"{}", OffsetDateTime::now_utc())
+            .unwrap();
+        let log = fs::read_to_string(scratch.0.join(TASK_LOG_FILE)).unwrap();
+        assert_eq!(
+            verify_task_log(&log),
+            TaskLogSummary {
+                chained: 1,
+                legacy: 1,
+                broken_at: None
+            }
         );
     }
 
@@ -433,7 +637,7 @@ mod tests {
         let scratch = ScratchDir::new();
         let mut ledger = TaskLedger::open(&scratch.0).unwrap();
         ledger
-            .record_accepted(&payload_with_seq(9), OffsetDateTime::now_utc())
+            .record_accepted(&payload_with_seq(9), b"{}", OffsetDateTime::now_utc())
             .unwrap();
         drop(ledger);
         fs::remove_file(scratch.0.join(HIGH_WATER_FILE)).unwrap();
@@ -447,7 +651,7 @@ mod tests {
         let mut ledger = TaskLedger::open(&scratch.0).unwrap();
         assert_eq!(ledger.high_water(), 3);
         ledger
-            .record_accepted(&payload_with_seq(4), OffsetDateTime::now_utc())
+            .record_accepted(&payload_with_seq(4), b"{}", OffsetDateTime::now_utc())
             .unwrap();
         let log = fs::read_to_string(scratch.0.join(TASK_LOG_FILE)).unwrap();
         assert_eq!(log.lines().count(), 3);

@@ -48,14 +48,15 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PkiConfig {
-    /// Lifetime of a node certificate, in hours.
-    pub node_cert_lifetime_hours: u32,
+    /// Lifetime of a node certificate, in seconds (at least 10; agents
+    /// renew at 50–70 % of it).
+    pub node_cert_lifetime_secs: u32,
 }
 
 impl Default for PkiConfig {
     fn default() -> Self {
         Self {
-            node_cert_lifetime_hours: 168,
+            node_cert_lifetime_secs: 7 * 24 * 3600,
         }
     }
 }

@@ -54,6 +54,10 @@ pub fn app(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(keel_http::request_id_layer))
 }
 
+/// The shortest node certificate lifetime honoured (tests use short ones
+/// to watch renewal; production keeps the default week).
+const MIN_NODE_CERT_LIFETIME_SECS: u32 = 10;
+
 /// What enrolment hands nodes, from the control plane's keys.
 pub fn node_channel(keys: &ControlPlaneKeys, config: &Config) -> anyhow::Result<NodeChannel> {
     Ok(NodeChannel {
@@ -64,7 +68,12 @@ pub fn node_channel(keys: &ControlPlaneKeys, config: &Config) -> anyhow::Result<
         )?,
         control_plane_ca_pem: keys.control_plane_ca.cert_pem().to_owned(),
         agent_api_url: config.agent.url(),
-        node_cert_lifetime: time::Duration::hours(i64::from(config.pki.node_cert_lifetime_hours)),
+        node_cert_lifetime: time::Duration::seconds(i64::from(
+            config
+                .pki
+                .node_cert_lifetime_secs
+                .max(MIN_NODE_CERT_LIFETIME_SECS),
+        )),
     })
 }
 

@@ -8,115 +8,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use keel_client::apis::configuration::Configuration;
 use keel_client::apis::{allocations_api, auth_api, inventory_api};
 use keel_client::models::{AllocationState, LoginRequest, NewAllocation, RegisterRequest};
 
-const SIGNING_KEY: &str = "e2e-signing-key-that-is-long-enough-0123456789";
+mod common;
 
-/// A child process killed when the test ends, however it ends.
-struct Process {
-    child: Child,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn binary(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    let path = target.join("debug").join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the binaries first (scripts/test.sh does)",
-        path.display()
-    );
-    path
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The environment every control-plane process of this test shares.
-fn control_plane_env(
-    command: &mut Command,
-    database: &keel_testing::TestDb,
-    kms_dir: &Path,
-    api: u16,
-    agents: u16,
-) {
-    command
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("KEEL_DATABASE__URL", &database.app_url)
-        .env("KEEL_DATABASE__MIGRATE_URL", &database.admin_url)
-        .env("KEEL_AUTH__SIGNING_KEYS", format!("[\"{SIGNING_KEY}\"]"))
-        .env("KEEL_SERVER__LISTEN", format!("127.0.0.1:{api}"))
-        .env("KEEL_AGENT__LISTEN", format!("127.0.0.1:{agents}"))
-        .env("KEEL_KMS__PROVIDER", "local")
-        .env(
-            "KEEL_KMS__MASTER_KEY_FILE",
-            kms_dir.join("master-keys.json"),
-        )
-        .env("KEEL_LOG__FILTER", "info");
-}
-
-fn spawn(name: &'static str, command: &mut Command, logs: &Path) -> Process {
-    let log = std::fs::File::create(logs.join(format!("{name}.log"))).unwrap();
-    let child = command
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap_or_else(|error| panic!("starting {name}: {error}"));
-    Process { child }
-}
-
-async fn eventually<T, F, Fut>(what: &str, logs: &Path, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        if Instant::now() > deadline {
-            let mut dump = String::new();
-            for entry in std::fs::read_dir(logs).unwrap().flatten() {
-                dump += &format!(
-                    "\n--- {}\n{}",
-                    entry.path().display(),
-                    std::fs::read_to_string(entry.path()).unwrap_or_default()
-                );
-            }
-            panic!("timed out waiting for {what}{dump}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn pid_is_alive(pid: u32) -> bool {
-    // A reaped process has no /proc entry; a zombie would say so in stat.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| !stat.contains(") Z "))
-        .unwrap_or(false)
-}
+use common::{binary, control_plane_env, eventually, free_port, pid_is_alive, spawn};
 
 #[tokio::test]
 async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_removes_the_process() {

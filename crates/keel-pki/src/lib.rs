@@ -69,7 +69,7 @@ pub use identity::{
     CONTROL_PLANE_URI_PREFIX, NODE_URI_PREFIX, control_plane_identity, control_plane_uri,
     is_valid_component, node_identity, node_uri,
 };
-pub use revocation::{Denied, DenyList, serial_hex};
+pub use revocation::{Denied, DenyList, serial_hex, validity};
 pub use tls::{
     certs_from_pem, client_config, client_config_for_node, client_config_with_hot_identity,
     private_key_from_pem, server_config_requiring_client_certs, server_config_with_deny_list,

@@ -28,6 +28,16 @@ pub fn serial_hex(der: &[u8]) -> Option<String> {
     Some(hex::encode(certificate.raw_serial()))
 }
 
+/// A DER certificate's validity window (`not_before`, `not_after`).
+pub fn validity(der: &[u8]) -> Option<(time::OffsetDateTime, time::OffsetDateTime)> {
+    let (_, certificate) = x509_parser::parse_x509_certificate(der).ok()?;
+    let window = certificate.validity();
+    Some((
+        time::OffsetDateTime::from_unix_timestamp(window.not_before.timestamp()).ok()?,
+        time::OffsetDateTime::from_unix_timestamp(window.not_after.timestamp()).ok()?,
+    ))
+}
+
 /// Revoked serials, with the time they were last confirmed.
 pub struct DenyList {
     max_age: Duration,

@@ -92,6 +92,7 @@ fn options(api_url: &str, state_dir: &std::path::Path, pin: Option<String>) -> E
         name: "node-a".to_owned(),
         ca_fingerprint: pin,
         agent_url: None,
+        reenrol: false,
     }
 }
 

@@ -83,6 +83,7 @@ impl Fixture {
             signing_keys: vec![SigningKeyRecord {
                 key_id: signer.key_id().to_owned(),
                 public_key: verifying_key_to_base64(&signer.verifying_key()),
+                ..SigningKeyRecord::default()
             }],
         };
         state.save().unwrap();

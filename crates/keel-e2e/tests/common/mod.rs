@@ -1,0 +1,131 @@
+//! Helpers shared by the end-to-end tests: real binaries, real ports.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SIGNING_KEY: &str = "e2e-signing-key-that-is-long-enough-0123456789";
+
+/// A child process killed when the test ends, however it ends.
+pub struct Process {
+    pub child: Child,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn binary(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    let path = target.join("debug").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The environment every control-plane process of this test shares.
+pub fn control_plane_env(
+    command: &mut Command,
+    database: &keel_testing::TestDb,
+    kms_dir: &Path,
+    api: u16,
+    agents: u16,
+) {
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("KEEL_DATABASE__URL", &database.app_url)
+        .env("KEEL_DATABASE__MIGRATE_URL", &database.admin_url)
+        .env("KEEL_AUTH__SIGNING_KEYS", format!("[\"{SIGNING_KEY}\"]"))
+        .env("KEEL_SERVER__LISTEN", format!("127.0.0.1:{api}"))
+        .env("KEEL_AGENT__LISTEN", format!("127.0.0.1:{agents}"))
+        .env("KEEL_KMS__PROVIDER", "local")
+        .env(
+            "KEEL_KMS__MASTER_KEY_FILE",
+            kms_dir.join("master-keys.json"),
+        )
+        .env("KEEL_LOG__FILTER", "info");
+}
+
+pub fn spawn(name: &'static str, command: &mut Command, logs: &Path) -> Process {
+    let log = std::fs::File::create(logs.join(format!("{name}.log"))).unwrap();
+    let child = command
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap_or_else(|error| panic!("starting {name}: {error}"));
+    Process { child }
+}
+
+pub async fn eventually<T, F, Fut>(what: &str, logs: &Path, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() > deadline {
+            let mut dump = String::new();
+            for entry in std::fs::read_dir(logs).unwrap().flatten() {
+                dump += &format!(
+                    "\n--- {}\n{}",
+                    entry.path().display(),
+                    std::fs::read_to_string(entry.path()).unwrap_or_default()
+                );
+            }
+            panic!("timed out waiting for {what}{dump}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn pid_is_alive(pid: u32) -> bool {
+    // A reaped process has no /proc entry; a zombie would say so in stat.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| !stat.contains(") Z "))
+        .unwrap_or(false)
+}
+
+impl Process {
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().unwrap()
+    }
+}
+
+/// Runs a command to completion; panics with its stderr if it fails.
+pub fn run_ok(command: &mut Command) -> String {
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{:?} failed: {}{}",
+        command,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
