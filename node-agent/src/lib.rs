@@ -34,12 +34,14 @@
 //! command, and neither is enough on its own.
 
 pub mod agent;
+pub mod cgroups;
 pub mod cli;
 pub mod control;
 pub mod enrol;
 pub mod keyring;
 pub mod reports;
 pub mod server;
+pub mod shim;
 pub mod state;
 pub mod status;
 pub mod tasks;

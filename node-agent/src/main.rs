@@ -16,6 +16,18 @@ fn main() -> ExitCode {
         .skip(1)
         .map(std::ffi::OsString::into_string)
         .collect();
+    // The per-workload shim: no runtime, no logging set-up, nothing else.
+    if let Ok(arguments) = &arguments
+        && arguments.first().map(String::as_str) == Some("shim")
+    {
+        return match keel_agent::shim::parse(&arguments[1..]) {
+            Ok(options) => ExitCode::from(keel_agent::shim::run(&options)),
+            Err(message) => {
+                eprintln!("keel-agent: {message}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let command = arguments
         .map_err(|_| UsageError("arguments must be valid UTF-8".to_owned()))
         .and_then(|arguments| parse_command_line(&arguments));

@@ -12,65 +12,89 @@
 //!
 //! # How the process driver isolates workloads
 //!
-//! - Each allocation gets its own working directory,
-//!   `{state}/workloads/{allocation_id}`, which is also its `HOME` and where
-//!   its `stdout.log` and `stderr.log` go.
-//! - The environment is cleared except for a fixed `PATH` and `HOME`, so no
-//!   secret or setting of the agent leaks into a workload.
-//! - Each workload leads its own process group, so a stop reaches everything
-//!   the workload started, not just its first process.
-//! - When the agent runs as root, workloads run as the unprivileged `nobody`
-//!   user. Its working directory is then chowned to that user, and the state
-//!   directory and `workloads/` are given to that user's group with mode
-//!   0710 — search permission only, which a process needs in order to enter
-//!   a directory below them. Listing them or reading the agent's files (all
-//!   mode 0600, owned by root) stays impossible.
-//! - vCPU and memory sizes are accepted but not enforced yet: that needs
-//!   cgroups, which belong in a later driver.
+//! - Each workload runs under its own **shim** (`keel-agent shim`, see
+//!   [`crate::shim`]), a small root process that joins the workload's
+//!   cgroups, starts it, and records how it ended. Workloads therefore
+//!   outlive the agent, and an agent that restarts re-adopts them
+//!   ([`ProcessDriver::new`]) and learns about any that ended meanwhile,
+//!   with their exit status.
+//! - **Its own user**: when the agent runs as root, every allocation runs as
+//!   a uid of its own (from [`WORKLOAD_UID_BASE`], no login, no home outside
+//!   its directory), so workloads cannot signal, trace or read each other.
+//!   As a non-root user (development), workloads run as the agent's user,
+//!   with a warning.
+//! - **Limits** ([`crate::cgroups`]): memory (no swap), CPU quota and a
+//!   process count, per allocation, from the flavor. Where the host has no
+//!   usable cgroups, or the agent is not root, workloads run without limits
+//!   and the agent says so at start.
+//! - **Its own directory**, `{state}/workloads/{allocation_id}` (0700, its
+//!   user's), which is also its `HOME` and holds `stdout.log` and
+//!   `stderr.log`; the agent's bookkeeping lives in
+//!   `{state}/runtime/{allocation_id}` (root, 0700), which no workload can
+//!   write. The environment is cleared except for `PATH` and `HOME`.
+//! - **Stop kills the whole tree**: SIGTERM to the workload's process
+//!   group, SIGKILL after the grace period (10 s by default), then SIGKILL
+//!   to anything left in its cgroup — also processes that left the group.
 //!
-//! A stop sends SIGTERM to the whole group, waits for the grace period
-//! (10 s by default) and then sends SIGKILL. All signalling happens in the
-//! task that owns the child and only before it has been reaped, so the
-//! process group id cannot have been recycled for an unrelated process.
-//!
-//! Workloads are not killed when the agent stops: a restart of the agent
-//! must not take customer workloads down. Re-adopting them after a restart is
-//! not implemented yet; the agent starts with an empty view of what runs.
-
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-use std::os::unix::process::ExitStatusExt as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
-use nix::unistd::{Pid, User, geteuid};
+use nix::unistd::{Pid, geteuid};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncBufReadExt as _;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use crate::cgroups::{Layout, WorkloadCgroup};
 use crate::reports::{ReportSink, WorkloadReport};
-use crate::state::WORKLOADS_DIR;
+use crate::shim::{EXIT_FILE, ExitRecord, PID_FILE};
+use crate::state::{WORKLOADS_DIR, write_file_atomically};
 
-/// The only `PATH` a workload sees.
-pub const WORKLOAD_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+pub use crate::shim::WORKLOAD_PATH;
 
-/// The user workloads run as when the agent runs as root.
-pub const UNPRIVILEGED_USER: &str = "nobody";
+/// The first uid (and gid) of the per-allocation users.
+pub const WORKLOAD_UID_BASE: u32 = 3_000_000;
+/// How many per-allocation users there can be at once.
+const WORKLOAD_UID_SLOTS: u32 = 1_000_000;
 
 /// How long a workload gets between SIGTERM and SIGKILL by default.
 pub const DEFAULT_STOP_GRACE_PERIOD: Duration = Duration::from_secs(10);
 
-/// Mode of the directories a workload user must be able to pass through.
-const SEARCH_ONLY_FOR_GROUP_MODE: u32 = 0o710;
+/// Where the agent keeps its per-workload bookkeeping (root, 0700).
+pub const RUNTIME_DIR: &str = "runtime";
+
+/// Mode of the directories every workload user must be able to pass
+/// through: search only, no listing.
+const SEARCH_ONLY_MODE: u32 = 0o711;
 
 /// Mode of a workload's own working directory.
 const WORKLOAD_DIR_MODE: u32 = 0o700;
+
+/// The record of one workload in `runtime/{allocation_id}/record.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct WorkloadRecord {
+    allocation_id: Uuid,
+    /// The uid and gid it runs as (absent: the agent's own).
+    user: Option<(u32, u32)>,
+    shim_pid: i32,
+    /// The shim's start time in clock ticks (`/proc/{pid}/stat` field 22),
+    /// so a recycled pid is never mistaken for the shim.
+    shim_started: u64,
+    cgroup: Vec<PathBuf>,
+}
+
+/// Marks that a stop was asked for (so an exit is `terminated`).
+const STOP_FILE: &str = "stop-requested";
+const RECORD_FILE: &str = "record.json";
 
 /// What a driver needs to start a workload; mirrors the `start_workload`
 /// operation of a task.
@@ -137,73 +161,31 @@ pub enum WorkloadError {
         source: io::Error,
     },
 
-    /// The user database could not be read.
-    #[error("could not look up the user {name:?}: {source}")]
-    UserLookup {
-        /// The user name looked up.
-        name: &'static str,
-        /// The C library's error.
-        #[source]
-        source: nix::Error,
-    },
-
-    /// The agent runs as root but there is no unprivileged user to run
-    /// workloads as; running them as root instead is not an option.
-    #[error("the agent runs as root but the user {name:?} does not exist to run workloads as")]
-    NoUnprivilegedUser {
-        /// The user name looked up.
-        name: &'static str,
-    },
-}
-
-/// Why one workload could not be started; becomes the `reason` of the
-/// `failed` report.
-#[derive(Debug, thiserror::Error)]
-enum SpawnError {
-    #[error("the command is empty")]
-    EmptyCommand,
-
-    #[error("could not prepare {path}: {source}")]
-    Prepare {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-
-    #[error("cannot execute {program:?}: {source}")]
-    Execute {
-        program: String,
-        #[source]
-        source: io::Error,
-    },
-
-    #[error("the process exited before it could be tracked")]
-    NoProcessId,
-}
-
-/// The account workloads run as when the agent runs as root.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct WorkloadUser {
-    uid: u32,
-    gid: u32,
+    /// The program that runs shims could not be found.
+    #[error("could not find the keel-agent binary to run shims with: {0}")]
+    Launcher(#[source] io::Error),
 }
 
 /// One live workload, as tracked by the driver.
 #[derive(Debug)]
 struct RunningWorkload {
-    /// Process id of the workload's first process, which is also its process
-    /// group id.
-    process_group_id: i32,
+    /// The workload's first process (and process group), once started.
+    pid: Option<i32>,
+    user: Option<(u32, u32)>,
     /// Set to `true` to ask the supervising task to stop the workload.
     stop_requested: watch::Sender<bool>,
 }
 
 type RunningWorkloads = Arc<Mutex<HashMap<Uuid, RunningWorkload>>>;
 
-/// Runs each workload as a process group on this host. See the module docs.
+/// Runs each workload under a shim on this host. See the module docs.
 pub struct ProcessDriver {
     workloads_dir: PathBuf,
-    workload_user: Option<WorkloadUser>,
+    runtime_dir: PathBuf,
+    launcher: PathBuf,
+    /// Root: per-allocation users and cgroups. Not root: neither.
+    privileged: bool,
+    cgroups: Option<Layout>,
     stop_grace_period: Duration,
     reports: Arc<dyn ReportSink>,
     running: RunningWorkloads,
@@ -214,63 +196,90 @@ impl std::fmt::Debug for ProcessDriver {
         formatter
             .debug_struct("ProcessDriver")
             .field("workloads_dir", &self.workloads_dir)
-            .field("workload_user", &self.workload_user)
+            .field("privileged", &self.privileged)
+            .field("cgroups", &self.cgroups)
             .field("stop_grace_period", &self.stop_grace_period)
             .finish_non_exhaustive()
     }
 }
 
-impl ProcessDriver {
-    /// Prepares `{state_dir}/workloads` and picks the user workloads run as:
-    /// `nobody` when the agent is root (adjusting directory permissions as
-    /// described in the module docs), the agent's own user otherwise, with a
-    /// warning.
-    pub fn new(state_dir: &Path, reports: Arc<dyn ReportSink>) -> Result<Self, WorkloadError> {
-        let workloads_dir = state_dir.join(WORKLOADS_DIR);
-        fs::create_dir_all(&workloads_dir).map_err(|source| WorkloadError::Io {
-            path: workloads_dir.clone(),
-            source,
-        })?;
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> WorkloadError + '_ {
+    move |source| WorkloadError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
-        let workload_user = if geteuid().is_root() {
-            let user = User::from_name(UNPRIVILEGED_USER)
-                .map_err(|source| WorkloadError::UserLookup {
-                    name: UNPRIVILEGED_USER,
-                    source,
-                })?
-                .ok_or(WorkloadError::NoUnprivilegedUser {
-                    name: UNPRIVILEGED_USER,
-                })?;
-            let workload_user = WorkloadUser {
-                uid: user.uid.as_raw(),
-                gid: user.gid.as_raw(),
-            };
+impl ProcessDriver {
+    /// Prepares `{state_dir}/workloads` and `{state_dir}/runtime`, decides
+    /// what isolation this host allows (see the module docs), and re-adopts
+    /// the workloads a previous agent left running: each is reported
+    /// `running` again (the control plane ignores what it already knows),
+    /// and one that ended while no agent ran is reported with how it ended.
+    /// Must be called inside a tokio runtime.
+    pub fn new(state_dir: &Path, reports: Arc<dyn ReportSink>) -> Result<Self, WorkloadError> {
+        let launcher = std::env::current_exe().map_err(WorkloadError::Launcher)?;
+        Self::with_launcher(state_dir, reports, launcher)
+    }
+
+    /// [`ProcessDriver::new`] with an explicit `keel-agent` binary for the
+    /// shims (tests run inside another executable).
+    pub fn with_launcher(
+        state_dir: &Path,
+        reports: Arc<dyn ReportSink>,
+        launcher: PathBuf,
+    ) -> Result<Self, WorkloadError> {
+        let workloads_dir = state_dir.join(WORKLOADS_DIR);
+        let runtime_dir = state_dir.join(RUNTIME_DIR);
+        fs::create_dir_all(&workloads_dir).map_err(io_error(&workloads_dir))?;
+        fs::create_dir_all(&runtime_dir).map_err(io_error(&runtime_dir))?;
+        set_mode(&runtime_dir, 0o700)?;
+
+        let privileged = geteuid().is_root();
+        let cgroups = if privileged {
             for dir in [state_dir, workloads_dir.as_path()] {
-                grant_search_permission_to_group(dir, workload_user.gid)?;
+                set_mode(dir, SEARCH_ONLY_MODE)?;
             }
-            tracing::info!(
-                user = UNPRIVILEGED_USER,
-                uid = workload_user.uid,
-                "workloads will run as an unprivileged user"
-            );
-            Some(workload_user)
+            match Layout::detect().and_then(|layout| {
+                layout
+                    .prepare()
+                    .map(|()| layout)
+                    .map_err(|error| format!("could not prepare the keel cgroups: {error}"))
+            }) {
+                Ok(layout) => {
+                    tracing::info!(
+                        ?layout,
+                        "workloads run as their own users, with cgroup limits"
+                    );
+                    Some(layout)
+                }
+                Err(reason) => {
+                    tracing::warn!(%reason, "workloads run as their own users but WITHOUT resource limits");
+                    None
+                }
+            }
         } else {
             set_mode(&workloads_dir, WORKLOAD_DIR_MODE)?;
             tracing::warn!(
                 uid = geteuid().as_raw(),
-                "the agent is not running as root, so workloads run as the agent's own user \
-                 and can read the agent's state, including its private key"
+                "the agent is not running as root, so workloads run as the agent's own user, \
+                 without resource limits, and can read the agent's state"
             );
             None
         };
 
-        Ok(Self {
+        let driver = Self {
             workloads_dir,
-            workload_user,
+            runtime_dir,
+            launcher,
+            privileged,
+            cgroups,
             stop_grace_period: DEFAULT_STOP_GRACE_PERIOD,
             reports,
             running: Arc::default(),
-        })
+        };
+        driver.readopt();
+        Ok(driver)
     }
 
     /// Changes how long a stopping workload gets between SIGTERM and SIGKILL.
@@ -283,7 +292,8 @@ impl ProcessDriver {
     pub fn pid_of(&self, allocation_id: Uuid) -> Option<u32> {
         lock(&self.running)
             .get(&allocation_id)
-            .and_then(|workload| u32::try_from(workload.process_group_id).ok())
+            .and_then(|workload| workload.pid)
+            .and_then(|pid| u32::try_from(pid).ok())
     }
 
     /// The allocations whose workloads are currently running.
@@ -291,9 +301,18 @@ impl ProcessDriver {
         lock(&self.running).keys().copied().collect()
     }
 
-    /// The uid workloads run as, when it differs from the agent's.
-    pub fn workload_uid(&self) -> Option<u32> {
-        self.workload_user.map(|user| user.uid)
+    /// The uid an allocation's workload runs as, when it differs from the
+    /// agent's.
+    pub fn workload_uid(&self, allocation_id: Uuid) -> Option<u32> {
+        lock(&self.running)
+            .get(&allocation_id)
+            .and_then(|workload| workload.user)
+            .map(|(uid, _)| uid)
+    }
+
+    /// Whether workloads get cgroup limits on this host.
+    pub fn enforces_limits(&self) -> bool {
+        self.cgroups.is_some()
     }
 
     /// The working directory of an allocation's workload.
@@ -302,54 +321,168 @@ impl ProcessDriver {
             .join(allocation_id.hyphenated().to_string())
     }
 
-    /// Creates the working directory and log files and spawns the process.
-    fn spawn(&self, spec: &WorkloadSpec) -> Result<Child, SpawnError> {
-        let (program, arguments) = spec.command.split_first().ok_or(SpawnError::EmptyCommand)?;
-        let dir = self.workload_dir(spec.allocation_id);
-        let prepare_error = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| SpawnError::Prepare { path, source }
-        };
+    fn runtime_dir_of(&self, allocation_id: Uuid) -> PathBuf {
+        self.runtime_dir
+            .join(allocation_id.hyphenated().to_string())
+    }
 
-        fs::create_dir_all(&dir).map_err(prepare_error(&dir))?;
+    /// A uid no recorded workload uses.
+    fn free_user(&self) -> Option<(u32, u32)> {
+        if !self.privileged {
+            return None;
+        }
+        let used: std::collections::HashSet<u32> = self
+            .records()
+            .into_iter()
+            .filter_map(|record| record.user.map(|(uid, _)| uid))
+            .collect();
+        (0..WORKLOAD_UID_SLOTS)
+            .map(|slot| WORKLOAD_UID_BASE + slot)
+            .find(|uid| !used.contains(uid))
+            .map(|uid| (uid, uid))
+    }
+
+    fn records(&self) -> Vec<WorkloadRecord> {
+        let Ok(entries) = fs::read_dir(&self.runtime_dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| fs::read_to_string(entry.path().join(RECORD_FILE)).ok())
+            .filter_map(|text| serde_json::from_str(&text).ok())
+            .collect()
+    }
+
+    /// Prepares the directories and cgroups and starts the shim.
+    fn spawn_shim(
+        &self,
+        spec: &WorkloadSpec,
+        user: Option<(u32, u32)>,
+    ) -> Result<(Child, WorkloadCgroup), String> {
+        if spec.command.is_empty() {
+            return Err("the command is empty".to_owned());
+        }
+        let dir = self.workload_dir(spec.allocation_id);
+        let runtime = self.runtime_dir_of(spec.allocation_id);
+        let prepare = |path: &Path, error: io::Error| {
+            format!("could not prepare {}: {error}", path.display())
+        };
+        fs::create_dir_all(&dir).map_err(|error| prepare(&dir, error))?;
         fs::set_permissions(&dir, fs::Permissions::from_mode(WORKLOAD_DIR_MODE))
-            .map_err(prepare_error(&dir))?;
-        let stdout_path = dir.join("stdout.log");
-        let stderr_path = dir.join("stderr.log");
-        let stdout = open_log(&stdout_path).map_err(prepare_error(&stdout_path))?;
-        let stderr = open_log(&stderr_path).map_err(prepare_error(&stderr_path))?;
-        if let Some(user) = self.workload_user {
-            for path in [&dir, &stdout_path, &stderr_path] {
-                std::os::unix::fs::chown(path, Some(user.uid), Some(user.gid))
-                    .map_err(prepare_error(path))?;
+            .map_err(|error| prepare(&dir, error))?;
+        // Earlier bookkeeping of this allocation (a finished run) goes.
+        let _ = fs::remove_dir_all(&runtime);
+        fs::create_dir_all(&runtime).map_err(|error| prepare(&runtime, error))?;
+        fs::set_permissions(&runtime, fs::Permissions::from_mode(0o700))
+            .map_err(|error| prepare(&runtime, error))?;
+        if let Some((uid, gid)) = user {
+            for name in ["", "stdout.log", "stderr.log"] {
+                let path = dir.join(name);
+                if !name.is_empty() && !path.exists() {
+                    fs::File::create(&path).map_err(|error| prepare(&path, error))?;
+                    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                        .map_err(|error| prepare(&path, error))?;
+                }
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                    .map_err(|error| prepare(&path, error))?;
             }
         }
+        let cgroup = match &self.cgroups {
+            Some(layout) => {
+                let cgroup = layout.workload(spec.allocation_id);
+                cgroup
+                    .create(spec.vcpus, spec.memory_mib)
+                    .map_err(|error| format!("could not create the workload's cgroups: {error}"))?;
+                cgroup
+            }
+            None => WorkloadCgroup::from_dirs(Vec::new()),
+        };
 
-        let mut command = Command::new(program);
+        let mut command = Command::new(&self.launcher);
         command
-            .args(arguments)
-            .current_dir(&dir)
-            .env_clear()
-            .env("PATH", WORKLOAD_PATH)
-            .env("HOME", &dir)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            // Its own process group, so that a stop can signal everything the
-            // workload started, and so that a Ctrl-C aimed at the agent's
-            // terminal does not reach workloads.
-            .process_group(0)
-            // Workloads outlive the agent on purpose; see the module docs.
-            .kill_on_drop(false);
-        if let Some(user) = self.workload_user {
-            // The standard library also drops supplementary groups when it
-            // changes the uid of a child of root.
-            command.uid(user.uid).gid(user.gid);
+            .arg("shim")
+            .arg("--runtime")
+            .arg(&runtime)
+            .arg("--dir")
+            .arg(&dir);
+        if let Some((uid, gid)) = user {
+            command
+                .args(["--uid", &uid.to_string()])
+                .args(["--gid", &gid.to_string()]);
         }
-        command.spawn().map_err(|source| SpawnError::Execute {
-            program: program.clone(),
-            source,
-        })
+        for cgroup_dir in cgroup.dirs() {
+            command.arg("--cgroup").arg(cgroup_dir);
+        }
+        command
+            .arg("--")
+            .args(&spec.command)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            // Its own process group: signals for the agent (a Ctrl-C at a
+            // terminal) do not reach it.
+            .process_group(0)
+            // The shim outlives the agent on purpose.
+            .kill_on_drop(false);
+        let child = command
+            .spawn()
+            .map_err(|error| format!("could not start the shim: {error}"))?;
+        let shim_pid = child
+            .id()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .ok_or("the shim exited before it could be tracked")?;
+        let record = WorkloadRecord {
+            allocation_id: spec.allocation_id,
+            user,
+            shim_pid,
+            shim_started: process_start_ticks(shim_pid).unwrap_or(0),
+            cgroup: cgroup.dirs().to_vec(),
+        };
+        let bytes = serde_json::to_vec(&record).map_err(|error| error.to_string())?;
+        write_file_atomically(&runtime.join(RECORD_FILE), &bytes)
+            .map_err(|error| prepare(&runtime, error))?;
+        Ok((child, cgroup))
+    }
+
+    /// Takes over the workloads recorded in `runtime/`.
+    fn readopt(&self) {
+        for record in self.records() {
+            let allocation_id = record.allocation_id;
+            let runtime = self.runtime_dir_of(allocation_id);
+            let cgroup = WorkloadCgroup::from_dirs(record.cgroup.clone());
+            let shim_alive = process_start_ticks(record.shim_pid)
+                .is_some_and(|started| started == record.shim_started);
+            let pid = read_pid(&runtime);
+            let (stop_requested, stop_receiver) = watch::channel(false);
+            lock(&self.running).insert(
+                allocation_id,
+                RunningWorkload {
+                    pid,
+                    user: record.user,
+                    stop_requested,
+                },
+            );
+            if shim_alive {
+                tracing::info!(%allocation_id, pid, "re-adopted a running workload");
+                self.reports.report(WorkloadReport::running(allocation_id));
+            }
+            tokio::spawn(supervise(Supervision {
+                shim: Shim::Adopted {
+                    pid: record.shim_pid,
+                    started: record.shim_started,
+                },
+                allocation_id,
+                pid,
+                runtime,
+                cgroup,
+                stop_requested: stop_receiver,
+                running: Arc::clone(&self.running),
+                reports: Arc::clone(&self.reports),
+                stop_grace_period: self.stop_grace_period,
+                reported_running: shim_alive,
+            }));
+        }
     }
 }
 
@@ -363,15 +496,8 @@ impl WorkloadDriver for ProcessDriver {
             tracing::info!(%allocation_id, "workload already running; start ignored");
             return StartOutcome::AlreadyRunning;
         }
-
-        let spawned = self.spawn(&spec).and_then(|child| {
-            let process_group_id = child
-                .id()
-                .and_then(|pid| i32::try_from(pid).ok())
-                .ok_or(SpawnError::NoProcessId)?;
-            Ok((child, process_group_id))
-        });
-        let (child, process_group_id) = match spawned {
+        let user = self.free_user();
+        let (child, cgroup) = match self.spawn_shim(&spec, user) {
             Ok(spawned) => spawned,
             Err(error) => {
                 tracing::warn!(%allocation_id, %error, "could not start workload");
@@ -379,30 +505,30 @@ impl WorkloadDriver for ProcessDriver {
                     allocation_id,
                     format!("could not start workload: {error}"),
                 ));
+                let _ = fs::remove_dir_all(self.runtime_dir_of(allocation_id));
                 return StartOutcome::FailedToStart;
             }
         };
-
-        let (stop_requested, stop_requested_receiver) = watch::channel(false);
+        let (stop_requested, stop_receiver) = watch::channel(false);
         running.insert(
             allocation_id,
             RunningWorkload {
-                process_group_id,
+                pid: None,
+                user,
                 stop_requested,
             },
         );
-        tracing::info!(%allocation_id, pid = process_group_id, "workload started");
-        // Reported before the supervisor exists, so `running` is always queued
-        // ahead of the report of how the workload ended.
-        self.reports.report(WorkloadReport::running(allocation_id));
         tokio::spawn(supervise(Supervision {
-            child,
+            shim: Shim::Child(child),
             allocation_id,
-            process_group_id,
-            stop_requested: stop_requested_receiver,
+            pid: None,
+            runtime: self.runtime_dir_of(allocation_id),
+            cgroup,
+            stop_requested: stop_receiver,
             running: Arc::clone(&self.running),
             reports: Arc::clone(&self.reports),
             stop_grace_period: self.stop_grace_period,
+            reported_running: false,
         }));
         StartOutcome::Started
     }
@@ -411,7 +537,9 @@ impl WorkloadDriver for ProcessDriver {
         let running = lock(&self.running);
         match running.get(&allocation_id) {
             Some(workload) => {
-                tracing::info!(%allocation_id, pid = workload.process_group_id, "stopping workload");
+                tracing::info!(%allocation_id, pid = workload.pid, "stopping workload");
+                let _ =
+                    write_file_atomically(&self.runtime_dir_of(allocation_id).join(STOP_FILE), b"");
                 workload.stop_requested.send_replace(true);
                 StopOutcome::Stopping
             }
@@ -425,59 +553,165 @@ impl WorkloadDriver for ProcessDriver {
     }
 }
 
+/// The shim of a workload: our child, or one a previous agent started.
+enum Shim {
+    Child(Child),
+    Adopted { pid: i32, started: u64 },
+}
+
+impl Shim {
+    /// Resolves when the shim has exited.
+    async fn exited(&mut self) {
+        match self {
+            Shim::Child(child) => {
+                let _ = child.wait().await;
+            }
+            Shim::Adopted { pid, started } => {
+                while process_start_ticks(*pid) == Some(*started) {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    /// The first line the shim says: `started PID` or `failed REASON`.
+    /// `None` for an adopted shim, or one that died without a word.
+    async fn first_line(&mut self) -> Option<String> {
+        let Shim::Child(child) = self else {
+            return None;
+        };
+        let stdout = child.stdout.take()?;
+        let mut line = String::new();
+        let mut reader = tokio::io::BufReader::new(stdout);
+        match reader.read_line(&mut line).await {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(line.trim_end().to_owned()),
+        }
+    }
+}
+
 /// Everything the supervising task of one workload owns.
 struct Supervision {
-    child: Child,
+    shim: Shim,
     allocation_id: Uuid,
-    process_group_id: i32,
+    pid: Option<i32>,
+    runtime: PathBuf,
+    cgroup: WorkloadCgroup,
     stop_requested: watch::Receiver<bool>,
     running: RunningWorkloads,
     reports: Arc<dyn ReportSink>,
     stop_grace_period: Duration,
+    reported_running: bool,
 }
 
-/// Waits for the workload to end — by itself or because a stop was asked
-/// for — and reports how it ended.
+/// Learns that the workload started (and reports `running`), waits for it
+/// to end — by itself or because a stop was asked for — cleans up and
+/// reports how it ended.
 async fn supervise(mut supervision: Supervision) {
-    let exited_by_itself = tokio::select! {
-        exit = supervision.child.wait() => Some(exit),
-        () = wait_for_stop_request(&mut supervision.stop_requested) => None,
-    };
-    let exit = match exited_by_itself {
-        Some(exit) => exit,
-        None => {
-            terminate_process_group(
-                &mut supervision.child,
-                supervision.process_group_id,
-                supervision.stop_grace_period,
-            )
-            .await
+    let allocation_id = supervision.allocation_id;
+    if let Shim::Child(_) = supervision.shim {
+        match supervision.shim.first_line().await {
+            Some(line) if line.starts_with("started ") => {
+                let pid = line["started ".len()..].parse::<i32>().ok();
+                supervision.pid = pid;
+                if let Some(workload) = lock(&supervision.running).get_mut(&allocation_id) {
+                    workload.pid = pid;
+                }
+                tracing::info!(%allocation_id, pid, "workload started");
+                supervision
+                    .reports
+                    .report(WorkloadReport::running(allocation_id));
+                supervision.reported_running = true;
+            }
+            // `failed …`, or the shim died: exit.json (or its absence) says.
+            _ => {}
         }
-    };
+    }
 
-    // The first process is gone, but processes it started may not be (a
-    // child that ignores SIGTERM, or a daemonised helper of a workload that
-    // exited by itself). They are in its process group: kill what is left.
-    // The group id cannot have been handed to an unrelated process, because
-    // Linux does not reuse a pid while a process group of that id exists.
-    signal_process_group(Pid::from_raw(supervision.process_group_id), Signal::SIGKILL);
+    let stopped_early = tokio::select! {
+        () = supervision.shim.exited() => false,
+        () = wait_for_stop_request(&mut supervision.stop_requested) => true,
+    };
+    if stopped_early {
+        if supervision.pid.is_none() {
+            supervision.pid = read_pid(&supervision.runtime);
+        }
+        terminate(&mut supervision).await;
+    }
+    // Whatever is left of the workload goes: processes that left its group
+    // (a daemonised helper), or everything if the shim itself died.
+    signal_group(supervision.pid, Signal::SIGKILL);
+    supervision.cgroup.kill_all(None);
+
+    let exit: Option<ExitRecord> = fs::read_to_string(supervision.runtime.join(EXIT_FILE))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok());
+    let oom_killed = supervision.cgroup.oom_kills() > 0;
+    supervision.cgroup.remove();
 
     // Forget the workload first and read the stop flag second: stops set the
     // flag while holding the same lock, so once the entry is gone no stop can
     // slip in unnoticed between the two.
-    lock(&supervision.running).remove(&supervision.allocation_id);
-    let stop_was_requested = *supervision.stop_requested.borrow();
+    lock(&supervision.running).remove(&allocation_id);
+    let stop_was_requested =
+        *supervision.stop_requested.borrow() || supervision.runtime.join(STOP_FILE).exists();
+    let _ = fs::remove_dir_all(&supervision.runtime);
 
-    let allocation_id = supervision.allocation_id;
-    let report = if stop_was_requested {
-        tracing::info!(%allocation_id, "workload terminated");
-        WorkloadReport::terminated(allocation_id)
-    } else {
-        let reason = describe_exit(&exit);
-        tracing::warn!(%allocation_id, %reason, "workload failed");
-        WorkloadReport::failed(allocation_id, reason)
+    let report = match (&exit, stop_was_requested) {
+        (Some(exit), _) if exit.spawn_error.is_some() => {
+            let reason = exit.describe(false);
+            tracing::warn!(%allocation_id, %reason, "workload failed to start");
+            WorkloadReport::failed(allocation_id, reason)
+        }
+        (_, true) => {
+            tracing::info!(%allocation_id, "workload terminated");
+            WorkloadReport::terminated(allocation_id)
+        }
+        (Some(exit), false) => {
+            let reason = exit.describe(oom_killed);
+            tracing::warn!(%allocation_id, %reason, "workload failed");
+            WorkloadReport::failed(allocation_id, reason)
+        }
+        (None, false) => {
+            let reason = "the workload was lost: its supervisor ended without recording how \
+                          (was the host restarted?)"
+                .to_owned();
+            tracing::warn!(%allocation_id, %reason, "workload failed");
+            WorkloadReport::failed(allocation_id, reason)
+        }
     };
     supervision.reports.report(report);
+}
+
+/// SIGTERM to the workload's group, SIGKILL after the grace period; waits
+/// for the shim to record the exit.
+async fn terminate(supervision: &mut Supervision) {
+    signal_group(supervision.pid, Signal::SIGTERM);
+    if tokio::time::timeout(supervision.stop_grace_period, supervision.shim.exited())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            pid = supervision.pid,
+            grace_period_ms = supervision.stop_grace_period.as_millis(),
+            "workload ignored SIGTERM; killing it"
+        );
+        signal_group(supervision.pid, Signal::SIGKILL);
+        supervision
+            .cgroup
+            .kill_all(Some(shim_pid(&supervision.shim)));
+        supervision.shim.exited().await;
+    }
+}
+
+fn shim_pid(shim: &Shim) -> i32 {
+    match shim {
+        Shim::Child(child) => child
+            .id()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .unwrap_or(0),
+        Shim::Adopted { pid, .. } => *pid,
+    }
 }
 
 /// Resolves once a stop has been requested. If the driver is dropped without
@@ -492,75 +726,45 @@ async fn wait_for_stop_request(stop_requested: &mut watch::Receiver<bool>) {
     }
 }
 
-/// SIGTERM to the group, then SIGKILL if the first process is still there
-/// after the grace period. Returns how the first process ended; the
-/// supervisor then kills whatever is left of the group.
-async fn terminate_process_group(
-    child: &mut Child,
-    process_group_id: i32,
-    stop_grace_period: Duration,
-) -> io::Result<ExitStatus> {
-    let process_group = Pid::from_raw(process_group_id);
-    signal_process_group(process_group, Signal::SIGTERM);
-    match tokio::time::timeout(stop_grace_period, child.wait()).await {
-        Ok(exit) => exit,
-        Err(_elapsed) => {
-            tracing::warn!(
-                pid = process_group_id,
-                grace_period_ms = stop_grace_period.as_millis(),
-                "workload ignored SIGTERM; killing its process group"
-            );
-            signal_process_group(process_group, Signal::SIGKILL);
-            child.wait().await
-        }
-    }
-}
-
-fn signal_process_group(process_group: Pid, signal: Signal) {
-    match killpg(process_group, signal) {
+/// Signals the workload's process group. The group id cannot belong to an
+/// unrelated process: Linux does not reuse a pid while a process group of
+/// that id exists, and the shim (its parent) has not reaped it unless the
+/// whole group is being cleaned up anyway.
+fn signal_group(pid: Option<i32>, signal: Signal) {
+    let Some(pid) = pid.filter(|pid| *pid > 1) else {
+        return;
+    };
+    match killpg(Pid::from_raw(pid), signal) {
         // The group is already gone: that is what we wanted.
         Ok(()) | Err(Errno::ESRCH) => {}
         Err(error) => {
-            tracing::error!(pid = process_group.as_raw(), %signal, %error, "could not signal workload");
+            tracing::error!(pid, %signal, %error, "could not signal workload");
         }
     }
 }
 
-/// The `reason` of a `failed` report for a workload that ended by itself.
-fn describe_exit(exit: &io::Result<ExitStatus>) -> String {
-    match exit {
-        Ok(status) => match (status.code(), status.signal()) {
-            (Some(code), _) => format!("workload exited with status {code}"),
-            (None, Some(signal)) => format!("killed by signal {signal}"),
-            (None, None) => format!("workload ended: {status}"),
-        },
-        Err(error) => format!("could not wait for workload: {error}"),
+fn read_pid(runtime: &Path) -> Option<i32> {
+    fs::read_to_string(runtime.join(PID_FILE))
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+}
+
+/// A process's start time in clock ticks since boot (`/proc/{pid}/stat`
+/// field 22), or `None` if there is no such process (or it is a zombie).
+pub fn process_start_ticks(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; it ends at the last ')'.
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // after_name starts at field 3 (state); field 22 is index 19.
+    if fields.first() == Some(&"Z") {
+        return None;
     }
-}
-
-/// Opens a log file for appending, so a restarted allocation keeps the
-/// output of its previous run.
-fn open_log(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
-}
-
-fn grant_search_permission_to_group(dir: &Path, gid: u32) -> Result<(), WorkloadError> {
-    std::os::unix::fs::chown(dir, None, Some(gid)).map_err(|source| WorkloadError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    set_mode(dir, SEARCH_ONLY_FOR_GROUP_MODE)
+    fields.get(19)?.parse().ok()
 }
 
 fn set_mode(dir: &Path, mode: u32) -> Result<(), WorkloadError> {
-    fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(|source| WorkloadError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(io_error(dir))
 }
 
 /// Locks the table of running workloads. A panic while it was held cannot
@@ -575,14 +779,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_exit_status_is_described_with_its_code() {
-        let status = ExitStatus::from_raw(3 << 8);
-        assert_eq!(describe_exit(&Ok(status)), "workload exited with status 3");
-    }
-
-    #[test]
-    fn a_death_by_signal_is_described_with_the_signal_number() {
-        let status = ExitStatus::from_raw(9);
-        assert_eq!(describe_exit(&Ok(status)), "killed by signal 9");
+    fn this_process_has_a_start_time_and_a_made_up_one_has_none() {
+        let own = i32::try_from(std::process::id()).unwrap();
+        assert!(process_start_ticks(own).is_some());
+        assert_eq!(process_start_ticks(i32::MAX), None);
     }
 }

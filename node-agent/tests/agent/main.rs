@@ -7,6 +7,7 @@
 
 mod cli;
 mod enrolment;
+mod isolation;
 mod report_delivery;
 mod support;
 mod task_channel;

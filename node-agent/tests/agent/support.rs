@@ -118,7 +118,7 @@ impl Fixture {
         let state = AgentState::load(self.state_dir()).unwrap();
         let (report_sink, reports) = mpsc::unbounded_channel();
         let driver = Arc::new(
-            ProcessDriver::new(&state.dir, Arc::new(report_sink))
+            ProcessDriver::with_launcher(&state.dir, Arc::new(report_sink), launcher())
                 .unwrap()
                 .with_stop_grace_period(stop_grace_period),
         );
@@ -193,6 +193,11 @@ fn client_from(tls: rustls::ClientConfig) -> reqwest::Client {
         .timeout(PATIENCE)
         .build()
         .unwrap()
+}
+
+/// The `keel-agent` binary, which runs the workload shims.
+pub fn launcher() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_keel-agent"))
 }
 
 pub fn start(allocation_id: Uuid, command: &[&str]) -> Operation {

@@ -47,7 +47,7 @@ async fn a_started_workload_runs_as_a_real_process_and_a_stop_kills_it() {
         .pid_of(allocation_id)
         .expect("the workload is tracked");
     assert!(process_exists(pid));
-    if let Some(workload_uid) = agent.driver.workload_uid() {
+    if let Some(workload_uid) = agent.driver.workload_uid(allocation_id) {
         assert_ne!(workload_uid, 0);
         assert_eq!(uid_of_process(pid), workload_uid);
     }
