@@ -179,8 +179,9 @@ fn control_plane_roots(
     keel_pki::certs_from_pem(&state.control_plane_ca_pem).map_err(AgentError::Identity)
 }
 
-/// Link timings from `KEEL_AGENT_KEY_REFRESH_SECS` and
-/// `KEEL_AGENT_RENEWAL_RETRY_SECS` (defaults: 60 and 30).
+/// Link timings from `KEEL_AGENT_KEY_REFRESH_SECS`,
+/// `KEEL_AGENT_RENEWAL_RETRY_SECS` and `KEEL_AGENT_HEARTBEAT_SECS`
+/// (defaults: 60, 30 and 15).
 fn timing_from_env() -> LinkTiming {
     let seconds = |name: &str| {
         std::env::var(name)
@@ -193,6 +194,7 @@ fn timing_from_env() -> LinkTiming {
     LinkTiming {
         key_refresh: seconds("KEEL_AGENT_KEY_REFRESH_SECS").unwrap_or(default.key_refresh),
         renewal_retry: seconds("KEEL_AGENT_RENEWAL_RETRY_SECS").unwrap_or(default.renewal_retry),
+        heartbeat: seconds("KEEL_AGENT_HEARTBEAT_SECS").unwrap_or(default.heartbeat),
     }
 }
 
@@ -234,13 +236,19 @@ pub async fn run_until_signal(state_dir: &Path) -> Result<RunOutcome, AgentError
     let driver = Arc::new(ProcessDriver::new(&state.dir, Arc::new(report_queue))?);
     let termination = termination_signal()?;
 
-    let agent =
-        start_agent_with_identity(&state, state.node.listen, driver, Arc::clone(&identity)).await?;
+    let agent = start_agent_with_identity(
+        &state,
+        state.node.listen,
+        Arc::clone(&driver) as Arc<dyn WorkloadDriver>,
+        Arc::clone(&identity),
+    )
+    .await?;
     let link = Arc::new(ControlPlaneLink::new(
         &state,
         identity,
         (*client_tls).clone(),
         Arc::clone(agent.inbox()),
+        driver,
         timing_from_env(),
     )?);
     let (stop_delivery, delivery_stopped) = oneshot::channel::<()>();

@@ -14,6 +14,10 @@
 //!   listener and client ([`keel_pki::HotIdentity`]): no restart, and open
 //!   connections keep going. A failed attempt is retried every
 //!   [`LinkTiming::renewal_retry`] until the certificate expires.
+//! - **Heartbeats**: every [`LinkTiming::heartbeat`] the agent posts its
+//!   detected capacity and the allocations it runs
+//!   (`POST /v1/agent/heartbeat`); the control plane marks a host that
+//!   stops doing so offline.
 //! - **Giving up, clearly**: an expired certificate, or a control plane
 //!   that refuses this node's certificate (403: revoked, or superseded by
 //!   a re-enrolment), ends [`ControlPlaneLink::run`] with
@@ -37,12 +41,14 @@ use crate::state::{
 };
 use crate::status::{AgentCondition, Status, write_status};
 use crate::tasks::TaskInbox;
+use crate::workloads::WorkloadDriver;
 
 /// How often the link works.
 #[derive(Debug, Clone, Copy)]
 pub struct LinkTiming {
     pub key_refresh: Duration,
     pub renewal_retry: Duration,
+    pub heartbeat: Duration,
 }
 
 impl Default for LinkTiming {
@@ -50,6 +56,7 @@ impl Default for LinkTiming {
         Self {
             key_refresh: Duration::from_secs(60),
             renewal_retry: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(15),
         }
     }
 }
@@ -95,6 +102,7 @@ pub struct ControlPlaneLink {
     client: reqwest::Client,
     identity: Arc<HotIdentity>,
     inbox: Arc<TaskInbox>,
+    driver: Arc<dyn WorkloadDriver>,
     keys: tokio::sync::Mutex<Vec<SigningKeyRecord>>,
     /// When the current certificate was obtained, and when it expires.
     certificate: Mutex<(OffsetDateTime, OffsetDateTime)>,
@@ -128,6 +136,7 @@ impl ControlPlaneLink {
         identity: Arc<HotIdentity>,
         client_tls: rustls::ClientConfig,
         inbox: Arc<TaskInbox>,
+        driver: Arc<dyn WorkloadDriver>,
         timing: LinkTiming,
     ) -> Result<Self, LinkError> {
         let (not_before, not_after) = state
@@ -148,6 +157,7 @@ impl ControlPlaneLink {
             client,
             identity,
             inbox,
+            driver,
             keys: tokio::sync::Mutex::new(state.signing_keys.clone()),
             certificate: Mutex::new((obtained_at(state, not_before), not_after)),
             timing,
@@ -235,6 +245,27 @@ impl ControlPlaneLink {
         ));
     }
 
+    /// Sends one heartbeat: the capacity detected now and the allocations
+    /// running.
+    pub async fn heartbeat(&self) -> Result<(), LinkError> {
+        let capacity = crate::inventory::detect(&self.dir)
+            .await
+            .map_err(LinkError::Invalid)?;
+        let workloads: Vec<serde_json::Value> = self
+            .driver
+            .running_allocations()
+            .into_iter()
+            .map(|allocation_id| serde_json::json!({ "allocation_id": allocation_id }))
+            .collect();
+        self.call(
+            self.client
+                .post(format!("{}/v1/agent/heartbeat", self.base_url))
+                .json(&serde_json::json!({ "capacity": capacity, "workloads": workloads })),
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// Renews the certificate with a new key; returns the new expiry.
     pub async fn renew(&self) -> Result<OffsetDateTime, LinkError> {
         let (csr_pem, key_pem) = keel_pki::make_csr(&self.node_id.to_string())
@@ -288,6 +319,7 @@ impl ControlPlaneLink {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut fraction = rand::thread_rng().gen_range(0.5..0.7);
         let mut next_refresh = Instant::now();
+        let mut next_heartbeat = Instant::now();
         let mut next_renewal = None::<Instant>;
         loop {
             let now = OffsetDateTime::now_utc();
@@ -299,7 +331,7 @@ impl ControlPlaneLink {
             }
             let due = self.renewal_due(fraction);
             let renewal_at = next_renewal.unwrap_or_else(|| instant_at(due));
-            let wake = renewal_at.min(next_refresh);
+            let wake = renewal_at.min(next_refresh).min(next_heartbeat);
             self.write_running_status(due);
             tokio::select! {
                 biased;
@@ -318,6 +350,14 @@ impl ControlPlaneLink {
                         let keys = self.keys.lock().await;
                         self.apply_keys(&keys);
                     }
+                }
+            }
+            if Instant::now() >= next_heartbeat {
+                next_heartbeat = Instant::now() + self.timing.heartbeat;
+                match self.heartbeat().await {
+                    Ok(()) => {}
+                    Err(error) if error.is_certificate_refused() => return refused(&error),
+                    Err(error) => tracing::warn!(%error, "heartbeat failed"),
                 }
             }
             if Instant::now() >= renewal_at {

@@ -97,18 +97,7 @@ impl EnrolOptions {
     }
 }
 
-/// The node's resources, as announced at enrolment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Capacity {
-    /// Logical CPUs available to this process.
-    pub vcpus: u32,
-    /// Total memory, in MiB.
-    pub memory_mib: u64,
-    /// The GPU model, if any (GPU detection is not implemented yet).
-    pub gpu_model: Option<String>,
-    /// How many GPUs.
-    pub gpu_count: u32,
-}
+pub use crate::inventory::Capacity;
 
 /// The body of the enrolment request.
 #[derive(Debug, Serialize)]
@@ -306,7 +295,9 @@ pub async fn enrol(options: &EnrolOptions) -> Result<EnrolledNode, EnrolError> {
     // Created now, so that an unusable directory is found before the join
     // token is spent.
     create_private_dir(&options.state_dir)?;
-    let capacity = detect_capacity()?;
+    let capacity = crate::inventory::detect(&options.state_dir)
+        .await
+        .map_err(EnrolError::Capacity)?;
     let (csr_pem, key_pem) =
         keel_pki::make_csr(&options.name).map_err(|source| EnrolError::InvalidName {
             name: options.name.clone(),
@@ -503,52 +494,9 @@ fn plain_http_client() -> Result<reqwest::Client, EnrolError> {
         .map_err(EnrolError::Client)
 }
 
-/// Detects vCPUs (what this process may use) and total memory.
-pub fn detect_capacity() -> Result<Capacity, EnrolError> {
-    let vcpus = std::thread::available_parallelism()
-        .map_err(|error| EnrolError::Capacity(format!("CPU count: {error}")))?
-        .get();
-    let vcpus = u32::try_from(vcpus).unwrap_or(u32::MAX);
-    let meminfo = std::fs::read_to_string("/proc/meminfo")
-        .map_err(|error| EnrolError::Capacity(format!("/proc/meminfo: {error}")))?;
-    let memory_mib = memory_total_mib(&meminfo)
-        .ok_or_else(|| EnrolError::Capacity("/proc/meminfo has no MemTotal line".to_owned()))?;
-    Ok(Capacity {
-        vcpus,
-        memory_mib,
-        gpu_model: None,
-        gpu_count: 0,
-    })
-}
-
-/// `MemTotal` from the text of `/proc/meminfo`, converted from KiB to MiB.
-fn memory_total_mib(meminfo: &str) -> Option<u64> {
-    meminfo.lines().find_map(|line| {
-        let rest = line.strip_prefix("MemTotal:")?;
-        let kib: u64 = rest.trim().strip_suffix("kB")?.trim().parse().ok()?;
-        Some(kib / 1024)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn memory_is_read_from_the_memtotal_line_in_mib() {
-        let meminfo = "MemTotal:       24576000 kB\nMemFree:         1000 kB\n";
-        assert_eq!(memory_total_mib(meminfo), Some(24_000));
-        assert_eq!(memory_total_mib("MemFree: 1 kB\n"), None);
-    }
-
-    #[test]
-    fn the_capacity_of_this_machine_is_detected() {
-        let capacity = detect_capacity().unwrap();
-        assert!(capacity.vcpus >= 1);
-        assert!(capacity.memory_mib > 0);
-        assert_eq!(capacity.gpu_model, None);
-        assert_eq!(capacity.gpu_count, 0);
-    }
 
     #[test]
     fn fingerprints_are_compared_case_insensitively_and_may_contain_colons() {

@@ -38,10 +38,12 @@ pub mod cgroups;
 pub mod cli;
 pub mod control;
 pub mod enrol;
+pub mod inventory;
 pub mod keyring;
 pub mod reports;
 pub mod server;
 pub mod shim;
+pub mod simulated;
 pub mod state;
 pub mod status;
 pub mod tasks;
@@ -55,6 +57,7 @@ pub use reports::{
     ReportDelivery, ReportError, ReportSink, RetryPolicy, WorkloadReport, WorkloadState,
 };
 pub use server::PeerIdentity;
+pub use simulated::SimulatedDriver;
 pub use state::{AgentState, NodeRecord, StateError};
 pub use tasks::{LedgerError, TaskInbox, TaskInboxError, TaskLedger};
 pub use workloads::{

@@ -146,6 +146,9 @@ pub trait WorkloadDriver: Send + Sync {
 
     /// Stops the workload of an allocation, if there is one.
     fn stop_workload(&self, allocation_id: Uuid) -> StopOutcome;
+
+    /// The allocations whose workloads run now (for heartbeats).
+    fn running_allocations(&self) -> Vec<Uuid>;
 }
 
 /// Why a [`ProcessDriver`] could not be set up.
@@ -294,11 +297,6 @@ impl ProcessDriver {
             .get(&allocation_id)
             .and_then(|workload| workload.pid)
             .and_then(|pid| u32::try_from(pid).ok())
-    }
-
-    /// The allocations whose workloads are currently running.
-    pub fn running_allocations(&self) -> Vec<Uuid> {
-        lock(&self.running).keys().copied().collect()
     }
 
     /// The uid an allocation's workload runs as, when it differs from the
@@ -531,6 +529,10 @@ impl WorkloadDriver for ProcessDriver {
             reported_running: false,
         }));
         StartOutcome::Started
+    }
+
+    fn running_allocations(&self) -> Vec<Uuid> {
+        lock(&self.running).keys().copied().collect()
     }
 
     fn stop_workload(&self, allocation_id: Uuid) -> StopOutcome {

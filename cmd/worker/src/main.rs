@@ -75,6 +75,11 @@ async fn run() -> anyhow::Result<()> {
         stop.subscribe(),
     ));
     let sealer = tokio::spawn(seal_audit_chains(db.clone(), stop.subscribe()));
+    let liveness = tokio::spawn(watch_host_liveness(
+        db.clone(),
+        time::Duration::seconds(i64::from(config.agent.offline_after_secs.max(1))),
+        stop.subscribe(),
+    ));
     let monitor = keel_outbox::worker::monitor(&db, &consumers, &instance);
     tracing::info!(%instance, "worker running");
     let result = monitor
@@ -87,6 +92,7 @@ async fn run() -> anyhow::Result<()> {
     relay.await.context("relay task")?.context("relay")?;
     purge.await.context("idempotency purge task")?;
     sealer.await.context("audit sealer task")?;
+    liveness.await.context("host liveness task")?;
     reload.await.context("signing-key reload task")?;
     result.context("consumer workers")?;
     tracing::info!("worker stopped");
@@ -128,6 +134,31 @@ async fn seal_audit_chains(db: keel_db::Db, mut stopped: tokio::sync::watch::Rec
         }
         if let Err(error) = keel_auth::audit_chain::seal(&db).await {
             tracing::warn!(error = %error, "sealing the audit log failed");
+        }
+    }
+}
+
+/// Marks hosts that stopped sending heartbeats offline (and their
+/// allocations lost) every 5 s, until stopped. See
+/// `keel_provisioning::liveness`.
+async fn watch_host_liveness(
+    db: keel_db::Db,
+    grace: time::Duration,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(5));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        let meta =
+            keel_db::RequestMeta::system("worker", uuid::Uuid::now_v7().simple().to_string());
+        if let Err(error) =
+            keel_provisioning::liveness::mark_silent_hosts_offline(&db, meta, grace).await
+        {
+            tracing::warn!(error = %error, "checking host liveness failed");
         }
     }
 }

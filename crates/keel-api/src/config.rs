@@ -71,6 +71,14 @@ pub struct AgentListenerConfig {
     pub advertised_url: Option<String>,
     /// Names (DNS or IP) the listener's certificate carries.
     pub server_names: Vec<String>,
+    /// A host not heard from (heartbeats every 15 s) for this long goes
+    /// offline and its allocations lost.
+    #[serde(default = "default_offline_after_secs")]
+    pub offline_after_secs: u32,
+}
+
+fn default_offline_after_secs() -> u32 {
+    90
 }
 
 impl Default for AgentListenerConfig {
@@ -79,6 +87,7 @@ impl Default for AgentListenerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
             advertised_url: None,
             server_names: vec!["127.0.0.1".to_owned(), "localhost".to_owned()],
+            offline_after_secs: default_offline_after_secs(),
         }
     }
 }

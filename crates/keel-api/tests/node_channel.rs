@@ -652,3 +652,187 @@ async fn the_allocations_of_a_revoked_host_fail_and_release_their_capacity() {
         0
     );
 }
+
+async fn heartbeat(
+    app: &TestApp,
+    listener: &Listener,
+    node: &Node,
+    body: Value,
+) -> reqwest::StatusCode {
+    client(app, &node.cert_pem, &node.key_pem)
+        .post(format!(
+            "https://127.0.0.1:{}/v1/agent/heartbeat",
+            listener.address.port()
+        ))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn heartbeats_keep_a_host_seen_and_update_its_capacity() {
+    let app = TestApp::spawn().await;
+    let node = enrol(&app, &join_token(&app, None).await).await;
+    let listener = listener(&app, Duration::from_secs(60)).await;
+    let mut admin = app.database.admin().await;
+    sqlx::query("UPDATE hosts SET last_seen_at = now() - interval '1 hour'")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+
+    let same = json!({"capacity": {"vcpus": 8, "memory_mib": 16384}, "workloads": []});
+    assert_eq!(
+        heartbeat(&app, &listener, &node, same).await,
+        reqwest::StatusCode::NO_CONTENT
+    );
+    let recent: bool =
+        sqlx::query_scalar("SELECT last_seen_at > now() - interval '1 minute' FROM hosts")
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    assert!(recent);
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_log WHERE action LIKE 'host.capacity%'")
+            .await,
+        0,
+        "an unchanged heartbeat is not audited"
+    );
+
+    let bigger = json!({"capacity": {"vcpus": 16, "memory_mib": 32768, "disk_gib": 500,
+                                     "gpu_model": "nvidia-a100", "gpu_count": 2}});
+    assert_eq!(
+        heartbeat(&app, &listener, &node, bigger).await,
+        reqwest::StatusCode::NO_CONTENT
+    );
+    let capacity: (i32, i64, i64, Option<String>, i32) =
+        sqlx::query_as("SELECT vcpus, memory_mib, disk_gib, gpu_model, gpu_count FROM hosts")
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    assert_eq!(
+        capacity,
+        (16, 32768, 500, Some("nvidia-a100".to_owned()), 2)
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_log WHERE action = 'host.capacity_change'")
+            .await,
+        1
+    );
+
+    // Nonsense is refused and changes nothing.
+    for bad in [
+        json!({"capacity": {"vcpus": 0, "memory_mib": 1}}),
+        json!({"capacity": {"vcpus": 1, "memory_mib": 1, "gpu_count": 3}}),
+        json!({"capacity": {"vcpus": 1, "memory_mib": 1}, "surprise": true}),
+        json!({"capacity": {"vcpus": 1, "memory_mib": 1}, "workloads": [{"allocation_id": "x"}]}),
+    ] {
+        let status = heartbeat(&app, &listener, &node, bad).await;
+        assert_eq!(status, reqwest::StatusCode::UNPROCESSABLE_ENTITY);
+    }
+    let vcpus: i32 = sqlx::query_scalar("SELECT vcpus FROM hosts")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(vcpus, 16);
+    let _ = listener.stop.send(());
+}
+
+#[tokio::test]
+async fn a_silent_host_goes_offline_with_its_allocations_lost_and_comes_back_with_them() {
+    let app = TestApp::spawn().await;
+    let node = enrol(&app, &join_token(&app, None).await).await;
+    let listener = listener(&app, Duration::from_secs(60)).await;
+    let tenant = app.tenant("acme").await;
+    let mut ids = Vec::new();
+    for name in ["web-1", "web-2"] {
+        let created = app
+            .post(
+                &format!("/v1/projects/{}/allocations", tenant.project_id),
+                Some(&tenant.token),
+                json!({"name": name, "flavor": "cpu.small"}),
+            )
+            .await;
+        assert_eq!(created.status, StatusCode::ACCEPTED, "{:?}", created.body);
+        ids.push(created.body["id"].as_str().unwrap().to_owned());
+    }
+    let mut admin = app.database.admin().await;
+    sqlx::query("UPDATE allocations SET state = 'running'")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE hosts SET last_seen_at = now() - interval '5 minutes', state = 'cordoned'")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+
+    let sweep = || async {
+        keel_provisioning::liveness::mark_silent_hosts_offline(
+            &app.state.db,
+            RequestMeta::system("test", "t"),
+            time::Duration::seconds(90),
+        )
+        .await
+        .unwrap()
+    };
+    assert_eq!(sweep().await, 1);
+    assert_eq!(sweep().await, 0, "a second sweep finds nothing");
+    let (state, before): (String, Option<String>) =
+        sqlx::query_as("SELECT state, state_before_offline FROM hosts")
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    assert_eq!(
+        (state.as_str(), before.as_deref()),
+        ("offline", Some("cordoned"))
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM allocations WHERE state = 'lost' AND reserved")
+            .await,
+        2,
+        "lost allocations keep their capacity"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM outbox WHERE event_type = 'host.offline'")
+            .await,
+        1
+    );
+    let seen = app
+        .get(
+            &format!("/v1/projects/{}/allocations/{}", tenant.project_id, ids[0]),
+            Some(&tenant.token),
+        )
+        .await;
+    assert_eq!(seen.body["state"], "lost");
+
+    // The host returns and says it runs the first allocation only.
+    let status = heartbeat(
+        &app,
+        &listener,
+        &node,
+        json!({"capacity": {"vcpus": 8, "memory_mib": 16384},
+               "workloads": [{"allocation_id": ids[0]}]}),
+    )
+    .await;
+    assert_eq!(status, reqwest::StatusCode::NO_CONTENT);
+    let state: String = sqlx::query_scalar("SELECT state FROM hosts")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(state, "cordoned", "it comes back as it was");
+    for (id, expected) in [(&ids[0], "running"), (&ids[1], "lost")] {
+        let state: String = sqlx::query_scalar("SELECT state FROM allocations WHERE id = $1::uuid")
+            .bind(id)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+        assert_eq!(state, expected);
+    }
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_log WHERE action = 'host.online'")
+            .await,
+        1
+    );
+    let _ = listener.stop.send(());
+}

@@ -30,6 +30,7 @@ fn agent(state: &Path, logs: &Path, name: &'static str) -> Process {
             .arg("--state-dir")
             .arg(state)
             .env("KEEL_AGENT_KEY_REFRESH_SECS", "1")
+            .env("KEEL_AGENT_HEARTBEAT_SECS", "1")
             .env("KEEL_AGENT_RENEWAL_RETRY_SECS", "1"),
         logs,
     )
@@ -50,6 +51,7 @@ async fn an_agent_renews_learns_keys_re_enrols_and_stops_cleanly_once_revoked() 
     let api_cli = || {
         let mut command = Command::new(binary("api"));
         control_plane_env(&mut command, &database, &kms_dir, api_port, agents_port);
+        command.env("KEEL_AGENT__OFFLINE_AFTER_SECS", "3");
         command
     };
 
@@ -122,14 +124,30 @@ async fn an_agent_renews_learns_keys_re_enrols_and_stops_cleanly_once_revoked() 
     })
     .await;
 
-    // Re-enrolment with a token bound to this node: same node, epoch 2.
+    // Heartbeats keep the host ready; once the agent stops, the worker
+    // marks it offline.
+    let host_state = || async {
+        sqlx::query_scalar::<_, String>("SELECT state FROM hosts")
+            .fetch_one(&mut database.admin().await)
+            .await
+            .ok()
+    };
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    assert_eq!(host_state().await.as_deref(), Some("ready"));
     assert!(running_agent.terminate().success());
+    eventually("the silent host to go offline", &logs, || async {
+        (host_state().await.as_deref() == Some("offline")).then_some(())
+    })
+    .await;
+
+    // Re-enrolment with a token bound to this node: same node, epoch 2.
     let token = run_ok(api_cli().args(["join-token", "--node", &node_id]))
         .trim()
         .to_owned();
     join(&token, true);
     assert_eq!(node_json(&state)["node_id"], node_id.as_str());
     assert_eq!(node_json(&state)["enrolment_epoch"], 2);
+    assert_eq!(host_state().await.as_deref(), Some("ready"));
     let mut running_agent = agent(&state, &logs, "agent-epoch-2");
 
     // Tasks for epoch 2 run, and the renewed and re-enrolled identity

@@ -39,15 +39,60 @@ pub struct NodeChannel {
 }
 
 /// Capacity the agent detected on its host.
-#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HostCapacity {
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// Disk available to workloads, GiB.
+    #[serde(default)]
+    pub disk_gib: u64,
     #[serde(default)]
     pub gpu_model: Option<String>,
     #[serde(default)]
     pub gpu_count: u32,
+}
+
+impl HostCapacity {
+    /// Field errors, named under `prefix` (e.g. `capacity`).
+    pub fn validate(&self, prefix: &str) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if !(1..=4096).contains(&self.vcpus) {
+            errors.push(field(
+                &format!("{prefix}.vcpus"),
+                "invalid",
+                "must be between 1 and 4096",
+            ));
+        }
+        if !(1..=(1 << 26)).contains(&self.memory_mib) {
+            errors.push(field(
+                &format!("{prefix}.memory_mib"),
+                "invalid",
+                "must be between 1 MiB and 64 TiB",
+            ));
+        }
+        if self.disk_gib > (1 << 30) {
+            errors.push(field(
+                &format!("{prefix}.disk_gib"),
+                "invalid",
+                "must be at most 1 EiB",
+            ));
+        }
+        let model_ok = self.gpu_model.as_ref().is_none_or(|model| {
+            (1..=64).contains(&model.len())
+                && model
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        });
+        if self.gpu_count > 64 || (self.gpu_count > 0) != self.gpu_model.is_some() || !model_ok {
+            errors.push(field(
+                &format!("{prefix}.gpu_count"),
+                "invalid",
+                "at most 64, with a gpu_model (1–64 letters, digits, `-`, `.`, `_`) exactly when > 0",
+            ));
+        }
+        errors
+    }
 }
 
 /// `POST /v1/nodes/enrol`
@@ -134,28 +179,7 @@ impl EnrolRequest {
         if !url_ok {
             errors.push(field("agent_url", "invalid", "must be https://host:port"));
         }
-        let capacity = &self.capacity;
-        if !(1..=4096).contains(&capacity.vcpus) {
-            errors.push(field(
-                "capacity.vcpus",
-                "invalid",
-                "must be between 1 and 4096",
-            ));
-        }
-        if !(1..=(1 << 26)).contains(&capacity.memory_mib) {
-            errors.push(field(
-                "capacity.memory_mib",
-                "invalid",
-                "must be between 1 MiB and 64 TiB",
-            ));
-        }
-        if capacity.gpu_count > 64 || (capacity.gpu_count > 0) != capacity.gpu_model.is_some() {
-            errors.push(field(
-                "capacity.gpu_count",
-                "invalid",
-                "at most 64, with a gpu_model exactly when > 0",
-            ));
-        }
+        errors.extend(self.capacity.validate("capacity"));
         errors
     }
 }
@@ -283,11 +307,12 @@ pub async fn node_enrol(
     let vcpus = i32::try_from(capacity.vcpus).unwrap_or(i32::MAX);
     let memory_mib = i64::try_from(capacity.memory_mib).unwrap_or(i64::MAX);
     let gpu_count = i32::try_from(capacity.gpu_count).unwrap_or(0);
+    let disk_gib = i64::try_from(capacity.disk_gib).unwrap_or(i64::MAX);
     let version: i64 = if for_host.is_none() {
         sqlx::query(
             "INSERT INTO hosts (id, name, region, state, agent_url, vcpus, memory_mib, gpu_model, gpu_count,
-                                cert_serial, cert_not_after, last_seen_at)
-             VALUES ($1, $2, $3, 'ready', $4, $5, $6, $7, $8, $9, $10, now())",
+                                cert_serial, cert_not_after, last_seen_at, disk_gib)
+             VALUES ($1, $2, $3, 'ready', $4, $5, $6, $7, $8, $9, $10, now(), $11)",
         )
         .bind(host_id)
         .bind(&request.name)
@@ -299,6 +324,7 @@ pub async fn node_enrol(
         .bind(gpu_count)
         .bind(&issued.serial_hex)
         .bind(issued.not_after)
+        .bind(disk_gib)
         .execute(tx.conn())
         .await?;
         1
@@ -310,7 +336,8 @@ pub async fn node_enrol(
                               agent_url = $6, vcpus = GREATEST($7, reserved_vcpus),
                               memory_mib = GREATEST($8, reserved_memory_mib), gpu_model = $9,
                               gpu_count = GREATEST($10, reserved_gpus), last_seen_at = now(),
-                              version = version + 1
+                              disk_gib = $11, state = COALESCE(state_before_offline, state),
+                              state_before_offline = NULL, version = version + 1
               WHERE id = $1 RETURNING version",
         )
         .bind(host_id)
@@ -323,6 +350,7 @@ pub async fn node_enrol(
         .bind(memory_mib)
         .bind(&capacity.gpu_model)
         .bind(gpu_count)
+        .bind(disk_gib)
         .fetch_one(tx.conn())
         .await?;
         sqlx::query(

@@ -29,7 +29,7 @@ use sqlx::PgConnection;
 use time::OffsetDateTime;
 
 use crate::InventoryError;
-use crate::enrol::{NodeChannel, host_resource, record_certificate};
+use crate::enrol::{HostCapacity, NodeChannel, host_resource, record_certificate};
 use crate::trust::{PublishedSigningKey, published_signing_keys};
 
 /// A node whose certificate and record both check out.
@@ -193,6 +193,132 @@ pub async fn renew(
         certificate_pem: issued.cert_pem,
         not_after: issued.not_after,
     })
+}
+
+/// Region, state and capacity (vcpus, memory, disk, GPU model and count).
+type HostStateRow = (String, String, i32, i64, i64, Option<String>, i32);
+
+/// Records a heartbeat: the node was seen now, with this capacity. A host
+/// that was offline comes back (in the state it had before), a changed
+/// capacity is taken (never below what is reserved); both are audited and
+/// evented. A plain heartbeat touches only `last_seen_at`. Returns whether
+/// the host came back online.
+pub async fn record_heartbeat(
+    db: &Db,
+    meta: RequestMeta,
+    node: AuthenticatedNode,
+    capacity: &HostCapacity,
+) -> Result<bool, InventoryError> {
+    let errors = capacity.validate("capacity");
+    if !errors.is_empty() {
+        return Err(InventoryError::Validation(errors));
+    }
+    let vcpus = i32::try_from(capacity.vcpus).unwrap_or(i32::MAX);
+    let memory_mib = i64::try_from(capacity.memory_mib).unwrap_or(i64::MAX);
+    let disk_gib = i64::try_from(capacity.disk_gib).unwrap_or(i64::MAX);
+    let gpu_count = i32::try_from(capacity.gpu_count).unwrap_or(0);
+
+    let mut tx = db.begin_bookkeeping().await?;
+    let unchanged: Option<bool> = sqlx::query_scalar(
+        "UPDATE hosts SET last_seen_at = now()
+          WHERE id = $1 AND revoked_at IS NULL AND enrolment_epoch = $2
+          RETURNING state <> 'offline' AND vcpus = $3 AND memory_mib = $4 AND disk_gib = $5
+                    AND gpu_model IS NOT DISTINCT FROM $6 AND gpu_count = $7",
+    )
+    .bind(node.host_id)
+    .bind(node.enrolment_epoch)
+    .bind(vcpus)
+    .bind(memory_mib)
+    .bind(disk_gib)
+    .bind(&capacity.gpu_model)
+    .bind(gpu_count)
+    .fetch_optional(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    match unchanged {
+        None => return Err(InventoryError::HostNotFound),
+        Some(true) => return Ok(false),
+        Some(false) => {}
+    }
+
+    let mut tx = db
+        .begin_system(RequestMeta {
+            actor: Actor::Node {
+                host_id: node.host_id,
+            },
+            ..meta
+        })
+        .await?;
+    let before: Option<HostStateRow> = sqlx::query_as(
+        "SELECT region, state, vcpus, memory_mib, disk_gib, gpu_model, gpu_count
+           FROM hosts WHERE id = $1 AND revoked_at IS NULL FOR UPDATE",
+    )
+    .bind(node.host_id)
+    .fetch_optional(tx.conn())
+    .await?;
+    let Some((region, state, ..)) = before.clone() else {
+        return Err(InventoryError::HostNotFound);
+    };
+    let came_back = state == "offline";
+    let (version, after): (i64, (i32, i64, i64, Option<String>, i32)) = {
+        let row: (i64, i32, i64, i64, Option<String>, i32) = sqlx::query_as(
+            "UPDATE hosts SET state = CASE WHEN state = 'offline'
+                                           THEN COALESCE(state_before_offline, 'ready') ELSE state END,
+                              state_before_offline = NULL,
+                              vcpus = GREATEST($2, reserved_vcpus),
+                              memory_mib = GREATEST($3, reserved_memory_mib),
+                              disk_gib = $4, gpu_model = $5,
+                              gpu_count = GREATEST($6, reserved_gpus),
+                              version = version + 1
+              WHERE id = $1
+              RETURNING version, vcpus, memory_mib, disk_gib, gpu_model, gpu_count",
+        )
+        .bind(node.host_id)
+        .bind(vcpus)
+        .bind(memory_mib)
+        .bind(disk_gib)
+        .bind(&capacity.gpu_model)
+        .bind(gpu_count)
+        .fetch_one(tx.conn())
+        .await?;
+        (row.0, (row.1, row.2, row.3, row.4, row.5))
+    };
+    let resource = host_resource(&region, node.host_id);
+    if came_back {
+        tx.emit(NewEvent::new(
+            "host.online",
+            "host",
+            node.host_id.as_uuid(),
+            version,
+            None,
+            resource.clone(),
+            serde_json::json!({ "host_id": node.host_id }),
+        ));
+    }
+    let capacity_changed = before
+        .map(|(_, _, vcpus, memory, disk, model, gpus)| (vcpus, memory, disk, model, gpus))
+        .is_some_and(|before| before != after);
+    let capacity_audit = Audit::new("host.capacity_change", None, resource.clone()).with_details(
+        serde_json::json!({
+            "vcpus": after.0, "memory_mib": after.1, "disk_gib": after.2,
+            "gpu_model": after.3, "gpu_count": after.4,
+        }),
+    );
+    match (came_back, capacity_changed) {
+        (true, changed) => {
+            if changed {
+                tx.audit(capacity_audit);
+            }
+            tx.commit(Audit::new("host.online", None, resource)).await?;
+        }
+        (false, true) => tx.commit(capacity_audit).await?,
+        // Another heartbeat applied the same change first.
+        (false, false) => tx.rollback().await?,
+    }
+    if came_back {
+        tracing::info!(host = %node.host_id, "host is back online");
+    }
+    Ok(came_back)
 }
 
 /// `GET /v1/agent/signing-keys`

@@ -16,6 +16,7 @@ use keel_core::ids::AllocationId;
 use keel_db::{Db, RequestMeta};
 use keel_http::tls::TlsPeer;
 use keel_http::{ApiError, Json, RequestId, TraceParent};
+use keel_inventory::enrol::HostCapacity;
 use keel_inventory::nodes::authenticated_node;
 use serde::Deserialize;
 
@@ -27,7 +28,60 @@ where
     S: Clone + Send + Sync + 'static,
     Db: FromRef<S>,
 {
-    Router::new().route("/v1/agent/reports", post(agent_report))
+    Router::new()
+        .route("/v1/agent/reports", post(agent_report))
+        .route("/v1/agent/heartbeat", post(agent_heartbeat))
+}
+
+/// What an agent sends every heartbeat interval.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub capacity: HostCapacity,
+    /// The workloads running on the node now.
+    #[serde(default)]
+    pub workloads: Vec<RunningWorkload>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunningWorkload {
+    pub allocation_id: AllocationId,
+}
+
+/// The most workloads one heartbeat may list.
+const MAX_HEARTBEAT_WORKLOADS: usize = 10_000;
+
+async fn agent_heartbeat(
+    State(db): State<Db>,
+    peer: TlsPeer,
+    request_id: RequestId,
+    trace: TraceParent,
+    Json(heartbeat): Json<Heartbeat>,
+) -> Result<StatusCode, ApiError> {
+    let node = authenticated_node(&db, &peer).await?;
+    if heartbeat.workloads.len() > MAX_HEARTBEAT_WORKLOADS {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "a heartbeat lists at most 10000 workloads",
+        ));
+    }
+    let meta = RequestMeta {
+        request_id: request_id.0,
+        actor: Actor::Node {
+            host_id: node.host_id,
+        },
+        traceparent: Some(trace.0),
+    };
+    keel_inventory::nodes::record_heartbeat(&db, meta.clone(), node, &heartbeat.capacity).await?;
+    let listed: Vec<AllocationId> = heartbeat
+        .workloads
+        .iter()
+        .map(|workload| workload.allocation_id)
+        .collect();
+    crate::liveness::reconcile_reported(&db, meta, node.host_id, &listed).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// What an agent reports about one allocation.

@@ -14,6 +14,7 @@ pub mod agent_http;
 pub mod consumer;
 mod error;
 pub mod http;
+pub mod liveness;
 pub mod model;
 pub mod service;
 pub mod signing;

@@ -11,7 +11,10 @@ use time::OffsetDateTime;
 /// Where an allocation is in its life. `requested → scheduled →
 /// provisioning → running → terminating → terminated`, and `failed` (with a
 /// reason) from any state before `terminated`. `stopping`/`stopped` come
-/// with stop/start.
+/// with stop/start. `lost`: its host stopped sending heartbeats; it comes
+/// back to `running` when the host reports it again, and can be terminated
+/// meanwhile. A lost allocation keeps its capacity (the host may still run
+/// it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AllocationState {
@@ -24,6 +27,7 @@ pub enum AllocationState {
     Terminating,
     Terminated,
     Failed,
+    Lost,
 }
 
 impl AllocationState {
@@ -38,6 +42,7 @@ impl AllocationState {
             Self::Terminating => "terminating",
             Self::Terminated => "terminated",
             Self::Failed => "failed",
+            Self::Lost => "lost",
         }
     }
 
@@ -52,6 +57,7 @@ impl AllocationState {
             Self::Terminating,
             Self::Terminated,
             Self::Failed,
+            Self::Lost,
         ]
         .into_iter()
         .find(|state| state.as_str() == value)
@@ -65,11 +71,18 @@ impl AllocationState {
             (self, next),
             (Requested, Scheduled)
                 | (Scheduled, Provisioning)
-                | (Provisioning, Running)
+                | (Provisioning | Lost, Running)
                 | (Running | Stopped, Stopping)
                 | (Stopping, Stopped)
                 | (
-                    Requested | Scheduled | Provisioning | Running | Stopping | Stopped | Failed,
+                    Requested
+                        | Scheduled
+                        | Provisioning
+                        | Running
+                        | Stopping
+                        | Stopped
+                        | Failed
+                        | Lost,
                     Terminating
                 )
                 | (Terminating, Terminated)
@@ -80,9 +93,11 @@ impl AllocationState {
                         | Running
                         | Stopping
                         | Stopped
-                        | Terminating,
+                        | Terminating
+                        | Lost,
                     Failed
                 )
+                | (Provisioning | Running | Stopping | Stopped, Lost)
         )
     }
 
@@ -293,6 +308,18 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_allocation_comes_back_or_ends_and_keeps_its_capacity() {
+        for from in [Provisioning, Running, Stopping, Stopped] {
+            assert!(from.can_become(Lost), "{from} → lost");
+        }
+        for to in [Running, Terminating, Failed] {
+            assert!(Lost.can_become(to), "lost → {to}");
+        }
+        assert!(!Lost.can_become(Scheduled) && !Terminated.can_become(Lost));
+        assert!(Lost.holds_capacity());
+    }
+
+    #[test]
     fn states_round_trip_through_their_names() {
         for state in [
             Requested,
@@ -304,6 +331,7 @@ mod tests {
             Terminating,
             Terminated,
             Failed,
+            Lost,
         ] {
             assert_eq!(AllocationState::parse(state.as_str()), Some(state));
         }

@@ -15,7 +15,7 @@ use crate::{AGGREGATE, Allocation, AllocationState, NewAllocation, ProvisioningE
 /// Why an allocation could not be placed.
 pub const INSUFFICIENT_CAPACITY: &str = "insufficient_capacity";
 
-const COLUMNS: &str =
+pub(crate) const COLUMNS: &str =
     "id, tenant_id, project_id, name, flavor, region, command, state, failure_reason,
                        host_id, reserved, created_at, updated_at, version";
 
@@ -41,6 +41,7 @@ fn event_type(state: AllocationState) -> &'static str {
         AllocationState::Terminating => "allocation.terminating",
         AllocationState::Terminated => "allocation.terminated",
         AllocationState::Failed => "allocation.failed",
+        AllocationState::Lost => "allocation.lost",
     }
 }
 

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use keel_agent::{WorkloadReport, WorkloadState};
+use keel_agent::{WorkloadDriver, WorkloadReport, WorkloadState};
 use reqwest::StatusCode;
 use uuid::Uuid;
 

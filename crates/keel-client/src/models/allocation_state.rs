@@ -11,8 +11,8 @@
 use crate::models;
 use serde::{Deserialize, Serialize};
 
-/// AllocationState : Where an allocation is in its life. `requested → scheduled → provisioning → running → terminating → terminated`, and `failed` (with a reason) from any state before `terminated`. `stopping`/`stopped` come with stop/start.
-/// Where an allocation is in its life. `requested → scheduled → provisioning → running → terminating → terminated`, and `failed` (with a reason) from any state before `terminated`. `stopping`/`stopped` come with stop/start.
+/// AllocationState : Where an allocation is in its life. `requested → scheduled → provisioning → running → terminating → terminated`, and `failed` (with a reason) from any state before `terminated`. `stopping`/`stopped` come with stop/start. `lost`: its host stopped sending heartbeats; it comes back to `running` when the host reports it again, and can be terminated meanwhile. A lost allocation keeps its capacity (the host may still run it).
+/// Where an allocation is in its life. `requested → scheduled → provisioning → running → terminating → terminated`, and `failed` (with a reason) from any state before `terminated`. `stopping`/`stopped` come with stop/start. `lost`: its host stopped sending heartbeats; it comes back to `running` when the host reports it again, and can be terminated meanwhile. A lost allocation keeps its capacity (the host may still run it).
 #[derive(Clone, Copy, Debug, Eq, PartialEq, Ord, PartialOrd, Hash, Serialize, Deserialize)]
 pub enum AllocationState {
     #[serde(rename = "requested")]
@@ -33,6 +33,8 @@ pub enum AllocationState {
     Terminated,
     #[serde(rename = "failed")]
     Failed,
+    #[serde(rename = "lost")]
+    Lost,
 }
 
 impl std::fmt::Display for AllocationState {
@@ -47,6 +49,7 @@ impl std::fmt::Display for AllocationState {
             Self::Terminating => write!(f, "terminating"),
             Self::Terminated => write!(f, "terminated"),
             Self::Failed => write!(f, "failed"),
+            Self::Lost => write!(f, "lost"),
         }
     }
 }

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 /// HostCapacity : Capacity the agent detected on its host.
 #[derive(Clone, Default, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HostCapacity {
+    /// Disk available to workloads, GiB.
+    #[serde(rename = "disk_gib", skip_serializing_if = "Option::is_none")]
+    pub disk_gib: Option<i64>,
     #[serde(rename = "gpu_count", skip_serializing_if = "Option::is_none")]
     pub gpu_count: Option<i32>,
     #[serde(
@@ -33,6 +36,7 @@ impl HostCapacity {
     /// Capacity the agent detected on its host.
     pub fn new(memory_mib: i64, vcpus: i32) -> HostCapacity {
         HostCapacity {
+            disk_gib: None,
             gpu_count: None,
             gpu_model: None,
             memory_mib,

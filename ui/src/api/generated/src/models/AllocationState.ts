@@ -17,7 +17,10 @@
  * Where an allocation is in its life. `requested → scheduled →
  * provisioning → running → terminating → terminated`, and `failed` (with a
  * reason) from any state before `terminated`. `stopping`/`stopped` come
- * with stop/start.
+ * with stop/start. `lost`: its host stopped sending heartbeats; it comes
+ * back to `running` when the host reports it again, and can be terminated
+ * meanwhile. A lost allocation keeps its capacity (the host may still run
+ * it).
  * @export
  */
 export const AllocationState = {
@@ -30,6 +33,7 @@ export const AllocationState = {
     Terminating: 'terminating',
     Terminated: 'terminated',
     Failed: 'failed',
+    Lost: 'lost',
 } as const;
 export type AllocationState = typeof AllocationState[keyof typeof AllocationState];
 

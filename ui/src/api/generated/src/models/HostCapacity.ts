@@ -20,6 +20,10 @@ import { mapValues } from '../runtime';
  */
 export interface HostCapacity {
     /**
+     * Disk available to workloads, GiB.
+     */
+    diskGib?: number;
+    /**
      * 
      */
     gpuCount?: number;
@@ -56,6 +60,7 @@ export function HostCapacityFromJSONTyped(json: any, ignoreDiscriminator: boolea
     }
     return {
         
+        'diskGib': json['disk_gib'] == null ? undefined : json['disk_gib'],
         'gpuCount': json['gpu_count'] == null ? undefined : json['gpu_count'],
         'gpuModel': json['gpu_model'] === undefined ? undefined : json['gpu_model'] === null ? null : json['gpu_model'],
         'memoryMib': json['memory_mib'],
@@ -74,6 +79,7 @@ export function HostCapacityToJSONTyped(value?: HostCapacity | null, ignoreDiscr
 
     return {
         
+        'disk_gib': value['diskGib'],
         'gpu_count': value['gpuCount'],
         'gpu_model': value['gpuModel'],
         'memory_mib': value['memoryMib'],
