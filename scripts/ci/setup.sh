@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepares a fresh Debian machine for the tests: installs what is missing
-# (Postgres, psql, curl, Java, OpenAPI Generator, moto) and starts Postgres on
+# (Postgres, psql, curl, Java, iproute2, OpenAPI Generator, moto) and starts Postgres on
 # 127.0.0.1:5432 with password-less local access for `postgres`.
 set -euo pipefail
 
@@ -9,6 +9,8 @@ command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v java >/dev/null 2>&1 || need_apt+=(default-jre-headless)
+# `ip netns` and veth pairs for the network-namespace test.
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
