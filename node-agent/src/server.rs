@@ -176,6 +176,11 @@ async fn receive_task(
             rejection.reason(),
             &rejection.to_string(),
         ),
+        Err(error @ TaskInboxError::WrongTenant { .. }) => error_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "wrong_tenant",
+            &error.to_string(),
+        ),
         Err(TaskInboxError::Ledger(_)) => error_response(
             StatusCode::INTERNAL_SERVER_ERROR,
             "ledger_unavailable",

@@ -3,7 +3,7 @@
 //! agent and the control plane (thousands of workloads on one machine) and
 //! for the agent's benchmarks. Same trait as [`crate::ProcessDriver`].
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use uuid::Uuid;
@@ -13,14 +13,14 @@ use crate::workloads::{StartOutcome, StopOutcome, WorkloadDriver, WorkloadSpec};
 
 /// Simulated workloads: start and stop take effect at once.
 pub struct SimulatedDriver {
-    running: Mutex<HashSet<Uuid>>,
+    running: Mutex<HashMap<Uuid, Option<Uuid>>>,
     reports: Arc<dyn ReportSink>,
 }
 
 impl SimulatedDriver {
     pub fn new(reports: Arc<dyn ReportSink>) -> Self {
         Self {
-            running: Mutex::new(HashSet::new()),
+            running: Mutex::new(HashMap::new()),
             reports,
         }
     }
@@ -32,7 +32,8 @@ impl SimulatedDriver {
             .running
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(&allocation_id);
+            .remove(&allocation_id)
+            .is_some();
         if removed {
             self.reports
                 .report(WorkloadReport::failed(allocation_id, reason));
@@ -53,9 +54,10 @@ impl std::fmt::Debug for SimulatedDriver {
 impl WorkloadDriver for SimulatedDriver {
     fn start_workload(&self, spec: WorkloadSpec) -> StartOutcome {
         let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-        if !running.insert(spec.allocation_id) {
+        if running.contains_key(&spec.allocation_id) {
             return StartOutcome::AlreadyRunning;
         }
+        running.insert(spec.allocation_id, spec.tenant_id);
         self.reports
             .report(WorkloadReport::running(spec.allocation_id));
         StartOutcome::Started
@@ -66,7 +68,8 @@ impl WorkloadDriver for SimulatedDriver {
             .running
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(&allocation_id);
+            .remove(&allocation_id)
+            .is_some();
         self.reports
             .report(WorkloadReport::terminated(allocation_id));
         if removed {
@@ -80,9 +83,17 @@ impl WorkloadDriver for SimulatedDriver {
         self.running
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .iter()
+            .keys()
             .copied()
             .collect()
+    }
+
+    fn tenant_of(&self, allocation_id: Uuid) -> Option<Option<Uuid>> {
+        self.running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&allocation_id)
+            .copied()
     }
 }
 
@@ -99,6 +110,7 @@ mod tests {
         for id in &ids {
             let spec = WorkloadSpec {
                 allocation_id: *id,
+                tenant_id: None,
                 command: vec!["sleep".into()],
                 vcpus: 1,
                 memory_mib: 64,

@@ -87,6 +87,15 @@ pub enum TaskInboxError {
     /// acted on either.
     #[error("task could not be recorded: {0}")]
     Ledger(#[from] LedgerError),
+
+    /// The task names another tenant than the one whose workload this
+    /// allocation runs: the control plane would never sign that unless its
+    /// own records were tampered with.
+    #[error("allocation {allocation_id} runs a workload of another tenant")]
+    WrongTenant {
+        /// The allocation named.
+        allocation_id: Uuid,
+    },
 }
 
 /// One line of `tasks.log`.
@@ -433,6 +442,18 @@ impl TaskInbox {
                 );
             })?;
 
+        // A workload belongs to the tenant whose task started it: a task
+        // for the same allocation that names another tenant is refused.
+        if let Some(claimed) = payload.tenant_id {
+            let allocation_id = payload.operation.allocation_id();
+            if let Some(Some(owner)) = self.driver.tenant_of(allocation_id)
+                && owner != claimed
+            {
+                tracing::warn!(%allocation_id, "task rejected: another tenant's allocation");
+                return Err(TaskInboxError::WrongTenant { allocation_id });
+            }
+        }
+
         let accepted_at = OffsetDateTime::from_unix_timestamp(now_unix)
             .unwrap_or_else(|_| OffsetDateTime::now_utc());
         ledger
@@ -454,15 +475,15 @@ impl TaskInbox {
         );
 
         // Still under the lock, so tasks run in the order they were accepted.
-        execute(self.driver.as_ref(), &payload.operation);
+        execute(self.driver.as_ref(), &payload);
         drop(ledger);
         Ok(payload)
     }
 }
 
 /// Hands one verified operation to the driver.
-fn execute(driver: &dyn WorkloadDriver, operation: &Operation) {
-    match operation {
+fn execute(driver: &dyn WorkloadDriver, payload: &TaskPayload) {
+    match &payload.operation {
         Operation::StartWorkload {
             allocation_id,
             command,
@@ -471,6 +492,7 @@ fn execute(driver: &dyn WorkloadDriver, operation: &Operation) {
         } => {
             driver.start_workload(WorkloadSpec {
                 allocation_id: *allocation_id,
+                tenant_id: payload.tenant_id,
                 command: command.clone(),
                 vcpus: *vcpus,
                 memory_mib: *memory_mib,

@@ -83,6 +83,8 @@ const WORKLOAD_DIR_MODE: u32 = 0o700;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct WorkloadRecord {
     allocation_id: Uuid,
+    #[serde(default)]
+    tenant_id: Option<Uuid>,
     /// The uid and gid it runs as (absent: the agent's own).
     user: Option<(u32, u32)>,
     shim_pid: i32,
@@ -102,6 +104,8 @@ const RECORD_FILE: &str = "record.json";
 pub struct WorkloadSpec {
     /// The allocation the workload belongs to; it names the workload.
     pub allocation_id: Uuid,
+    /// The tenant whose task started it (later tasks must name the same).
+    pub tenant_id: Option<Uuid>,
     /// The program and its arguments.
     pub command: Vec<String>,
     /// Virtual CPUs the workload was sized for.
@@ -149,6 +153,10 @@ pub trait WorkloadDriver: Send + Sync {
 
     /// The allocations whose workloads run now (for heartbeats).
     fn running_allocations(&self) -> Vec<Uuid>;
+
+    /// The tenant of a running allocation's workload: `None` if it does not
+    /// run here, `Some(None)` if its start named no tenant.
+    fn tenant_of(&self, allocation_id: Uuid) -> Option<Option<Uuid>>;
 }
 
 /// Why a [`ProcessDriver`] could not be set up.
@@ -174,6 +182,7 @@ pub enum WorkloadError {
 struct RunningWorkload {
     /// The workload's first process (and process group), once started.
     pid: Option<i32>,
+    tenant_id: Option<Uuid>,
     user: Option<(u32, u32)>,
     /// Set to `true` to ask the supervising task to stop the workload.
     stop_requested: watch::Sender<bool>,
@@ -432,6 +441,7 @@ impl ProcessDriver {
             .ok_or("the shim exited before it could be tracked")?;
         let record = WorkloadRecord {
             allocation_id: spec.allocation_id,
+            tenant_id: spec.tenant_id,
             user,
             shim_pid,
             shim_started: process_start_ticks(shim_pid).unwrap_or(0),
@@ -457,6 +467,7 @@ impl ProcessDriver {
                 allocation_id,
                 RunningWorkload {
                     pid,
+                    tenant_id: record.tenant_id,
                     user: record.user,
                     stop_requested,
                 },
@@ -512,6 +523,7 @@ impl WorkloadDriver for ProcessDriver {
             allocation_id,
             RunningWorkload {
                 pid: None,
+                tenant_id: spec.tenant_id,
                 user,
                 stop_requested,
             },
@@ -533,6 +545,12 @@ impl WorkloadDriver for ProcessDriver {
 
     fn running_allocations(&self) -> Vec<Uuid> {
         lock(&self.running).keys().copied().collect()
+    }
+
+    fn tenant_of(&self, allocation_id: Uuid) -> Option<Option<Uuid>> {
+        lock(&self.running)
+            .get(&allocation_id)
+            .map(|workload| workload.tenant_id)
     }
 
     fn stop_workload(&self, allocation_id: Uuid) -> StopOutcome {

@@ -199,3 +199,46 @@ async fn an_https_api_url_is_refused_before_the_token_is_spent() {
     let outcome = enrol(&options("https://127.0.0.1:1", &scratch.0, None)).await;
     assert!(matches!(outcome, Err(EnrolError::UnsupportedApiUrl { .. })));
 }
+
+#[tokio::test]
+async fn a_reenrolment_token_that_makes_this_machine_another_node_saves_nothing() {
+    // This directory is node A; the stand-in api answers as node B (a
+    // token made for another node).
+    let (_first_api, first_url) = start_stand_in_api().await;
+    let scratch = ScratchDir::new("reenrol-other");
+    enrol(&options(&first_url, &scratch.0, None)).await.unwrap();
+    let before = std::fs::read(scratch.0.join("node.json")).unwrap();
+    let cert_before = std::fs::read(scratch.0.join("cert.pem")).unwrap();
+
+    let (_other_api, other_url) = start_stand_in_api().await;
+    let mut again = options(&other_url, &scratch.0, None);
+    again.reenrol = true;
+    let error = enrol(&again).await.unwrap_err();
+    assert!(matches!(error, EnrolError::OtherNode { .. }), "{error}");
+    assert_eq!(std::fs::read(scratch.0.join("node.json")).unwrap(), before);
+    assert_eq!(
+        std::fs::read(scratch.0.join("cert.pem")).unwrap(),
+        cert_before
+    );
+}
+
+#[tokio::test]
+async fn a_reenrolment_of_the_same_node_replaces_its_identity_and_keeps_its_ledger() {
+    let (api, url) = start_stand_in_api().await;
+    let scratch = ScratchDir::new("reenrol-same");
+    enrol(&options(&url, &scratch.0, None)).await.unwrap();
+    std::fs::write(scratch.0.join("high-water"), "41\n").unwrap();
+    let cert_before = std::fs::read_to_string(scratch.0.join("cert.pem")).unwrap();
+
+    let mut again = options(&url, &scratch.0, None);
+    again.reenrol = true;
+    let node = enrol(&again).await.unwrap();
+    assert_eq!(node.node_id, api.node_id);
+    let state = AgentState::load(&scratch.0).unwrap();
+    assert_ne!(state.cert_pem, cert_before);
+    assert_eq!(
+        std::fs::read_to_string(scratch.0.join("high-water")).unwrap(),
+        "41\n"
+    );
+    assert!(!scratch.0.join("renewal.json").exists());
+}

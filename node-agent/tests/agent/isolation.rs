@@ -27,6 +27,7 @@ fn uid_of(path: &Path) -> u32 {
 fn spec(allocation_id: Uuid, command: &[&str], memory_mib: u64) -> WorkloadSpec {
     WorkloadSpec {
         allocation_id,
+        tenant_id: None,
         command: command.iter().map(|part| (*part).to_owned()).collect(),
         vcpus: 1,
         memory_mib,

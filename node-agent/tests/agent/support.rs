@@ -14,6 +14,9 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+/// The tenant every test task is for.
+pub const TENANT: Uuid = Uuid::from_u128(0x007e_4a47);
+
 /// How long any single wait in a test may take before it counts as a failure.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
@@ -170,7 +173,7 @@ impl Fixture {
         let now = now_unix();
         TaskPayload {
             task_id: Uuid::new_v4(),
-            tenant_id: Some(Uuid::new_v4()),
+            tenant_id: Some(TENANT),
             node_id: self.node_id(),
             enrolment_epoch: self.state.node.enrolment_epoch,
             seq,

@@ -8,7 +8,7 @@ use keel_task::{TaskEnvelope, TaskSigner};
 use reqwest::StatusCode;
 use uuid::Uuid;
 
-use crate::support::{Credentials, Fixture, now_unix, stop};
+use crate::support::{Credentials, Fixture, now_unix, start, stop};
 
 fn edit_envelope(envelope_bytes: &[u8], edit: impl FnOnce(&mut TaskEnvelope)) -> Vec<u8> {
     let mut envelope: TaskEnvelope = serde_json::from_slice(envelope_bytes).unwrap();
@@ -311,4 +311,75 @@ async fn an_accepted_task_is_logged_durably_before_it_is_answered() {
     assert_eq!(entry["allocation_id"], allocation_id.to_string());
     assert_eq!(entry["op"], "stop_workload");
     assert!(entry["accepted_at"].is_string());
+}
+
+#[tokio::test]
+async fn an_expired_worker_certificate_is_refused_in_the_handshake() {
+    let fixture = Fixture::new();
+    let agent = fixture.start_agent().await;
+    let (certificate, key_pem) = fixture
+        .control_plane_ca
+        .issue_control_plane_client("worker", time::Duration::seconds(1))
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let expired = fixture.client_presenting(&Credentials {
+        cert_pem: certificate.cert_pem,
+        key_pem,
+    });
+
+    let outcome = expired
+        .post(agent.tasks_url())
+        .body(fixture.sign(&fixture.payload(1, stop(Uuid::new_v4()))))
+        .send()
+        .await;
+
+    assert!(outcome.is_err(), "{outcome:?}");
+    assert_eq!(agent.agent.inbox().high_water().await, 0);
+}
+
+#[tokio::test]
+async fn a_task_naming_another_tenant_than_the_workload_s_is_rejected() {
+    let fixture = Fixture::new();
+    let mut agent = fixture.start_agent().await;
+    let worker = fixture.worker_client();
+    let allocation_id = Uuid::new_v4();
+    let (status, _) = agent
+        .post_task(
+            &worker,
+            fixture.sign(&fixture.payload(1, start(allocation_id, &["sleep", "30"]))),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        agent.next_report().await,
+        keel_agent::WorkloadReport::running(allocation_id)
+    );
+
+    let mut foreign = fixture.payload(2, stop(allocation_id));
+    foreign.tenant_id = Some(Uuid::new_v4());
+    assert_rejected(
+        agent.post_task(&worker, fixture.sign(&foreign)).await,
+        "wrong_tenant",
+    );
+    assert_eq!(
+        agent.agent.inbox().high_water().await,
+        1,
+        "nothing recorded"
+    );
+    assert!(
+        agent.driver.pid_of(allocation_id).is_some(),
+        "still running"
+    );
+
+    let (status, _) = agent
+        .post_task(
+            &worker,
+            fixture.sign(&fixture.payload(3, stop(allocation_id))),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        agent.next_report().await,
+        keel_agent::WorkloadReport::terminated(allocation_id)
+    );
 }
