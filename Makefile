@@ -7,8 +7,9 @@ run: ## Local mode: private Postgres, api (and, as they land, worker and agent)
 test: ## Every test: unit, database (fresh database per test), end-to-end
 	bash scripts/test.sh
 
-bench: ## Throughput and latency of the api against pgbench running the same SQL (release build)
+bench: ## The api against pgbench running the same SQL, and the node agent's numbers (release build)
 	bash scripts/bench.sh
+	bash scripts/bench-agent.sh
 
 build:
 	cargo build --workspace --all-targets

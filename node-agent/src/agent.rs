@@ -233,13 +233,23 @@ pub async fn run_until_signal(state_dir: &Path) -> Result<RunOutcome, AgentError
         (*client_tls).clone(),
         RetryPolicy::default(),
     )?;
-    let driver = Arc::new(ProcessDriver::new(&state.dir, Arc::new(report_queue))?);
+    // `KEEL_AGENT_DRIVER=simulated` runs no workload at all (scale tests
+    // and benchmarks of the agent itself).
+    let driver: Arc<dyn WorkloadDriver> =
+        if std::env::var("KEEL_AGENT_DRIVER").as_deref() == Ok("simulated") {
+            tracing::warn!("KEEL_AGENT_DRIVER=simulated: workloads are only pretended");
+            Arc::new(crate::simulated::SimulatedDriver::new(Arc::new(
+                report_queue,
+            )))
+        } else {
+            Arc::new(ProcessDriver::new(&state.dir, Arc::new(report_queue))?)
+        };
     let termination = termination_signal()?;
 
     let agent = start_agent_with_identity(
         &state,
         state.node.listen,
-        Arc::clone(&driver) as Arc<dyn WorkloadDriver>,
+        Arc::clone(&driver),
         Arc::clone(&identity),
     )
     .await?;
