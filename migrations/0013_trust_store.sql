@@ -10,9 +10,10 @@ CREATE TABLE certificate_authorities (
 );
 
 -- Task-signing keys. A key signs from `signs_from` (the newest such key
--- signs) and is trusted by agents until `retires_at`. Every key but the
--- first is endorsed by the key that signed before it (see keel-task
--- `endorsement`), so agents accept a new key only from a key they trust.
+-- signs) and is trusted by agents until `retires_at`. `ca_signature` is the
+-- control-plane CA's signature over the key, `signs_from` and `retires_at`
+-- (keel-task `key_statement`): agents accept a key, or a retirement, only
+-- with it, so writing this table gains nothing without the CA's key.
 CREATE TABLE task_signing_keys (
     key_id             text PRIMARY KEY CHECK (key_id ~ '^[0-9a-f]{16}$'),
     public_key         text NOT NULL,
@@ -20,9 +21,7 @@ CREATE TABLE task_signing_keys (
     created_at         timestamptz NOT NULL DEFAULT now(),
     signs_from         timestamptz NOT NULL,
     retires_at         timestamptz,
-    endorsed_by        text REFERENCES task_signing_keys (key_id),
-    endorsement        bytea,
-    CHECK ((endorsed_by IS NULL) = (endorsement IS NULL)),
+    ca_signature       bytea NOT NULL CHECK (octet_length(ca_signature) BETWEEN 8 AND 80),
     CHECK (retires_at IS NULL OR retires_at > signs_from)
 );
 
@@ -31,7 +30,8 @@ CREATE TABLE task_signing_keys (
 -- list from this table; see keel_inventory::revocation).
 CREATE TABLE node_certificates (
     serial          text PRIMARY KEY,
-    host_id         uuid NOT NULL REFERENCES hosts (id) ON DELETE CASCADE,
+    -- Never cascaded away: a revoked serial must stay on the deny list.
+    host_id         uuid NOT NULL REFERENCES hosts (id) ON DELETE RESTRICT,
     enrolment_epoch bigint NOT NULL,
     issued_at       timestamptz NOT NULL DEFAULT now(),
     not_after       timestamptz NOT NULL,

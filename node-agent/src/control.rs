@@ -3,8 +3,9 @@
 //! TLS as reports, presenting the node certificate of the moment.
 //!
 //! - **Keys**: every [`LinkTiming::key_refresh`] the agent fetches the
-//!   published keys, merges them ([`crate::keyring::merge`]: only keys
-//!   endorsed by a key it knows), saves them and swaps the verifier. It
+//!   published keys, merges them ([`crate::keyring::merge`]: only keys and
+//!   retirements the pinned control-plane CA signed), saves them and swaps
+//!   the verifier. It
 //!   also re-evaluates retirements on its own clock, network or not.
 //! - **Renewal**: at a random point between 50 % and 70 % of the time from
 //!   when it got its certificate to its expiry, the agent makes a NEW key,
@@ -103,6 +104,8 @@ pub struct ControlPlaneLink {
     identity: Arc<HotIdentity>,
     inbox: Arc<TaskInbox>,
     driver: Arc<dyn WorkloadDriver>,
+    /// The pinned control-plane CA: it vouches for every signing key.
+    control_plane_ca_der: Vec<u8>,
     keys: tokio::sync::Mutex<Vec<SigningKeyRecord>>,
     /// When the current certificate was obtained, and when it expires.
     certificate: Mutex<(OffsetDateTime, OffsetDateTime)>,
@@ -158,6 +161,11 @@ impl ControlPlaneLink {
             identity,
             inbox,
             driver,
+            control_plane_ca_der: keel_pki::certs_from_pem(&state.control_plane_ca_pem)
+                .ok()
+                .and_then(|certs| certs.into_iter().next())
+                .map(|der| der.as_ref().to_vec())
+                .ok_or_else(|| LinkError::Invalid("no control-plane CA certificate".into()))?,
             keys: tokio::sync::Mutex::new(state.signing_keys.clone()),
             certificate: Mutex::new((obtained_at(state, not_before), not_after)),
             timing,
@@ -212,7 +220,7 @@ impl ControlPlaneLink {
             .await
             .map_err(|error| LinkError::Invalid(error.to_string()))?;
         let mut keys = self.keys.lock().await;
-        let merged = keyring::merge(&keys, &published.keys);
+        let merged = keyring::merge(&keys, &published.keys, &self.control_plane_ca_der);
         for (key_id, reason) in &merged.refused {
             tracing::warn!(%key_id, reason, "refused a task-signing key the control plane published");
         }

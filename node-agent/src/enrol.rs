@@ -33,8 +33,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::state::{
-    AgentState, NodeRecord, SigningKeyRecord, StateError, create_private_dir, install_reenrolment,
-    read_node_record,
+    AgentState, NodeRecord, StateError, create_private_dir, install_reenrolment, read_node_record,
 };
 
 /// The path of the enrolment endpoint below the api's base URL.
@@ -117,7 +116,7 @@ struct EnrolResponse {
     certificate_pem: String,
     node_ca_pem: String,
     control_plane_ca_pem: String,
-    task_signing_keys: Vec<SigningKeyRecord>,
+    task_signing_keys: Vec<crate::keyring::PublishedKey>,
     agent_api_url: String,
 }
 
@@ -332,6 +331,16 @@ pub async fn enrol(options: &EnrolOptions) -> Result<EnrolledNode, EnrolError> {
             got: response.node_id,
         });
     }
+    // Only keys the (pinned) control-plane CA vouches for.
+    let control_plane_ca_der = keel_pki::certs_from_pem(&response.control_plane_ca_pem)
+        .ok()
+        .and_then(|certs| certs.into_iter().next())
+        .map(|der| der.as_ref().to_vec())
+        .unwrap_or_default();
+    let keys = crate::keyring::merge(&[], &response.task_signing_keys, &control_plane_ca_der);
+    for (key_id, reason) in &keys.refused {
+        tracing::warn!(%key_id, reason, "refused a task-signing key in the enrolment answer");
+    }
     let state = AgentState {
         dir: options.state_dir.clone(),
         node: NodeRecord {
@@ -347,7 +356,7 @@ pub async fn enrol(options: &EnrolOptions) -> Result<EnrolledNode, EnrolError> {
         cert_pem: response.certificate_pem,
         node_ca_pem: response.node_ca_pem,
         control_plane_ca_pem: response.control_plane_ca_pem,
-        signing_keys: response.task_signing_keys,
+        signing_keys: keys.records,
     };
     state.validate().map_err(EnrolError::InvalidResponse)?;
     if current_node.is_some() {

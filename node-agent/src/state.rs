@@ -91,9 +91,8 @@ pub struct NodeRecord {
 }
 
 /// One task-signing key, as the control plane publishes it. The agent
-/// keeps retired keys too (they verify the endorsements of later keys)
-/// but trusts only those not retired by its own clock (see
-/// [`crate::keyring`]).
+/// keeps retired keys too (so a retirement is never undone) but trusts
+/// only those not retired by its own clock (see [`crate::keyring`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SigningKeyRecord {
     /// The key's fingerprint as computed by [`keel_task::key_id_of`].
@@ -106,12 +105,10 @@ pub struct SigningKeyRecord {
     /// Unix seconds after which it is no longer trusted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retires_at: Option<i64>,
-    /// The key that endorsed this one.
+    /// Base64 of the control-plane CA's signature over the key,
+    /// `signs_from` and `retires_at` (`keel_task::key_statement`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub endorsed_by: Option<String>,
-    /// Base64 of the endorsement signature.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub endorsement: Option<String>,
+    pub ca_signature: Option<String>,
 }
 
 impl SigningKeyRecord {

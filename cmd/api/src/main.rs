@@ -8,8 +8,8 @@
 //!                               with --node, one that re-enrols that node
 //! api [--config FILE] keys rotate-task-signing [--overlap-secs N]
 //!                               add a task-signing key that signs after N
-//!                               seconds (default 3600); the others retire N
-//!                               seconds later
+//!                               seconds (default 3600, at least 600); the
+//!                               others retire N seconds later
 //! api [--config FILE] kms rotate
 //!                               local KMS: add a master key for new envelopes
 //! api [--config FILE] kms rewrap
@@ -87,7 +87,7 @@ fn parse_args() -> anyhow::Result<(Command, Option<PathBuf>)> {
             },
             "--overlap-secs" => match (&mut command, args.next().map(|v| v.parse::<i64>())) {
                 (Some(Command::RotateTaskSigning { overlap_secs }), Some(Ok(value)))
-                    if (1..=30 * 86_400).contains(&value) =>
+                    if (keel_inventory::trust::MIN_OVERLAP_SECS..=30 * 86_400).contains(&value) =>
                 {
                     *overlap_secs = value
                 }
@@ -186,9 +186,11 @@ async fn run() -> anyhow::Result<()> {
         Command::RotateTaskSigning { overlap_secs } => {
             let db = connect(&config).await?;
             let kms = keel_api::keys::kms(&config, false)?;
+            let keys = keel_api::keys::ControlPlaneKeys::load(&db, &kms).await?;
             let key = keel_inventory::trust::rotate_signing_key(
                 &db,
                 &kms,
+                &keys.control_plane_ca,
                 cli_meta(),
                 time::Duration::seconds(overlap_secs),
             )

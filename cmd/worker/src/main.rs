@@ -38,8 +38,8 @@ async fn run() -> anyhow::Result<()> {
         .await
         .context("connecting to Postgres")?;
     let kms = Arc::new(keel_api::keys::kms(&config, false)?);
-    let keys = ControlPlaneKeys::load(&db, &kms).await?;
-    let identity = keys.service_identity("worker", &[])?;
+    let keys = Arc::new(ControlPlaneKeys::load(&db, &kms).await?);
+    let identity = keys.hot_service_identity("worker", &[])?;
     let signers = Arc::new(
         SignerRing::load(&db, &kms)
             .await
@@ -57,8 +57,7 @@ async fn run() -> anyhow::Result<()> {
         WorkerCredentials {
             signers,
             node_ca_pem: keys.node_ca.cert_pem().to_owned(),
-            client_cert_pem: identity.cert_pem,
-            client_key_pem: identity.key_pem,
+            identity: Arc::clone(&identity),
         },
     );
     let consumers: Vec<Arc<dyn Consumer>> = vec![Arc::new(provisioning)];
@@ -75,6 +74,13 @@ async fn run() -> anyhow::Result<()> {
         stop.subscribe(),
     ));
     let sealer = tokio::spawn(seal_audit_chains(db.clone(), stop.subscribe()));
+    let reissuer = tokio::spawn(keel_api::keys::reissue_periodically(
+        Arc::clone(&keys),
+        identity,
+        "worker".to_owned(),
+        Vec::new(),
+        stop.subscribe(),
+    ));
     let liveness = tokio::spawn(watch_host_liveness(
         db.clone(),
         time::Duration::seconds(i64::from(config.agent.offline_after_secs.max(1))),
@@ -93,6 +99,7 @@ async fn run() -> anyhow::Result<()> {
     purge.await.context("idempotency purge task")?;
     sealer.await.context("audit sealer task")?;
     liveness.await.context("host liveness task")?;
+    reissuer.await.context("certificate re-issuer")?;
     reload.await.context("signing-key reload task")?;
     result.context("consumer workers")?;
     tracing::info!("worker stopped");

@@ -51,12 +51,17 @@ pub struct PkiConfig {
     /// Lifetime of a node certificate, in seconds (at least 10; agents
     /// renew at 50–70 % of it).
     pub node_cert_lifetime_secs: u32,
+    /// No longer used: the keys moved from files into Postgres. Accepted so
+    /// that older configuration files still load; a warning says so.
+    #[serde(default, skip_serializing)]
+    pub dir: Option<std::path::PathBuf>,
 }
 
 impl Default for PkiConfig {
     fn default() -> Self {
         Self {
             node_cert_lifetime_secs: 7 * 24 * 3600,
+            dir: None,
         }
     }
 }

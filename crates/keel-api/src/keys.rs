@@ -9,10 +9,13 @@
 //! by each process from the control-plane CA: no service key is ever
 //! written anywhere.
 
+use std::sync::Arc;
+
 use anyhow::Context;
 use keel_db::Db;
 use keel_inventory::trust;
 use keel_kms::AnyKms;
+use keel_pki::HotIdentity;
 use keel_pki::{CaKind, CertificateAuthority};
 use time::Duration;
 
@@ -20,6 +23,9 @@ use crate::Config;
 
 /// Lifetime of the certificates the api and the worker present.
 const SERVICE_CERT_LIFETIME: Duration = Duration::days(30);
+/// How often a running api or worker re-issues its own certificate (well
+/// before it expires; the new one is swapped in without a restart).
+pub const SERVICE_CERT_REISSUE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 pub struct ControlPlaneKeys {
     pub node_ca: CertificateAuthority,
@@ -42,7 +48,7 @@ impl ControlPlaneKeys {
     /// Loads the key material, creating whatever is missing. For the api.
     pub async fn load_or_create(db: &Db, kms: &AnyKms) -> anyhow::Result<Self> {
         let keys = Self::open(db, kms, true).await?;
-        trust::ensure_signing_key(db, kms)
+        trust::ensure_signing_key(db, kms, &keys.control_plane_ca)
             .await
             .context("creating the first task-signing key")?;
         Ok(keys)
@@ -64,6 +70,20 @@ impl ControlPlaneKeys {
             node_ca,
             control_plane_ca,
         })
+    }
+
+    /// [`ControlPlaneKeys::service_identity`] in a form TLS configs can
+    /// present and [`reissue_periodically`] can replace.
+    pub fn hot_service_identity(
+        &self,
+        component: &str,
+        server_names: &[String],
+    ) -> anyhow::Result<Arc<HotIdentity>> {
+        let identity = self.service_identity(component, server_names)?;
+        Ok(HotIdentity::from_pem(
+            &identity.cert_pem,
+            &identity.key_pem,
+        )?)
     }
 
     /// A fresh certificate for a control-plane component, from the
@@ -91,5 +111,36 @@ impl ControlPlaneKeys {
             cert_pem: issued.cert_pem,
             key_pem,
         })
+    }
+}
+
+/// Re-issues `identity` (for `component`, with `server_names`) every
+/// [`SERVICE_CERT_REISSUE`] until `stopped`, so a process that runs for
+/// months never presents an expired certificate. A failed re-issue is
+/// logged and retried at the next tick (the current one has weeks left).
+pub async fn reissue_periodically(
+    keys: Arc<ControlPlaneKeys>,
+    identity: Arc<HotIdentity>,
+    component: String,
+    server_names: Vec<String>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(SERVICE_CERT_REISSUE);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        let renewed = keys
+            .service_identity(&component, &server_names)
+            .and_then(|next| Ok(identity.replace(&next.cert_pem, &next.key_pem)?));
+        match renewed {
+            Ok(()) => tracing::info!(%component, "re-issued this process's certificate"),
+            Err(error) => {
+                tracing::warn!(%component, error = %error, "re-issuing this process's certificate failed")
+            }
+        }
     }
 }

@@ -121,14 +121,12 @@ pub fn agent_app(state: AppState) -> Router {
 /// whose serial is not on `deny_list`.
 pub fn agent_tls_config(
     keys: &ControlPlaneKeys,
-    config: &Config,
+    identity: Arc<keel_pki::HotIdentity>,
     deny_list: Arc<keel_pki::DenyList>,
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let identity = keys.service_identity("api", &config.agent.server_names)?;
     Ok(keel_pki::server_config_with_deny_list(
         &[keys.node_ca.cert_der().clone()],
-        &identity.cert_pem,
-        &identity.key_pem,
+        identity,
         deny_list,
     )?)
 }
@@ -151,9 +149,17 @@ pub async fn deny_list(db: &Db) -> anyhow::Result<Arc<keel_pki::DenyList>> {
 /// Runs the api (public listener and agent listener) until Ctrl-C or
 /// SIGTERM, then drains in-flight requests on both.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    if let Some(dir) = &config.pki.dir {
+        tracing::warn!(
+            dir = %dir.display(),
+            "pki.dir is ignored: the CAs and signing keys live in Postgres, sealed by the KMS; \
+             nodes enrolled with keys from that directory must join again"
+        );
+    }
     let db = connect(&config).await?;
     let kms = keys::kms(&config, true)?;
-    let keys = ControlPlaneKeys::load_or_create(&db, &kms).await?;
+    let keys = Arc::new(ControlPlaneKeys::load_or_create(&db, &kms).await?);
+    let identity = keys.hot_service_identity("api", &config.agent.server_names)?;
     let deny_list = deny_list(&db).await?;
     let state = state_from_config(&config, db.clone(), &keys)?;
     let listener = TcpListener::bind(config.server.listen)
@@ -161,7 +167,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding server.listen = {}", config.server.listen))?;
     let agent_server = MtlsServer::bind(
         config.agent.listen,
-        agent_tls_config(&keys, &config, deny_list.clone())?,
+        agent_tls_config(&keys, Arc::clone(&identity), deny_list.clone())?,
         agent_app(state.clone()),
     )
     .await
@@ -176,6 +182,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let refresher = tokio::spawn(keel_inventory::nodes::refresh_deny_list(
         db,
         deny_list,
+        stopped.clone(),
+    ));
+    let reissuer = tokio::spawn(keys::reissue_periodically(
+        Arc::clone(&keys),
+        identity,
+        "api".to_owned(),
+        config.agent.server_names.clone(),
         stopped.clone(),
     ));
     let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
@@ -204,6 +217,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         async { signal.await.context("waiting for a signal") },
     )?;
     refresher.await.context("deny-list refresher")?;
+    reissuer.await.context("certificate re-issuer")?;
     tracing::info!("api stopped");
     Ok(())
 }

@@ -88,7 +88,11 @@ async fn listener(app: &TestApp, max_age: Duration) -> Listener {
             .await
             .unwrap(),
     );
-    let tls = keel_api::agent_tls_config(&app.keys, &app.config, deny_list.clone()).unwrap();
+    let identity = app
+        .keys
+        .hot_service_identity("api", &app.config.agent.server_names)
+        .unwrap();
+    let tls = keel_api::agent_tls_config(&app.keys, identity, deny_list.clone()).unwrap();
     let server = MtlsServer::bind(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         tls,
@@ -277,29 +281,28 @@ async fn a_master_key_rotation_keeps_old_envelopes_open_and_rewrap_moves_them() 
 }
 
 #[tokio::test]
-async fn a_rotated_task_signing_key_is_endorsed_signs_after_the_overlap_and_retires_the_old() {
+async fn a_rotated_task_signing_key_is_vouched_for_signs_after_the_overlap_and_retires_the_old() {
     let app = TestApp::spawn().await;
     let db = &app.state.db;
+    let ca = &app.keys.control_plane_ca;
     let before = trust::signers(db, &app.kms).await.unwrap();
     assert_eq!(before.len(), 1);
     let old_id = before[0].signer.key_id().to_owned();
+    let rotate = |overlap: time::Duration| {
+        trust::rotate_signing_key(db, &app.kms, ca, RequestMeta::system("test", "t"), overlap)
+    };
 
     assert!(matches!(
-        trust::rotate_signing_key(
-            db,
-            &app.kms,
-            RequestMeta::system("test", "t"),
-            time::Duration::ZERO
-        )
-        .await,
+        rotate(time::Duration::seconds(60)).await,
         Err(trust::TrustError::InvalidOverlap)
     ));
-
     let overlap = time::Duration::minutes(10);
-    let new = trust::rotate_signing_key(db, &app.kms, RequestMeta::system("test", "t"), overlap)
-        .await
-        .unwrap();
-    assert_eq!(new.endorsed_by.as_deref(), Some(old_id.as_str()));
+    let new = rotate(overlap).await.unwrap();
+    // One rotation at a time: the next waits until this key signs.
+    assert!(matches!(
+        rotate(overlap).await,
+        Err(trust::TrustError::RotationPending(pending)) if pending == new.key_id
+    ));
 
     let signers = trust::signers(db, &app.kms).await.unwrap();
     assert_eq!(signers.len(), 2);
@@ -322,43 +325,60 @@ async fn a_rotated_task_signing_key_is_endorsed_signs_after_the_overlap_and_reti
         old_row.retires_at.unwrap().unix_timestamp(),
         new.signs_from + overlap.whole_seconds()
     );
-    // After both overlaps nothing but the new key is live.
-    let much_later = now + overlap * 2 + time::Duration::seconds(2);
-    assert_eq!(
-        trust::current_signer(&signers, much_later)
-            .unwrap()
-            .key_id(),
-        new.key_id
-    );
 
-    // The endorsement verifies with the old public key, and with nothing else.
+    // Every key and its retirement carry the control-plane CA's signature,
+    // over exactly what is published; another CA's key verifies nothing.
     let mut tx = db.begin_bookkeeping().await.unwrap();
     let published = trust::published_signing_keys(&mut tx).await.unwrap();
     drop(tx);
-    let old_public = keel_task::verifying_key_from_base64(&published[0].public_key).unwrap();
-    let new_public = keel_task::verifying_key_from_base64(&new.public_key).unwrap();
-    let signature = base64::Engine::decode(
-        &base64::engine::general_purpose::STANDARD,
-        new.endorsement.as_deref().unwrap(),
-    )
-    .unwrap();
-    assert!(keel_task::endorsement_is_valid(
-        &old_public,
-        &new_public,
-        new.signs_from,
-        &signature
-    ));
-    assert!(!keel_task::endorsement_is_valid(
-        &new_public,
-        &new_public,
-        new.signs_from,
-        &signature
-    ));
+    assert_eq!(published.len(), 2);
+    let stranger =
+        keel_pki::CertificateAuthority::generate(keel_pki::CaKind::ControlPlane).unwrap();
+    for key in &published {
+        let public = keel_task::verifying_key_from_base64(&key.public_key).unwrap();
+        let statement = keel_task::key_statement(&public, key.signs_from, key.retires_at);
+        let signature = base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            &key.ca_signature,
+        )
+        .unwrap();
+        let verify = |der: &[u8], statement: &[u8]| {
+            keel_pki::verify_statement(der, keel_task::KEY_STATEMENT_DOMAIN, statement, &signature)
+        };
+        assert!(verify(ca.cert_der(), &statement));
+        assert!(!verify(stranger.cert_der(), &statement));
+        let unretired = keel_task::key_statement(&public, key.signs_from, None);
+        if key.retires_at.is_some() {
+            assert!(
+                !verify(ca.cert_der(), &unretired),
+                "a retirement cannot be undone"
+            );
+        }
+    }
     assert_eq!(
         app.count("SELECT count(*) FROM audit_log WHERE action = 'task_signing_key.rotate'")
             .await,
         1
     );
+}
+
+#[tokio::test]
+async fn a_worker_s_signer_ring_picks_up_a_rotation_on_reload() {
+    let app = TestApp::spawn().await;
+    let ring = keel_provisioning::signing::SignerRing::load(&app.state.db, &app.kms)
+        .await
+        .unwrap();
+    trust::rotate_signing_key(
+        &app.state.db,
+        &app.kms,
+        &app.keys.control_plane_ca,
+        RequestMeta::system("test", "t"),
+        time::Duration::minutes(10),
+    )
+    .await
+    .unwrap();
+    ring.reload(&app.state.db, &app.kms).await.unwrap();
+    assert_eq!(ring.len(), 2);
 }
 
 #[tokio::test]
@@ -484,8 +504,16 @@ async fn a_node_renews_with_a_new_key_and_the_old_certificate_keeps_working() {
         1
     );
 
+    // The superseded certificate still serves requests until it expires,
+    // but it cannot renew: a stolen older key cannot extend itself.
+    let (status, body, _) = renew(&app, &listener, &node.cert_pem, &node.key_pem)
+        .await
+        .unwrap();
+    assert_eq!(status, reqwest::StatusCode::FORBIDDEN, "{body:?}");
+    assert_eq!(body["code"], "forbidden_peer");
+
     // A CSR that is not one is refused and changes nothing.
-    let response = client(&app, &node.cert_pem, &node.key_pem)
+    let response = client(&app, new_cert, &new_key)
         .post(format!(
             "https://127.0.0.1:{}/v1/agent/renew",
             listener.address.port()
@@ -576,13 +604,19 @@ async fn revoking_a_node_refuses_its_requests_renewals_and_handshakes() {
 async fn a_stale_deny_list_refuses_every_node() {
     let app = TestApp::spawn().await;
     let node = enrol(&app, &join_token(&app, None).await).await;
-    let listener = listener(&app, Duration::from_millis(1)).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    let listener = listener(&app, Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(
         get_keys(&app, &listener, &node.cert_pem, &node.key_pem)
             .await
             .is_err()
     );
+    // The same client gets in as soon as the list is fresh again.
+    listener.refresh(&app).await;
+    let fresh = get_keys(&app, &listener, &node.cert_pem, &node.key_pem)
+        .await
+        .unwrap();
+    assert_eq!(fresh.status(), reqwest::StatusCode::OK);
     let _ = listener.stop.send(());
 }
 
@@ -835,4 +869,35 @@ async fn a_silent_host_goes_offline_with_its_allocations_lost_and_comes_back_wit
         1
     );
     let _ = listener.stop.send(());
+}
+
+#[tokio::test]
+async fn two_apis_starting_at_once_create_one_set_of_keys() {
+    let database = keel_testing::test_db().await;
+    let config = common::test_config(&database);
+    let kms = keel_api::keys::kms(&config, true).unwrap();
+    let (first, second) = tokio::join!(
+        ControlPlaneKeys::load_or_create(&database.db, &kms),
+        ControlPlaneKeys::load_or_create(&database.db, &kms),
+    );
+    let (first, second) = (first.unwrap(), second.unwrap());
+    assert_eq!(
+        first.node_ca.fingerprint_sha256_hex(),
+        second.node_ca.fingerprint_sha256_hex()
+    );
+    assert_eq!(
+        first.control_plane_ca.fingerprint_sha256_hex(),
+        second.control_plane_ca.fingerprint_sha256_hex()
+    );
+    let mut admin = database.admin().await;
+    let (authorities, keys): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM certificate_authorities), (SELECT count(*) FROM task_signing_keys)",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!((authorities, keys), (2, 1));
+    if let KmsConfig::Local { master_key_file } = &config.kms {
+        let _ = std::fs::remove_file(master_key_file);
+    }
 }

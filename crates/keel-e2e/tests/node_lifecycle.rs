@@ -114,8 +114,8 @@ async fn an_agent_renews_learns_keys_re_enrols_and_stops_cleanly_once_revoked() 
         "a renewal makes a new key"
     );
 
-    // A rotated task-signing key reaches the agent (endorsed by the old one).
-    run_ok(api_cli().args(["keys", "rotate-task-signing", "--overlap-secs", "300"]));
+    // A rotated task-signing key reaches the agent (vouched for by the CA).
+    run_ok(api_cli().args(["keys", "rotate-task-signing", "--overlap-secs", "600"]));
     eventually("the agent to learn the new signing key", &logs, || async {
         let keys: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(state.join("signing-keys.json")).ok()?)
@@ -204,6 +204,22 @@ async fn an_agent_renews_learns_keys_re_enrols_and_stops_cleanly_once_revoked() 
     })
     .await;
 
+    // A second workload runs when the node is revoked.
+    let mut second = NewAllocation::new("cpu.small".into(), "node-2".into());
+    second.command = Some(Some(vec!["sleep".into(), "300".into()]));
+    let second = allocations_api::allocation_create(&tenant, &project, second, None)
+        .await
+        .unwrap()
+        .id
+        .to_string();
+    eventually("the second allocation to run", &logs, || async {
+        let allocation = allocations_api::allocation_get(&tenant, &project, &second)
+            .await
+            .ok()?;
+        (allocation.state == AllocationState::Running).then_some(())
+    })
+    .await;
+
     // An operator revokes the node: the agent stops with 78 and says why.
     run_ok(
         api_cli()
@@ -230,6 +246,14 @@ async fn an_agent_renews_learns_keys_re_enrols_and_stops_cleanly_once_revoked() 
     })
     .await;
     assert_eq!(exit.code(), Some(78), "needs re-enrolment");
+    // The worker failed what ran there (the `host.revoked` event).
+    eventually("the revoked node's allocation to fail", &logs, || async {
+        let allocation = allocations_api::allocation_get(&tenant, &project, &second)
+            .await
+            .ok()?;
+        (allocation.state == AllocationState::Failed).then_some(allocation)
+    })
+    .await;
     let status: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(state.join("status.json")).unwrap()).unwrap();
     assert_eq!(status["condition"], "needs_reenrolment");
@@ -250,6 +274,7 @@ async fn an_agent_renews_learns_keys_re_enrols_and_stops_cleanly_once_revoked() 
         .output()
         .unwrap();
     assert!(!refused.status.success());
+    common::reap_workloads(&state);
     let _ = std::fs::remove_dir_all(&scratch);
 }
 

@@ -37,7 +37,7 @@ async fn renew(
     let node = authenticated_node(&db, &peer).await?;
     let meta = keel_auth::context::anonymous_meta(&request_id, &trace);
     Ok(Json(
-        nodes::renew(&db, meta, &channel, node, request).await?,
+        nodes::renew(&db, meta, &channel, &node, request).await?,
     ))
 }
 

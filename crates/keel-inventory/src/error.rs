@@ -13,6 +13,9 @@ pub enum InventoryError {
     InvalidCsr(#[source] keel_pki::PkiError),
     #[error("no such host, or it is revoked")]
     HostNotFound,
+    /// An authenticated node may not do this (agent listener only).
+    #[error("{0}")]
+    PeerRefused(&'static str),
     #[error(transparent)]
     Trust(#[from] crate::trust::TrustError),
     #[error("database error")]
@@ -37,6 +40,9 @@ impl From<InventoryError> for ApiError {
                 "invalid_csr",
                 format!("the certificate signing request is unacceptable: {cause}"),
             ),
+            InventoryError::PeerRefused(message) => {
+                ApiError::new(StatusCode::FORBIDDEN, "forbidden_peer", message)
+            }
             InventoryError::HostNotFound => {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", error.to_string())
             }

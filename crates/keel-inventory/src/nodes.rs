@@ -33,10 +33,12 @@ use crate::enrol::{HostCapacity, NodeChannel, host_resource, record_certificate}
 use crate::trust::{PublishedSigningKey, published_signing_keys};
 
 /// A node whose certificate and record both check out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuthenticatedNode {
     pub host_id: HostId,
     pub enrolment_epoch: i64,
+    /// The serial of the certificate it presented.
+    pub serial: String,
 }
 
 fn forbidden(message: &'static str) -> ApiError {
@@ -71,6 +73,7 @@ pub async fn authenticated_node(db: &Db, peer: &TlsPeer) -> Result<Authenticated
         .map(|enrolment_epoch| AuthenticatedNode {
             host_id,
             enrolment_epoch,
+            serial,
         })
         .ok_or_else(|| forbidden("this node or certificate is revoked, superseded or not enrolled"))
 }
@@ -133,13 +136,15 @@ pub struct RenewResponse {
 }
 
 /// Issues a node a new certificate for a new key, authenticated by its
-/// current one. The old certificate stays valid until it expires, so
-/// connections made with it are not cut.
+/// current one — only the newest certificate of a node renews, so a stolen
+/// older key cannot extend itself (and a thief who renews first makes the
+/// real node's next renewal fail loudly). The old certificate stays valid
+/// for requests until it expires, so connections made with it are not cut.
 pub async fn renew(
     db: &Db,
     meta: RequestMeta,
     channel: &NodeChannel,
-    node: AuthenticatedNode,
+    node: &AuthenticatedNode,
     request: RenewRequest,
 ) -> Result<RenewResponse, InventoryError> {
     let mut tx = db
@@ -152,14 +157,24 @@ pub async fn renew(
         .await?;
     // Re-checked under a lock: a revocation or re-enrolment committed after
     // the peer check wins.
-    let region: Option<String> = sqlx::query_scalar(
-        "SELECT region FROM hosts WHERE id = $1 AND revoked_at IS NULL AND enrolment_epoch = $2 FOR UPDATE",
+    let current: Option<(String, String)> = sqlx::query_as(
+        "SELECT region, cert_serial FROM hosts
+          WHERE id = $1 AND revoked_at IS NULL AND enrolment_epoch = $2 FOR UPDATE",
     )
     .bind(node.host_id)
     .bind(node.enrolment_epoch)
     .fetch_optional(tx.conn())
     .await?;
-    let region = region.ok_or(InventoryError::HostNotFound)?;
+    let Some((region, current_serial)) = current else {
+        return Err(InventoryError::PeerRefused(
+            "this node is revoked or was re-enrolled",
+        ));
+    };
+    if current_serial != node.serial {
+        return Err(InventoryError::PeerRefused(
+            "only the node's newest certificate can renew",
+        ));
+    }
     let issued = channel
         .node_ca
         .sign_node_csr(
@@ -206,7 +221,7 @@ type HostStateRow = (String, String, i32, i64, i64, Option<String>, i32);
 pub async fn record_heartbeat(
     db: &Db,
     meta: RequestMeta,
-    node: AuthenticatedNode,
+    node: &AuthenticatedNode,
     capacity: &HostCapacity,
 ) -> Result<bool, InventoryError> {
     let errors = capacity.validate("capacity");
@@ -236,7 +251,11 @@ pub async fn record_heartbeat(
     .await?;
     tx.commit().await?;
     match unchanged {
-        None => return Err(InventoryError::HostNotFound),
+        None => {
+            return Err(InventoryError::PeerRefused(
+                "this node is revoked or was re-enrolled",
+            ));
+        }
         Some(true) => return Ok(false),
         Some(false) => {}
     }
@@ -257,7 +276,9 @@ pub async fn record_heartbeat(
     .fetch_optional(tx.conn())
     .await?;
     let Some((region, state, ..)) = before.clone() else {
-        return Err(InventoryError::HostNotFound);
+        return Err(InventoryError::PeerRefused(
+            "this node is revoked or was re-enrolled",
+        ));
     };
     let came_back = state == "offline";
     let (version, after): (i64, (i32, i64, i64, Option<String>, i32)) = {

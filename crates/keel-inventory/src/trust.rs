@@ -12,9 +12,11 @@
 //!   trust it until its `retires_at`. A rotation adds a key that starts
 //!   signing one overlap period later — long enough for every agent to
 //!   learn it — and retires the others one overlap period after that, so
-//!   tasks signed just before the switch still verify. The new key is
-//!   endorsed by the key signing now (keel-task `endorsement`): agents
-//!   accept a key only along that chain, never because a row appeared.
+//!   tasks signed just before the switch still verify. Every key and every
+//!   retirement carries the control-plane CA's signature (keel-task
+//!   `key_statement`): agents, who pinned that CA when they joined, accept
+//!   nothing else, never because a row appeared or changed. One rotation
+//!   at a time: a second one while a new key is still pending is refused.
 //! - **Re-wrapping** ([`rewrap`]): after a KMS master-key rotation, new
 //!   envelopes already use the new master key; `rewrap` re-seals the old
 //!   ones too, so the old master key can be retired.
@@ -25,7 +27,7 @@ use keel_core::ResourceName;
 use keel_db::{Audit, Db, RequestMeta};
 use keel_kms::{AnyKms, envelope};
 use keel_pki::{CaKind, CertificateAuthority};
-use keel_task::{TaskSigner, verifying_key_to_base64};
+use keel_task::{KEY_STATEMENT_DOMAIN, TaskSigner, key_statement, verifying_key_to_base64};
 use serde::Serialize;
 use sqlx::PgConnection;
 use time::{Duration, OffsetDateTime};
@@ -38,8 +40,12 @@ pub enum TrustError {
     MissingAuthority(CaKind),
     #[error("no task-signing key exists yet: start the api once to create one")]
     NoSigningKey,
-    #[error("the rotation overlap must be at least one second")]
+    #[error("the rotation overlap must be at least {MIN_OVERLAP_SECS} seconds")]
     InvalidOverlap,
+    #[error(
+        "key {0} from the last rotation has not started signing yet: rotate again after it has"
+    )]
+    RotationPending(String),
     #[error("stored key material is damaged: {0}")]
     Damaged(String),
     #[error("the KMS refused: {0}")]
@@ -51,6 +57,10 @@ pub enum TrustError {
     #[error("database error")]
     Db(#[from] keel_db::DbError),
 }
+
+/// The shortest rotation overlap: longer than the worker's key reload
+/// (30 s), the agents' key refresh (60 s) and a task's lifetime (300 s).
+pub const MIN_OVERLAP_SECS: i64 = 600;
 
 fn ca_context(kind: impl std::fmt::Display) -> String {
     format!("keel/ca/{kind}")
@@ -151,11 +161,9 @@ pub struct PublishedSigningKey {
     /// Unix seconds after which agents stop trusting it; absent while it
     /// is the newest key.
     pub retires_at: Option<i64>,
-    /// The key that endorsed this one (absent for the first key).
-    pub endorsed_by: Option<String>,
-    /// Base64 of the endorsing key's Ed25519 signature (see
-    /// `keel_task::endorsement_is_valid`).
-    pub endorsement: Option<String>,
+    /// Base64 of the control-plane CA's signature over the key,
+    /// `signs_from` and `retires_at` (`keel_task::key_statement`).
+    pub ca_signature: String,
 }
 
 type SigningKeyRow = (
@@ -163,31 +171,42 @@ type SigningKeyRow = (
     String,
     OffsetDateTime,
     Option<OffsetDateTime>,
-    Option<String>,
-    Option<Vec<u8>>,
+    Vec<u8>,
 );
 
 fn published(row: SigningKeyRow) -> PublishedSigningKey {
-    let (key_id, public_key, signs_from, retires_at, endorsed_by, endorsement) = row;
+    let (key_id, public_key, signs_from, retires_at, ca_signature) = row;
     PublishedSigningKey {
         key_id,
         public_key,
         signs_from: signs_from.unix_timestamp(),
         retires_at: retires_at.map(OffsetDateTime::unix_timestamp),
-        endorsed_by,
-        endorsement: endorsement.map(|signature| BASE64.encode(signature)),
+        ca_signature: BASE64.encode(ca_signature),
     }
 }
 
-/// Every task-signing key, retired ones included, oldest first: an agent
-/// that was offline across rotations walks the endorsement chain from a
-/// key it knows, and trusts only the keys not retired by its own clock.
-/// Run in a system transaction.
+/// The CA's signature over a key's statement.
+fn sign_key_statement(
+    ca: &CertificateAuthority,
+    signer: &TaskSigner,
+    signs_from: OffsetDateTime,
+    retires_at: Option<OffsetDateTime>,
+) -> Result<Vec<u8>, TrustError> {
+    let statement = key_statement(
+        &signer.verifying_key(),
+        signs_from.unix_timestamp(),
+        retires_at.map(OffsetDateTime::unix_timestamp),
+    );
+    Ok(ca.sign_statement(KEY_STATEMENT_DOMAIN, &statement)?)
+}
+
+/// Every task-signing key, retired ones included, oldest first (agents keep
+/// the retirements they learn). Run in a system transaction.
 pub async fn published_signing_keys(
     conn: &mut PgConnection,
 ) -> Result<Vec<PublishedSigningKey>, sqlx::Error> {
     let rows: Vec<SigningKeyRow> = sqlx::query_as(
-        "SELECT key_id, public_key, signs_from, retires_at, endorsed_by, endorsement
+        "SELECT key_id, public_key, signs_from, retires_at, ca_signature
            FROM task_signing_keys
           ORDER BY signs_from, key_id",
     )
@@ -225,12 +244,17 @@ pub async fn signers(db: &Db, kms: &AnyKms) -> Result<Vec<LoadedSigner>, TrustEr
     tx.commit().await?;
     let mut loaded = Vec::with_capacity(rows.len());
     for (key_id, sealed, signs_from, retires_at) in rows {
-        let signer = open_signer(kms, &key_id, &sealed).await?;
-        loaded.push(LoadedSigner {
-            signer,
-            signs_from,
-            retires_at,
-        });
+        // One damaged (or planted) row must not stop every worker.
+        match open_signer(kms, &key_id, &sealed).await {
+            Ok(signer) => loaded.push(LoadedSigner {
+                signer,
+                signs_from,
+                retires_at,
+            }),
+            Err(error) => {
+                tracing::error!(%key_id, %error, "a task-signing key does not open; skipping it");
+            }
+        }
     }
     Ok(loaded)
 }
@@ -256,7 +280,11 @@ fn whole_seconds(at: OffsetDateTime) -> OffsetDateTime {
 
 /// Creates the first task-signing key if there is none (the api's
 /// start-up). Serialised with rotations by a table lock.
-pub async fn ensure_signing_key(db: &Db, kms: &AnyKms) -> Result<(), TrustError> {
+pub async fn ensure_signing_key(
+    db: &Db,
+    kms: &AnyKms,
+    ca: &CertificateAuthority,
+) -> Result<(), TrustError> {
     let mut tx = db
         .begin_system(RequestMeta::system("api", "trust-bootstrap"))
         .await?;
@@ -269,8 +297,8 @@ pub async fn ensure_signing_key(db: &Db, kms: &AnyKms) -> Result<(), TrustError>
         return Ok(());
     }
     let signer = TaskSigner::generate();
-    let signs_from = whole_seconds(OffsetDateTime::now_utc());
-    insert_signing_key(tx.conn(), kms, &signer, signs_from, None).await?;
+    let signs_from = db_now(tx.conn()).await?;
+    insert_signing_key(tx.conn(), kms, ca, &signer, signs_from).await?;
     tx.commit(
         Audit::new(
             "task_signing_key.create",
@@ -294,13 +322,22 @@ async fn lock_signing_keys(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
         .map(|_| ())
 }
 
+/// The database's clock, in whole seconds: one clock for every process.
+async fn db_now(conn: &mut PgConnection) -> Result<OffsetDateTime, sqlx::Error> {
+    let now: OffsetDateTime = sqlx::query_scalar("SELECT date_trunc('second', now())")
+        .fetch_one(conn)
+        .await?;
+    Ok(whole_seconds(now))
+}
+
 async fn insert_signing_key(
     conn: &mut PgConnection,
     kms: &AnyKms,
+    ca: &CertificateAuthority,
     signer: &TaskSigner,
     signs_from: OffsetDateTime,
-    endorsement: Option<(&str, [u8; 64])>,
 ) -> Result<(), TrustError> {
+    let ca_signature = sign_key_statement(ca, signer, signs_from, None)?;
     let sealed = envelope::seal(
         kms,
         &signing_key_context(signer.key_id()),
@@ -308,78 +345,79 @@ async fn insert_signing_key(
     )
     .await?;
     sqlx::query(
-        "INSERT INTO task_signing_keys (key_id, public_key, private_key_sealed, signs_from, endorsed_by, endorsement)
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO task_signing_keys (key_id, public_key, private_key_sealed, signs_from, ca_signature)
+         VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(signer.key_id())
     .bind(verifying_key_to_base64(&signer.verifying_key()))
     .bind(&sealed)
     .bind(signs_from)
-    .bind(endorsement.map(|(by, _)| by))
-    .bind(endorsement.map(|(_, signature)| signature.to_vec()))
+    .bind(&ca_signature)
     .execute(conn)
     .await?;
     Ok(())
 }
 
-/// Adds a task-signing key that signs from `now + overlap`, endorsed by
-/// the key signing now, and retires every other live key at
-/// `now + 2 × overlap`. Audited as `task_signing_key.rotate`.
+/// Adds a task-signing key that signs from `now + overlap` and retires
+/// every other live key at `now + 2 × overlap`, each statement signed by
+/// the control-plane CA `ca`. Refused while the previous rotation's key has
+/// not started signing. Audited as `task_signing_key.rotate`.
 pub async fn rotate_signing_key(
     db: &Db,
     kms: &AnyKms,
+    ca: &CertificateAuthority,
     meta: RequestMeta,
     overlap: Duration,
 ) -> Result<PublishedSigningKey, TrustError> {
-    if overlap < Duration::SECOND {
+    if overlap < Duration::seconds(MIN_OVERLAP_SECS) {
         return Err(TrustError::InvalidOverlap);
     }
     let mut tx = db.begin_system(meta).await?;
     lock_signing_keys(tx.conn()).await?;
-    let now = whole_seconds(OffsetDateTime::now_utc());
+    let now = db_now(tx.conn()).await?;
+    let pending: Option<String> =
+        sqlx::query_scalar("SELECT key_id FROM task_signing_keys WHERE signs_from > $1 LIMIT 1")
+            .bind(now)
+            .fetch_optional(tx.conn())
+            .await?;
+    if let Some(key_id) = pending {
+        return Err(TrustError::RotationPending(key_id));
+    }
     let rows: Vec<(String, Vec<u8>, OffsetDateTime, Option<OffsetDateTime>)> = sqlx::query_as(
         "SELECT key_id, private_key_sealed, signs_from, retires_at FROM task_signing_keys
-          WHERE retires_at IS NULL OR retires_at > now()",
+          WHERE retires_at IS NULL OR retires_at > $1",
     )
+    .bind(now)
     .fetch_all(tx.conn())
     .await?;
-    let mut live = Vec::with_capacity(rows.len());
-    for (key_id, sealed, signs_from, retires_at) in rows {
-        live.push(LoadedSigner {
-            signer: open_signer(kms, &key_id, &sealed).await?,
-            signs_from,
-            retires_at,
-        });
-    }
-    let endorser = current_signer(&live, now).ok_or(TrustError::NoSigningKey)?;
     let signer = TaskSigner::generate();
     let signs_from = now + overlap;
     let retires_at = signs_from + overlap;
-    let signature = endorser.endorse(&signer.verifying_key(), signs_from.unix_timestamp());
-    insert_signing_key(
-        tx.conn(),
-        kms,
-        &signer,
-        signs_from,
-        Some((endorser.key_id(), signature)),
-    )
-    .await?;
-    sqlx::query(
-        "UPDATE task_signing_keys SET retires_at = LEAST(COALESCE(retires_at, $2), $2)
-          WHERE key_id <> $1 AND (retires_at IS NULL OR retires_at > now())",
+    insert_signing_key(tx.conn(), kms, ca, &signer, signs_from).await?;
+    for (key_id, sealed, old_signs_from, old_retires_at) in rows {
+        let retires = old_retires_at.map_or(retires_at, |current| current.min(retires_at));
+        if old_retires_at == Some(retires) {
+            continue;
+        }
+        let old = open_signer(kms, &key_id, &sealed).await?;
+        let ca_signature = sign_key_statement(ca, &old, old_signs_from, Some(retires))?;
+        sqlx::query(
+            "UPDATE task_signing_keys SET retires_at = $2, ca_signature = $3 WHERE key_id = $1",
+        )
+        .bind(&key_id)
+        .bind(retires)
+        .bind(&ca_signature)
+        .execute(tx.conn())
+        .await?;
+    }
+    let key: PublishedSigningKey = sqlx::query_as::<_, SigningKeyRow>(
+        "SELECT key_id, public_key, signs_from, retires_at, ca_signature
+           FROM task_signing_keys WHERE key_id = $1",
     )
     .bind(signer.key_id())
-    .bind(retires_at)
-    .execute(tx.conn())
-    .await?;
-    let key = PublishedSigningKey {
-        key_id: signer.key_id().to_owned(),
-        public_key: verifying_key_to_base64(&signer.verifying_key()),
-        signs_from: signs_from.unix_timestamp(),
-        retires_at: None,
-        endorsed_by: Some(endorser.key_id().to_owned()),
-        endorsement: Some(BASE64.encode(signature)),
-    };
+    .fetch_one(tx.conn())
+    .await
+    .map(published)?;
     tx.commit(
         Audit::new(
             "task_signing_key.rotate",
@@ -387,7 +425,6 @@ pub async fn rotate_signing_key(
             signing_key_resource(&key.key_id),
         )
         .with_details(serde_json::json!({
-            "endorsed_by": key.endorsed_by,
             "signs_from": key.signs_from,
             "others_retire_at": retires_at.unix_timestamp(),
         })),

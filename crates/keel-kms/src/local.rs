@@ -242,11 +242,21 @@ impl Kms for LocalKms {
         wrapped: &WrappedKey,
         context: &str,
     ) -> Result<Zeroizing<[u8; 32]>, KmsError> {
-        let master = self
-            .keys
-            .iter()
-            .find(|key| key.id == wrapped.key_id)
-            .ok_or_else(|| KmsError::UnknownMasterKey(wrapped.key_id.clone()))?;
+        // A key added by `rotate` in another process (the CLI) after this
+        // one loaded the file: read the file again rather than fail until a
+        // restart. Only keys from our own 0600 file are ever used.
+        let reloaded;
+        let master = match self.keys.iter().find(|key| key.id == wrapped.key_id) {
+            Some(master) => master,
+            None => {
+                reloaded = Self::open(self.path.clone())?;
+                reloaded
+                    .keys
+                    .iter()
+                    .find(|key| key.id == wrapped.key_id)
+                    .ok_or_else(|| KmsError::UnknownMasterKey(wrapped.key_id.clone()))?
+            }
+        };
         let bytes = crypto::open(
             &master.key,
             &wrap_context(&master.id, context),
@@ -454,6 +464,31 @@ mod tests {
         );
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[tokio::test]
+    async fn a_running_process_opens_envelopes_sealed_under_a_key_another_process_added() {
+        let scratch = Scratch::new();
+        let path = scratch.keys();
+        let running = LocalKms::open_or_create(&path).unwrap();
+        let mut cli = LocalKms::open(&path).unwrap();
+        cli.rotate().unwrap();
+        let sealed = envelope::seal(&cli, "ctx", b"re-wrapped").await.unwrap();
+        assert_eq!(
+            envelope::open(&running, "ctx", &sealed)
+                .await
+                .unwrap()
+                .as_slice(),
+            b"re-wrapped"
+        );
+        // A key in no file stays unknown.
+        let stranger = Scratch::new();
+        let other = LocalKms::open_or_create(stranger.keys()).unwrap();
+        let foreign = envelope::seal(&other, "ctx", b"x").await.unwrap();
+        assert!(matches!(
+            envelope::open(&running, "ctx", &foreign).await,
+            Err(KmsError::UnknownMasterKey(_))
+        ));
     }
 
     #[tokio::test]

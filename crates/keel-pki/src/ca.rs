@@ -15,6 +15,7 @@ use rcgen::string::Ia5String;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
+    SigningKey as _,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, DnsName};
@@ -224,6 +225,18 @@ impl CertificateAuthority {
         hex::encode(Sha256::digest(self.cert_der.as_ref()))
     }
 
+    /// Signs a statement that is not a certificate (ECDSA P-256 with
+    /// SHA-256, DER) over `domain ‖ message`: the control-plane CA vouches
+    /// for task-signing keys this way. `domain` must end in a NUL and name
+    /// the statement, so a signature for one kind of statement never passes
+    /// for another. See [`verify_statement`].
+    pub fn sign_statement(&self, domain: &[u8], message: &[u8]) -> Result<Vec<u8>, PkiError> {
+        let mut signed = Vec::with_capacity(domain.len() + message.len());
+        signed.extend_from_slice(domain);
+        signed.extend_from_slice(message);
+        Ok(self.issuer.key().sign(&signed)?)
+    }
+
     /// Signs an agent's CSR (node CA only). The CSR's signature must verify;
     /// only its public key is used. The certificate names the node by its
     /// id (subject CN and the URI SAN `spiffe://keel/node/{id}`), is not a
@@ -379,6 +392,26 @@ fn random_serial() -> (SerialNumber, String) {
 
 /// Now, truncated to whole seconds as certificates store it, so the
 /// `not_after` we report equals the one written.
+/// Whether the CA certificate `ca_cert_der` signed `domain ‖ message`
+/// with [`CertificateAuthority::sign_statement`].
+pub fn verify_statement(
+    ca_cert_der: &[u8],
+    domain: &[u8],
+    message: &[u8],
+    signature: &[u8],
+) -> bool {
+    let Ok((_, certificate)) = x509_parser::parse_x509_certificate(ca_cert_der) else {
+        return false;
+    };
+    let public_key = certificate.public_key().subject_public_key.data.as_ref();
+    let mut signed = Vec::with_capacity(domain.len() + message.len());
+    signed.extend_from_slice(domain);
+    signed.extend_from_slice(message);
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, public_key)
+        .verify(&signed, signature)
+        .is_ok()
+}
+
 fn now_in_whole_seconds() -> OffsetDateTime {
     let now = OffsetDateTime::now_utc();
     now - Duration::nanoseconds(i64::from(now.nanosecond()))
@@ -786,6 +819,40 @@ mod tests {
         assert!(matches!(
             control_plane_ca.issue_control_plane_client("worker", Duration::MAX),
             Err(PkiError::InvalidLifetime)
+        ));
+    }
+
+    #[test]
+    fn a_statement_verifies_only_with_its_ca_domain_and_message() {
+        let ca = CertificateAuthority::generate(CaKind::ControlPlane).unwrap();
+        let other = CertificateAuthority::generate(CaKind::ControlPlane).unwrap();
+        let signature = ca.sign_statement(b"keel-test\0", b"hello").unwrap();
+        let der = ca.cert_der().as_ref();
+        assert!(verify_statement(der, b"keel-test\0", b"hello", &signature));
+        assert!(!verify_statement(der, b"keel-test\0", b"hellO", &signature));
+        assert!(!verify_statement(
+            der,
+            b"keel-other\0",
+            b"hello",
+            &signature
+        ));
+        assert!(!verify_statement(
+            other.cert_der().as_ref(),
+            b"keel-test\0",
+            b"hello",
+            &signature
+        ));
+        assert!(!verify_statement(
+            der,
+            b"keel-test\0",
+            b"hello",
+            &signature[1..]
+        ));
+        assert!(!verify_statement(
+            b"not a certificate",
+            b"keel-test\0",
+            b"hello",
+            &signature
         ));
     }
 

@@ -61,7 +61,7 @@ mod revocation;
 mod tls;
 mod verifier;
 
-pub use ca::{CaKind, CertificateAuthority, IssuedCertificate};
+pub use ca::{CaKind, CertificateAuthority, IssuedCertificate, verify_statement};
 pub use csr::make_csr;
 pub use error::PkiError;
 pub use hot::HotIdentity;
@@ -71,8 +71,8 @@ pub use identity::{
 };
 pub use revocation::{Denied, DenyList, serial_hex, validity};
 pub use tls::{
-    certs_from_pem, client_config, client_config_for_node, client_config_with_hot_identity,
-    private_key_from_pem, server_config_requiring_client_certs, server_config_with_deny_list,
-    server_config_with_hot_identity,
+    certs_from_pem, client_config, client_config_for_node, client_config_for_node_with_identity,
+    client_config_with_hot_identity, private_key_from_pem, server_config_requiring_client_certs,
+    server_config_with_deny_list, server_config_with_hot_identity,
 };
 pub use verifier::NodeServerVerifier;

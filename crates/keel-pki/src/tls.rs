@@ -64,23 +64,21 @@ pub fn server_config_requiring_client_certs(
 /// Like [`server_config_requiring_client_certs`], and every client
 /// certificate is also checked against `deny_list` (see [`DenyList`]):
 /// revoked serials, and everything while the list is stale, are refused.
+/// The server presents whatever `identity` holds at each handshake, so it
+/// can be re-issued without a restart.
 pub fn server_config_with_deny_list(
     ca_roots: &[CertificateDer<'_>],
-    cert_chain_pem: &str,
-    key_pem: &str,
+    identity: Arc<HotIdentity>,
     deny_list: Arc<DenyList>,
 ) -> Result<Arc<ServerConfig>, PkiError> {
-    let provider = ring_provider();
+    let provider = identity.provider();
     let roots = Arc::new(root_store(ca_roots)?);
     let inner =
         WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider)).build()?;
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(Arc::new(DenyListClientVerifier { inner, deny_list }))
-        .with_single_cert(
-            certs_from_pem(cert_chain_pem)?,
-            private_key_from_pem(key_pem)?,
-        )?;
+        .with_cert_resolver(identity);
     Ok(Arc::new(config))
 }
 
@@ -151,6 +149,23 @@ pub fn client_config_for_node(
             certs_from_pem(client_cert_pem)?,
             private_key_from_pem(client_key_pem)?,
         )?;
+    Ok(Arc::new(config))
+}
+
+/// [`client_config_for_node`] presenting whatever `identity` holds at each
+/// handshake (a worker whose certificate is re-issued while it runs).
+pub fn client_config_for_node_with_identity(
+    node_ca_roots: &[CertificateDer<'_>],
+    expected_node_id: Uuid,
+    identity: Arc<HotIdentity>,
+) -> Result<Arc<ClientConfig>, PkiError> {
+    let provider = identity.provider();
+    let verifier = NodeServerVerifier::with_provider(node_ca_roots, expected_node_id, &provider)?;
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(identity);
     Ok(Arc::new(config))
 }
 

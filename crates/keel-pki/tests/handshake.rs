@@ -182,3 +182,44 @@ async fn an_agent_refuses_a_server_that_does_not_chain_to_the_control_plane_ca()
         ))
     );
 }
+
+#[tokio::test]
+async fn a_hot_identity_is_presented_anew_after_it_is_replaced_without_rebuilding_configs() {
+    let fixture = fixture();
+    let node_id = Uuid::new_v4();
+    let issue = || {
+        let (csr, key) = make_csr("node").unwrap();
+        let cert = fixture
+            .node_ca
+            .sign_node_csr(&csr, node_id, Duration::hours(1))
+            .unwrap();
+        (cert.cert_pem, key)
+    };
+    let (first_cert, first_key) = issue();
+    let identity = keel_pki::HotIdentity::from_pem(&first_cert, &first_key).unwrap();
+    // The node's client config is built once, as the agent does.
+    let client = keel_pki::client_config_with_hot_identity(
+        &[fixture.control_plane_ca.cert_der().clone()],
+        Arc::clone(&identity),
+    )
+    .unwrap();
+    let seen = connect(fixture.server_config.clone(), client.clone())
+        .await
+        .unwrap();
+    assert_eq!(seen, certs_from_pem(&first_cert).unwrap()[0].as_ref());
+
+    let (second_cert, second_key) = issue();
+    identity.replace(&second_cert, &second_key).unwrap();
+    let seen = connect(fixture.server_config.clone(), client.clone())
+        .await
+        .unwrap();
+    assert_eq!(seen, certs_from_pem(&second_cert).unwrap()[0].as_ref());
+
+    // A key that does not belong to the certificate is refused and the
+    // current identity stays.
+    assert!(identity.replace(&first_cert, &second_key).is_err());
+    let seen = connect(fixture.server_config.clone(), client)
+        .await
+        .unwrap();
+    assert_eq!(seen, certs_from_pem(&second_cert).unwrap()[0].as_ref());
+}

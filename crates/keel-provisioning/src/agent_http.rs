@@ -74,7 +74,7 @@ async fn agent_heartbeat(
         },
         traceparent: Some(trace.0),
     };
-    keel_inventory::nodes::record_heartbeat(&db, meta.clone(), node, &heartbeat.capacity).await?;
+    keel_inventory::nodes::record_heartbeat(&db, meta.clone(), &node, &heartbeat.capacity).await?;
     let listed: Vec<AllocationId> = heartbeat
         .workloads
         .iter()

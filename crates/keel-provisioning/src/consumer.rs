@@ -38,8 +38,8 @@ const TASK_LIFETIME_SECS: i64 = 300;
 pub struct WorkerCredentials {
     pub signers: Arc<SignerRing>,
     pub node_ca_pem: String,
-    pub client_cert_pem: String,
-    pub client_key_pem: String,
+    /// The worker's certificate, re-issued while it runs.
+    pub identity: Arc<keel_pki::HotIdentity>,
 }
 
 pub struct ProvisioningConsumer {
@@ -68,11 +68,10 @@ impl ProvisioningConsumer {
         }
         let roots =
             keel_pki::certs_from_pem(&self.credentials.node_ca_pem).map_err(HandlerError::new)?;
-        let tls = keel_pki::client_config_for_node(
+        let tls = keel_pki::client_config_for_node_with_identity(
             &roots,
             host.as_uuid(),
-            &self.credentials.client_cert_pem,
-            &self.credentials.client_key_pem,
+            Arc::clone(&self.credentials.identity),
         )
         .map_err(HandlerError::new)?;
         let client = reqwest::Client::builder()

@@ -63,6 +63,15 @@ impl SignerRing {
         }
     }
 
+    /// How many live keys the ring holds.
+    pub fn len(&self) -> usize {
+        self.snapshot().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Signs with the key that is current now.
     pub fn sign(&self, payload: &TaskPayload) -> Result<Vec<u8>, SignError> {
         let signers = self.snapshot();

@@ -84,22 +84,22 @@
 //! # Ok::<(), keel_task::TaskError>(())
 //! ```
 
-mod endorsement;
 mod envelope;
 mod error;
 mod keys;
 mod payload;
 mod rejection;
 mod signer;
+mod statement;
 mod verifier;
 
-pub use endorsement::{ENDORSEMENT_PREFIX, endorsement_is_valid};
 pub use envelope::TaskEnvelope;
 pub use error::TaskError;
 pub use keys::{key_id_of, verifying_key_from_base64, verifying_key_to_base64};
 pub use payload::{Operation, TaskPayload};
 pub use rejection::Rejection;
 pub use signer::TaskSigner;
+pub use statement::{KEY_STATEMENT_DOMAIN, key_statement};
 pub use verifier::{DEFAULT_MAX_CLOCK_SKEW_SECS, DEFAULT_MAX_LIFETIME_SECS, TaskVerifier};
 
 /// Re-exported so callers can name key types without depending on

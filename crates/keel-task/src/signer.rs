@@ -87,10 +87,6 @@ impl TaskSigner {
         self.key.verifying_key()
     }
 
-    pub(crate) fn signing_key(&self) -> &SigningKey {
-        &self.key
-    }
-
     /// The key id stamped on every envelope this signer produces.
     pub fn key_id(&self) -> &str {
         &self.key_id

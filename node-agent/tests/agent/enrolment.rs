@@ -58,11 +58,23 @@ async fn enrol_endpoint(
             "task_signing_keys": [{
                 "key_id": api.signer.key_id(),
                 "public_key": verifying_key_to_base64(&api.signer.verifying_key()),
+                "signs_from": 0,
+                "ca_signature": vouch(&api.control_plane_ca, &api.signer, 0),
             }],
             "agent_api_url": "https://127.0.0.1:8443",
         })),
     )
         .into_response()
+}
+
+/// The control-plane CA's signature over a key, as the api publishes it.
+fn vouch(ca: &CertificateAuthority, key: &TaskSigner, signs_from: i64) -> String {
+    use base64::Engine as _;
+    let statement = keel_task::key_statement(&key.verifying_key(), signs_from, None);
+    base64::engine::general_purpose::STANDARD.encode(
+        ca.sign_statement(keel_task::KEY_STATEMENT_DOMAIN, &statement)
+            .unwrap(),
+    )
 }
 
 /// Starts the stand-in api; returns it and its base URL.

@@ -64,6 +64,15 @@ pub fn relaxed_limits() -> RateLimitConfig {
     }
 }
 
+impl Drop for TestApp {
+    /// The test's master-key file goes with it.
+    fn drop(&mut self) {
+        if let keel_kms::KmsConfig::Local { master_key_file } = &self.config.kms {
+            let _ = std::fs::remove_file(master_key_file);
+        }
+    }
+}
+
 pub struct TestResponse {
     pub status: StatusCode,
     pub headers: axum::http::HeaderMap,

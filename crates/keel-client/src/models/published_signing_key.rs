@@ -14,22 +14,9 @@ use serde::{Deserialize, Serialize};
 /// PublishedSigningKey : A task-signing key as published to agents (public data only).
 #[derive(Clone, Default, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PublishedSigningKey {
-    /// The key that endorsed this one (absent for the first key).
-    #[serde(
-        rename = "endorsed_by",
-        default,
-        with = "::serde_with::rust::double_option",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub endorsed_by: Option<Option<String>>,
-    /// Base64 of the endorsing key's Ed25519 signature (see `keel_task::endorsement_is_valid`).
-    #[serde(
-        rename = "endorsement",
-        default,
-        with = "::serde_with::rust::double_option",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub endorsement: Option<Option<String>>,
+    /// Base64 of the control-plane CA's signature over the key, `signs_from` and `retires_at` (`keel_task::key_statement`).
+    #[serde(rename = "ca_signature")]
+    pub ca_signature: String,
     #[serde(rename = "key_id")]
     pub key_id: String,
     /// Base64 of the 32 raw bytes of the Ed25519 public key.
@@ -50,10 +37,14 @@ pub struct PublishedSigningKey {
 
 impl PublishedSigningKey {
     /// A task-signing key as published to agents (public data only).
-    pub fn new(key_id: String, public_key: String, signs_from: i64) -> PublishedSigningKey {
+    pub fn new(
+        ca_signature: String,
+        key_id: String,
+        public_key: String,
+        signs_from: i64,
+    ) -> PublishedSigningKey {
         PublishedSigningKey {
-            endorsed_by: None,
-            endorsement: None,
+            ca_signature,
             key_id,
             public_key,
             retires_at: None,

@@ -129,3 +129,36 @@ pub fn run_ok(command: &mut Command) -> String {
     );
     String::from_utf8(output.stdout).unwrap()
 }
+
+/// Kills what the agent of `state_dir` left running (an agent that stopped
+/// leaves its workloads on purpose) and removes their cgroups.
+pub fn reap_workloads(state_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(state_dir.join("runtime")) else {
+        return;
+    };
+    let mut cgroups = Vec::new();
+    for entry in entries.flatten() {
+        let record: Option<serde_json::Value> =
+            std::fs::read_to_string(entry.path().join("record.json"))
+                .ok()
+                .and_then(|text| serde_json::from_str(&text).ok());
+        let pid = std::fs::read_to_string(entry.path().join("pid")).unwrap_or_default();
+        let mut pids = vec![pid.trim().to_owned()];
+        if let Some(record) = &record {
+            pids.push(record["shim_pid"].to_string());
+            if let Some(dirs) = record["cgroup"].as_array() {
+                cgroups.extend(
+                    dirs.iter()
+                        .filter_map(|dir| dir.as_str().map(PathBuf::from)),
+                );
+            }
+        }
+        for pid in pids.into_iter().filter(|pid| !pid.is_empty()) {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    for dir in cgroups {
+        let _ = std::fs::remove_dir(dir);
+    }
+}

@@ -20,14 +20,10 @@ import { mapValues } from '../runtime';
  */
 export interface PublishedSigningKey {
     /**
-     * The key that endorsed this one (absent for the first key).
+     * Base64 of the control-plane CA's signature over the key,
+     * `signs_from` and `retires_at` (`keel_task::key_statement`).
      */
-    endorsedBy?: string | null;
-    /**
-     * Base64 of the endorsing key's Ed25519 signature (see
-     * `keel_task::endorsement_is_valid`).
-     */
-    endorsement?: string | null;
+    caSignature: string;
     /**
      * 
      */
@@ -51,6 +47,7 @@ export interface PublishedSigningKey {
  * Check if a given object implements the PublishedSigningKey interface.
  */
 export function instanceOfPublishedSigningKey(value: object): value is PublishedSigningKey {
+    if ((!('caSignature' in (value as Record<string, any>)) && !('ca_signature' in (value as Record<string, any>))) || ((value as Record<string, any>)['caSignature'] === undefined && (value as Record<string, any>)['ca_signature'] === undefined)) return false;
     if ((!('keyId' in (value as Record<string, any>)) && !('key_id' in (value as Record<string, any>))) || ((value as Record<string, any>)['keyId'] === undefined && (value as Record<string, any>)['key_id'] === undefined)) return false;
     if ((!('publicKey' in (value as Record<string, any>)) && !('public_key' in (value as Record<string, any>))) || ((value as Record<string, any>)['publicKey'] === undefined && (value as Record<string, any>)['public_key'] === undefined)) return false;
     if ((!('signsFrom' in (value as Record<string, any>)) && !('signs_from' in (value as Record<string, any>))) || ((value as Record<string, any>)['signsFrom'] === undefined && (value as Record<string, any>)['signs_from'] === undefined)) return false;
@@ -67,8 +64,7 @@ export function PublishedSigningKeyFromJSONTyped(json: any, ignoreDiscriminator:
     }
     return {
         
-        'endorsedBy': json['endorsed_by'] === undefined ? undefined : json['endorsed_by'] === null ? null : json['endorsed_by'],
-        'endorsement': json['endorsement'] === undefined ? undefined : json['endorsement'] === null ? null : json['endorsement'],
+        'caSignature': json['ca_signature'],
         'keyId': json['key_id'],
         'publicKey': json['public_key'],
         'retiresAt': json['retires_at'] === undefined ? undefined : json['retires_at'] === null ? null : json['retires_at'],
@@ -87,8 +83,7 @@ export function PublishedSigningKeyToJSONTyped(value?: PublishedSigningKey | nul
 
     return {
         
-        'endorsed_by': value['endorsedBy'],
-        'endorsement': value['endorsement'],
+        'ca_signature': value['caSignature'],
         'key_id': value['keyId'],
         'public_key': value['publicKey'],
         'retires_at': value['retiresAt'],
