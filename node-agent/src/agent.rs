@@ -16,7 +16,8 @@ use time::OffsetDateTime;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::control::{ControlPlaneLink, LinkError, LinkOutcome, LinkTiming};
+use crate::config::{AgentConfig, DriverKind};
+use crate::control::{ControlPlaneLink, LinkError, LinkOutcome};
 use crate::reports::{ReportDelivery, ReportError, RetryPolicy};
 use crate::server::router;
 use crate::state::{AgentState, StateError};
@@ -179,25 +180,6 @@ fn control_plane_roots(
     keel_pki::certs_from_pem(&state.control_plane_ca_pem).map_err(AgentError::Identity)
 }
 
-/// Link timings from `KEEL_AGENT_KEY_REFRESH_SECS`,
-/// `KEEL_AGENT_RENEWAL_RETRY_SECS` and `KEEL_AGENT_HEARTBEAT_SECS`
-/// (defaults: 60, 30 and 15).
-fn timing_from_env() -> LinkTiming {
-    let seconds = |name: &str| {
-        std::env::var(name)
-            .ok()
-            .and_then(|value| value.parse::<u64>().ok())
-            .filter(|value| *value > 0)
-            .map(std::time::Duration::from_secs)
-    };
-    let default = LinkTiming::default();
-    LinkTiming {
-        key_refresh: seconds("KEEL_AGENT_KEY_REFRESH_SECS").unwrap_or(default.key_refresh),
-        renewal_retry: seconds("KEEL_AGENT_RENEWAL_RETRY_SECS").unwrap_or(default.renewal_retry),
-        heartbeat: seconds("KEEL_AGENT_HEARTBEAT_SECS").unwrap_or(default.heartbeat),
-    }
-}
-
 fn needs_reenrolment(state_dir: &Path, reason: String) -> RunOutcome {
     tracing::error!(%reason, "this node needs re-enrolment: create a join token with `api join-token --node <id>` and run `keel-agent join --reenrol`");
     let mut status = Status::new(AgentCondition::NeedsReenrolment);
@@ -211,7 +193,8 @@ fn needs_reenrolment(state_dir: &Path, reason: String) -> RunOutcome {
 /// workloads as processes, and serve on the enrolled address until SIGINT
 /// or SIGTERM — or until the node needs re-enrolment (see
 /// [`RunOutcome`]).
-pub async fn run_until_signal(state_dir: &Path) -> Result<RunOutcome, AgentError> {
+pub async fn run_until_signal(config: &AgentConfig) -> Result<RunOutcome, AgentError> {
+    let state_dir = config.state_dir.as_path();
     let state = AgentState::load(state_dir)?;
     if let Some((_, not_after)) = state.certificate_validity()
         && not_after <= OffsetDateTime::now_utc()
@@ -233,17 +216,21 @@ pub async fn run_until_signal(state_dir: &Path) -> Result<RunOutcome, AgentError
         (*client_tls).clone(),
         RetryPolicy::default(),
     )?;
-    // `KEEL_AGENT_DRIVER=simulated` runs no workload at all (scale tests
-    // and benchmarks of the agent itself).
-    let driver: Arc<dyn WorkloadDriver> =
-        if std::env::var("KEEL_AGENT_DRIVER").as_deref() == Ok("simulated") {
-            tracing::warn!("KEEL_AGENT_DRIVER=simulated: workloads are only pretended");
+    // The simulated driver runs no workload at all (scale tests and
+    // benchmarks of the agent itself).
+    let driver: Arc<dyn WorkloadDriver> = match config.workloads.driver {
+        DriverKind::Simulated => {
+            tracing::warn!("the simulated driver is configured: workloads are only pretended");
             Arc::new(crate::simulated::SimulatedDriver::new(Arc::new(
                 report_queue,
             )))
-        } else {
-            Arc::new(ProcessDriver::new(&state.dir, Arc::new(report_queue))?)
-        };
+        }
+        DriverKind::Process => Arc::new(
+            ProcessDriver::new(&state.dir, Arc::new(report_queue))?.with_stop_grace_period(
+                std::time::Duration::from_secs(config.workloads.stop_grace_secs),
+            ),
+        ),
+    };
     let termination = termination_signal()?;
 
     let agent = start_agent_with_identity(
@@ -259,7 +246,7 @@ pub async fn run_until_signal(state_dir: &Path) -> Result<RunOutcome, AgentError
         (*client_tls).clone(),
         Arc::clone(agent.inbox()),
         driver,
-        timing_from_env(),
+        config.link_timing(),
     )?);
     let (stop_delivery, delivery_stopped) = oneshot::channel::<()>();
     let delivery = tokio::spawn(delivery.run(async move {

@@ -17,8 +17,8 @@ usage:
   keel-agent join --api-url URL --join-token ID.SECRET --state-dir DIR
                   --listen ADDR:PORT --name NAME
                   [--ca-fingerprint SHA256_HEX] [--agent-url URL] [--reenrol]
-  keel-agent run --state-dir DIR
-  keel-agent status --state-dir DIR
+  keel-agent run (--config FILE | --state-dir DIR)
+  keel-agent status (--config FILE | --state-dir DIR)
   keel-agent --help
 
 join    trades a single-use join token for a node certificate and saves it,
@@ -32,6 +32,8 @@ run     serves signed tasks over mutual TLS on the enrolled address until
         SIGINT or SIGTERM, renewing the node certificate and learning new
         task-signing keys as it goes. Exits 78 when the node needs
         re-enrolment (certificate expired, revoked or superseded).
+        --config names a TOML file (state_dir, [timing], [workloads]; see
+        doc/node-agent.md); --state-dir alone means the defaults.
 status  prints the node, its certificate, its keys and the state of its
         task log; exits 78 if the node needs re-enrolment, 1 if the task
         log's hash chain is broken.
@@ -43,18 +45,46 @@ Logging is controlled by RUST_LOG (default: info).";
 pub enum CliCommand {
     /// `keel-agent enrol ...`
     Enrol(EnrolOptions),
-    /// `keel-agent run --state-dir DIR`
-    Run {
-        /// The state directory saved by enrolment.
-        state_dir: PathBuf,
-    },
-    /// `keel-agent status --state-dir DIR`
-    Status {
-        /// The state directory saved by enrolment.
-        state_dir: PathBuf,
-    },
+    /// `keel-agent run (--config FILE | --state-dir DIR)`
+    Run(ConfigSource),
+    /// `keel-agent status (--config FILE | --state-dir DIR)`
+    Status(ConfigSource),
     /// `keel-agent --help`
     Help,
+}
+
+/// Where `run` and `status` find their configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// A configuration file.
+    File(PathBuf),
+    /// Just the state directory, with the default settings.
+    StateDir(PathBuf),
+}
+
+impl ConfigSource {
+    /// The configuration, with the `KEEL_AGENT_*` overrides applied.
+    pub fn load(&self) -> Result<crate::config::AgentConfig, crate::config::ConfigError> {
+        let config = match self {
+            ConfigSource::File(path) => crate::config::AgentConfig::load(path)?,
+            ConfigSource::StateDir(dir) => crate::config::AgentConfig::for_state_dir(dir),
+        };
+        Ok(config.with_env_overrides())
+    }
+}
+
+fn config_source(rest: &[String]) -> Result<ConfigSource, UsageError> {
+    let mut flags = Flags::parse(rest, &["--state-dir", "--config"])?;
+    match (flags.optional("--config"), flags.optional("--state-dir")) {
+        (Some(file), None) if !file.is_empty() => Ok(ConfigSource::File(file.into())),
+        (None, Some(dir)) if !dir.is_empty() => Ok(ConfigSource::StateDir(dir.into())),
+        (Some(_), Some(_)) => Err(UsageError(
+            "give --config or --state-dir, not both".to_owned(),
+        )),
+        _ => Err(UsageError(
+            "--config FILE or --state-dir DIR is required".to_owned(),
+        )),
+    }
 }
 
 /// The command line is wrong; the message says how.
@@ -77,16 +107,8 @@ pub fn parse_command_line(arguments: &[String]) -> Result<CliCommand, UsageError
     };
     match command.as_str() {
         "join" | "enrol" => parse_enrol(rest).map(CliCommand::Enrol),
-        "run" => {
-            let mut flags = Flags::parse(rest, &["--state-dir"])?;
-            let state_dir = PathBuf::from(flags.required("--state-dir")?);
-            Ok(CliCommand::Run { state_dir })
-        }
-        "status" => {
-            let mut flags = Flags::parse(rest, &["--state-dir"])?;
-            let state_dir = PathBuf::from(flags.required("--state-dir")?);
-            Ok(CliCommand::Status { state_dir })
-        }
+        "run" => config_source(rest).map(CliCommand::Run),
+        "status" => config_source(rest).map(CliCommand::Status),
         other => Err(UsageError(format!(
             "unknown command {other:?}: expected join, run or status"
         ))),
@@ -220,9 +242,7 @@ mod tests {
     fn run_needs_only_the_state_dir() {
         assert_eq!(
             parse_command_line(&arguments("run --state-dir /tmp/agent")).unwrap(),
-            CliCommand::Run {
-                state_dir: PathBuf::from("/tmp/agent")
-            }
+            CliCommand::Run(ConfigSource::StateDir(PathBuf::from("/tmp/agent")))
         );
     }
 
@@ -235,10 +255,8 @@ mod tests {
         .unwrap();
         assert!(matches!(command, CliCommand::Enrol(ref options) if options.reenrol));
         assert_eq!(
-            parse_command_line(&arguments("status --state-dir /tmp/agent")).unwrap(),
-            CliCommand::Status {
-                state_dir: PathBuf::from("/tmp/agent")
-            }
+            parse_command_line(&arguments("status --config /etc/keel/agent.toml")).unwrap(),
+            CliCommand::Status(ConfigSource::File(PathBuf::from("/etc/keel/agent.toml")))
         );
     }
 
@@ -259,6 +277,7 @@ mod tests {
             "run --state-dir",
             "run --state-dir a --state-dir b",
             "run --state-dir a --verbose yes",
+            "run --state-dir a --config b",
             "run stray --state-dir a",
             "enrol --api-url http://x --join-token abc.def --state-dir d --listen nowhere --name n",
             "enrol --api-url http://x --join-token nodot --state-dir d --listen 127.0.0.1:1 --name n",

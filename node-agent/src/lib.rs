@@ -36,6 +36,7 @@
 pub mod agent;
 pub mod cgroups;
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod enrol;
 pub mod inventory;

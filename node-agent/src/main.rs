@@ -78,24 +78,31 @@ fn main() -> ExitCode {
                     0
                 })
                 .map_err(|error| error.to_string()),
-            CliCommand::Run { state_dir } => match keel_agent::run_until_signal(&state_dir).await {
-                Ok(RunOutcome::Stopped) => Ok(0),
-                Ok(RunOutcome::NeedsReenrolment(reason)) => {
-                    eprintln!(
-                        "keel-agent: this node needs re-enrolment: {reason}\n\
+            CliCommand::Run(source) => match source.load() {
+                Err(error) => Err(error.to_string()),
+                Ok(config) => match keel_agent::run_until_signal(&config).await {
+                    Ok(RunOutcome::Stopped) => Ok(0),
+                    Ok(RunOutcome::NeedsReenrolment(reason)) => {
+                        eprintln!(
+                            "keel-agent: this node needs re-enrolment: {reason}\n\
                          create a token with `api join-token --node <node id>` and run \
                          `keel-agent join --reenrol ...`"
-                    );
-                    Ok(EXIT_NEEDS_REENROLMENT)
-                }
-                Err(error) => Err(error.to_string()),
+                        );
+                        Ok(EXIT_NEEDS_REENROLMENT)
+                    }
+                    Err(error) => Err(error.to_string()),
+                },
             },
-            CliCommand::Status { state_dir } => keel_agent::status::report(&state_dir)
+            CliCommand::Status(source) => source
+                .load()
+                .map_err(|error| error.to_string())
+                .and_then(|config| {
+                    keel_agent::status::report(&config.state_dir).map_err(|error| error.to_string())
+                })
                 .map(|(text, exit)| {
                     print!("{text}");
                     exit
-                })
-                .map_err(|error| error.to_string()),
+                }),
             CliCommand::Help => Ok(0),
         }
     });

@@ -16,7 +16,7 @@ fn a_usage_error_exits_with_status_2_and_prints_the_usage() {
     let output = keel_agent(&["run"]);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("--state-dir is required"), "{stderr}");
+    assert!(stderr.contains("--state-dir DIR is required"), "{stderr}");
     assert!(stderr.contains("usage:"), "{stderr}");
 }
 
@@ -65,4 +65,31 @@ fn an_agent_whose_certificate_expired_offline_says_it_needs_re_enrolment_and_exi
     assert_eq!(report.status.code(), Some(78));
     let text = String::from_utf8_lossy(&report.stdout);
     assert!(text.contains("EXPIRED"), "{text}");
+}
+
+#[test]
+fn a_configuration_file_with_a_mistake_is_named_and_nothing_starts() {
+    let scratch = ScratchDir::new("cli-config");
+    std::fs::create_dir_all(&scratch.0).unwrap();
+    let path = scratch.0.join("agent.toml");
+    std::fs::write(
+        &path,
+        "state_dir = \"/tmp/x\"\n[timing]\nheartbeat_secs = 0\n",
+    )
+    .unwrap();
+    let output = keel_agent(&["run", "--config", path.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("timing.heartbeat_secs"), "{stderr}");
+
+    // A good file pointing at an unenrolled directory says what to do.
+    let state = scratch.0.join("state");
+    std::fs::write(
+        &path,
+        format!("state_dir = {:?}\n", state.to_str().unwrap()),
+    )
+    .unwrap();
+    let output = keel_agent(&["status", "--config", path.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("node.json"));
 }
