@@ -15,7 +15,9 @@
 //! one root the agent will ever trust for its peers, so pinning it means a
 //! man in the middle can at worst make enrolment fail, never make the agent
 //! obey someone else. Without a pin the agent enrols anyway but says loudly
-//! that it trusted whatever came back.
+//! that it trusted whatever came back. A re-enrolment (`--reenrol`) pins
+//! the control-plane CA the node already trusts unless another pin is given
+//! (a CA rotation), and keeps the task-signing keys it learned.
 //!
 //! Everything that can be checked without the network (the URL, the pin's
 //! syntax, the node name, whether the directory is usable and not already
@@ -34,6 +36,7 @@ use uuid::Uuid;
 
 use crate::state::{
     AgentState, NodeRecord, StateError, create_private_dir, install_reenrolment, read_node_record,
+    read_trust,
 };
 
 /// The path of the enrolment endpoint below the api's base URL.
@@ -291,6 +294,20 @@ pub async fn enrol(options: &EnrolOptions) -> Result<EnrolledNode, EnrolError> {
     } else {
         None
     };
+    // A re-enrolment trusts the control-plane CA the node trusts already
+    // unless the operator pins another one, and keeps what the node learned
+    // about task-signing keys (a retirement it saw must not be undone by an
+    // answer that lists the key as it was first published).
+    let current_trust = if options.reenrol {
+        Some(read_trust(&options.state_dir)?)
+    } else {
+        None
+    };
+    let current_ca_fingerprint = current_trust
+        .as_ref()
+        .map(|(ca_pem, _)| single_certificate_fingerprint(ca_pem))
+        .transpose()?;
+    let pinned_fingerprint = pinned_fingerprint.or_else(|| current_ca_fingerprint.clone());
     // Created now, so that an unusable directory is found before the join
     // token is spent.
     create_private_dir(&options.state_dir)?;
@@ -337,7 +354,13 @@ pub async fn enrol(options: &EnrolOptions) -> Result<EnrolledNode, EnrolError> {
         .and_then(|certs| certs.into_iter().next())
         .map(|der| der.as_ref().to_vec())
         .unwrap_or_default();
-    let keys = crate::keyring::merge(&[], &response.task_signing_keys, &control_plane_ca_der);
+    let same_ca = current_ca_fingerprint.as_deref()
+        == Some(single_certificate_fingerprint(&response.control_plane_ca_pem)?.as_str());
+    let known = match current_trust {
+        Some((_, keys)) if same_ca => keys,
+        _ => Vec::new(),
+    };
+    let keys = crate::keyring::merge(&known, &response.task_signing_keys, &control_plane_ca_der);
     for (key_id, reason) in &keys.refused {
         tracing::warn!(%key_id, reason, "refused a task-signing key in the enrolment answer");
     }
@@ -406,7 +429,21 @@ fn check_control_plane_ca(
     control_plane_ca_pem: &str,
     pinned_fingerprint: Option<&str>,
 ) -> Result<(), EnrolError> {
-    let certificates = keel_pki::certs_from_pem(control_plane_ca_pem).map_err(|source| {
+    let actual = single_certificate_fingerprint(control_plane_ca_pem)?;
+    if let Some(expected) = pinned_fingerprint
+        && actual != expected
+    {
+        return Err(EnrolError::FingerprintMismatch {
+            expected: expected.to_owned(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// The SHA-256 (lowercase hex) of the one certificate in `pem`.
+fn single_certificate_fingerprint(pem: &str) -> Result<String, EnrolError> {
+    let certificates = keel_pki::certs_from_pem(pem).map_err(|source| {
         EnrolError::InvalidResponse(StateError::Tls {
             what: "control-plane CA certificate",
             source,
@@ -417,16 +454,7 @@ fn check_control_plane_ca(
             count: certificates.len(),
         });
     };
-    if let Some(expected) = pinned_fingerprint {
-        let actual = hex::encode(Sha256::digest(certificate.as_ref()));
-        if actual != expected {
-            return Err(EnrolError::FingerprintMismatch {
-                expected: expected.to_owned(),
-                actual,
-            });
-        }
-    }
-    Ok(())
+    Ok(hex::encode(Sha256::digest(certificate.as_ref())))
 }
 
 async fn post_enrolment(

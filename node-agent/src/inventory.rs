@@ -6,6 +6,7 @@
 //! flavors can match (`NVIDIA A100-SXM4-80GB` → `nvidia-a100-sxm4-80gb`).
 
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -74,25 +75,55 @@ fn disk_available_gib(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The GPUs last listed by `nvidia-smi`: a query that fails or hangs (a
+/// busy driver) repeats them rather than telling the control plane the host
+/// lost its GPUs. A fact of the host, so one per process.
+static LAST_KNOWN_GPUS: Mutex<Option<(Option<String>, u32)>> = Mutex::new(None);
+
 /// The GPUs `nvidia-smi` lists: the (first) model and how many.
 async fn gpus() -> (Option<String>, u32) {
     let query = tokio::process::Command::new("nvidia-smi")
         .args(["--query-gpu=name", "--format=csv,noheader"])
         .kill_on_drop(true)
         .output();
-    match tokio::time::timeout(GPU_QUERY_TIMEOUT, query).await {
+    let answer = match tokio::time::timeout(GPU_QUERY_TIMEOUT, query).await {
         Ok(Ok(output)) if output.status.success() => {
-            parse_gpu_names(&String::from_utf8_lossy(&output.stdout))
+            Some(parse_gpu_names(&String::from_utf8_lossy(&output.stdout)))
         }
         Ok(Ok(output)) => {
-            tracing::warn!(status = %output.status, "nvidia-smi failed: counting no GPUs");
-            (None, 0)
+            tracing::warn!(status = %output.status, "nvidia-smi failed");
+            None
         }
         // Not installed: no GPUs.
-        Ok(Err(_)) => (None, 0),
+        Ok(Err(error)) if error.kind() == std::io::ErrorKind::NotFound => Some((None, 0)),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "could not run nvidia-smi");
+            None
+        }
         Err(_) => {
-            tracing::warn!("nvidia-smi did not answer in time: counting no GPUs");
-            (None, 0)
+            tracing::warn!("nvidia-smi did not answer in time");
+            None
+        }
+    };
+    remember_gpus(&LAST_KNOWN_GPUS, answer)
+}
+
+/// A fresh answer replaces what is remembered; without one, the last answer
+/// stands (none yet: no GPUs).
+fn remember_gpus(
+    last_known: &Mutex<Option<(Option<String>, u32)>>,
+    answer: Option<(Option<String>, u32)>,
+) -> (Option<String>, u32) {
+    let mut last_known = last_known.lock().unwrap_or_else(PoisonError::into_inner);
+    match answer {
+        Some(answer) => {
+            *last_known = Some(answer.clone());
+            answer
+        }
+        None => {
+            let kept = last_known.clone().unwrap_or((None, 0));
+            tracing::warn!(model = ?kept.0, count = kept.1, "keeping the GPUs last detected");
+            kept
         }
     }
 }
@@ -152,6 +183,16 @@ mod tests {
             parse_gpu_names("Tesla T4\n"),
             (Some("tesla-t4".to_owned()), 1)
         );
+    }
+
+    #[test]
+    fn a_failed_gpu_query_keeps_the_gpus_last_detected() {
+        let last_known = Mutex::new(None);
+        assert_eq!(remember_gpus(&last_known, None), (None, 0));
+        let a100 = (Some("nvidia-a100".to_owned()), 8);
+        assert_eq!(remember_gpus(&last_known, Some(a100.clone())), a100);
+        assert_eq!(remember_gpus(&last_known, None), a100);
+        assert_eq!(remember_gpus(&last_known, Some((None, 0))), (None, 0));
     }
 
     #[tokio::test]

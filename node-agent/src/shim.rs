@@ -7,11 +7,17 @@
 //! 1. joins the workload's cgroups (so everything the workload ever runs is
 //!    inside its limits from its first instruction) and makes itself the
 //!    last choice of the out-of-memory killer;
-//! 2. starts the workload as the allocation's own unprivileged user, in its
+//! 2. waits for the agent's `go` on stdin, which the agent sends only once
+//!    it has recorded the shim (so no workload ever runs that the agent
+//!    could not find again); without it the shim starts nothing;
+//! 3. opens the log files without following links and hands them to the
+//!    workload's user (nothing a previous run left in the directory can
+//!    turn them into another file);
+//! 4. starts the workload as the allocation's own unprivileged user, in its
 //!    own process group, with a cleared environment, in its directory;
-//! 3. tells the agent `started <pid>` (or `failed <reason>`) on stdout, and
+//! 5. tells the agent `started <pid>` (or `failed <reason>`) on stdout, and
 //!    writes the pid to its runtime directory;
-//! 4. waits for the workload and writes how it ended to `exit.json`.
+//! 6. waits for the workload and writes how it ended to `exit.json`.
 //!
 //! The shim is not the agent's child for long: when the agent restarts, the
 //! shim carries on, and the new agent re-adopts the workload from the
@@ -23,8 +29,8 @@
 //! standard library's `Command` options.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::io::{BufRead as _, Write as _};
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -41,6 +47,8 @@ pub const WORKLOAD_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 pub const PID_FILE: &str = "pid";
 /// How the workload ended, in the runtime directory.
 pub const EXIT_FILE: &str = "exit.json";
+/// What the agent writes to the shim's stdin once it has recorded it.
+pub const GO: &str = "go";
 
 /// What the shim was asked to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,9 +146,13 @@ pub fn run(options: &ShimOptions) -> u8 {
     let Some((program, arguments)) = options.command.split_first() else {
         return refuse(options, "the command is empty");
     };
+    let mut go = String::new();
+    if std::io::stdin().lock().read_line(&mut go).is_err() || go.trim_end() != GO {
+        return refuse(options, "the agent did not confirm the start");
+    }
     let logs = (
-        open_log(&options.workload_dir.join("stdout.log")),
-        open_log(&options.workload_dir.join("stderr.log")),
+        open_log(&options.workload_dir.join("stdout.log"), options.user),
+        open_log(&options.workload_dir.join("stderr.log"), options.user),
     );
     let (stdout, stderr) = match logs {
         (Ok(stdout), Ok(stderr)) => (stdout, stderr),
@@ -219,12 +231,41 @@ fn say(line: &str) {
     let _ = stdout.flush();
 }
 
-fn open_log(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .create(true)
+/// Opens a log file for appending on the workload's behalf.
+///
+/// The shim is root and the directory is the workload's, so a previous run
+/// may have left anything under the name: a symbolic link (refused by
+/// `O_NOFOLLOW`), a hard link to a file elsewhere, a file of another owner,
+/// a FIFO. Only a plain file with one link that belongs to the workload's
+/// user is kept; anything else is removed and the file is created anew
+/// (`O_EXCL`) and given to the user through its descriptor.
+fn open_log(path: &Path, user: Option<(u32, u32)>) -> std::io::Result<File> {
+    let owner = user.map_or_else(|| nix::unistd::geteuid().as_raw(), |(uid, _)| uid);
+    let existing = OpenOptions::new()
         .append(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path);
+    if let Ok(file) = existing {
+        let metadata = file.metadata()?;
+        if metadata.is_file() && metadata.nlink() == 1 && metadata.uid() == owner {
+            return Ok(file);
+        }
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    let file = OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .mode(0o600)
-        .open(path)
+        .open(path)?;
+    if let Some((uid, gid)) = user {
+        std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+    }
+    Ok(file)
 }
 
 #[cfg(test)]

@@ -450,6 +450,16 @@ pub fn read_node_record(dir: &Path) -> Result<NodeRecord, StateError> {
     read_json(&dir.join(NODE_FILE))
 }
 
+/// What an enrolled node trusts now: the control-plane CA (PEM) and the
+/// task-signing keys with what it learned of their retirement. A
+/// re-enrolment keeps both unless the operator pins another CA.
+pub fn read_trust(dir: &Path) -> Result<(String, Vec<SigningKeyRecord>), StateError> {
+    Ok((
+        read_text(&dir.join(CONTROL_PLANE_CA_FILE))?,
+        read_json(&dir.join(SIGNING_KEYS_FILE))?,
+    ))
+}
+
 /// Replaces `signing-keys.json` (atomically).
 pub fn save_signing_keys(dir: &Path, records: &[SigningKeyRecord]) -> Result<(), StateError> {
     let path = dir.join(SIGNING_KEYS_FILE);

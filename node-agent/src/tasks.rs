@@ -33,7 +33,7 @@
 //! `hash`) are counted as legacy and the chain starts after them.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
+use std::io::{self, Read as _, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -219,6 +219,8 @@ pub struct TaskLedger {
     high_water_path: PathBuf,
     log_path: PathBuf,
     log: File,
+    /// The length of the log up to its last whole, recorded line.
+    log_len: u64,
     high_water: u64,
     /// The hash of the last chained line.
     last_hash: String,
@@ -246,17 +248,28 @@ impl TaskLedger {
             .mode(PRIVATE_FILE_MODE)
             .open(&log_path)
             .map_err(log_error)?;
-        let mut log_text = String::new();
-        log.read_to_string(&mut log_text).map_err(log_error)?;
-        let from_log = highest_seq_in_log(&log_text);
-        let last_hash = last_hash_in_log(&log_text);
-        // A crash in the middle of an append can leave a torn last line;
-        // terminate it so the next entry starts on a line of its own.
-        if !log_text.is_empty() && !log_text.ends_with('\n') {
-            log.seek(SeekFrom::End(0)).map_err(log_error)?;
-            log.write_all(b"\n").map_err(log_error)?;
+        let mut bytes = Vec::new();
+        log.read_to_end(&mut bytes).map_err(log_error)?;
+        // A crash in the middle of an append can leave a torn last line. Its
+        // task was never acted on (that waits for the fsync), so it goes:
+        // the file is cut back to its last whole line, which keeps the chain
+        // intact for the next entry.
+        let whole = bytes
+            .iter()
+            .rposition(|byte| *byte == b'\n')
+            .map_or(0, |newline| newline + 1);
+        if whole < bytes.len() {
+            tracing::warn!(
+                torn_bytes = bytes.len() - whole,
+                "removing a torn last line from the task log"
+            );
+            bytes.truncate(whole);
+            log.set_len(whole as u64).map_err(log_error)?;
             log.sync_data().map_err(log_error)?;
         }
+        let log_text = String::from_utf8_lossy(&bytes);
+        let from_log = highest_seq_in_log(&log_text);
+        let last_hash = last_hash_in_log(&log_text);
 
         let high_water = from_file.max(from_log);
         tracing::info!(high_water, "task ledger opened");
@@ -264,6 +277,7 @@ impl TaskLedger {
             high_water_path,
             log_path,
             log,
+            log_len: whole as u64,
             high_water,
             last_hash,
         })
@@ -296,24 +310,44 @@ impl TaskLedger {
         entry.hash = entry.expected_hash();
         let mut line = serde_json::to_vec(&entry).map_err(LedgerError::Encode)?;
         line.push(b'\n');
+        if let Err(error) = self.append(&line, payload.seq) {
+            // Whatever part of the line got written goes again, so the log
+            // never holds a task that was not accepted, and the next line
+            // follows the chain.
+            if let Err(truncate) = self
+                .log
+                .set_len(self.log_len)
+                .and_then(|()| self.log.sync_data())
+            {
+                tracing::error!(%truncate, "could not cut a failed append from the task log");
+            }
+            return Err(error);
+        }
+        self.log_len += line.len() as u64;
+        self.high_water = payload.seq;
+        self.last_hash = entry.hash;
+        Ok(())
+    }
+
+    /// Appends one line (fsynced) and raises the high-water file.
+    fn append(&mut self, line: &[u8], seq: u64) -> Result<(), LedgerError> {
         let log_error = |source| LedgerError::Io {
             path: self.log_path.clone(),
             source,
         };
-        self.log.write_all(&line).map_err(log_error)?;
+        // A line cut off by an earlier failure that could not be removed
+        // then is removed now, or nothing more is accepted.
+        if self.log.metadata().map_err(log_error)?.len() != self.log_len {
+            self.log.set_len(self.log_len).map_err(log_error)?;
+        }
+        self.log.write_all(line).map_err(log_error)?;
         self.log.sync_data().map_err(log_error)?;
-
-        write_file_atomically(
-            &self.high_water_path,
-            format!("{}\n", payload.seq).as_bytes(),
+        write_file_atomically(&self.high_water_path, format!("{seq}\n").as_bytes()).map_err(
+            |source| LedgerError::Io {
+                path: self.high_water_path.clone(),
+                source,
+            },
         )
-        .map_err(|source| LedgerError::Io {
-            path: self.high_water_path.clone(),
-            source,
-        })?;
-        self.high_water = payload.seq;
-        self.last_hash = entry.hash;
-        Ok(())
     }
 }
 
@@ -667,17 +701,63 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_last_log_line_is_skipped_and_terminated() {
+    fn a_torn_last_log_line_is_cut_away_and_the_chain_stays_whole() {
         let scratch = ScratchDir::new();
-        fs::write(scratch.0.join(TASK_LOG_FILE), "{\"seq\":3}\n{\"seq\":4").unwrap();
+        let mut ledger = TaskLedger::open(&scratch.0).unwrap();
+        ledger
+            .record_accepted(&payload_with_seq(3), b"{}", OffsetDateTime::now_utc())
+            .unwrap();
+        drop(ledger);
+        // A crash mid-append, cut inside a multi-byte character.
+        let path = scratch.0.join(TASK_LOG_FILE);
+        let mut torn = fs::read(&path).unwrap();
+        torn.extend_from_slice("{\"seq\":4,\"envelope\":\"\u{e9}".as_bytes());
+        torn.pop();
+        fs::write(&path, &torn).unwrap();
+
         let mut ledger = TaskLedger::open(&scratch.0).unwrap();
         assert_eq!(ledger.high_water(), 3);
         ledger
             .record_accepted(&payload_with_seq(4), b"{}", OffsetDateTime::now_utc())
             .unwrap();
+        let log = fs::read_to_string(&path).unwrap();
+        assert_eq!(log.lines().count(), 2);
+        assert_eq!(
+            verify_task_log(&log),
+            TaskLogSummary {
+                chained: 2,
+                legacy: 0,
+                broken_at: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_failed_append_leaves_no_part_of_its_line_behind() {
+        let scratch = ScratchDir::new();
+        let mut ledger = TaskLedger::open(&scratch.0).unwrap();
+        ledger
+            .record_accepted(&payload_with_seq(1), b"{}", OffsetDateTime::now_utc())
+            .unwrap();
+        // The high-water file cannot be replaced: a directory stands in the
+        // way of the rename, so the append fails after the log was written.
+        let high_water = scratch.0.join(HIGH_WATER_FILE);
+        fs::remove_file(&high_water).unwrap();
+        fs::create_dir(&high_water).unwrap();
+        fs::write(high_water.join("blocker"), "").unwrap();
+        assert!(
+            ledger
+                .record_accepted(&payload_with_seq(2), b"{}", OffsetDateTime::now_utc())
+                .is_err()
+        );
+        fs::remove_dir_all(&high_water).unwrap();
+        ledger
+            .record_accepted(&payload_with_seq(2), b"{}", OffsetDateTime::now_utc())
+            .unwrap();
         let log = fs::read_to_string(scratch.0.join(TASK_LOG_FILE)).unwrap();
-        assert_eq!(log.lines().count(), 3);
-        assert!(log.lines().nth(2).unwrap().starts_with("{\"seq\":4,"));
+        assert_eq!(log.lines().count(), 2);
+        assert_eq!(verify_task_log(&log).broken_at, None);
+        assert_eq!(verify_task_log(&log).chained, 2);
     }
 
     #[test]

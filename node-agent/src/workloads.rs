@@ -36,10 +36,11 @@
 //!   group, SIGKILL after the grace period (10 s by default), then SIGKILL
 //!   to anything left in its cgroup — also processes that left the group.
 //!
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt as _;
+use std::io::Write as _;
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -63,8 +64,15 @@ pub use crate::shim::WORKLOAD_PATH;
 
 /// The first uid (and gid) of the per-allocation users.
 pub const WORKLOAD_UID_BASE: u32 = 3_000_000;
-/// How many per-allocation users there can be at once.
+/// How many per-allocation users there are.
 const WORKLOAD_UID_SLOTS: u32 = 1_000_000;
+
+fn is_workload_uid(uid: u32) -> bool {
+    (WORKLOAD_UID_BASE..WORKLOAD_UID_BASE + WORKLOAD_UID_SLOTS).contains(&uid)
+}
+
+/// Where the next workload uid is kept (root, in the state directory).
+const UID_COUNTER_FILE: &str = "next-workload-uid";
 
 /// How long a workload gets between SIGTERM and SIGKILL by default.
 pub const DEFAULT_STOP_GRACE_PERIOD: Duration = Duration::from_secs(10);
@@ -194,6 +202,7 @@ type RunningWorkloads = Arc<Mutex<HashMap<Uuid, RunningWorkload>>>;
 pub struct ProcessDriver {
     workloads_dir: PathBuf,
     runtime_dir: PathBuf,
+    uid_counter: PathBuf,
     launcher: PathBuf,
     /// Root: per-allocation users and cgroups. Not root: neither.
     privileged: bool,
@@ -283,6 +292,7 @@ impl ProcessDriver {
         let driver = Self {
             workloads_dir,
             runtime_dir,
+            uid_counter: state_dir.join(UID_COUNTER_FILE),
             launcher,
             privileged,
             cgroups,
@@ -333,20 +343,55 @@ impl ProcessDriver {
             .join(allocation_id.hyphenated().to_string())
     }
 
-    /// A uid no recorded workload uses.
-    fn free_user(&self) -> Option<(u32, u32)> {
+    /// The user an allocation's workload runs as (`None`: the agent's own).
+    ///
+    /// An allocation that starts again keeps the user that owns its
+    /// directory, so its files stay its own. Any other allocation gets a uid
+    /// no workload had before — the next one of a persisted counter, skipping
+    /// uids a workload or a workload directory still holds — so that what a
+    /// previous tenant left behind outside its directory (in `/tmp`, in
+    /// `/dev/shm`) never belongs to the next one, until the range of a
+    /// million uids wraps around.
+    fn user_for(&self, allocation_id: Uuid) -> Result<Option<(u32, u32)>, String> {
         if !self.privileged {
-            return None;
+            return Ok(None);
         }
-        let used: std::collections::HashSet<u32> = self
+        let in_use: HashSet<u32> = self
             .records()
             .into_iter()
             .filter_map(|record| record.user.map(|(uid, _)| uid))
             .collect();
-        (0..WORKLOAD_UID_SLOTS)
-            .map(|slot| WORKLOAD_UID_BASE + slot)
-            .find(|uid| !used.contains(uid))
-            .map(|uid| (uid, uid))
+        if let Ok(metadata) = fs::symlink_metadata(self.workload_dir(allocation_id))
+            && metadata.is_dir()
+            && is_workload_uid(metadata.uid())
+            && !in_use.contains(&metadata.uid())
+        {
+            return Ok(Some((metadata.uid(), metadata.gid())));
+        }
+        let mut taken = in_use;
+        if let Ok(entries) = fs::read_dir(&self.workloads_dir) {
+            taken.extend(
+                entries
+                    .flatten()
+                    .filter_map(|entry| entry.metadata().ok())
+                    .map(|metadata| metadata.uid()),
+            );
+        }
+        let next = fs::read_to_string(&self.uid_counter)
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok())
+            .filter(|uid| is_workload_uid(*uid))
+            .unwrap_or(WORKLOAD_UID_BASE);
+        let uid = (0..WORKLOAD_UID_SLOTS)
+            .map(|offset| {
+                WORKLOAD_UID_BASE + (next - WORKLOAD_UID_BASE + offset) % WORKLOAD_UID_SLOTS
+            })
+            .find(|uid| !taken.contains(uid))
+            .ok_or("every workload uid is in use")?;
+        let following = WORKLOAD_UID_BASE + (uid - WORKLOAD_UID_BASE + 1) % WORKLOAD_UID_SLOTS;
+        write_file_atomically(&self.uid_counter, format!("{following}\n").as_bytes())
+            .map_err(|error| format!("could not record the next workload uid: {error}"))?;
+        Ok(Some((uid, uid)))
     }
 
     fn records(&self) -> Vec<WorkloadRecord> {
@@ -382,17 +427,12 @@ impl ProcessDriver {
         fs::create_dir_all(&runtime).map_err(|error| prepare(&runtime, error))?;
         fs::set_permissions(&runtime, fs::Permissions::from_mode(0o700))
             .map_err(|error| prepare(&runtime, error))?;
+        // The directory's parent is root's, so `dir` is no link; what is in
+        // it is the workload's, and the shim opens its logs without
+        // following anything there.
         if let Some((uid, gid)) = user {
-            for name in ["", "stdout.log", "stderr.log"] {
-                let path = dir.join(name);
-                if !name.is_empty() && !path.exists() {
-                    fs::File::create(&path).map_err(|error| prepare(&path, error))?;
-                    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
-                        .map_err(|error| prepare(&path, error))?;
-                }
-                std::os::unix::fs::chown(&path, Some(uid), Some(gid))
-                    .map_err(|error| prepare(&path, error))?;
-            }
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+                .map_err(|error| prepare(&dir, error))?;
         }
         let cgroup = match &self.cgroups {
             Some(layout) => {
@@ -424,7 +464,7 @@ impl ProcessDriver {
             .arg("--")
             .args(&spec.command)
             .env_clear()
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             // Its own process group: signals for the agent (a Ctrl-C at a
@@ -432,28 +472,30 @@ impl ProcessDriver {
             .process_group(0)
             // The shim outlives the agent on purpose.
             .kill_on_drop(false);
-        let child = command
-            .spawn()
-            .map_err(|error| format!("could not start the shim: {error}"))?;
-        let shim_pid = child
-            .id()
-            .and_then(|pid| i32::try_from(pid).ok())
-            .ok_or("the shim exited before it could be tracked")?;
-        let record = WorkloadRecord {
-            allocation_id: spec.allocation_id,
-            tenant_id: spec.tenant_id,
-            user,
-            shim_pid,
-            shim_started: process_start_ticks(shim_pid).unwrap_or(0),
-            cgroup: cgroup.dirs().to_vec(),
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(error) => {
+                cgroup.remove();
+                return Err(format!("could not start the shim: {error}"));
+            }
         };
-        let bytes = serde_json::to_vec(&record).map_err(|error| error.to_string())?;
-        write_file_atomically(&runtime.join(RECORD_FILE), &bytes)
-            .map_err(|error| prepare(&runtime, error))?;
+        // The shim starts the workload only on our `go`, which is sent once
+        // the record that lets a restarted agent find it is on disk. If that
+        // fails, the shim is killed before it started anything.
+        let confirmed = record_and_confirm(&mut child, spec, user, &cgroup, &runtime);
+        if let Err(error) = confirmed {
+            let _ = child.start_kill();
+            cgroup.kill_all(None);
+            cgroup.remove();
+            let _ = fs::remove_dir_all(&runtime);
+            return Err(error);
+        }
         Ok((child, cgroup))
     }
 
-    /// Takes over the workloads recorded in `runtime/`.
+    /// Takes over the workloads recorded in `runtime/`. The workload's pid is
+    /// trusted only while its shim lives (a pid from before a reboot may name
+    /// anything now); a stop asked for before the restart still counts.
     fn readopt(&self) {
         for record in self.records() {
             let allocation_id = record.allocation_id;
@@ -461,8 +503,8 @@ impl ProcessDriver {
             let cgroup = WorkloadCgroup::from_dirs(record.cgroup.clone());
             let shim_alive = process_start_ticks(record.shim_pid)
                 .is_some_and(|started| started == record.shim_started);
-            let pid = read_pid(&runtime);
-            let (stop_requested, stop_receiver) = watch::channel(false);
+            let pid = if shim_alive { read_pid(&runtime) } else { None };
+            let (stop_requested, stop_receiver) = watch::channel(runtime.join(STOP_FILE).exists());
             lock(&self.running).insert(
                 allocation_id,
                 RunningWorkload {
@@ -505,8 +547,10 @@ impl WorkloadDriver for ProcessDriver {
             tracing::info!(%allocation_id, "workload already running; start ignored");
             return StartOutcome::AlreadyRunning;
         }
-        let user = self.free_user();
-        let (child, cgroup) = match self.spawn_shim(&spec, user) {
+        let spawned = self
+            .user_for(allocation_id)
+            .and_then(|user| Ok((user, self.spawn_shim(&spec, user)?)));
+        let (user, (child, cgroup)) = match spawned {
             Ok(spawned) => spawned,
             Err(error) => {
                 tracing::warn!(%allocation_id, %error, "could not start workload");
@@ -571,6 +615,41 @@ impl WorkloadDriver for ProcessDriver {
             }
         }
     }
+}
+
+/// Writes the record of a freshly spawned shim, then tells it to go.
+fn record_and_confirm(
+    child: &mut Child,
+    spec: &WorkloadSpec,
+    user: Option<(u32, u32)>,
+    cgroup: &WorkloadCgroup,
+    runtime: &Path,
+) -> Result<(), String> {
+    let shim_pid = child
+        .id()
+        .and_then(|pid| i32::try_from(pid).ok())
+        .ok_or("the shim exited before it could be tracked")?;
+    let record = WorkloadRecord {
+        allocation_id: spec.allocation_id,
+        tenant_id: spec.tenant_id,
+        user,
+        shim_pid,
+        shim_started: process_start_ticks(shim_pid).unwrap_or(0),
+        cgroup: cgroup.dirs().to_vec(),
+    };
+    let bytes = serde_json::to_vec(&record).map_err(|error| error.to_string())?;
+    write_file_atomically(&runtime.join(RECORD_FILE), &bytes)
+        .map_err(|error| format!("could not record the workload: {error}"))?;
+    let stdin = child
+        .stdin
+        .take()
+        .ok_or("the shim's stdin is missing")?
+        .into_owned_fd()
+        .map_err(|error| format!("could not reach the shim: {error}"))?;
+    // A few bytes into an empty pipe: this never blocks.
+    fs::File::from(stdin)
+        .write_all(format!("{}\n", crate::shim::GO).as_bytes())
+        .map_err(|error| format!("could not confirm the start to the shim: {error}"))
 }
 
 /// The shim of a workload: our child, or one a previous agent started.
@@ -659,9 +738,15 @@ async fn supervise(mut supervision: Supervision) {
         terminate(&mut supervision).await;
     }
     // Whatever is left of the workload goes: processes that left its group
-    // (a daemonised helper), or everything if the shim itself died.
-    signal_group(supervision.pid, Signal::SIGKILL);
-    supervision.cgroup.kill_all(None);
+    // (a daemonised helper), or everything if the shim itself died. The
+    // cgroup names exactly the workload's processes; only where there is
+    // none does the process group stand in (its leader was reaped, so the
+    // id could in principle be reused: the cgroup is the precise tool).
+    if supervision.cgroup.dirs().is_empty() {
+        signal_group(supervision.pid, Signal::SIGKILL);
+    } else {
+        supervision.cgroup.kill_all(None);
+    }
 
     let exit: Option<ExitRecord> = fs::read_to_string(supervision.runtime.join(EXIT_FILE))
         .ok()
@@ -669,15 +754,31 @@ async fn supervise(mut supervision: Supervision) {
     let oom_killed = supervision.cgroup.oom_kills() > 0;
     supervision.cgroup.remove();
 
-    // Forget the workload first and read the stop flag second: stops set the
-    // flag while holding the same lock, so once the entry is gone no stop can
-    // slip in unnoticed between the two.
-    lock(&supervision.running).remove(&allocation_id);
+    // The final report, the removal of the bookkeeping and of the entry
+    // happen under the lock that starts and stops take: a stop cannot slip
+    // in unnoticed, and a new start of the allocation (which would reuse the
+    // runtime directory) waits until this run is entirely gone.
+    let mut running = lock(&supervision.running);
     let stop_was_requested =
         *supervision.stop_requested.borrow() || supervision.runtime.join(STOP_FILE).exists();
     let _ = fs::remove_dir_all(&supervision.runtime);
+    supervision.reports.report(final_report(
+        allocation_id,
+        exit.as_ref(),
+        stop_was_requested,
+        oom_killed,
+    ));
+    running.remove(&allocation_id);
+}
 
-    let report = match (&exit, stop_was_requested) {
+/// How a run ended, as the control plane is told.
+fn final_report(
+    allocation_id: Uuid,
+    exit: Option<&ExitRecord>,
+    stop_was_requested: bool,
+    oom_killed: bool,
+) -> WorkloadReport {
+    match (exit, stop_was_requested) {
         (Some(exit), _) if exit.spawn_error.is_some() => {
             let reason = exit.describe(false);
             tracing::warn!(%allocation_id, %reason, "workload failed to start");
@@ -699,8 +800,7 @@ async fn supervise(mut supervision: Supervision) {
             tracing::warn!(%allocation_id, %reason, "workload failed");
             WorkloadReport::failed(allocation_id, reason)
         }
-    };
-    supervision.reports.report(report);
+    }
 }
 
 /// SIGTERM to the workload's group, SIGKILL after the grace period; waits

@@ -528,6 +528,56 @@ async fn a_node_renews_with_a_new_key_and_the_old_certificate_keeps_working() {
 }
 
 #[tokio::test]
+async fn a_renewal_whose_answer_was_lost_can_be_asked_again_until_the_new_certificate_is_used() {
+    let app = TestApp::spawn().await;
+    let node = enrol(&app, &join_token(&app, None).await).await;
+    let listener = listener(&app, Duration::from_secs(60)).await;
+
+    // The first answer never reaches the node.
+    let (status, lost, lost_key) = renew(&app, &listener, &node.cert_pem, &node.key_pem)
+        .await
+        .unwrap();
+    assert_eq!(status, reqwest::StatusCode::OK, "{lost:?}");
+    let lost_cert = lost["certificate_pem"].as_str().unwrap().to_owned();
+
+    // The node asks again with the certificate it still has, and gets one.
+    let (status, body, new_key) = renew(&app, &listener, &node.cert_pem, &node.key_pem)
+        .await
+        .unwrap();
+    assert_eq!(status, reqwest::StatusCode::OK, "{body:?}");
+    let new_cert = body["certificate_pem"].as_str().unwrap().to_owned();
+    assert_eq!(
+        app.count("SELECT count(*) FROM node_certificates WHERE revoked_at IS NOT NULL")
+            .await,
+        1,
+        "the unused answer is revoked"
+    );
+    let refused = get_keys(&app, &listener, &lost_cert, &lost_key)
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), reqwest::StatusCode::FORBIDDEN);
+    listener.refresh(&app).await;
+    assert!(
+        get_keys(&app, &listener, &lost_cert, &lost_key)
+            .await
+            .is_err()
+    );
+
+    // Once the new certificate has been used, the old one renews no more.
+    let response = get_keys(&app, &listener, &new_cert, &new_key)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    let (status, body, _) = renew(&app, &listener, &node.cert_pem, &node.key_pem)
+        .await
+        .unwrap();
+    assert_eq!(status, reqwest::StatusCode::FORBIDDEN, "{body:?}");
+    let (status, body, _) = renew(&app, &listener, &new_cert, &new_key).await.unwrap();
+    assert_eq!(status, reqwest::StatusCode::OK, "{body:?}");
+    let _ = listener.stop.send(());
+}
+
+#[tokio::test]
 async fn revoking_a_node_refuses_its_requests_renewals_and_handshakes() {
     let app = TestApp::spawn().await;
     let node = enrol(&app, &join_token(&app, None).await).await;
@@ -780,7 +830,7 @@ async fn a_silent_host_goes_offline_with_its_allocations_lost_and_comes_back_wit
     let listener = listener(&app, Duration::from_secs(60)).await;
     let tenant = app.tenant("acme").await;
     let mut ids = Vec::new();
-    for name in ["web-1", "web-2"] {
+    for name in ["web-1", "web-2", "web-3"] {
         let created = app
             .post(
                 &format!("/v1/projects/{}/allocations", tenant.project_id),
@@ -793,6 +843,12 @@ async fn a_silent_host_goes_offline_with_its_allocations_lost_and_comes_back_wit
     }
     let mut admin = app.database.admin().await;
     sqlx::query("UPDATE allocations SET state = 'running'")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    // The third one's start task is still on its way: not lost.
+    sqlx::query("UPDATE allocations SET state = 'provisioning' WHERE id = $1::uuid")
+        .bind(&ids[2])
         .execute(&mut admin)
         .await
         .unwrap();
@@ -826,6 +882,11 @@ async fn a_silent_host_goes_offline_with_its_allocations_lost_and_comes_back_wit
             .await,
         2,
         "lost allocations keep their capacity"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM allocations WHERE state = 'provisioning'")
+            .await,
+        1
     );
     assert_eq!(
         app.count("SELECT count(*) FROM outbox WHERE event_type = 'host.offline'")

@@ -361,7 +361,7 @@ pub async fn node_enrol(
         .await?;
         version
     };
-    record_certificate(tx.conn(), host_id, epoch, &issued).await?;
+    record_certificate(tx.conn(), host_id, epoch, &issued, None).await?;
     sqlx::query("UPDATE join_tokens SET used_at = now(), host_id = $2 WHERE id = $1")
         .bind(token_id)
         .bind(host_id)
@@ -415,14 +415,17 @@ pub async fn record_certificate(
     host: HostId,
     epoch: i64,
     issued: &keel_pki::IssuedCertificate,
+    renewed_from: Option<&str>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO node_certificates (serial, host_id, enrolment_epoch, not_after) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO node_certificates (serial, host_id, enrolment_epoch, not_after, renewed_from)
+         VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(&issued.serial_hex)
     .bind(host)
     .bind(epoch)
     .bind(issued.not_after)
+    .bind(renewed_from)
     .execute(conn)
     .await
     .map(|_| ())

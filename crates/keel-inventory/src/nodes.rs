@@ -47,7 +47,8 @@ fn forbidden(message: &'static str) -> ApiError {
 
 /// The node behind a connection: its certificate names it, the serial is
 /// one issued to it for its current epoch and not revoked, and the node is
-/// not revoked. Anything else is 403 `forbidden_peer`.
+/// not revoked. Anything else is 403 `forbidden_peer`. The first use of a
+/// certificate is recorded (see [`renew`]).
 pub async fn authenticated_node(db: &Db, peer: &TlsPeer) -> Result<AuthenticatedNode, ApiError> {
     let der = peer
         .certificate
@@ -59,9 +60,16 @@ pub async fn authenticated_node(db: &Db, peer: &TlsPeer) -> Result<Authenticated
     let serial = keel_pki::serial_hex(der).ok_or_else(|| forbidden("unreadable certificate"))?;
     let mut tx = db.begin_bookkeeping().await.map_err(ApiError::internal)?;
     let epoch: Option<i64> = sqlx::query_scalar(
-        "SELECT h.enrolment_epoch FROM hosts h
-           JOIN node_certificates c ON c.host_id = h.id AND c.enrolment_epoch = h.enrolment_epoch
-          WHERE h.id = $1 AND c.serial = $2 AND h.revoked_at IS NULL AND c.revoked_at IS NULL",
+        "WITH peer AS (
+             SELECT h.enrolment_epoch FROM hosts h
+               JOIN node_certificates c
+                 ON c.host_id = h.id AND c.enrolment_epoch = h.enrolment_epoch
+              WHERE h.id = $1 AND c.serial = $2 AND h.revoked_at IS NULL AND c.revoked_at IS NULL
+         ), first_use AS (
+             UPDATE node_certificates SET first_used_at = now()
+              WHERE serial = $2 AND first_used_at IS NULL AND EXISTS (SELECT 1 FROM peer)
+         )
+         SELECT enrolment_epoch FROM peer",
     )
     .bind(host_id)
     .bind(&serial)
@@ -140,6 +148,10 @@ pub struct RenewResponse {
 /// older key cannot extend itself (and a thief who renews first makes the
 /// real node's next renewal fail loudly). The old certificate stays valid
 /// for requests until it expires, so connections made with it are not cut.
+///
+/// One exception keeps a lost answer from stranding a node: the certificate
+/// the newest one was issued to may ask again while the newest has never
+/// been presented. The unused certificate is revoked and a new one issued.
 pub async fn renew(
     db: &Db,
     meta: RequestMeta,
@@ -156,24 +168,34 @@ pub async fn renew(
         })
         .await?;
     // Re-checked under a lock: a revocation or re-enrolment committed after
-    // the peer check wins.
-    let current: Option<(String, String)> = sqlx::query_as(
-        "SELECT region, cert_serial FROM hosts
-          WHERE id = $1 AND revoked_at IS NULL AND enrolment_epoch = $2 FOR UPDATE",
+    // the peer check wins, and a first use of the newest certificate
+    // (recorded under the certificate's row lock) is seen.
+    let current: Option<(String, String, Option<String>, Option<OffsetDateTime>)> = sqlx::query_as(
+        "SELECT h.region, h.cert_serial, c.renewed_from, c.first_used_at
+               FROM hosts h JOIN node_certificates c ON c.serial = h.cert_serial
+              WHERE h.id = $1 AND h.revoked_at IS NULL AND h.enrolment_epoch = $2
+                FOR UPDATE",
     )
     .bind(node.host_id)
     .bind(node.enrolment_epoch)
     .fetch_optional(tx.conn())
     .await?;
-    let Some((region, current_serial)) = current else {
+    let Some((region, current_serial, renewed_from, first_used_at)) = current else {
         return Err(InventoryError::PeerRefused(
             "this node is revoked or was re-enrolled",
         ));
     };
-    if current_serial != node.serial {
-        return Err(InventoryError::PeerRefused(
-            "only the node's newest certificate can renew",
-        ));
+    let unused_answer = (current_serial != node.serial).then_some(&current_serial);
+    if let Some(unused) = unused_answer {
+        if renewed_from.as_deref() != Some(node.serial.as_str()) || first_used_at.is_some() {
+            return Err(InventoryError::PeerRefused(
+                "only the node's newest certificate can renew",
+            ));
+        }
+        sqlx::query("UPDATE node_certificates SET revoked_at = now() WHERE serial = $1")
+            .bind(unused)
+            .execute(tx.conn())
+            .await?;
     }
     let issued = channel
         .node_ca
@@ -183,7 +205,14 @@ pub async fn renew(
             channel.node_cert_lifetime,
         )
         .map_err(InventoryError::InvalidCsr)?;
-    record_certificate(tx.conn(), node.host_id, node.enrolment_epoch, &issued).await?;
+    record_certificate(
+        tx.conn(),
+        node.host_id,
+        node.enrolment_epoch,
+        &issued,
+        Some(&node.serial),
+    )
+    .await?;
     sqlx::query(
         "UPDATE hosts SET cert_serial = $2, cert_not_after = $3, last_seen_at = now() WHERE id = $1",
     )
@@ -201,6 +230,8 @@ pub async fn renew(
         .with_details(serde_json::json!({
             "cert_serial": issued.serial_hex,
             "not_after": issued.not_after.unix_timestamp(),
+            "renewed_from": node.serial,
+            "revoked_unused": unused_answer,
         })),
     )
     .await?;

@@ -4,9 +4,10 @@
 //!
 //! - [`mark_silent_hosts_offline`] (the worker, every few seconds): a host
 //!   not heard from for the grace period goes `offline` — remembering the
-//!   state it had — and every allocation on it that was provisioning,
-//!   running, stopping or stopped becomes `lost`, each transition audited
-//!   and evented. Lost allocations keep their capacity: the host may well
+//!   state it had — and every allocation on it that was running, stopping
+//!   or stopped becomes `lost`, each transition audited and evented
+//!   (`provisioning` ones are left to the delivery of their start task,
+//!   which is retried until it settles them). Lost allocations keep their capacity: the host may well
 //!   still run them, behind a broken link. (What happens to allocations
 //!   lost for long is the lifecycle's decision, not this module's.)
 //! - [`reconcile_reported`] (every heartbeat): an allocation the node says
@@ -16,7 +17,6 @@
 //! Idempotent: a second sweep finds nothing; a heartbeat that lists what
 //! is already running changes nothing.
 
-use keel_core::ResourceName;
 use keel_core::ids::{AllocationId, HostId};
 use keel_db::{Audit, Db, NewEvent, RequestMeta};
 use time::Duration;
@@ -28,63 +28,91 @@ const COLUMNS: &str = crate::service::COLUMNS;
 
 /// Marks hosts silent for longer than `grace` offline and their
 /// allocations lost. Returns how many hosts went offline.
+///
+/// One transaction per host, which locks the host's allocations before the
+/// host row — the order every allocation transition takes (allocation,
+/// then its host's capacity) — and re-checks the silence under the lock, so
+/// a heartbeat that just arrived, or another worker sweeping at once,
+/// leaves the host alone.
 pub async fn mark_silent_hosts_offline(
     db: &Db,
     meta: RequestMeta,
     grace: Duration,
 ) -> Result<usize, ProvisioningError> {
-    let mut tx = db.begin_system(meta).await?;
-    let silent: Vec<(HostId, String, i64)> = sqlx::query_as(
-        "UPDATE hosts SET state_before_offline = state, state = 'offline', version = version + 1
-          WHERE id IN (SELECT id FROM hosts
-                        WHERE state <> 'offline' AND revoked_at IS NULL
-                          AND last_seen_at < now() - make_interval(secs => $1)
-                        ORDER BY id FOR UPDATE SKIP LOCKED)
-          RETURNING id, region, version",
-    )
+    let mut tx = db.begin_bookkeeping().await?;
+    let candidates: Vec<HostId> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT id FROM hosts WHERE {SILENT} ORDER BY id"
+    )))
     .bind(grace.as_seconds_f64())
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let mut offline = 0;
+    for host in candidates {
+        if mark_offline(db, meta.clone(), host, grace).await? {
+            offline += 1;
+        }
+    }
+    Ok(offline)
+}
+
+/// A host that is neither offline nor revoked and was last seen longer than
+/// `$1` seconds ago.
+const SILENT: &str = "state <> 'offline' AND revoked_at IS NULL \
+                      AND last_seen_at < now() - make_interval(secs => $1)";
+
+/// Takes one silent host offline (see [`mark_silent_hosts_offline`]);
+/// `false` if it is not silent any more.
+async fn mark_offline(
+    db: &Db,
+    meta: RequestMeta,
+    host: HostId,
+    grace: Duration,
+) -> Result<bool, ProvisioningError> {
+    let mut tx = db.begin_system(meta).await?;
+    // `provisioning` allocations are left alone: their start task is still
+    // being delivered (and retried), which settles them either way.
+    let allocations: Vec<Allocation> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM allocations
+          WHERE host_id = $1 AND state IN ('running', 'stopping', 'stopped')
+          ORDER BY id FOR UPDATE"
+    )))
+    .bind(host)
     .fetch_all(tx.conn())
     .await?;
-    if silent.is_empty() {
+    let went_offline: Option<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE hosts SET state_before_offline = state, state = 'offline', version = version + 1
+          WHERE id = $2 AND {SILENT}
+          RETURNING region, version"
+    )))
+    .bind(grace.as_seconds_f64())
+    .bind(host)
+    .fetch_optional(tx.conn())
+    .await?;
+    let Some((region, version)) = went_offline else {
         tx.rollback().await?;
-        return Ok(0);
+        return Ok(false);
+    };
+    let resource = keel_inventory::enrol::host_resource(&region, host);
+    tx.emit(NewEvent::new(
+        "host.offline",
+        "host",
+        host.as_uuid(),
+        version,
+        None,
+        resource.clone(),
+        serde_json::json!({ "host_id": host, "grace_secs": grace.whole_seconds() }),
+    ));
+    for allocation in &allocations {
+        transition(&mut tx, allocation, AllocationState::Lost, None).await?;
     }
-    for (host, region, version) in &silent {
-        let resource = keel_inventory::enrol::host_resource(region, *host);
-        tx.emit(NewEvent::new(
-            "host.offline",
-            "host",
-            host.as_uuid(),
-            *version,
-            None,
-            resource.clone(),
-            serde_json::json!({ "host_id": host, "grace_secs": grace.whole_seconds() }),
-        ));
-        tx.audit(Audit::new("host.offline", None, resource));
-        let allocations: Vec<Allocation> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM allocations
-              WHERE host_id = $1 AND state IN ('provisioning', 'running', 'stopping', 'stopped')
-              ORDER BY id FOR UPDATE"
-        )))
-        .bind(host)
-        .fetch_all(tx.conn())
-        .await?;
-        for allocation in &allocations {
-            transition(&mut tx, allocation, AllocationState::Lost, None).await?;
-        }
-        tracing::warn!(host = %host, lost = allocations.len(), "host went silent: offline");
-    }
-    let count = silent.len();
     tx.commit(
-        Audit::new(
-            "host.liveness_sweep",
-            None,
-            ResourceName::new(None, None, None, "platform", "hosts"),
-        )
-        .with_details(serde_json::json!({ "offline": count })),
+        Audit::new("host.offline", None, resource)
+            .with_details(serde_json::json!({ "lost": allocations.len() })),
     )
     .await?;
-    Ok(count)
+    tracing::warn!(host = %host, lost = allocations.len(), "host went silent: offline");
+    Ok(true)
 }
 
 /// Brings the allocations a node reports running back to `running` where

@@ -222,8 +222,10 @@ async fn a_reenrolment_token_that_makes_this_machine_another_node_saves_nothing(
     let before = std::fs::read(scratch.0.join("node.json")).unwrap();
     let cert_before = std::fs::read(scratch.0.join("cert.pem")).unwrap();
 
-    let (_other_api, other_url) = start_stand_in_api().await;
-    let mut again = options(&other_url, &scratch.0, None);
+    // Even with the other api's CA pinned on purpose.
+    let (other_api, other_url) = start_stand_in_api().await;
+    let pin = other_api.control_plane_ca.fingerprint_sha256_hex();
+    let mut again = options(&other_url, &scratch.0, Some(pin));
     again.reenrol = true;
     let error = enrol(&again).await.unwrap_err();
     assert!(matches!(error, EnrolError::OtherNode { .. }), "{error}");
@@ -253,4 +255,52 @@ async fn a_reenrolment_of_the_same_node_replaces_its_identity_and_keeps_its_ledg
         "41\n"
     );
     assert!(!scratch.0.join("renewal.json").exists());
+}
+
+#[tokio::test]
+async fn a_reenrolment_without_a_pin_trusts_only_the_control_plane_ca_it_had() {
+    let (_first_api, first_url) = start_stand_in_api().await;
+    let scratch = ScratchDir::new("reenrol-pin");
+    enrol(&options(&first_url, &scratch.0, None)).await.unwrap();
+    let ca_before = std::fs::read(scratch.0.join("control-plane-ca.pem")).unwrap();
+
+    // Somebody else's api (a man in the middle of the plain-HTTP request).
+    let (_impostor, impostor_url) = start_stand_in_api().await;
+    let mut again = options(&impostor_url, &scratch.0, None);
+    again.reenrol = true;
+    let error = enrol(&again).await.unwrap_err();
+    assert!(
+        matches!(error, EnrolError::FingerprintMismatch { .. }),
+        "{error}"
+    );
+    assert_eq!(
+        std::fs::read(scratch.0.join("control-plane-ca.pem")).unwrap(),
+        ca_before
+    );
+}
+
+#[tokio::test]
+async fn a_reenrolment_keeps_the_key_retirements_the_node_learned() {
+    use base64::Engine as _;
+    let (api, url) = start_stand_in_api().await;
+    let scratch = ScratchDir::new("reenrol-keys");
+    enrol(&options(&url, &scratch.0, None)).await.unwrap();
+    // The node learned (over the channel) that the key retires at 100.
+    let statement = keel_task::key_statement(&api.signer.verifying_key(), 0, Some(100));
+    let signature = api
+        .control_plane_ca
+        .sign_statement(keel_task::KEY_STATEMENT_DOMAIN, &statement)
+        .unwrap();
+    let mut keys = AgentState::load(&scratch.0).unwrap().signing_keys;
+    keys[0].retires_at = Some(100);
+    keys[0].ca_signature = Some(base64::engine::general_purpose::STANDARD.encode(signature));
+    keel_agent::state::save_signing_keys(&scratch.0, &keys).unwrap();
+
+    // The enrolment answer lists the key as first published (no retirement).
+    let mut again = options(&url, &scratch.0, None);
+    again.reenrol = true;
+    enrol(&again).await.unwrap();
+    let state = AgentState::load(&scratch.0).unwrap();
+    assert_eq!(state.signing_keys.len(), 1);
+    assert_eq!(state.signing_keys[0].retires_at, Some(100));
 }

@@ -14,7 +14,7 @@ use keel_agent::{ProcessDriver, WorkloadDriver, WorkloadReport, WorkloadSpec, Wo
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::support::{Fixture, eventually, launcher, start};
+use crate::support::{Fixture, ScratchDir, eventually, launcher, start};
 
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| !stat.contains(") Z "))
@@ -126,23 +126,31 @@ async fn each_allocation_runs_as_its_own_user_in_a_directory_only_it_can_read() 
             .permissions(),
     );
     assert_eq!(mode & 0o777, 0o700);
-    // The second workload's user cannot read the first one's directory.
-    let peek = Command::new("setpriv")
-        .args([
-            &format!("--reuid={second_uid}"),
-            &format!("--regid={second_uid}"),
-            "--clear-groups",
-            "ls",
-        ])
-        .arg(agent.driver.workload_dir(first))
-        .stderr(Stdio::null())
-        .status();
-    if let Ok(status) = peek {
-        assert!(
-            !status.success(),
-            "another allocation's user listed the directory"
-        );
-    }
+    // The second workload's user cannot read the first one's directory; the
+    // first one's can (so the refusal is about the user, nothing else).
+    let list_as = |uid: u32| {
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+                "ls",
+            ])
+            .arg(agent.driver.workload_dir(first))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("setpriv (util-linux) is needed for this test")
+            .success()
+    };
+    assert!(
+        list_as(first_uid),
+        "the allocation's own user cannot list its directory"
+    );
+    assert!(
+        !list_as(second_uid),
+        "another allocation's user listed the directory"
+    );
     for allocation_id in [first, second] {
         agent.driver.stop_workload(allocation_id);
         assert_eq!(agent.next_report().await.state, WorkloadState::Terminated);
@@ -180,10 +188,11 @@ async fn a_crashed_agent_leaves_workloads_running_and_the_next_one_readopts_them
         .unwrap();
     let worker = fixture.worker_client();
     let url = format!("https://127.0.0.1:{port}/v1/tasks");
-    let (long, short) = (Uuid::new_v4(), Uuid::new_v4());
+    let (long, short, stopping) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     let tasks = [
         fixture.sign(&fixture.payload(1, start(long, &["sleep", "300"]))),
         fixture.sign(&fixture.payload(2, start(short, &["sh", "-c", "sleep 2; exit 7"]))),
+        fixture.sign(&fixture.payload(3, start(stopping, &["sleep", "300"]))),
     ];
     for task in tasks {
         let mut sent = false;
@@ -211,16 +220,22 @@ async fn a_crashed_agent_leaves_workloads_running_and_the_next_one_readopts_them
             .parse()
             .ok()
     };
-    eventually("both workloads started", || {
-        pid_of(long).is_some() && pid_of(short).is_some()
+    eventually("the workloads started", || {
+        pid_of(long).is_some() && pid_of(short).is_some() && pid_of(stopping).is_some()
     })
     .await;
-    let long_pid = pid_of(long).unwrap();
+    let (long_pid, stopping_pid) = (pid_of(long).unwrap(), pid_of(stopping).unwrap());
 
-    // The agent crashes; its workloads do not.
+    // The agent crashes; its workloads do not. It had just recorded a stop
+    // of one of them, but not acted on it.
     agent.kill().unwrap();
     agent.wait().unwrap();
     assert!(alive(long_pid), "a crashed agent took its workload down");
+    std::fs::write(
+        runtime.join(stopping.to_string()).join("stop-requested"),
+        "",
+    )
+    .unwrap();
     // The short one ends while no agent runs.
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
@@ -228,7 +243,7 @@ async fn a_crashed_agent_leaves_workloads_running_and_the_next_one_readopts_them
     let driver =
         ProcessDriver::with_launcher(fixture.state_dir(), Arc::new(sink), launcher()).unwrap();
     let mut seen = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..4 {
         seen.push(
             tokio::time::timeout(Duration::from_secs(10), reports.recv())
                 .await
@@ -244,6 +259,11 @@ async fn a_crashed_agent_leaves_workloads_running_and_the_next_one_readopts_them
         )),
         "{seen:?}"
     );
+    assert!(
+        seen.contains(&WorkloadReport::terminated(stopping)),
+        "the stop recorded before the crash was carried out: {seen:?}"
+    );
+    eventually("the stopped workload is gone", || !alive(stopping_pid)).await;
     assert_eq!(driver.pid_of(long), Some(long_pid));
     assert_eq!(driver.running_allocations(), vec![long]);
 
@@ -255,4 +275,100 @@ async fn a_crashed_agent_leaves_workloads_running_and_the_next_one_readopts_them
         .unwrap();
     assert_eq!(report, WorkloadReport::terminated(long));
     eventually("the re-adopted workload is gone", || !alive(long_pid)).await;
+}
+
+#[tokio::test]
+async fn a_new_allocation_never_gets_the_user_of_an_earlier_one_but_a_restart_keeps_its_own() {
+    let fixture = Fixture::new();
+    let mut agent = fixture.start_agent().await;
+    let first = Uuid::new_v4();
+    agent
+        .driver
+        .start_workload(spec(first, &["sleep", "30"], 64));
+    assert_eq!(agent.next_report().await.state, WorkloadState::Running);
+    let Some(first_uid) = agent.driver.workload_uid(first) else {
+        eprintln!("SKIPPED: the agent is not root, so workloads run as its own user");
+        return;
+    };
+    agent.driver.stop_workload(first);
+    assert_eq!(agent.next_report().await.state, WorkloadState::Terminated);
+
+    // Started again, it is the same user (its files stay its own).
+    agent
+        .driver
+        .start_workload(spec(first, &["sleep", "30"], 64));
+    assert_eq!(agent.next_report().await.state, WorkloadState::Running);
+    assert_eq!(agent.driver.workload_uid(first), Some(first_uid));
+    agent.driver.stop_workload(first);
+    assert_eq!(agent.next_report().await.state, WorkloadState::Terminated);
+
+    // Its directory gone, its uid is still never handed to another
+    // allocation (what it left in /tmp would be the newcomer's).
+    std::fs::remove_dir_all(agent.driver.workload_dir(first)).unwrap();
+    let second = Uuid::new_v4();
+    agent
+        .driver
+        .start_workload(spec(second, &["sleep", "30"], 64));
+    assert_eq!(agent.next_report().await.state, WorkloadState::Running);
+    let second_uid = agent.driver.workload_uid(second).unwrap();
+    assert_ne!(second_uid, first_uid);
+    agent.driver.stop_workload(second);
+    assert_eq!(agent.next_report().await.state, WorkloadState::Terminated);
+}
+
+#[tokio::test]
+async fn links_a_workload_left_in_its_directory_never_redirect_its_logs() {
+    let fixture = Fixture::new();
+    let mut agent = fixture.start_agent().await;
+    let allocation_id = Uuid::new_v4();
+    agent
+        .driver
+        .start_workload(spec(allocation_id, &["true"], 64));
+    assert_eq!(agent.next_report().await.state, WorkloadState::Running);
+    assert_eq!(agent.next_report().await.state, WorkloadState::Failed);
+    let dir = agent.driver.workload_dir(allocation_id);
+    if uid_of(&dir) == 0 {
+        eprintln!("SKIPPED: the agent is not root, so there is no other user to protect");
+        return;
+    }
+    // What a malicious workload leaves behind for the next start (as root
+    // would see it): stdout.log links to a file of root's, stderr.log is a
+    // hard link to another.
+    let victims = ScratchDir::new("victims");
+    std::fs::create_dir_all(&victims.0).unwrap();
+    let (soft, hard) = (victims.0.join("soft"), victims.0.join("hard"));
+    std::fs::write(&soft, "root's\n").unwrap();
+    std::fs::write(&hard, "root's\n").unwrap();
+    for name in ["stdout.log", "stderr.log"] {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    std::os::unix::fs::symlink(&soft, dir.join("stdout.log")).unwrap();
+    std::fs::hard_link(&hard, dir.join("stderr.log")).unwrap();
+
+    agent.driver.start_workload(spec(
+        allocation_id,
+        &["sh", "-c", "echo out; echo err >&2; sleep 30"],
+        64,
+    ));
+    assert_eq!(agent.next_report().await.state, WorkloadState::Running);
+    eventually("the workload wrote its logs", || {
+        std::fs::read_to_string(dir.join("stderr.log")).is_ok_and(|text| text == "err\n")
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(dir.join("stdout.log")).unwrap(),
+        "out\n"
+    );
+    for victim in [&soft, &hard] {
+        assert_eq!(std::fs::read_to_string(victim).unwrap(), "root's\n");
+        assert_eq!(uid_of(victim), 0);
+    }
+    for name in ["stdout.log", "stderr.log"] {
+        let metadata = std::fs::symlink_metadata(dir.join(name)).unwrap();
+        assert!(metadata.is_file());
+        assert_eq!(std::os::unix::fs::MetadataExt::nlink(&metadata), 1);
+        assert_eq!(std::os::unix::fs::MetadataExt::uid(&metadata), uid_of(&dir));
+    }
+    agent.driver.stop_workload(allocation_id);
+    assert_eq!(agent.next_report().await.state, WorkloadState::Terminated);
 }
