@@ -94,13 +94,28 @@ struct Renewed {
     certificate_pem: String,
 }
 
+fn build_client(client_tls: &rustls::ClientConfig) -> Result<reqwest::Client, LinkError> {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(client_tls.clone())
+        .https_only(true)
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(15))
+        .build()
+        .map_err(|error| LinkError::Invalid(error.to_string()))
+}
+
 /// Key refresh and certificate renewal for one running agent.
 pub struct ControlPlaneLink {
     dir: PathBuf,
     node_id: Uuid,
     enrolment_epoch: u64,
     base_url: String,
-    client: reqwest::Client,
+    /// Rebuilt after each renewal, so the next call makes a new connection
+    /// that presents the new certificate (pooled ones would go on with the
+    /// old; the control plane lets the old one ask for a renewal again only
+    /// until the new one has been presented).
+    client: Mutex<reqwest::Client>,
+    client_tls: rustls::ClientConfig,
     identity: Arc<HotIdentity>,
     inbox: Arc<TaskInbox>,
     driver: Arc<dyn WorkloadDriver>,
@@ -145,19 +160,14 @@ impl ControlPlaneLink {
         let (not_before, not_after) = state
             .certificate_validity()
             .ok_or_else(|| LinkError::Invalid("the node certificate has no validity".into()))?;
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(client_tls)
-            .https_only(true)
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(15))
-            .build()
-            .map_err(|error| LinkError::Invalid(error.to_string()))?;
+        let client = build_client(&client_tls)?;
         Ok(Self {
             dir: state.dir.clone(),
             node_id: state.node.node_id,
             enrolment_epoch: state.node.enrolment_epoch,
             base_url: state.node.agent_api_url.trim_end_matches('/').to_owned(),
-            client,
+            client: Mutex::new(client),
+            client_tls,
             identity,
             inbox,
             driver,
@@ -170,6 +180,13 @@ impl ControlPlaneLink {
             certificate: Mutex::new((obtained_at(state, not_before), not_after)),
             timing,
         })
+    }
+
+    fn client(&self) -> reqwest::Client {
+        self.client
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn certificate(&self) -> (OffsetDateTime, OffsetDateTime) {
@@ -211,7 +228,7 @@ impl ControlPlaneLink {
     pub async fn refresh_keys(&self) -> Result<Merged, LinkError> {
         let response = self
             .call(
-                self.client
+                self.client()
                     .get(format!("{}/v1/agent/signing-keys", self.base_url)),
             )
             .await?;
@@ -266,7 +283,7 @@ impl ControlPlaneLink {
             .map(|allocation_id| serde_json::json!({ "allocation_id": allocation_id }))
             .collect();
         self.call(
-            self.client
+            self.client()
                 .post(format!("{}/v1/agent/heartbeat", self.base_url))
                 .json(&serde_json::json!({ "capacity": capacity, "workloads": workloads })),
         )
@@ -280,7 +297,7 @@ impl ControlPlaneLink {
             .map_err(|error| LinkError::Invalid(error.to_string()))?;
         let response = self
             .call(
-                self.client
+                self.client()
                     .post(format!("{}/v1/agent/renew", self.base_url))
                     .json(&serde_json::json!({ "csr_pem": csr_pem })),
             )
@@ -309,6 +326,15 @@ impl ControlPlaneLink {
         match self.certificate.lock() {
             Ok(mut guard) => *guard = (OffsetDateTime::now_utc(), not_after),
             Err(poisoned) => *poisoned.into_inner() = (OffsetDateTime::now_utc(), not_after),
+        }
+        match build_client(&self.client_tls) {
+            Ok(client) => {
+                *self
+                    .client
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = client;
+            }
+            Err(error) => tracing::warn!(%error, "could not rebuild the control-plane client"),
         }
         tracing::info!(%not_after, "node certificate renewed");
         Ok(not_after)

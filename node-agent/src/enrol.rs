@@ -221,6 +221,16 @@ pub enum EnrolError {
         body: String,
     },
 
+    /// A re-enrolment without a pin found no usable control-plane CA saved.
+    #[error(
+        "the control-plane CA saved in {dir} is not one readable certificate; \
+         re-enrol with --ca-fingerprint"
+    )]
+    SavedControlPlaneCa {
+        /// The state directory.
+        dir: std::path::PathBuf,
+    },
+
     /// The control-plane CA in the response is not the pinned one.
     #[error(
         "the control-plane CA certificate has fingerprint {actual}, but {expected} was pinned; \
@@ -298,15 +308,30 @@ pub async fn enrol(options: &EnrolOptions) -> Result<EnrolledNode, EnrolError> {
     // unless the operator pins another one, and keeps what the node learned
     // about task-signing keys (a retirement it saw must not be undone by an
     // answer that lists the key as it was first published).
-    let current_trust = if options.reenrol {
-        Some(read_trust(&options.state_dir)?)
-    } else {
-        None
+    // With an explicit pin, damaged trust files do not stand in the way
+    // (that is the recovery case): the node starts over with what the
+    // pinned CA vouches for.
+    let current_trust = match (options.reenrol, &pinned_fingerprint) {
+        (false, _) => None,
+        (true, None) => Some(read_trust(&options.state_dir)?),
+        (true, Some(_)) => read_trust(&options.state_dir)
+            .inspect_err(|error| {
+                tracing::warn!(%error, "the saved trust is unreadable; starting over with the pinned CA");
+            })
+            .ok(),
     };
-    let current_ca_fingerprint = current_trust
-        .as_ref()
-        .map(|(ca_pem, _)| single_certificate_fingerprint(ca_pem))
-        .transpose()?;
+    let current_ca_fingerprint = match &current_trust {
+        None => None,
+        Some((ca_pem, _)) => match single_certificate_fingerprint(ca_pem) {
+            Ok(fingerprint) => Some(fingerprint),
+            Err(_) if pinned_fingerprint.is_some() => None,
+            Err(_) => {
+                return Err(EnrolError::SavedControlPlaneCa {
+                    dir: options.state_dir.clone(),
+                });
+            }
+        },
+    };
     let pinned_fingerprint = pinned_fingerprint.or_else(|| current_ca_fingerprint.clone());
     // Created now, so that an unusable directory is found before the join
     // token is spent.

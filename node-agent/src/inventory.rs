@@ -75,10 +75,19 @@ fn disk_available_gib(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// What `nvidia-smi` said last, and how many queries failed since.
+type LastKnown = Option<((Option<String>, u32), u32)>;
+
 /// The GPUs last listed by `nvidia-smi`: a query that fails or hangs (a
 /// busy driver) repeats them rather than telling the control plane the host
-/// lost its GPUs. A fact of the host, so one per process.
-static LAST_KNOWN_GPUS: Mutex<Option<(Option<String>, u32)>> = Mutex::new(None);
+/// lost its GPUs — for [`GPU_FAILURES_TOLERATED`] queries in a row; after
+/// that the GPUs are taken to be gone. A fact of the host, so one per
+/// process.
+static LAST_KNOWN_GPUS: Mutex<LastKnown> = Mutex::new(None);
+
+/// Failed queries in a row that still report the GPUs last seen (two
+/// minutes of heartbeats).
+const GPU_FAILURES_TOLERATED: u32 = 8;
 
 /// The GPUs `nvidia-smi` lists: the (first) model and how many.
 async fn gpus() -> (Option<String>, u32) {
@@ -109,21 +118,25 @@ async fn gpus() -> (Option<String>, u32) {
 }
 
 /// A fresh answer replaces what is remembered; without one, the last answer
-/// stands (none yet: no GPUs).
+/// stands for a while (none yet, or too many failures: no GPUs).
 fn remember_gpus(
-    last_known: &Mutex<Option<(Option<String>, u32)>>,
+    last_known: &Mutex<LastKnown>,
     answer: Option<(Option<String>, u32)>,
 ) -> (Option<String>, u32) {
     let mut last_known = last_known.lock().unwrap_or_else(PoisonError::into_inner);
-    match answer {
-        Some(answer) => {
-            *last_known = Some(answer.clone());
+    match (answer, last_known.as_mut()) {
+        (Some(answer), _) => {
+            *last_known = Some((answer.clone(), 0));
             answer
         }
-        None => {
-            let kept = last_known.clone().unwrap_or((None, 0));
+        (None, Some((kept, failures))) if *failures < GPU_FAILURES_TOLERATED => {
+            *failures += 1;
             tracing::warn!(model = ?kept.0, count = kept.1, "keeping the GPUs last detected");
-            kept
+            kept.clone()
+        }
+        (None, _) => {
+            tracing::warn!("GPUs cannot be queried: counting none");
+            (None, 0)
         }
     }
 }
@@ -190,6 +203,11 @@ mod tests {
         let last_known = Mutex::new(None);
         assert_eq!(remember_gpus(&last_known, None), (None, 0));
         let a100 = (Some("nvidia-a100".to_owned()), 8);
+        assert_eq!(remember_gpus(&last_known, Some(a100.clone())), a100);
+        for _ in 0..GPU_FAILURES_TOLERATED {
+            assert_eq!(remember_gpus(&last_known, None), a100);
+        }
+        assert_eq!(remember_gpus(&last_known, None), (None, 0), "gone for good");
         assert_eq!(remember_gpus(&last_known, Some(a100.clone())), a100);
         assert_eq!(remember_gpus(&last_known, None), a100);
         assert_eq!(remember_gpus(&last_known, Some((None, 0))), (None, 0));

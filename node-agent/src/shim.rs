@@ -61,6 +61,9 @@ pub struct ShimOptions {
     pub user: Option<(u32, u32)>,
     /// Cgroup directories to join.
     pub cgroups: Vec<PathBuf>,
+    /// Start the workload only on the agent's `go` (an agent from before
+    /// the handshake, still running during an upgrade, does not ask).
+    pub await_go: bool,
     /// The program and its arguments.
     pub command: Vec<String>,
 }
@@ -95,7 +98,7 @@ impl ExitRecord {
     }
 }
 
-/// Parses `shim --runtime DIR --dir DIR [--uid N --gid N] [--cgroup DIR]... -- PROGRAM ARGS...`.
+/// Parses `shim --runtime DIR --dir DIR [--await-go] [--uid N --gid N] [--cgroup DIR]... -- PROGRAM ARGS...`.
 pub fn parse(arguments: &[String]) -> Result<ShimOptions, String> {
     let (flags, command) = match arguments.iter().position(|argument| argument == "--") {
         Some(at) => (&arguments[..at], arguments[at + 1..].to_vec()),
@@ -105,8 +108,13 @@ pub fn parse(arguments: &[String]) -> Result<ShimOptions, String> {
     let mut workload_dir = None;
     let (mut uid, mut gid) = (None, None);
     let mut cgroups = Vec::new();
+    let mut await_go = false;
     let mut rest = flags.iter();
     while let Some(flag) = rest.next() {
+        if flag == "--await-go" {
+            await_go = true;
+            continue;
+        }
         let value = rest
             .next()
             .ok_or_else(|| format!("shim: {flag} needs a value"))?;
@@ -124,6 +132,7 @@ pub fn parse(arguments: &[String]) -> Result<ShimOptions, String> {
         workload_dir: workload_dir.ok_or("shim: --dir is required")?,
         user: uid.zip(gid),
         cgroups,
+        await_go,
         command,
     })
 }
@@ -146,9 +155,11 @@ pub fn run(options: &ShimOptions) -> u8 {
     let Some((program, arguments)) = options.command.split_first() else {
         return refuse(options, "the command is empty");
     };
-    let mut go = String::new();
-    if std::io::stdin().lock().read_line(&mut go).is_err() || go.trim_end() != GO {
-        return refuse(options, "the agent did not confirm the start");
+    if options.await_go {
+        let mut go = String::new();
+        if std::io::stdin().lock().read_line(&mut go).is_err() || go.trim_end() != GO {
+            return refuse(options, "the agent did not confirm the start");
+        }
     }
     let logs = (
         open_log(&options.workload_dir.join("stdout.log"), options.user),
@@ -241,11 +252,15 @@ fn say(line: &str) {
 /// (`O_EXCL`) and given to the user through its descriptor.
 fn open_log(path: &Path, user: Option<(u32, u32)>) -> std::io::Result<File> {
     let owner = user.map_or_else(|| nix::unistd::geteuid().as_raw(), |(uid, _)| uid);
-    let existing = OpenOptions::new()
-        .append(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-        .open(path);
-    if let Ok(file) = existing {
+    // Only a plain file is opened at all (a FIFO would block the open); no
+    // process of the workload's user runs now to swap it meanwhile, and the
+    // checks below are repeated on what was opened.
+    if std::fs::symlink_metadata(path).is_ok_and(|metadata| metadata.is_file())
+        && let Ok(file) = OpenOptions::new()
+            .append(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(path)
+    {
         let metadata = file.metadata()?;
         if metadata.is_file() && metadata.nlink() == 1 && metadata.uid() == owner {
             return Ok(file);
@@ -279,9 +294,10 @@ mod tests {
     #[test]
     fn the_command_line_round_trips() {
         let options = parse(&arguments(
-            "--runtime /r --dir /w --uid 5 --gid 6 --cgroup /a --cgroup /b -- sleep 30",
+            "--runtime /r --dir /w --await-go --uid 5 --gid 6 --cgroup /a --cgroup /b -- sleep 30",
         ))
         .unwrap();
+        assert!(options.await_go);
         assert_eq!(options.user, Some((5, 6)));
         assert_eq!(options.cgroups, [PathBuf::from("/a"), PathBuf::from("/b")]);
         assert_eq!(options.command, ["sleep", "30"]);

@@ -361,26 +361,38 @@ impl ProcessDriver {
             .into_iter()
             .filter_map(|record| record.user.map(|(uid, _)| uid))
             .collect();
+        let mut taken = in_use.clone();
+        let mut owners: HashMap<u32, usize> = HashMap::new();
+        if let Ok(entries) = fs::read_dir(&self.workloads_dir) {
+            for metadata in entries.flatten().filter_map(|entry| entry.metadata().ok()) {
+                taken.insert(metadata.uid());
+                *owners.entry(metadata.uid()).or_default() += 1;
+            }
+        }
+        // Its own directory's owner — if no other directory and no running
+        // workload has that uid too (an agent before this scheme handed the
+        // same uid to many allocations in turn).
         if let Ok(metadata) = fs::symlink_metadata(self.workload_dir(allocation_id))
             && metadata.is_dir()
             && is_workload_uid(metadata.uid())
+            && owners.get(&metadata.uid()) == Some(&1)
             && !in_use.contains(&metadata.uid())
         {
-            return Ok(Some((metadata.uid(), metadata.gid())));
+            return Ok(Some((metadata.uid(), metadata.uid())));
         }
-        let mut taken = in_use;
-        if let Ok(entries) = fs::read_dir(&self.workloads_dir) {
-            taken.extend(
-                entries
-                    .flatten()
-                    .filter_map(|entry| entry.metadata().ok())
-                    .map(|metadata| metadata.uid()),
-            );
-        }
+        // The counter, or — if it was lost — one past the highest uid seen.
+        let highest_seen = taken
+            .iter()
+            .copied()
+            .filter(|uid| is_workload_uid(*uid))
+            .max();
         let next = fs::read_to_string(&self.uid_counter)
             .ok()
             .and_then(|text| text.trim().parse::<u32>().ok())
             .filter(|uid| is_workload_uid(*uid))
+            .or(highest_seen
+                .map(|uid| uid + 1)
+                .filter(|uid| is_workload_uid(*uid)))
             .unwrap_or(WORKLOAD_UID_BASE);
         let uid = (0..WORKLOAD_UID_SLOTS)
             .map(|offset| {
@@ -451,7 +463,8 @@ impl ProcessDriver {
             .arg("--runtime")
             .arg(&runtime)
             .arg("--dir")
-            .arg(&dir);
+            .arg(&dir)
+            .arg("--await-go");
         if let Some((uid, gid)) = user {
             command
                 .args(["--uid", &uid.to_string()])
@@ -484,11 +497,21 @@ impl ProcessDriver {
         // fails, the shim is killed before it started anything.
         let confirmed = record_and_confirm(&mut child, spec, user, &cgroup, &runtime);
         if let Err(error) = confirmed {
+            // If the shim had refused already, its reason is the real one.
+            let reason = fs::read_to_string(runtime.join(EXIT_FILE))
+                .ok()
+                .and_then(|text| serde_json::from_str::<ExitRecord>(&text).ok())
+                .and_then(|exit| exit.spawn_error)
+                .unwrap_or(error);
             let _ = child.start_kill();
-            cgroup.kill_all(None);
-            cgroup.remove();
             let _ = fs::remove_dir_all(&runtime);
-            return Err(error);
+            // The cgroup can go only once the shim is gone.
+            tokio::spawn(async move {
+                let _ = child.wait().await;
+                cgroup.kill_all(None);
+                cgroup.remove();
+            });
+            return Err(reason);
         }
         Ok((child, cgroup))
     }
@@ -659,6 +682,14 @@ enum Shim {
 }
 
 impl Shim {
+    /// Whether the shim still runs.
+    fn is_alive(&mut self) -> bool {
+        match self {
+            Shim::Child(child) => matches!(child.try_wait(), Ok(None)),
+            Shim::Adopted { pid, started } => process_start_ticks(*pid) == Some(*started),
+        }
+    }
+
     /// Resolves when the shim has exited.
     async fn exited(&mut self) {
         match self {
@@ -728,11 +759,14 @@ async fn supervise(mut supervision: Supervision) {
     }
 
     let stopped_early = tokio::select! {
+        biased;
         () = supervision.shim.exited() => false,
         () = wait_for_stop_request(&mut supervision.stop_requested) => true,
     };
     if stopped_early {
-        if supervision.pid.is_none() {
+        // The pid file is believed only while its shim lives: a dead shim's
+        // (from before a reboot, say) may name anything by now.
+        if supervision.pid.is_none() && supervision.shim.is_alive() {
             supervision.pid = read_pid(&supervision.runtime);
         }
         terminate(&mut supervision).await;

@@ -888,6 +888,21 @@ async fn a_silent_host_goes_offline_with_its_allocations_lost_and_comes_back_wit
             .await,
         1
     );
+    // Once its start task has expired with the host still away, it is lost
+    // too.
+    sqlx::query(
+        "UPDATE allocations SET updated_at = now() - interval '6 minutes' WHERE id = $1::uuid",
+    )
+    .bind(&ids[2])
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(sweep().await, 0);
+    assert_eq!(
+        app.count("SELECT count(*) FROM allocations WHERE state = 'lost'")
+            .await,
+        3
+    );
     assert_eq!(
         app.count("SELECT count(*) FROM outbox WHERE event_type = 'host.offline'")
             .await,

@@ -67,7 +67,8 @@ pub async fn authenticated_node(db: &Db, peer: &TlsPeer) -> Result<Authenticated
               WHERE h.id = $1 AND c.serial = $2 AND h.revoked_at IS NULL AND c.revoked_at IS NULL
          ), first_use AS (
              UPDATE node_certificates SET first_used_at = now()
-              WHERE serial = $2 AND first_used_at IS NULL AND EXISTS (SELECT 1 FROM peer)
+              WHERE serial = $2 AND first_used_at IS NULL AND revoked_at IS NULL
+                AND EXISTS (SELECT 1 FROM peer)
          )
          SELECT enrolment_epoch FROM peer",
     )
@@ -128,6 +129,10 @@ pub async fn refresh_deny_list(
     }
 }
 
+/// How long after a renewal the certificate that asked may ask again, if
+/// the answer was never used (it was lost on the way).
+pub const RENEWAL_RETRY_WINDOW: time::Duration = time::Duration::minutes(10);
+
 /// `POST /v1/agent/renew`
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -151,7 +156,8 @@ pub struct RenewResponse {
 ///
 /// One exception keeps a lost answer from stranding a node: the certificate
 /// the newest one was issued to may ask again while the newest has never
-/// been presented. The unused certificate is revoked and a new one issued.
+/// been presented, within [`RENEWAL_RETRY_WINDOW`]. The unused certificate
+/// is revoked and a new one issued (audited with `revoked_unused`).
 pub async fn renew(
     db: &Db,
     meta: RequestMeta,
@@ -170,24 +176,34 @@ pub async fn renew(
     // Re-checked under a lock: a revocation or re-enrolment committed after
     // the peer check wins, and a first use of the newest certificate
     // (recorded under the certificate's row lock) is seen.
-    let current: Option<(String, String, Option<String>, Option<OffsetDateTime>)> = sqlx::query_as(
-        "SELECT h.region, h.cert_serial, c.renewed_from, c.first_used_at
-               FROM hosts h JOIN node_certificates c ON c.serial = h.cert_serial
-              WHERE h.id = $1 AND h.revoked_at IS NULL AND h.enrolment_epoch = $2
-                FOR UPDATE",
+    let current: Option<(String, String)> = sqlx::query_as(
+        "SELECT region, cert_serial FROM hosts
+          WHERE id = $1 AND revoked_at IS NULL AND enrolment_epoch = $2 FOR UPDATE",
     )
     .bind(node.host_id)
     .bind(node.enrolment_epoch)
     .fetch_optional(tx.conn())
     .await?;
-    let Some((region, current_serial, renewed_from, first_used_at)) = current else {
+    let Some((region, current_serial)) = current else {
         return Err(InventoryError::PeerRefused(
             "this node is revoked or was re-enrolled",
         ));
     };
+    // On the database's clock, like `issued_at`.
+    let (renewed_from, never_used, recent): (Option<String>, bool, bool) = sqlx::query_as(
+        "SELECT renewed_from, first_used_at IS NULL,
+                issued_at > now() - make_interval(secs => $2)
+           FROM node_certificates WHERE serial = $1 FOR UPDATE",
+    )
+    .bind(&current_serial)
+    .bind(RENEWAL_RETRY_WINDOW.as_seconds_f64())
+    .fetch_one(tx.conn())
+    .await?;
     let unused_answer = (current_serial != node.serial).then_some(&current_serial);
     if let Some(unused) = unused_answer {
-        if renewed_from.as_deref() != Some(node.serial.as_str()) || first_used_at.is_some() {
+        let asked_again =
+            renewed_from.as_deref() == Some(node.serial.as_str()) && never_used && recent;
+        if !asked_again {
             return Err(InventoryError::PeerRefused(
                 "only the node's newest certificate can renew",
             ));

@@ -32,7 +32,7 @@ use crate::{AllocationState, ProvisioningError};
 
 pub const CONSUMER: &str = "provisioning";
 /// How long a signed task stays valid.
-const TASK_LIFETIME_SECS: i64 = 300;
+pub(crate) const TASK_LIFETIME_SECS: i64 = 300;
 
 /// The worker's credentials towards node agents.
 pub struct WorkerCredentials {

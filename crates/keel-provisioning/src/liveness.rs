@@ -7,7 +7,8 @@
 //!   state it had — and every allocation on it that was running, stopping
 //!   or stopped becomes `lost`, each transition audited and evented
 //!   (`provisioning` ones are left to the delivery of their start task,
-//!   which is retried until it settles them). Lost allocations keep their capacity: the host may well
+//!   which is retried until it settles them — or, once the task has expired
+//!   while the host is still offline, they become `lost` too). Lost allocations keep their capacity: the host may well
 //!   still run them, behind a broken link. (What happens to allocations
 //!   lost for long is the lifecycle's decision, not this module's.)
 //! - [`reconcile_reported`] (every heartbeat): an allocation the node says
@@ -23,6 +24,7 @@ use time::Duration;
 
 use crate::service::{Observed, allocation_observe, transition};
 use crate::{Allocation, AllocationState, ProvisioningError};
+use keel_inventory::nodes::hosts_resource;
 
 const COLUMNS: &str = crate::service::COLUMNS;
 
@@ -53,7 +55,42 @@ pub async fn mark_silent_hosts_offline(
             offline += 1;
         }
     }
+    lose_expired_starts(db, meta).await?;
     Ok(offline)
+}
+
+/// `provisioning` allocations on an offline host whose start task has
+/// expired (the agent would refuse it now, so its delivery settles nothing)
+/// become `lost`, like the host's other allocations.
+async fn lose_expired_starts(db: &Db, meta: RequestMeta) -> Result<usize, ProvisioningError> {
+    let mut tx = db.begin_system(meta).await?;
+    let expired: Vec<Allocation> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM allocations
+          WHERE state = 'provisioning'
+            AND updated_at < now() - make_interval(secs => $1)
+            AND host_id IN (SELECT id FROM hosts WHERE state = 'offline')
+          ORDER BY id FOR UPDATE SKIP LOCKED"
+    )))
+    .bind(crate::consumer::TASK_LIFETIME_SECS as f64)
+    .fetch_all(tx.conn())
+    .await?;
+    if expired.is_empty() {
+        tx.rollback().await?;
+        return Ok(0);
+    }
+    for allocation in &expired {
+        transition(&mut tx, allocation, AllocationState::Lost, None).await?;
+    }
+    tx.commit(
+        Audit::new("allocation.start_expired", None, hosts_resource())
+            .with_details(serde_json::json!({ "lost": expired.len() })),
+    )
+    .await?;
+    tracing::warn!(
+        lost = expired.len(),
+        "start tasks to offline hosts expired: allocations lost"
+    );
+    Ok(expired.len())
 }
 
 /// A host that is neither offline nor revoked and was last seen longer than

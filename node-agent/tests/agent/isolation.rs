@@ -5,6 +5,7 @@
 //! its workloads running for the next one to re-adopt — including one that
 //! ended meanwhile, reported with its exit status.
 
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -371,4 +372,54 @@ async fn links_a_workload_left_in_its_directory_never_redirect_its_logs() {
     }
     agent.driver.stop_workload(allocation_id);
     assert_eq!(agent.next_report().await.state, WorkloadState::Terminated);
+}
+
+#[tokio::test]
+async fn after_a_reboot_a_recorded_pid_is_never_signalled() {
+    let fixture = Fixture::new();
+    // A process group that has nothing to do with Keel, whose id the pid
+    // file of a workload from before the reboot happens to name.
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("300")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead_shim = gone.id();
+    gone.wait().unwrap();
+
+    let allocation_id = Uuid::new_v4();
+    let runtime = fixture
+        .state_dir()
+        .join("runtime")
+        .join(allocation_id.to_string());
+    std::fs::create_dir_all(&runtime).unwrap();
+    let record = serde_json::json!({
+        "allocation_id": allocation_id,
+        "tenant_id": null,
+        "user": null,
+        "shim_pid": dead_shim,
+        "shim_started": 1,
+        "cgroup": [],
+    });
+    std::fs::write(runtime.join("record.json"), record.to_string()).unwrap();
+    std::fs::write(runtime.join("pid"), format!("{}\n", bystander.id())).unwrap();
+    // A stop was asked for just before the host went down.
+    std::fs::write(runtime.join("stop-requested"), "").unwrap();
+
+    let (sink, mut reports) = mpsc::unbounded_channel();
+    let driver =
+        ProcessDriver::with_launcher(fixture.state_dir(), Arc::new(sink), launcher()).unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(10), reports.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(report, WorkloadReport::terminated(allocation_id));
+    assert!(driver.running_allocations().is_empty());
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "the agent signalled a process group it does not own"
+    );
+    bystander.kill().unwrap();
+    bystander.wait().unwrap();
 }
