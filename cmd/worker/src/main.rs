@@ -145,9 +145,11 @@ async fn seal_audit_chains(db: keel_db::Db, mut stopped: tokio::sync::watch::Rec
     }
 }
 
-/// Marks hosts that stopped sending heartbeats offline (and their
-/// allocations lost) every 5 s, until stopped. See
-/// `keel_provisioning::liveness`.
+/// Every 5 s, until stopped: marks hosts that stopped sending heartbeats
+/// offline (and their allocations lost; see `keel_provisioning::liveness`)
+/// finishes the drains of hosts nothing holds capacity on any more
+/// (`keel_inventory::hosts`) and purges allocations terminated longer than
+/// the retention window ago.
 async fn watch_host_liveness(
     db: keel_db::Db,
     grace: time::Duration,
@@ -166,6 +168,16 @@ async fn watch_host_liveness(
             keel_provisioning::liveness::mark_silent_hosts_offline(&db, meta, grace).await
         {
             tracing::warn!(error = %error, "checking host liveness failed");
+        }
+        let meta =
+            keel_db::RequestMeta::system("worker", uuid::Uuid::now_v7().simple().to_string());
+        if let Err(error) = keel_inventory::hosts::finish_drains(&db, meta).await {
+            tracing::warn!(error = %error, "finishing host drains failed");
+        }
+        let meta =
+            keel_db::RequestMeta::system("worker", uuid::Uuid::now_v7().simple().to_string());
+        if let Err(error) = keel_provisioning::service::purge_terminated(&db, meta).await {
+            tracing::warn!(error = %error, "purging terminated allocations failed");
         }
     }
 }

@@ -38,6 +38,13 @@ fn sample_body(operation_id: &str) -> Option<Value> {
             "email": "sweep-operator@example.com", "password": "a long enough password", "role": "operator"
         })),
         "invitation_create" => Some(json!({"email": "sweep@example.com", "role": "viewer"})),
+        "admin_flavor_create" => {
+            Some(json!({"name": "sweep.flavor", "vcpus": 1, "memory_mib": 1, "disk_gib": 0}))
+        }
+        "admin_region_create" => Some(json!({"name": "sweep-1"})),
+        "admin_tenant_quota_set" | "admin_project_quota_set" | "admin_quota_defaults_set" => {
+            Some(json!({"allocations": 0, "vcpus": 0, "memory_mib": 0, "gpus": 0}))
+        }
         "project_grant_set" => Some(json!({"role": "viewer"})),
         // Well formed, but for no invitation: refused as not found.
         "invitation_accept" => Some(json!({

@@ -113,6 +113,7 @@ async fn without_room_the_allocation_fails_with_insufficient_capacity() {
     assert_eq!(second.status, StatusCode::ACCEPTED);
     assert_eq!(second.body["state"], "failed");
     assert_eq!(second.body["failure_reason"], "insufficient_capacity");
+    // No host here could ever run it: refused outright, nothing recorded.
     let gpu = app
         .post(
             &allocations(&tenant.project_id),
@@ -120,7 +121,8 @@ async fn without_room_the_allocation_fails_with_insufficient_capacity() {
             json!({"name": "g", "flavor": "gpu.a100.1"}),
         )
         .await;
-    assert_eq!(gpu.body["failure_reason"], "insufficient_capacity");
+    gpu.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "flavor_unavailable");
+    assert_eq!(app.count("SELECT count(*) FROM allocations").await, 2);
 }
 
 #[tokio::test]
@@ -210,6 +212,14 @@ async fn terminating_with_a_stale_if_match_is_a_412_and_changes_nothing() {
 async fn a_failed_allocation_terminates_at_once_and_then_terminating_it_is_a_409() {
     let app = TestApp::spawn().await;
     let tenant = app.tenant("acme").await;
+    // A host that is full: the launch fails for want of capacity.
+    let host = app.add_host(1, 1024).await;
+    let mut admin = app.database.admin().await;
+    sqlx::query("UPDATE hosts SET reserved_vcpus = 1 WHERE id = $1")
+        .bind(host)
+        .execute(&mut admin)
+        .await
+        .unwrap();
     let created = app
         .post(
             &allocations(&tenant.project_id),
@@ -371,4 +381,116 @@ async fn concurrent_creates_never_over_commit_a_host() {
         .await,
         6
     );
+}
+
+#[tokio::test]
+async fn stop_and_start_follow_the_lifecycle_and_illegal_ones_are_409s() {
+    let app = TestApp::spawn().await;
+    app.add_host(4, 8192).await;
+    let tenant = app.tenant("acme").await;
+    let created = app
+        .post(
+            &allocations(&tenant.project_id),
+            Some(&tenant.token),
+            json!({"name": "web", "flavor": "cpu.small"}),
+        )
+        .await;
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    let path = |verb: &str| format!("{}/{id}/{verb}", allocations(&tenant.project_id));
+
+    // Not running yet: neither stops nor starts, and nothing changes.
+    app.post(&path("stop"), Some(&tenant.token), json!({}))
+        .await
+        .assert_error(StatusCode::CONFLICT, "invalid_state_transition");
+    app.post(&path("start"), Some(&tenant.token), json!({}))
+        .await
+        .assert_error(StatusCode::CONFLICT, "invalid_state_transition");
+
+    let mut admin = app.database.admin().await;
+    sqlx::query("UPDATE allocations SET state = 'running' WHERE id = $1::uuid")
+        .bind(&id)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let stopping = app
+        .post(&path("stop"), Some(&tenant.token), json!({}))
+        .await;
+    assert_eq!(stopping.status, StatusCode::ACCEPTED, "{:?}", stopping.body);
+    assert_eq!(stopping.body["state"], "stopping");
+    // Asking again changes nothing; the worker is told once.
+    let again = app
+        .post(&path("stop"), Some(&tenant.token), json!({}))
+        .await;
+    assert_eq!(again.body["version"], stopping.body["version"]);
+    assert_eq!(
+        app.count("SELECT count(*) FROM outbox WHERE event_type = 'allocation.stopping'")
+            .await,
+        1
+    );
+
+    // Stopped (as the agent's report makes it): it keeps its capacity.
+    sqlx::query("UPDATE allocations SET state = 'stopped' WHERE id = $1::uuid")
+        .bind(&id)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let reserved: i32 = sqlx::query_scalar("SELECT reserved_vcpus FROM hosts")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(reserved, 1);
+    let starting = app
+        .post(&path("start"), Some(&tenant.token), json!({}))
+        .await;
+    assert_eq!(starting.status, StatusCode::ACCEPTED, "{:?}", starting.body);
+    assert_eq!(starting.body["state"], "starting");
+    let event: serde_json::Value =
+        sqlx::query_scalar("SELECT payload FROM outbox WHERE event_type = 'allocation.starting'")
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    // Events carry what metering needs without reading any table.
+    assert_eq!(event["project_id"], tenant.project_id.as_str());
+    assert_eq!(event["flavor"], "cpu.small");
+    assert_eq!(event["region"], "local-1");
+    assert_eq!(event["previous_state"], "stopped");
+    assert!(event["at"].is_string(), "{event}");
+
+    // A viewer may look but not stop.
+    let viewer = app.member(&tenant, "viewer").await;
+    app.post(&path("stop"), Some(&viewer.token), json!({}))
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+
+    // Terminated: gone from the list, readable by id, nothing more to do.
+    let terminated = app
+        .post(&path("terminate"), Some(&tenant.token), json!({}))
+        .await;
+    assert_eq!(terminated.body["state"], "terminating");
+    sqlx::query(
+        "UPDATE allocations SET state = 'terminated', reserved = false, terminated_at = now() - interval '8 days'
+          WHERE id = $1::uuid",
+    )
+    .bind(&id)
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    app.post(&path("start"), Some(&tenant.token), json!({}))
+        .await
+        .assert_error(StatusCode::CONFLICT, "invalid_state_transition");
+    let read = app
+        .get(path("").trim_end_matches('/'), Some(&tenant.token))
+        .await;
+    assert_eq!(read.body["state"], "terminated");
+    // After the retention window it is purged: 404 by id too.
+    let purged = keel_provisioning::service::purge_terminated(
+        &app.state.db,
+        keel_db::RequestMeta::system("test", "t"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(purged, 1);
+    app.get(path("").trim_end_matches('/'), Some(&tenant.token))
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
 }

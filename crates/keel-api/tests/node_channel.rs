@@ -57,7 +57,7 @@ async fn enrol(app: &TestApp, token: &str) -> Node {
                 "csr_pem": csr,
                 "name": "node-1",
                 "agent_url": "https://127.0.0.1:7443",
-                "capacity": {"vcpus": 8, "memory_mib": 16384}
+                "capacity": {"vcpus": 8, "memory_mib": 16384, "disk_gib": 500}
             }),
         )
         .await;
@@ -766,7 +766,8 @@ async fn heartbeats_keep_a_host_seen_and_update_its_capacity() {
         .await
         .unwrap();
 
-    let same = json!({"capacity": {"vcpus": 8, "memory_mib": 16384}, "workloads": []});
+    let same =
+        json!({"capacity": {"vcpus": 8, "memory_mib": 16384, "disk_gib": 500}, "workloads": []});
     assert_eq!(
         heartbeat(&app, &listener, &node, same).await,
         reqwest::StatusCode::NO_CONTENT

@@ -191,6 +191,11 @@ actions! {
     ApiTokenList,
     ApiTokenManage,
     FlavorList,
+    RegionList,
+    /// How many of each flavor can launch now, per region.
+    AvailabilityRead,
+    /// The tenant's or a project's quota and usage.
+    QuotaRead,
     ProjectList,
     ProjectRead,
     ProjectCreate,
@@ -200,6 +205,8 @@ actions! {
     AllocationRead,
     AllocationCreate,
     AllocationTerminate,
+    AllocationStop,
+    AllocationStart,
     AdminSessionEnd,
     AdminOperatorList,
     AdminOperatorCreate,
@@ -207,6 +214,16 @@ actions! {
     AdminAuditVerify,
     AdminHostList,
     AdminHostRevoke,
+    /// Cordon, uncordon and drain hosts.
+    AdminHostManage,
+    AdminFlavorList,
+    /// Create and retire flavors.
+    AdminFlavorManage,
+    /// Create regions.
+    AdminRegionManage,
+    AdminQuotaRead,
+    /// Set tenants', projects' and the default quotas.
+    AdminQuotaManage,
 }
 
 impl Action {
@@ -214,14 +231,21 @@ impl Action {
     /// all (for the 404-versus-403 choice).
     fn read_action(self) -> Action {
         match self {
-            Action::FlavorList => Action::FlavorList,
+            Action::FlavorList | Action::RegionList | Action::AvailabilityRead => self,
             Action::AdminSessionEnd
             | Action::AdminOperatorList
             | Action::AdminOperatorCreate
             | Action::AdminTenantList
             | Action::AdminAuditVerify
             | Action::AdminHostList
-            | Action::AdminHostRevoke => self,
+            | Action::AdminHostRevoke
+            | Action::AdminHostManage
+            | Action::AdminFlavorList
+            | Action::AdminFlavorManage
+            | Action::AdminRegionManage
+            | Action::AdminQuotaRead
+            | Action::AdminQuotaManage => self,
+            Action::QuotaRead => Action::ProjectRead,
             Action::SessionEnd => Action::SessionEnd,
             Action::PasswordChange => Action::PasswordChange,
             Action::AccountDelete => Action::AccountDelete,
@@ -248,7 +272,9 @@ impl Action {
             Action::AllocationList
             | Action::AllocationRead
             | Action::AllocationCreate
-            | Action::AllocationTerminate => Action::AllocationRead,
+            | Action::AllocationTerminate
+            | Action::AllocationStop
+            | Action::AllocationStart => Action::AllocationRead,
         }
     }
 }
@@ -288,6 +314,9 @@ const VIEWER: &[Action] = &[
     Action::PasswordChange,
     Action::AccountDelete,
     Action::FlavorList,
+    Action::RegionList,
+    Action::AvailabilityRead,
+    Action::QuotaRead,
     Action::ProjectList,
     Action::ProjectRead,
     Action::AllocationList,
@@ -300,7 +329,12 @@ const VIEWER: &[Action] = &[
 ];
 
 /// Members also run workloads.
-const MEMBER: &[Action] = &[Action::AllocationCreate, Action::AllocationTerminate];
+const MEMBER: &[Action] = &[
+    Action::AllocationCreate,
+    Action::AllocationTerminate,
+    Action::AllocationStop,
+    Action::AllocationStart,
+];
 
 /// Admins administer the tenant, except for the owner role.
 const ADMIN: &[Action] = &[
@@ -323,6 +357,9 @@ const ADMIN: &[Action] = &[
 /// the administration of the tenant or of anyone's access.
 const DELEGABLE: &[Action] = &[
     Action::FlavorList,
+    Action::RegionList,
+    Action::AvailabilityRead,
+    Action::QuotaRead,
     Action::ProjectList,
     Action::ProjectRead,
     Action::ProjectUpdate,
@@ -331,6 +368,8 @@ const DELEGABLE: &[Action] = &[
     Action::AllocationRead,
     Action::AllocationCreate,
     Action::AllocationTerminate,
+    Action::AllocationStop,
+    Action::AllocationStart,
 ];
 
 /// Owners alone hand out and take away ownership.
@@ -343,10 +382,19 @@ const READ_ONLY_OPERATOR: &[Action] = &[
     Action::AdminTenantList,
     Action::AdminAuditVerify,
     Action::AdminHostList,
+    Action::AdminFlavorList,
+    Action::AdminQuotaRead,
 ];
 
 /// Operators also manage the platform.
-const OPERATOR: &[Action] = &[Action::AdminOperatorCreate, Action::AdminHostRevoke];
+const OPERATOR: &[Action] = &[
+    Action::AdminOperatorCreate,
+    Action::AdminHostRevoke,
+    Action::AdminHostManage,
+    Action::AdminFlavorManage,
+    Action::AdminRegionManage,
+    Action::AdminQuotaManage,
+];
 
 /// The decision: may `subject` (a tenant role or a platform role) do
 /// `action`? Pure, total, and the only place this is answered. Deny by

@@ -1,8 +1,9 @@
 //! The walking skeleton, end to end: the api, the worker and a node agent
 //! run as separate processes, talk over real TLS, and a tenant drives the
 //! api through the generated Rust client. An allocation goes from
-//! `scheduled` to `running` while a real process runs on this host, and
-//! after `terminate` it is `terminated` and the process is gone. Every
+//! `scheduled` to `running` while a real process runs on this host; `stop`
+//! ends the process and `start` runs it again; after `terminate` it is
+//! `terminated` and the process is gone. Every
 //! change left its audit row; every outbox event reached the provisioning
 //! consumer exactly once in effect.
 
@@ -150,7 +151,7 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
     assert_eq!(retried.id, created.id);
     let id = created.id.to_string();
 
-    let running = eventually("the allocation to be running", &logs, || async {
+    eventually("the allocation to be running", &logs, || async {
         let allocation = allocations_api::allocation_get(&tenant, &project, &id)
             .await
             .ok()?;
@@ -172,6 +173,46 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
         pid_is_alive(pid),
         "the workload process runs on the host while running"
     );
+
+    // Stop: the process goes, the allocation keeps its host. Start: a new
+    // process runs in the same directory, as the same user.
+    let stopping = allocations_api::allocation_stop(&tenant, &project, &id, None)
+        .await
+        .unwrap();
+    assert_eq!(stopping.state, AllocationState::Stopping);
+    eventually("the allocation to be stopped", &logs, || async {
+        let allocation = allocations_api::allocation_get(&tenant, &project, &id)
+            .await
+            .ok()?;
+        (allocation.state == AllocationState::Stopped).then_some(())
+    })
+    .await;
+    eventually(
+        "the stopped workload's process to be gone",
+        &logs,
+        || async { (!pid_is_alive(pid)).then_some(()) },
+    )
+    .await;
+    let starting = allocations_api::allocation_start(&tenant, &project, &id, None)
+        .await
+        .unwrap();
+    assert_eq!(starting.state, AllocationState::Starting);
+    let running = eventually("the allocation to run again", &logs, || async {
+        let allocation = allocations_api::allocation_get(&tenant, &project, &id)
+            .await
+            .ok()?;
+        (allocation.state == AllocationState::Running).then_some(allocation)
+    })
+    .await;
+    let pid: u32 = eventually("the workload to start again", &logs, || async {
+        let again: u32 = std::fs::read_to_string(&pid_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        (again != pid && pid_is_alive(again)).then_some(again)
+    })
+    .await;
 
     // Terminate the allocation as last seen (If-Match: its version).
     let seen = format!("\"{}\"", running.version);
@@ -201,12 +242,23 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
     .unwrap();
     assert_eq!(
         transitions,
-        ["provisioning", "running", "terminating", "terminated"]
+        [
+            "provisioning",
+            "running",
+            "stopping",
+            "stopped",
+            "starting",
+            "running",
+            "terminating",
+            "terminated"
+        ]
     );
     for action in [
         "tenant.register",
         "allocation.create",
         "allocation.terminate",
+        "allocation.stop",
+        "allocation.start",
         "host.enrol",
         "task.issue",
     ] {
@@ -241,8 +293,8 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
     .unwrap();
     assert_eq!(
         (deliveries, done, inbox),
-        (2, 2, 2),
-        "scheduled and terminating, each once"
+        (4, 4, 4),
+        "scheduled, stopping, starting and terminating, each once"
     );
 
     // The worker seals every audit entry into its chain, and the chains

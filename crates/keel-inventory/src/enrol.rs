@@ -146,7 +146,7 @@ pub struct JoinTokenView {
     pub ca_fingerprint: String,
 }
 
-fn field(name: &str, code: &str, message: &str) -> FieldError {
+pub(crate) fn field(name: &str, code: &str, message: &str) -> FieldError {
     FieldError {
         field: name.to_owned(),
         code: code.to_owned(),
@@ -336,7 +336,8 @@ pub async fn node_enrol(
                               agent_url = $6, vcpus = GREATEST($7, reserved_vcpus),
                               memory_mib = GREATEST($8, reserved_memory_mib), gpu_model = $9,
                               gpu_count = GREATEST($10, reserved_gpus), last_seen_at = now(),
-                              disk_gib = $11, state = COALESCE(state_before_offline, state),
+                              disk_gib = GREATEST($11, reserved_disk_gib),
+                              state = COALESCE(state_before_offline, state),
                               state_before_offline = NULL, version = version + 1
               WHERE id = $1 RETURNING version",
         )

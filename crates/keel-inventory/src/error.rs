@@ -13,6 +13,16 @@ pub enum InventoryError {
     InvalidCsr(#[source] keel_pki::PkiError),
     #[error("no such host, or it is revoked")]
     HostNotFound,
+    #[error("no such flavor")]
+    FlavorNotFound,
+    #[error("a flavor named {0:?} exists already (names are never reused)")]
+    FlavorExists(String),
+    #[error("a region named {0:?} exists already")]
+    RegionExists(String),
+    #[error("no such region")]
+    UnknownRegion,
+    #[error("it changed since the version in If-Match")]
+    VersionMismatch,
     /// An authenticated node may not do this (agent listener only).
     #[error("{0}")]
     PeerRefused(&'static str),
@@ -43,9 +53,25 @@ impl From<InventoryError> for ApiError {
             InventoryError::PeerRefused(message) => {
                 ApiError::new(StatusCode::FORBIDDEN, "forbidden_peer", message)
             }
-            InventoryError::HostNotFound => {
+            InventoryError::HostNotFound | InventoryError::FlavorNotFound => {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", error.to_string())
             }
+            InventoryError::FlavorExists(_) => {
+                ApiError::new(StatusCode::CONFLICT, "flavor_exists", error.to_string())
+            }
+            InventoryError::RegionExists(_) => {
+                ApiError::new(StatusCode::CONFLICT, "region_exists", error.to_string())
+            }
+            InventoryError::UnknownRegion => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown_region",
+                error.to_string(),
+            ),
+            InventoryError::VersionMismatch => ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "precondition_failed",
+                error.to_string(),
+            ),
             InventoryError::Auth(auth) => auth.into(),
             InventoryError::Trust(_) | InventoryError::Database(_) | InventoryError::Db(_) => {
                 ApiError::internal(error)

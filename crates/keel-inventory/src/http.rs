@@ -12,8 +12,10 @@ use serde::Serialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::catalogue::{self, Availability, RegionView};
 use crate::enrol::{EnrolRequest, EnrolResponse, NodeChannel, node_enrol};
 use crate::{FlavorView, InventoryError, service};
+use keel_http::Query;
 
 pub fn router<S>() -> OpenApiRouter<S>
 where
@@ -24,6 +26,8 @@ where
 {
     OpenApiRouter::new()
         .routes(routes!(flavor_list))
+        .routes(routes!(region_list))
+        .routes(routes!(availability_list))
         .routes(routes!(node_enrol_handler))
 }
 
@@ -53,6 +57,77 @@ async fn flavor_list(ctx: Ctx) -> Result<Json<FlavorList>, ApiError> {
     let flavors = service::flavor_list(tx.conn()).await?;
     Ok(Json(FlavorList {
         items: flavors.into_iter().map(FlavorView::from).collect(),
+    }))
+}
+
+/// Every region (a short list: not paginated).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct RegionList {
+    pub items: Vec<RegionView>,
+}
+
+/// List the regions.
+#[utoipa::path(
+    get,
+    path = "/v1/regions",
+    operation_id = "region_list",
+    tag = "inventory",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every region", body = RegionList),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+    )
+)]
+async fn region_list(ctx: Ctx) -> Result<Json<RegionList>, ApiError> {
+    let mut tx = ctx.begin().await.map_err(InventoryError::from)?;
+    authorize_tenant(tx.conn(), &ctx.principal, Action::RegionList)
+        .await
+        .map_err(InventoryError::from)?;
+    Ok(Json(RegionList {
+        items: catalogue::region_list(tx.conn()).await?,
+    }))
+}
+
+/// `GET /v1/availability` query.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AvailabilityQuery {
+    /// Only this region.
+    pub region: Option<String>,
+}
+
+/// How many of each flavor can launch now, per region.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct AvailabilityList {
+    pub items: Vec<Availability>,
+}
+
+/// How many of each launchable flavor fit right now, per region.
+#[utoipa::path(
+    get,
+    path = "/v1/availability",
+    operation_id = "availability_list",
+    tag = "inventory",
+    params(AvailabilityQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "One line per region and flavor", body = AvailabilityList),
+        (status = 400, description = "`invalid_query`", body = ErrorBody),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 422, description = "`unknown_region`", body = ErrorBody),
+    )
+)]
+async fn availability_list(
+    ctx: Ctx,
+    Query(query): Query<AvailabilityQuery>,
+) -> Result<Json<AvailabilityList>, ApiError> {
+    let mut tx = ctx.begin().await.map_err(InventoryError::from)?;
+    authorize_tenant(tx.conn(), &ctx.principal, Action::AvailabilityRead)
+        .await
+        .map_err(InventoryError::from)?;
+    Ok(Json(AvailabilityList {
+        items: catalogue::availability(tx.conn(), query.region.as_deref()).await?,
     }))
 }
 

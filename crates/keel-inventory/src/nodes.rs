@@ -335,7 +335,7 @@ pub async fn record_heartbeat(
                               state_before_offline = NULL,
                               vcpus = GREATEST($2, reserved_vcpus),
                               memory_mib = GREATEST($3, reserved_memory_mib),
-                              disk_gib = $4, gpu_model = $5,
+                              disk_gib = GREATEST($4, reserved_disk_gib), gpu_model = $5,
                               gpu_count = GREATEST($6, reserved_gpus),
                               version = version + 1
               WHERE id = $1
@@ -417,6 +417,11 @@ pub struct HostView {
     pub reserved_vcpus: i32,
     pub reserved_memory_mib: i64,
     pub reserved_gpus: i32,
+    /// Local disk for workloads, GiB.
+    pub disk_gib: i64,
+    pub reserved_disk_gib: i64,
+    /// Incremented by every change; `If-Match` on host operations.
+    pub version: i64,
     pub enrolment_epoch: i64,
     pub cert_serial: String,
     #[serde(with = "time::serde::rfc3339")]
@@ -436,7 +441,7 @@ pub struct HostView {
 }
 
 pub(crate) const HOST_COLUMNS: &str = "id, name, region, state, agent_url, vcpus, memory_mib, gpu_model, gpu_count,
-    reserved_vcpus, reserved_memory_mib, reserved_gpus, enrolment_epoch, cert_serial, cert_not_after,
+    reserved_vcpus, reserved_memory_mib, reserved_gpus, disk_gib, reserved_disk_gib, version, enrolment_epoch, cert_serial, cert_not_after,
     enrolled_at, last_seen_at, revoked_at";
 
 impl HostView {

@@ -39,7 +39,8 @@ pub async fn flavor_any(conn: &mut PgConnection, name: &str) -> Result<Flavor, I
     .await?)
 }
 
-/// Places `flavor` on a ready host of `region` that has room for it and
+/// Places `flavor` on a ready host of `region` that has room for it (CPUs,
+/// memory, GPUs of its model, local disk) and
 /// reserves the room, in the caller's transaction. Best fit: the host with
 /// the least free vCPUs that still fits, so large hosts stay free for large
 /// flavors. A GPU flavor only goes to a host with its GPU model. `None`
@@ -66,13 +67,15 @@ pub async fn capacity_reserve(
                    AND memory_mib - reserved_memory_mib >= $3
                    AND gpu_count - reserved_gpus >= $4
                    AND ($4 = 0 OR gpu_model = $5)
+                   AND disk_gib - reserved_disk_gib >= $6
                  ORDER BY vcpus - reserved_vcpus, memory_mib - reserved_memory_mib, id
                  LIMIT 1
                  FOR UPDATE
              )
              UPDATE hosts SET reserved_vcpus = reserved_vcpus + $2,
                               reserved_memory_mib = reserved_memory_mib + $3,
-                              reserved_gpus = reserved_gpus + $4
+                              reserved_gpus = reserved_gpus + $4,
+                              reserved_disk_gib = reserved_disk_gib + $6
              FROM candidate WHERE hosts.id = candidate.id
              RETURNING hosts.id",
         )
@@ -81,6 +84,7 @@ pub async fn capacity_reserve(
         .bind(i64::from(flavor.memory_mib))
         .bind(flavor.gpu_count)
         .bind(&flavor.gpu_model)
+        .bind(i64::from(flavor.disk_gib))
         .fetch_optional(&mut *conn)
         .await?;
         if placed.is_some() {
@@ -90,13 +94,15 @@ pub async fn capacity_reserve(
             "SELECT EXISTS (SELECT FROM hosts
                  WHERE state = 'ready' AND revoked_at IS NULL AND region = $1
                    AND vcpus - reserved_vcpus >= $2 AND memory_mib - reserved_memory_mib >= $3
-                   AND gpu_count - reserved_gpus >= $4 AND ($4 = 0 OR gpu_model = $5))",
+                   AND gpu_count - reserved_gpus >= $4 AND ($4 = 0 OR gpu_model = $5)
+                   AND disk_gib - reserved_disk_gib >= $6)",
         )
         .bind(region)
         .bind(flavor.vcpus)
         .bind(i64::from(flavor.memory_mib))
         .bind(flavor.gpu_count)
         .bind(&flavor.gpu_model)
+        .bind(i64::from(flavor.disk_gib))
         .fetch_one(&mut *conn)
         .await?;
         if !any_fits {
@@ -104,6 +110,32 @@ pub async fn capacity_reserve(
         }
     }
     Ok(None)
+}
+
+/// Whether any enrolled, unrevoked host of `region` could run `flavor` if it
+/// were empty (`None`: no such region). `false` means a launch can only
+/// fail — a GPU flavor in a region without that GPU model, say — and is
+/// refused instead of recorded as failed.
+pub async fn region_can_run(
+    conn: &mut PgConnection,
+    region: &str,
+    flavor: &Flavor,
+) -> Result<Option<bool>, InventoryError> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT FROM hosts
+                 WHERE region = r.name AND revoked_at IS NULL
+                   AND vcpus >= $2 AND memory_mib >= $3 AND gpu_count >= $4
+                   AND ($4 = 0 OR gpu_model = $5) AND disk_gib >= $6)
+           FROM regions r WHERE r.name = $1",
+    )
+    .bind(region)
+    .bind(flavor.vcpus)
+    .bind(i64::from(flavor.memory_mib))
+    .bind(flavor.gpu_count)
+    .bind(&flavor.gpu_model)
+    .bind(i64::from(flavor.disk_gib))
+    .fetch_optional(conn)
+    .await?)
 }
 
 /// Gives back what [`capacity_reserve`] took for `flavor` on `host`.
@@ -115,13 +147,15 @@ pub async fn capacity_release(
     sqlx::query(
         "UPDATE hosts SET reserved_vcpus = reserved_vcpus - $2,
                           reserved_memory_mib = reserved_memory_mib - $3,
-                          reserved_gpus = reserved_gpus - $4
+                          reserved_gpus = reserved_gpus - $4,
+                          reserved_disk_gib = reserved_disk_gib - $5
          WHERE id = $1",
     )
     .bind(host)
     .bind(flavor.vcpus)
     .bind(i64::from(flavor.memory_mib))
     .bind(flavor.gpu_count)
+    .bind(i64::from(flavor.disk_gib))
     .execute(conn)
     .await?;
     Ok(())

@@ -3,7 +3,11 @@
 //!
 //! - `allocation.scheduled` → the allocation moves to `provisioning` and
 //!   its host is sent a signed `start_workload` task;
-//! - `allocation.terminating` → its host is sent a signed `stop_workload`.
+//! - `allocation.starting` (a stopped allocation started again) → its host
+//!   is sent `start_workload`;
+//! - `allocation.stopping` and `allocation.terminating` → its host is sent
+//!   a signed `stop_workload` (the agent's report then makes it `stopped`
+//!   or `terminated`).
 //!
 //! The agent reports the outcome (`running`, `terminated`, `failed`) to the
 //! api. Every delivery can run more than once, so each step first looks at
@@ -121,6 +125,17 @@ impl ProvisioningConsumer {
                 let operation = start_operation(&mut tx, &allocation).await?;
                 (allocation, operation)
             }
+            // A stopped allocation starting again, on its host.
+            ("allocation.starting", AllocationState::Starting) => {
+                let operation = start_operation(&mut tx, &allocation).await?;
+                (allocation, operation)
+            }
+            ("allocation.stopping", AllocationState::Stopping) => (
+                allocation.clone(),
+                Operation::StopWorkload {
+                    allocation_id: allocation.id.as_uuid(),
+                },
+            ),
             ("allocation.terminating", AllocationState::Terminating) => (
                 allocation.clone(),
                 Operation::StopWorkload {
@@ -240,7 +255,11 @@ impl Consumer for ProvisioningConsumer {
     fn wants(&self, event_type: &str) -> bool {
         matches!(
             event_type,
-            "allocation.scheduled" | "allocation.terminating" | "host.revoked"
+            "allocation.scheduled"
+                | "allocation.starting"
+                | "allocation.stopping"
+                | "allocation.terminating"
+                | "host.revoked"
         )
     }
 

@@ -11,8 +11,14 @@ pub enum ProvisioningError {
     Validation(Vec<FieldError>),
     #[error("flavor `{0}` does not exist")]
     UnknownFlavor(String),
+    #[error("region `{0}` does not exist")]
+    UnknownRegion(String),
+    #[error("no host in region `{region}` can run flavor `{flavor}`, even empty")]
+    FlavorUnavailable { flavor: String, region: String },
     #[error("allocation not found")]
     NotFound,
+    #[error("{0}")]
+    QuotaExceeded(crate::quota::Exceeded),
     #[error("an allocation that is {from} cannot be {action}")]
     InvalidTransition {
         from: AllocationState,
@@ -39,7 +45,20 @@ impl From<ProvisioningError> for ApiError {
                 "unknown_flavor",
                 error.to_string(),
             ),
+            ProvisioningError::UnknownRegion(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown_region",
+                error.to_string(),
+            ),
+            ProvisioningError::FlavorUnavailable { .. } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "flavor_unavailable",
+                error.to_string(),
+            ),
             ProvisioningError::NotFound => ApiError::not_found(error.to_string()),
+            ProvisioningError::QuotaExceeded(_) => {
+                ApiError::conflict("quota_exceeded", error.to_string())
+            }
             ProvisioningError::InvalidTransition { .. } => {
                 ApiError::conflict("invalid_state_transition", error.to_string())
             }

@@ -14,7 +14,9 @@ use keel_http::{ApiError, ErrorBody, IfMatch, Json, Path, Query, Tagged};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::quota::{self, ProjectQuota, TenantQuota};
 use crate::{AllocationView, NewAllocation, ProvisioningError, service};
+use keel_auth::authz::authorize_tenant;
 
 pub fn router<S>() -> OpenApiRouter<S>
 where
@@ -26,6 +28,10 @@ where
         .routes(routes!(allocation_create, allocation_list))
         .routes(routes!(allocation_get))
         .routes(routes!(allocation_terminate))
+        .routes(routes!(allocation_stop))
+        .routes(routes!(allocation_start))
+        .routes(routes!(tenant_quota_get))
+        .routes(routes!(project_quota_get))
 }
 
 /// Launch an allocation. It is placed at once: the answer is `scheduled`,
@@ -180,6 +186,145 @@ async fn allocation_terminate(
     .await
     .map_err(ProvisioningError::from)?;
     let allocation = service::allocation_terminate(tx, &project, allocation_id, expected).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Tagged(allocation.version, allocation.into()),
+    ))
+}
+
+/// The tenant's quota: its limits (its own or the platform defaults) and
+/// what its allocations hold now.
+#[utoipa::path(
+    get,
+    path = "/v1/quota",
+    operation_id = "tenant_quota_get",
+    tag = "allocations",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Limits and usage", body = TenantQuota),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+    )
+)]
+async fn tenant_quota_get(ctx: Ctx) -> Result<Json<TenantQuota>, ApiError> {
+    let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
+    let tenant = authorize_tenant(tx.conn(), &ctx.principal, Action::QuotaRead)
+        .await
+        .map_err(ProvisioningError::from)?;
+    Ok(Json(
+        quota::tenant_quota(tx.conn(), tenant.tenant_id).await?,
+    ))
+}
+
+/// A project's own quota (if an operator set one; the tenant's applies in
+/// any case) and what its allocations hold now.
+#[utoipa::path(
+    get,
+    path = "/v1/projects/{project_id}/quota",
+    operation_id = "project_quota_get",
+    tag = "allocations",
+    params(("project_id" = ProjectId, Path, description = "The project")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Limits and usage", body = ProjectQuota),
+        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such project", body = ErrorBody),
+    )
+)]
+async fn project_quota_get(
+    ctx: Ctx,
+    Path(project_id): Path<ProjectId>,
+) -> Result<Json<ProjectQuota>, ApiError> {
+    let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
+    let project = authorize_project(tx.conn(), &ctx.principal, Action::QuotaRead, project_id)
+        .await
+        .map_err(ProvisioningError::from)?;
+    Ok(Json(
+        quota::project_quota(tx.conn(), project.tenant_id, project.project_id).await?,
+    ))
+}
+
+/// Stop a running allocation. It keeps its host and capacity (and its
+/// files there); `start` runs it again.
+#[utoipa::path(
+    post,
+    path = "/v1/projects/{project_id}/allocations/{allocation_id}/stop",
+    operation_id = "allocation_stop",
+    tag = "allocations",
+    params(
+        ("project_id" = ProjectId, Path, description = "The project"),
+        ("allocation_id" = AllocationId, Path, description = "The allocation"),
+        ("If-Match" = Option<String>, Header, description = "The `ETag` the stop is based on"),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "Accepted; watch `state` go `stopping` → `stopped`", body = AllocationView),
+        (status = 400, description = "`invalid_path` or `invalid_header`", body = ErrorBody),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`invalid_state_transition`: only a running allocation stops", body = ErrorBody),
+        (status = 412, description = "`precondition_failed`: it changed since that `ETag`", body = ErrorBody),
+    )
+)]
+async fn allocation_stop(
+    ctx: Ctx,
+    Path((project_id, allocation_id)): Path<(ProjectId, AllocationId)>,
+    IfMatch(expected): IfMatch,
+) -> Result<(StatusCode, Tagged<AllocationView>), ApiError> {
+    let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
+    let project = authorize_project(
+        tx.conn(),
+        &ctx.principal,
+        Action::AllocationStop,
+        project_id,
+    )
+    .await
+    .map_err(ProvisioningError::from)?;
+    let allocation = service::allocation_stop(tx, &project, allocation_id, expected).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Tagged(allocation.version, allocation.into()),
+    ))
+}
+
+/// Start a stopped allocation again, on its host.
+#[utoipa::path(
+    post,
+    path = "/v1/projects/{project_id}/allocations/{allocation_id}/start",
+    operation_id = "allocation_start",
+    tag = "allocations",
+    params(
+        ("project_id" = ProjectId, Path, description = "The project"),
+        ("allocation_id" = AllocationId, Path, description = "The allocation"),
+        ("If-Match" = Option<String>, Header, description = "The `ETag` the start is based on"),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "Accepted; watch `state` go `starting` → `running`", body = AllocationView),
+        (status = 400, description = "`invalid_path` or `invalid_header`", body = ErrorBody),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`invalid_state_transition`: only a stopped allocation starts", body = ErrorBody),
+        (status = 412, description = "`precondition_failed`: it changed since that `ETag`", body = ErrorBody),
+    )
+)]
+async fn allocation_start(
+    ctx: Ctx,
+    Path((project_id, allocation_id)): Path<(ProjectId, AllocationId)>,
+    IfMatch(expected): IfMatch,
+) -> Result<(StatusCode, Tagged<AllocationView>), ApiError> {
+    let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
+    let project = authorize_project(
+        tx.conn(),
+        &ctx.principal,
+        Action::AllocationStart,
+        project_id,
+    )
+    .await
+    .map_err(ProvisioningError::from)?;
+    let allocation = service::allocation_start(tx, &project, allocation_id, expected).await?;
     Ok((
         StatusCode::ACCEPTED,
         Tagged(allocation.version, allocation.into()),

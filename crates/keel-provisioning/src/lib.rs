@@ -3,6 +3,8 @@
 //! - [`http`]: `/v1/projects/{project_id}/allocations…` (thin handlers).
 //! - [`service`]: create (with placement in the same transaction),
 //!   list, get, terminate, and the state changes agents report.
+//! - [`quota`]: tenant and project limits, enforced when an allocation is
+//!   placed; [`admin_http`]: the operators' quota endpoints.
 //! - [`model`]: the state machine ([`model::AllocationState`]): which
 //!   transitions are legal is decided in one place.
 //!
@@ -10,12 +12,14 @@
 //! `allocation.*` event commit together; consumers (the provisioning
 //! worker, later billing and notifications) react to the events.
 
+pub mod admin_http;
 pub mod agent_http;
 pub mod consumer;
 mod error;
 pub mod http;
 pub mod liveness;
 pub mod model;
+pub mod quota;
 pub mod service;
 pub mod signing;
 

@@ -4,15 +4,16 @@
 //!
 //! - [`mark_silent_hosts_offline`] (the worker, every few seconds): a host
 //!   not heard from for the grace period goes `offline` — remembering the
-//!   state it had — and every allocation on it that was running, stopping
-//!   or stopped becomes `lost`, each transition audited and evented
-//!   (`provisioning` ones are left to the delivery of their start task,
+//!   state it had — and every allocation on it that was running becomes
+//!   `lost`, each transition audited and evented (stopped ones run nothing
+//!   and stay as they are; `provisioning` and `starting` ones are left to
+//!   the delivery of their start task,
 //!   which is retried until it settles them — or, once the task has expired
 //!   while the host is still offline, they become `lost` too). Lost allocations keep their capacity: the host may well
 //!   still run them, behind a broken link. (What happens to allocations
 //!   lost for long is the lifecycle's decision, not this module's.)
 //! - [`reconcile_reported`] (every heartbeat): an allocation the node says
-//!   it runs and that is `lost` or still `provisioning` here becomes
+//!   it runs and that is `lost`, still `provisioning` or `starting` here becomes
 //!   `running` (the report that said so may have been lost).
 //!
 //! Idempotent: a second sweep finds nothing; a heartbeat that lists what
@@ -59,14 +60,14 @@ pub async fn mark_silent_hosts_offline(
     Ok(offline)
 }
 
-/// `provisioning` allocations on an offline host whose start task has
+/// `provisioning` and `starting` allocations on an offline host whose start task has
 /// expired (the agent would refuse it now, so its delivery settles nothing)
 /// become `lost`, like the host's other allocations.
 async fn lose_expired_starts(db: &Db, meta: RequestMeta) -> Result<usize, ProvisioningError> {
     let mut tx = db.begin_system(meta).await?;
     let expired: Vec<Allocation> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM allocations
-          WHERE state = 'provisioning'
+          WHERE state IN ('provisioning', 'starting')
             AND updated_at < now() - make_interval(secs => $1)
             AND host_id IN (SELECT id FROM hosts WHERE state = 'offline')
           ORDER BY id FOR UPDATE SKIP LOCKED"
@@ -107,11 +108,12 @@ async fn mark_offline(
     grace: Duration,
 ) -> Result<bool, ProvisioningError> {
     let mut tx = db.begin_system(meta).await?;
-    // `provisioning` allocations are left alone: their start task is still
-    // being delivered (and retried), which settles them either way.
+    // `provisioning` and `starting` allocations are left alone: their start
+    // task is still being delivered (and retried), which settles them
+    // either way. Nothing runs for stopping and stopped ones.
     let allocations: Vec<Allocation> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM allocations
-          WHERE host_id = $1 AND state IN ('running', 'stopping', 'stopped')
+          WHERE host_id = $1 AND state = 'running'
           ORDER BY id FOR UPDATE"
     )))
     .bind(host)
@@ -166,7 +168,7 @@ pub async fn reconcile_reported(
     let mut tx = db.begin_bookkeeping().await?;
     let behind: Vec<AllocationId> = sqlx::query_scalar(
         "SELECT id FROM allocations
-          WHERE host_id = $1 AND id = ANY($2) AND state IN ('lost', 'provisioning')",
+          WHERE host_id = $1 AND id = ANY($2) AND state IN ('lost', 'provisioning', 'starting')",
     )
     .bind(host)
     .bind(listed)

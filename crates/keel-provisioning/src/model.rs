@@ -10,8 +10,9 @@ use time::OffsetDateTime;
 
 /// Where an allocation is in its life. `requested → scheduled →
 /// provisioning → running → terminating → terminated`, and `failed` (with a
-/// reason) from any state before `terminated`. `stopping`/`stopped` come
-/// with stop/start. `lost`: its host stopped sending heartbeats; it comes
+/// reason) from any state before `terminated`. Stop and start: `running →
+/// stopping → stopped → starting → running`; a stopped allocation keeps its
+/// host and capacity. `lost`: its host stopped sending heartbeats; it comes
 /// back to `running` when the host reports it again, and can be terminated
 /// meanwhile. A lost allocation keeps its capacity (the host may still run
 /// it).
@@ -24,6 +25,7 @@ pub enum AllocationState {
     Running,
     Stopping,
     Stopped,
+    Starting,
     Terminating,
     Terminated,
     Failed,
@@ -39,6 +41,7 @@ impl AllocationState {
             Self::Running => "running",
             Self::Stopping => "stopping",
             Self::Stopped => "stopped",
+            Self::Starting => "starting",
             Self::Terminating => "terminating",
             Self::Terminated => "terminated",
             Self::Failed => "failed",
@@ -54,6 +57,7 @@ impl AllocationState {
             Self::Running,
             Self::Stopping,
             Self::Stopped,
+            Self::Starting,
             Self::Terminating,
             Self::Terminated,
             Self::Failed,
@@ -71,9 +75,10 @@ impl AllocationState {
             (self, next),
             (Requested, Scheduled)
                 | (Scheduled, Provisioning)
-                | (Provisioning | Lost, Running)
-                | (Running | Stopped, Stopping)
+                | (Provisioning | Starting | Lost, Running)
+                | (Running, Stopping)
                 | (Stopping, Stopped)
+                | (Stopped, Starting)
                 | (
                     Requested
                         | Scheduled
@@ -81,6 +86,7 @@ impl AllocationState {
                         | Running
                         | Stopping
                         | Stopped
+                        | Starting
                         | Failed
                         | Lost,
                     Terminating
@@ -93,11 +99,12 @@ impl AllocationState {
                         | Running
                         | Stopping
                         | Stopped
+                        | Starting
                         | Terminating
                         | Lost,
                     Failed
                 )
-                | (Provisioning | Running | Stopping | Stopped, Lost)
+                | (Provisioning | Running | Starting, Lost)
         )
     }
 
@@ -123,6 +130,10 @@ pub struct NewAllocation {
     /// A flavor name from `GET /v1/flavors`.
     #[schema(example = "cpu.small")]
     pub flavor: String,
+    /// A region from `GET /v1/regions`; defaults to `local-1`.
+    #[serde(default)]
+    #[schema(example = "local-1")]
+    pub region: Option<String>,
     /// The workload: a program and its arguments, run on the host as an
     /// unprivileged user. Defaults to `["sleep", "infinity"]`.
     #[serde(default)]
@@ -180,6 +191,10 @@ impl NewAllocation {
             }
         }
         errors
+    }
+
+    pub fn region_or_default(&self) -> &str {
+        self.region.as_deref().unwrap_or(keel_core::DEFAULT_REGION)
     }
 
     pub fn command_or_default(&self) -> Vec<String> {
@@ -285,9 +300,17 @@ mod tests {
             (Terminating, Terminated),
             (Provisioning, Failed),
             (Failed, Terminating),
+            (Running, Stopping),
+            (Stopping, Stopped),
+            (Stopped, Starting),
+            (Starting, Running),
+            (Stopped, Terminating),
+            (Starting, Failed),
         ] {
             assert!(from.can_become(to), "{from} → {to}");
         }
+        assert!(!Stopped.can_become(Stopping) && !Running.can_become(Starting));
+        assert!(Stopped.holds_capacity());
     }
 
     #[test]
@@ -309,9 +332,11 @@ mod tests {
 
     #[test]
     fn a_lost_allocation_comes_back_or_ends_and_keeps_its_capacity() {
-        for from in [Provisioning, Running, Stopping, Stopped] {
+        for from in [Provisioning, Running, Starting] {
             assert!(from.can_become(Lost), "{from} → lost");
         }
+        // Nothing runs for these; they wait for the host as they are.
+        assert!(!Stopped.can_become(Lost) && !Stopping.can_become(Lost));
         for to in [Running, Terminating, Failed] {
             assert!(Lost.can_become(to), "lost → {to}");
         }
@@ -328,6 +353,7 @@ mod tests {
             Running,
             Stopping,
             Stopped,
+            Starting,
             Terminating,
             Terminated,
             Failed,
@@ -343,6 +369,7 @@ mod tests {
         let ok = NewAllocation {
             name: "trainer-1".into(),
             flavor: "cpu.small".into(),
+            region: None,
             command: None,
         };
         assert!(ok.validate().is_empty());

@@ -3,12 +3,13 @@
 //! always one unit.
 
 use keel_auth::ProjectHandle;
-use keel_core::ids::{AllocationId, HostId};
+use keel_core::ids::{AllocationId, HostId, ProjectId, TenantId};
 use keel_core::page::{Page, Paginated};
 use keel_db::{Audit, NewEvent, WriteTx};
 use keel_inventory::service as inventory;
 use serde::Serialize;
 use sqlx::PgConnection;
+use time::OffsetDateTime;
 
 use crate::{AGGREGATE, Allocation, AllocationState, NewAllocation, ProvisioningError};
 
@@ -19,15 +20,22 @@ pub(crate) const COLUMNS: &str =
     "id, tenant_id, project_id, name, flavor, region, command, state, failure_reason,
                        host_id, reserved, created_at, updated_at, version";
 
-/// The payload of every `allocation.*` event.
+/// The payload of every `allocation.*` event: enough for metering without
+/// reading any table (who, what size, where, and exactly when).
 #[derive(Debug, Serialize)]
 pub struct AllocationEvent<'a> {
     pub allocation_id: AllocationId,
+    pub tenant_id: TenantId,
+    pub project_id: ProjectId,
     pub state: AllocationState,
     pub previous_state: Option<AllocationState>,
     pub host_id: Option<HostId>,
     pub flavor: &'a str,
+    pub region: &'a str,
     pub failure_reason: Option<&'a str>,
+    /// When the allocation entered `state` (its row's `updated_at`).
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
 }
 
 fn event_type(state: AllocationState) -> &'static str {
@@ -38,6 +46,7 @@ fn event_type(state: AllocationState) -> &'static str {
         AllocationState::Running => "allocation.running",
         AllocationState::Stopping => "allocation.stopping",
         AllocationState::Stopped => "allocation.stopped",
+        AllocationState::Starting => "allocation.starting",
         AllocationState::Terminating => "allocation.terminating",
         AllocationState::Terminated => "allocation.terminated",
         AllocationState::Failed => "allocation.failed",
@@ -55,11 +64,15 @@ fn emit_state(tx: &mut WriteTx, allocation: &Allocation, previous: Option<Alloca
         allocation.resource_name(),
         AllocationEvent {
             allocation_id: allocation.id,
+            tenant_id: allocation.tenant_id,
+            project_id: allocation.project_id,
             state: allocation.state(),
             previous_state: previous,
             host_id: allocation.host_id,
             flavor: &allocation.flavor,
+            region: &allocation.region,
             failure_reason: allocation.failure_reason.as_deref(),
+            at: allocation.updated_at,
         },
     ));
 }
@@ -132,7 +145,19 @@ pub async fn allocation_create(
     let flavor = inventory::flavor_get(tx.conn(), &new.flavor)
         .await?
         .ok_or_else(|| ProvisioningError::UnknownFlavor(new.flavor.clone()))?;
-    let region = keel_core::DEFAULT_REGION;
+    let region = new.region_or_default();
+    match inventory::region_can_run(tx.conn(), region, &flavor).await? {
+        None => return Err(ProvisioningError::UnknownRegion(region.to_owned())),
+        Some(false) => {
+            return Err(ProvisioningError::FlavorUnavailable {
+                flavor: flavor.name,
+                region: region.to_owned(),
+            });
+        }
+        Some(true) => {}
+    }
+    // Before anything is written: a refused launch changes nothing.
+    crate::quota::enforce(tx.conn(), project.tenant_id, project.project_id, &flavor).await?;
     let id = AllocationId::new();
     let requested: Allocation = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "INSERT INTO allocations (id, tenant_id, project_id, name, flavor, region, command, state)
@@ -268,6 +293,77 @@ pub async fn fail_allocations_of_revoked_host(
     Ok(allocations.len())
 }
 
+/// Asks for a running allocation to stop: it moves to `stopping`, the worker
+/// tells its host, and it is `stopped` once the workload is gone. It keeps
+/// its host and capacity. Stopping a stopping or stopped allocation changes
+/// nothing; any other state is a conflict.
+pub async fn allocation_stop(
+    mut tx: WriteTx,
+    project: &ProjectHandle,
+    id: AllocationId,
+    expected_version: Option<i64>,
+) -> Result<Allocation, ProvisioningError> {
+    let current = locked_for_change(&mut tx, project, id, expected_version).await?;
+    if matches!(
+        current.state(),
+        AllocationState::Stopping | AllocationState::Stopped
+    ) {
+        return Ok(current);
+    }
+    let stopping = transition(&mut tx, &current, AllocationState::Stopping, None).await?;
+    tx.commit(Audit::new(
+        "allocation.stop",
+        Some(project.tenant_id),
+        stopping.resource_name(),
+    ))
+    .await?;
+    Ok(stopping)
+}
+
+/// Asks for a stopped allocation to start again, on its host: it moves to
+/// `starting`, the worker sends the start, and the agent's report makes it
+/// `running`. Starting a starting or running allocation changes nothing;
+/// any other state is a conflict.
+pub async fn allocation_start(
+    mut tx: WriteTx,
+    project: &ProjectHandle,
+    id: AllocationId,
+    expected_version: Option<i64>,
+) -> Result<Allocation, ProvisioningError> {
+    let current = locked_for_change(&mut tx, project, id, expected_version).await?;
+    if matches!(
+        current.state(),
+        AllocationState::Starting | AllocationState::Running
+    ) {
+        return Ok(current);
+    }
+    let starting = transition(&mut tx, &current, AllocationState::Starting, None).await?;
+    tx.commit(Audit::new(
+        "allocation.start",
+        Some(project.tenant_id),
+        starting.resource_name(),
+    ))
+    .await?;
+    Ok(starting)
+}
+
+/// The allocation, locked, after the tenant check and the `If-Match`.
+async fn locked_for_change(
+    tx: &mut WriteTx,
+    project: &ProjectHandle,
+    id: AllocationId,
+    expected_version: Option<i64>,
+) -> Result<Allocation, ProvisioningError> {
+    let visible = allocation_get(tx.conn(), project, id).await?;
+    let current = allocation_lock(tx.conn(), visible.id)
+        .await?
+        .ok_or(ProvisioningError::NotFound)?;
+    if expected_version.is_some_and(|version| version != current.version) {
+        return Err(ProvisioningError::PreconditionFailed);
+    }
+    Ok(current)
+}
+
 /// Asks for an allocation to be terminated: it moves to `terminating` and
 /// the worker tells its host. Terminating an allocation that is already
 /// terminating changes nothing; one that is terminated is a conflict.
@@ -277,13 +373,7 @@ pub async fn allocation_terminate(
     id: AllocationId,
     expected_version: Option<i64>,
 ) -> Result<Allocation, ProvisioningError> {
-    let current = allocation_get(tx.conn(), project, id).await?;
-    let current = allocation_lock(tx.conn(), current.id)
-        .await?
-        .ok_or(ProvisioningError::NotFound)?;
-    if expected_version.is_some_and(|version| version != current.version) {
-        return Err(ProvisioningError::PreconditionFailed);
-    }
+    let current = locked_for_change(&mut tx, project, id, expected_version).await?;
     if current.state() == AllocationState::Terminating {
         return Ok(current);
     }
@@ -329,9 +419,15 @@ pub async fn allocation_observe(
         .ok_or(ProvisioningError::NotFound)?;
     let (next, reason) = match &observed {
         Observed::Running => (AllocationState::Running, None),
-        // A workload that died while being terminated is simply gone.
+        // A workload that died while being terminated is simply gone, and
+        // one that ended while being stopped is stopped.
         Observed::Failed(_) if current.state() == AllocationState::Terminating => {
             (AllocationState::Terminated, None)
+        }
+        Observed::Failed(_) | Observed::Terminated
+            if current.state() == AllocationState::Stopping =>
+        {
+            (AllocationState::Stopped, None)
         }
         Observed::Failed(reason) => (AllocationState::Failed, Some(reason.as_str())),
         Observed::Terminated => (AllocationState::Terminated, None),
@@ -348,4 +444,42 @@ pub async fn allocation_observe(
     ))
     .await?;
     Ok(Some(updated))
+}
+
+/// How long a terminated allocation stays readable by id.
+pub const TERMINATED_RETENTION: time::Duration = time::Duration::days(7);
+
+/// Deletes allocations terminated longer than [`TERMINATED_RETENTION`] ago
+/// (they already left every list; now `GET` by id is `404` too). Their
+/// audit rows and events stay. Returns how many went.
+pub async fn purge_terminated(
+    db: &keel_db::Db,
+    meta: keel_db::RequestMeta,
+) -> Result<u64, ProvisioningError> {
+    let mut tx = db.begin_system(meta).await?;
+    let purged = sqlx::query(
+        "DELETE FROM allocations
+          WHERE id IN (SELECT id FROM allocations
+                        WHERE state = 'terminated'
+                          AND terminated_at < now() - make_interval(secs => $1)
+                        ORDER BY terminated_at LIMIT 1000 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(TERMINATED_RETENTION.as_seconds_f64())
+    .execute(tx.conn())
+    .await?
+    .rows_affected();
+    if purged == 0 {
+        tx.rollback().await?;
+        return Ok(0);
+    }
+    tx.commit(
+        Audit::new(
+            "allocation.purge",
+            None,
+            keel_core::ResourceName::new(None, None, None, "platform", "allocations"),
+        )
+        .with_details(serde_json::json!({ "purged": purged })),
+    )
+    .await?;
+    Ok(purged)
 }

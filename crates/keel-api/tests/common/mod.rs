@@ -335,8 +335,8 @@ impl TestApp {
         let id = uuid::Uuid::now_v7();
         let mut admin = self.database.admin().await;
         sqlx::query(
-            "INSERT INTO hosts (id, name, region, state, agent_url, vcpus, memory_mib, cert_serial, cert_not_after)
-             VALUES ($1, 'test-host', 'local-1', 'ready', 'https://127.0.0.1:1', $2, $3, '00', now() + interval '1 day')",
+            "INSERT INTO hosts (id, name, region, state, agent_url, vcpus, memory_mib, disk_gib, cert_serial, cert_not_after)
+             VALUES ($1, 'test-host', 'local-1', 'ready', 'https://127.0.0.1:1', $2, $3, 1000, '00', now() + interval '1 day')",
         )
         .bind(id)
         .bind(vcpus)

@@ -11,8 +11,8 @@
 use crate::models;
 use serde::{Deserialize, Serialize};
 
-/// AllocationState : Where an allocation is in its life. `requested → scheduled → provisioning → running → terminating → terminated`, and `failed` (with a reason) from any state before `terminated`. `stopping`/`stopped` come with stop/start. `lost`: its host stopped sending heartbeats; it comes back to `running` when the host reports it again, and can be terminated meanwhile. A lost allocation keeps its capacity (the host may still run it).
-/// Where an allocation is in its life. `requested → scheduled → provisioning → running → terminating → terminated`, and `failed` (with a reason) from any state before `terminated`. `stopping`/`stopped` come with stop/start. `lost`: its host stopped sending heartbeats; it comes back to `running` when the host reports it again, and can be terminated meanwhile. A lost allocation keeps its capacity (the host may still run it).
+/// AllocationState : Where an allocation is in its life. `requested → scheduled → provisioning → running → terminating → terminated`, and `failed` (with a reason) from any state before `terminated`. Stop and start: `running → stopping → stopped → starting → running`; a stopped allocation keeps its host and capacity. `lost`: its host stopped sending heartbeats; it comes back to `running` when the host reports it again, and can be terminated meanwhile. A lost allocation keeps its capacity (the host may still run it).
+/// Where an allocation is in its life. `requested → scheduled → provisioning → running → terminating → terminated`, and `failed` (with a reason) from any state before `terminated`. Stop and start: `running → stopping → stopped → starting → running`; a stopped allocation keeps its host and capacity. `lost`: its host stopped sending heartbeats; it comes back to `running` when the host reports it again, and can be terminated meanwhile. A lost allocation keeps its capacity (the host may still run it).
 #[derive(Clone, Copy, Debug, Eq, PartialEq, Ord, PartialOrd, Hash, Serialize, Deserialize)]
 pub enum AllocationState {
     #[serde(rename = "requested")]
@@ -27,6 +27,8 @@ pub enum AllocationState {
     Stopping,
     #[serde(rename = "stopped")]
     Stopped,
+    #[serde(rename = "starting")]
+    Starting,
     #[serde(rename = "terminating")]
     Terminating,
     #[serde(rename = "terminated")]
@@ -46,6 +48,7 @@ impl std::fmt::Display for AllocationState {
             Self::Running => write!(f, "running"),
             Self::Stopping => write!(f, "stopping"),
             Self::Stopped => write!(f, "stopped"),
+            Self::Starting => write!(f, "starting"),
             Self::Terminating => write!(f, "terminating"),
             Self::Terminated => write!(f, "terminated"),
             Self::Failed => write!(f, "failed"),

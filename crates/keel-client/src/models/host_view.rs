@@ -20,6 +20,9 @@ pub struct HostView {
     pub cert_not_after: chrono::DateTime<chrono::FixedOffset>,
     #[serde(rename = "cert_serial")]
     pub cert_serial: String,
+    /// Local disk for workloads, GiB.
+    #[serde(rename = "disk_gib")]
+    pub disk_gib: i64,
     #[serde(rename = "enrolled_at")]
     pub enrolled_at: chrono::DateTime<chrono::FixedOffset>,
     #[serde(rename = "enrolment_epoch")]
@@ -49,6 +52,8 @@ pub struct HostView {
     pub name: String,
     #[serde(rename = "region")]
     pub region: String,
+    #[serde(rename = "reserved_disk_gib")]
+    pub reserved_disk_gib: i64,
     #[serde(rename = "reserved_gpus")]
     pub reserved_gpus: i32,
     #[serde(rename = "reserved_memory_mib")]
@@ -68,6 +73,9 @@ pub struct HostView {
     pub state: String,
     #[serde(rename = "vcpus")]
     pub vcpus: i32,
+    /// Incremented by every change; `If-Match` on host operations.
+    #[serde(rename = "version")]
+    pub version: i64,
 }
 
 impl HostView {
@@ -76,6 +84,7 @@ impl HostView {
         agent_url: String,
         cert_not_after: chrono::DateTime<chrono::FixedOffset>,
         cert_serial: String,
+        disk_gib: i64,
         enrolled_at: chrono::DateTime<chrono::FixedOffset>,
         enrolment_epoch: i64,
         gpu_count: i32,
@@ -83,17 +92,20 @@ impl HostView {
         memory_mib: i64,
         name: String,
         region: String,
+        reserved_disk_gib: i64,
         reserved_gpus: i32,
         reserved_memory_mib: i64,
         reserved_vcpus: i32,
         resource_name: String,
         state: String,
         vcpus: i32,
+        version: i64,
     ) -> HostView {
         HostView {
             agent_url,
             cert_not_after,
             cert_serial,
+            disk_gib,
             enrolled_at,
             enrolment_epoch,
             gpu_count,
@@ -103,6 +115,7 @@ impl HostView {
             memory_mib,
             name,
             region,
+            reserved_disk_gib,
             reserved_gpus,
             reserved_memory_mib,
             reserved_vcpus,
@@ -110,6 +123,7 @@ impl HostView {
             revoked_at: None,
             state,
             vcpus,
+            version,
         }
     }
 }

@@ -28,6 +28,14 @@ pub struct NewAllocation {
     /// DNS-label style: lowercase letters, digits and `-`, 1–63 characters.
     #[serde(rename = "name")]
     pub name: String,
+    /// A region from `GET /v1/regions`; defaults to `local-1`.
+    #[serde(
+        rename = "region",
+        default,
+        with = "::serde_with::rust::double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub region: Option<Option<String>>,
 }
 
 impl NewAllocation {
@@ -37,6 +45,7 @@ impl NewAllocation {
             command: None,
             flavor,
             name,
+            region: None,
         }
     }
 }

@@ -14,6 +14,16 @@
 
 import * as runtime from '../runtime';
 import {
+    type AdminFlavorList,
+    AdminFlavorListFromJSON,
+    AdminFlavorListToJSON,
+} from '../models/AdminFlavorList';
+import {
+    type AdminFlavorView,
+    AdminFlavorViewFromJSON,
+    AdminFlavorViewToJSON,
+} from '../models/AdminFlavorView';
+import {
     type ChainVerification,
     ChainVerificationFromJSON,
     ChainVerificationToJSON,
@@ -28,6 +38,16 @@ import {
     HostViewFromJSON,
     HostViewToJSON,
 } from '../models/HostView';
+import {
+    type NewFlavor,
+    NewFlavorFromJSON,
+    NewFlavorToJSON,
+} from '../models/NewFlavor';
+import {
+    type NewRegion,
+    NewRegionFromJSON,
+    NewRegionToJSON,
+} from '../models/NewRegion';
 import {
     type OperatorLoginRequest,
     OperatorLoginRequestFromJSON,
@@ -63,6 +83,61 @@ import {
     PaginatedTenantSummaryFromJSON,
     PaginatedTenantSummaryToJSON,
 } from '../models/PaginatedTenantSummary';
+import {
+    type QuotaLimits,
+    QuotaLimitsFromJSON,
+    QuotaLimitsToJSON,
+} from '../models/QuotaLimits';
+import {
+    type RegionView,
+    RegionViewFromJSON,
+    RegionViewToJSON,
+} from '../models/RegionView';
+import {
+    type TenantQuota,
+    TenantQuotaFromJSON,
+    TenantQuotaToJSON,
+} from '../models/TenantQuota';
+
+export interface AdminFlavorCreateRequest {
+    /**
+     * 
+     */
+    newFlavor: NewFlavor;
+}
+
+export interface AdminFlavorRetireRequest {
+    /**
+     * The flavor's name
+     */
+    flavor: string;
+    /**
+     * The flavor's `ETag`
+     */
+    ifMatch?: string | null;
+}
+
+export interface AdminHostCordonRequest {
+    /**
+     * The host
+     */
+    hostId: string;
+    /**
+     * The host's `ETag`
+     */
+    ifMatch?: string | null;
+}
+
+export interface AdminHostDrainRequest {
+    /**
+     * The host
+     */
+    hostId: string;
+    /**
+     * The host's `ETag`
+     */
+    ifMatch?: string | null;
+}
 
 export interface AdminHostListRequest {
     /**
@@ -80,6 +155,17 @@ export interface AdminHostRevokeRequest {
      * The host
      */
     hostId: string;
+}
+
+export interface AdminHostUncordonRequest {
+    /**
+     * The host
+     */
+    hostId: string;
+    /**
+     * The host's `ETag`
+     */
+    ifMatch?: string | null;
 }
 
 export interface AdminLoginRequest {
@@ -107,6 +193,46 @@ export interface AdminOperatorListRequest {
     cursor?: string;
 }
 
+export interface AdminProjectQuotaRemoveRequest {
+    /**
+     * The tenant
+     */
+    tenantId: string;
+    /**
+     * The project
+     */
+    projectId: string;
+}
+
+export interface AdminProjectQuotaSetRequest {
+    /**
+     * The tenant
+     */
+    tenantId: string;
+    /**
+     * The project
+     */
+    projectId: string;
+    /**
+     * 
+     */
+    quotaLimits: QuotaLimits;
+}
+
+export interface AdminQuotaDefaultsSetRequest {
+    /**
+     * 
+     */
+    quotaLimits: QuotaLimits;
+}
+
+export interface AdminRegionCreateRequest {
+    /**
+     * 
+     */
+    newRegion: NewRegion;
+}
+
 export interface AdminTenantListRequest {
     /**
      * How many items to return (1–200, default 50).
@@ -116,6 +242,24 @@ export interface AdminTenantListRequest {
      * The `next_cursor` of the previous page.
      */
     cursor?: string;
+}
+
+export interface AdminTenantQuotaGetRequest {
+    /**
+     * The tenant
+     */
+    tenantId: string;
+}
+
+export interface AdminTenantQuotaSetRequest {
+    /**
+     * The tenant
+     */
+    tenantId: string;
+    /**
+     * 
+     */
+    quotaLimits: QuotaLimits;
 }
 
 /**
@@ -145,6 +289,125 @@ export interface AdminApiInterface {
      * Verify every audit hash chain (every tenant\'s and the platform\'s).
      */
     adminAuditVerify(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<Array<ChainVerification>>;
+
+    /**
+     * Creates request options for adminFlavorCreate without sending the request
+     * @param {NewFlavor} newFlavor 
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminFlavorCreateRequestOpts(requestParameters: AdminFlavorCreateRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Create a flavor. Its name is never reused and its size never changes.
+     * @param {NewFlavor} newFlavor 
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminFlavorCreateRaw(requestParameters: AdminFlavorCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<AdminFlavorView>>;
+
+    /**
+     * Create a flavor. Its name is never reused and its size never changes.
+     */
+    adminFlavorCreate(requestParameters: AdminFlavorCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AdminFlavorView>;
+
+    /**
+     * Creates request options for adminFlavorList without sending the request
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminFlavorListRequestOpts(): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary List every flavor, retired ones included.
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminFlavorListRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<AdminFlavorList>>;
+
+    /**
+     * List every flavor, retired ones included.
+     */
+    adminFlavorList(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AdminFlavorList>;
+
+    /**
+     * Creates request options for adminFlavorRetire without sending the request
+     * @param {string} flavor The flavor\&#39;s name
+     * @param {string} [ifMatch] The flavor\&#39;s &#x60;ETag&#x60;
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminFlavorRetireRequestOpts(requestParameters: AdminFlavorRetireRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Retire a flavor: no new launches; running allocations are untouched.
+     * @param {string} flavor The flavor\&#39;s name
+     * @param {string} [ifMatch] The flavor\&#39;s &#x60;ETag&#x60;
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminFlavorRetireRaw(requestParameters: AdminFlavorRetireRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<AdminFlavorView>>;
+
+    /**
+     * Retire a flavor: no new launches; running allocations are untouched.
+     */
+    adminFlavorRetire(requestParameters: AdminFlavorRetireRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AdminFlavorView>;
+
+    /**
+     * Creates request options for adminHostCordon without sending the request
+     * @param {string} hostId The host
+     * @param {string} [ifMatch] The host\&#39;s &#x60;ETag&#x60;
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminHostCordonRequestOpts(requestParameters: AdminHostCordonRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Cordon a host: the scheduler places nothing new on it; what runs there keeps running. On an offline host, it decides the state it returns in.
+     * @param {string} hostId The host
+     * @param {string} [ifMatch] The host\&#39;s &#x60;ETag&#x60;
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminHostCordonRaw(requestParameters: AdminHostCordonRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<HostView>>;
+
+    /**
+     * Cordon a host: the scheduler places nothing new on it; what runs there keeps running. On an offline host, it decides the state it returns in.
+     */
+    adminHostCordon(requestParameters: AdminHostCordonRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<HostView>;
+
+    /**
+     * Creates request options for adminHostDrain without sending the request
+     * @param {string} hostId The host
+     * @param {string} [ifMatch] The host\&#39;s &#x60;ETag&#x60;
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminHostDrainRequestOpts(requestParameters: AdminHostDrainRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Drain a host: nothing new is placed on it, and once no allocation holds capacity there it becomes `cordoned` (event `host.drained`).
+     * @param {string} hostId The host
+     * @param {string} [ifMatch] The host\&#39;s &#x60;ETag&#x60;
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminHostDrainRaw(requestParameters: AdminHostDrainRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<HostView>>;
+
+    /**
+     * Drain a host: nothing new is placed on it, and once no allocation holds capacity there it becomes `cordoned` (event `host.drained`).
+     */
+    adminHostDrain(requestParameters: AdminHostDrainRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<HostView>;
 
     /**
      * Creates request options for adminHostList without sending the request
@@ -193,6 +456,31 @@ export interface AdminApiInterface {
      * Revoke a host: its certificates are refused from now on, no task is signed for it, it cannot renew or re-enrol, and its allocations fail. Revoking a revoked host returns it unchanged.
      */
     adminHostRevoke(requestParameters: AdminHostRevokeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<HostView>;
+
+    /**
+     * Creates request options for adminHostUncordon without sending the request
+     * @param {string} hostId The host
+     * @param {string} [ifMatch] The host\&#39;s &#x60;ETag&#x60;
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminHostUncordonRequestOpts(requestParameters: AdminHostUncordonRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Uncordon a host: it takes new allocations again (also ends a drain).
+     * @param {string} hostId The host
+     * @param {string} [ifMatch] The host\&#39;s &#x60;ETag&#x60;
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminHostUncordonRaw(requestParameters: AdminHostUncordonRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<HostView>>;
+
+    /**
+     * Uncordon a host: it takes new allocations again (also ends a drain).
+     */
+    adminHostUncordon(requestParameters: AdminHostUncordonRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<HostView>;
 
     /**
      * Creates request options for adminLogin without sending the request
@@ -287,6 +575,125 @@ export interface AdminApiInterface {
     adminOperatorList(requestParameters: AdminOperatorListRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<PaginatedOperatorView>;
 
     /**
+     * Creates request options for adminProjectQuotaRemove without sending the request
+     * @param {string} tenantId The tenant
+     * @param {string} projectId The project
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminProjectQuotaRemoveRequestOpts(requestParameters: AdminProjectQuotaRemoveRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Remove a project\'s own quota (its tenant\'s still applies).
+     * @param {string} tenantId The tenant
+     * @param {string} projectId The project
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminProjectQuotaRemoveRaw(requestParameters: AdminProjectQuotaRemoveRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<void>>;
+
+    /**
+     * Remove a project\'s own quota (its tenant\'s still applies).
+     */
+    adminProjectQuotaRemove(requestParameters: AdminProjectQuotaRemoveRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<void>;
+
+    /**
+     * Creates request options for adminProjectQuotaSet without sending the request
+     * @param {string} tenantId The tenant
+     * @param {string} projectId The project
+     * @param {QuotaLimits} quotaLimits 
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminProjectQuotaSetRequestOpts(requestParameters: AdminProjectQuotaSetRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Set a project\'s own quota (a second, narrower limit inside its tenant\'s).
+     * @param {string} tenantId The tenant
+     * @param {string} projectId The project
+     * @param {QuotaLimits} quotaLimits 
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminProjectQuotaSetRaw(requestParameters: AdminProjectQuotaSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<QuotaLimits>>;
+
+    /**
+     * Set a project\'s own quota (a second, narrower limit inside its tenant\'s).
+     */
+    adminProjectQuotaSet(requestParameters: AdminProjectQuotaSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<QuotaLimits>;
+
+    /**
+     * Creates request options for adminQuotaDefaultsGet without sending the request
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminQuotaDefaultsGetRequestOpts(): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary The quota of every tenant without its own.
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminQuotaDefaultsGetRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<QuotaLimits>>;
+
+    /**
+     * The quota of every tenant without its own.
+     */
+    adminQuotaDefaultsGet(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<QuotaLimits>;
+
+    /**
+     * Creates request options for adminQuotaDefaultsSet without sending the request
+     * @param {QuotaLimits} quotaLimits 
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminQuotaDefaultsSetRequestOpts(requestParameters: AdminQuotaDefaultsSetRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Change the quota of every tenant without its own.
+     * @param {QuotaLimits} quotaLimits 
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminQuotaDefaultsSetRaw(requestParameters: AdminQuotaDefaultsSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<QuotaLimits>>;
+
+    /**
+     * Change the quota of every tenant without its own.
+     */
+    adminQuotaDefaultsSet(requestParameters: AdminQuotaDefaultsSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<QuotaLimits>;
+
+    /**
+     * Creates request options for adminRegionCreate without sending the request
+     * @param {NewRegion} newRegion 
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminRegionCreateRequestOpts(requestParameters: AdminRegionCreateRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Create a region; hosts join it with join tokens made for it.
+     * @param {NewRegion} newRegion 
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminRegionCreateRaw(requestParameters: AdminRegionCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<RegionView>>;
+
+    /**
+     * Create a region; hosts join it with join tokens made for it.
+     */
+    adminRegionCreate(requestParameters: AdminRegionCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<RegionView>;
+
+    /**
      * Creates request options for adminTenantList without sending the request
      * @param {number} [limit] How many items to return (1–200, default 50).
      * @param {string} [cursor] The &#x60;next_cursor&#x60; of the previous page.
@@ -310,6 +717,54 @@ export interface AdminApiInterface {
      * List tenants, with their member and project counts.
      */
     adminTenantList(requestParameters: AdminTenantListRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<PaginatedTenantSummary>;
+
+    /**
+     * Creates request options for adminTenantQuotaGet without sending the request
+     * @param {string} tenantId The tenant
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminTenantQuotaGetRequestOpts(requestParameters: AdminTenantQuotaGetRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary A tenant\'s quota and usage.
+     * @param {string} tenantId The tenant
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminTenantQuotaGetRaw(requestParameters: AdminTenantQuotaGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<TenantQuota>>;
+
+    /**
+     * A tenant\'s quota and usage.
+     */
+    adminTenantQuotaGet(requestParameters: AdminTenantQuotaGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<TenantQuota>;
+
+    /**
+     * Creates request options for adminTenantQuotaSet without sending the request
+     * @param {string} tenantId The tenant
+     * @param {QuotaLimits} quotaLimits 
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminTenantQuotaSetRequestOpts(requestParameters: AdminTenantQuotaSetRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Set a tenant\'s quota. Lowering it below what is in use stops new launches only.
+     * @param {string} tenantId The tenant
+     * @param {QuotaLimits} quotaLimits 
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminTenantQuotaSetRaw(requestParameters: AdminTenantQuotaSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<QuotaLimits>>;
+
+    /**
+     * Set a tenant\'s quota. Lowering it below what is in use stops new launches only.
+     */
+    adminTenantQuotaSet(requestParameters: AdminTenantQuotaSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<QuotaLimits>;
 
 }
 
@@ -360,6 +815,277 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
      */
     async adminAuditVerify(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<Array<ChainVerification>> {
         const response = await this.adminAuditVerifyRaw(initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminFlavorCreate without sending the request
+     */
+    async adminFlavorCreateRequestOpts(requestParameters: AdminFlavorCreateRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['newFlavor'] == null) {
+            throw new runtime.RequiredError(
+                'newFlavor',
+                'Required parameter "newFlavor" was null or undefined when calling adminFlavorCreate().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/flavors`;
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+            body: NewFlavorToJSON(requestParameters['newFlavor']),
+        };
+    }
+
+    /**
+     * Create a flavor. Its name is never reused and its size never changes.
+     */
+    async adminFlavorCreateRaw(requestParameters: AdminFlavorCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<AdminFlavorView>> {
+        const requestOptions = await this.adminFlavorCreateRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => AdminFlavorViewFromJSON(jsonValue));
+    }
+
+    /**
+     * Create a flavor. Its name is never reused and its size never changes.
+     */
+    async adminFlavorCreate(requestParameters: AdminFlavorCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AdminFlavorView> {
+        const response = await this.adminFlavorCreateRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminFlavorList without sending the request
+     */
+    async adminFlavorListRequestOpts(): Promise<runtime.RequestOpts> {
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/flavors`;
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * List every flavor, retired ones included.
+     */
+    async adminFlavorListRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<AdminFlavorList>> {
+        const requestOptions = await this.adminFlavorListRequestOpts();
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => AdminFlavorListFromJSON(jsonValue));
+    }
+
+    /**
+     * List every flavor, retired ones included.
+     */
+    async adminFlavorList(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AdminFlavorList> {
+        const response = await this.adminFlavorListRaw(initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminFlavorRetire without sending the request
+     */
+    async adminFlavorRetireRequestOpts(requestParameters: AdminFlavorRetireRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['flavor'] == null) {
+            throw new runtime.RequiredError(
+                'flavor',
+                'Required parameter "flavor" was null or undefined when calling adminFlavorRetire().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (requestParameters['ifMatch'] != null) {
+            headerParameters['If-Match'] = String(requestParameters['ifMatch']);
+        }
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/flavors/{flavor}/retire`;
+        urlPath = urlPath.replace('{flavor}', encodeURIComponent(String(requestParameters['flavor'])));
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Retire a flavor: no new launches; running allocations are untouched.
+     */
+    async adminFlavorRetireRaw(requestParameters: AdminFlavorRetireRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<AdminFlavorView>> {
+        const requestOptions = await this.adminFlavorRetireRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => AdminFlavorViewFromJSON(jsonValue));
+    }
+
+    /**
+     * Retire a flavor: no new launches; running allocations are untouched.
+     */
+    async adminFlavorRetire(requestParameters: AdminFlavorRetireRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AdminFlavorView> {
+        const response = await this.adminFlavorRetireRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminHostCordon without sending the request
+     */
+    async adminHostCordonRequestOpts(requestParameters: AdminHostCordonRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['hostId'] == null) {
+            throw new runtime.RequiredError(
+                'hostId',
+                'Required parameter "hostId" was null or undefined when calling adminHostCordon().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (requestParameters['ifMatch'] != null) {
+            headerParameters['If-Match'] = String(requestParameters['ifMatch']);
+        }
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/hosts/{host_id}/cordon`;
+        urlPath = urlPath.replace('{host_id}', encodeURIComponent(String(requestParameters['hostId'])));
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Cordon a host: the scheduler places nothing new on it; what runs there keeps running. On an offline host, it decides the state it returns in.
+     */
+    async adminHostCordonRaw(requestParameters: AdminHostCordonRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<HostView>> {
+        const requestOptions = await this.adminHostCordonRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => HostViewFromJSON(jsonValue));
+    }
+
+    /**
+     * Cordon a host: the scheduler places nothing new on it; what runs there keeps running. On an offline host, it decides the state it returns in.
+     */
+    async adminHostCordon(requestParameters: AdminHostCordonRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<HostView> {
+        const response = await this.adminHostCordonRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminHostDrain without sending the request
+     */
+    async adminHostDrainRequestOpts(requestParameters: AdminHostDrainRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['hostId'] == null) {
+            throw new runtime.RequiredError(
+                'hostId',
+                'Required parameter "hostId" was null or undefined when calling adminHostDrain().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (requestParameters['ifMatch'] != null) {
+            headerParameters['If-Match'] = String(requestParameters['ifMatch']);
+        }
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/hosts/{host_id}/drain`;
+        urlPath = urlPath.replace('{host_id}', encodeURIComponent(String(requestParameters['hostId'])));
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Drain a host: nothing new is placed on it, and once no allocation holds capacity there it becomes `cordoned` (event `host.drained`).
+     */
+    async adminHostDrainRaw(requestParameters: AdminHostDrainRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<HostView>> {
+        const requestOptions = await this.adminHostDrainRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => HostViewFromJSON(jsonValue));
+    }
+
+    /**
+     * Drain a host: nothing new is placed on it, and once no allocation holds capacity there it becomes `cordoned` (event `host.drained`).
+     */
+    async adminHostDrain(requestParameters: AdminHostDrainRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<HostView> {
+        const response = await this.adminHostDrainRaw(requestParameters, initOverrides);
         return await response.value();
     }
 
@@ -466,6 +1192,63 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
      */
     async adminHostRevoke(requestParameters: AdminHostRevokeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<HostView> {
         const response = await this.adminHostRevokeRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminHostUncordon without sending the request
+     */
+    async adminHostUncordonRequestOpts(requestParameters: AdminHostUncordonRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['hostId'] == null) {
+            throw new runtime.RequiredError(
+                'hostId',
+                'Required parameter "hostId" was null or undefined when calling adminHostUncordon().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (requestParameters['ifMatch'] != null) {
+            headerParameters['If-Match'] = String(requestParameters['ifMatch']);
+        }
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/hosts/{host_id}/uncordon`;
+        urlPath = urlPath.replace('{host_id}', encodeURIComponent(String(requestParameters['hostId'])));
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Uncordon a host: it takes new allocations again (also ends a drain).
+     */
+    async adminHostUncordonRaw(requestParameters: AdminHostUncordonRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<HostView>> {
+        const requestOptions = await this.adminHostUncordonRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => HostViewFromJSON(jsonValue));
+    }
+
+    /**
+     * Uncordon a host: it takes new allocations again (also ends a drain).
+     */
+    async adminHostUncordon(requestParameters: AdminHostUncordonRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<HostView> {
+        const response = await this.adminHostUncordonRaw(requestParameters, initOverrides);
         return await response.value();
     }
 
@@ -669,6 +1452,292 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
     }
 
     /**
+     * Creates request options for adminProjectQuotaRemove without sending the request
+     */
+    async adminProjectQuotaRemoveRequestOpts(requestParameters: AdminProjectQuotaRemoveRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['tenantId'] == null) {
+            throw new runtime.RequiredError(
+                'tenantId',
+                'Required parameter "tenantId" was null or undefined when calling adminProjectQuotaRemove().'
+            );
+        }
+
+        if (requestParameters['projectId'] == null) {
+            throw new runtime.RequiredError(
+                'projectId',
+                'Required parameter "projectId" was null or undefined when calling adminProjectQuotaRemove().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/tenants/{tenant_id}/projects/{project_id}/quota`;
+        urlPath = urlPath.replace('{tenant_id}', encodeURIComponent(String(requestParameters['tenantId'])));
+        urlPath = urlPath.replace('{project_id}', encodeURIComponent(String(requestParameters['projectId'])));
+
+        return {
+            path: urlPath,
+            method: 'DELETE',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Remove a project\'s own quota (its tenant\'s still applies).
+     */
+    async adminProjectQuotaRemoveRaw(requestParameters: AdminProjectQuotaRemoveRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<void>> {
+        const requestOptions = await this.adminProjectQuotaRemoveRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.VoidApiResponse(response);
+    }
+
+    /**
+     * Remove a project\'s own quota (its tenant\'s still applies).
+     */
+    async adminProjectQuotaRemove(requestParameters: AdminProjectQuotaRemoveRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<void> {
+        await this.adminProjectQuotaRemoveRaw(requestParameters, initOverrides);
+    }
+
+    /**
+     * Creates request options for adminProjectQuotaSet without sending the request
+     */
+    async adminProjectQuotaSetRequestOpts(requestParameters: AdminProjectQuotaSetRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['tenantId'] == null) {
+            throw new runtime.RequiredError(
+                'tenantId',
+                'Required parameter "tenantId" was null or undefined when calling adminProjectQuotaSet().'
+            );
+        }
+
+        if (requestParameters['projectId'] == null) {
+            throw new runtime.RequiredError(
+                'projectId',
+                'Required parameter "projectId" was null or undefined when calling adminProjectQuotaSet().'
+            );
+        }
+
+        if (requestParameters['quotaLimits'] == null) {
+            throw new runtime.RequiredError(
+                'quotaLimits',
+                'Required parameter "quotaLimits" was null or undefined when calling adminProjectQuotaSet().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/tenants/{tenant_id}/projects/{project_id}/quota`;
+        urlPath = urlPath.replace('{tenant_id}', encodeURIComponent(String(requestParameters['tenantId'])));
+        urlPath = urlPath.replace('{project_id}', encodeURIComponent(String(requestParameters['projectId'])));
+
+        return {
+            path: urlPath,
+            method: 'PUT',
+            headers: headerParameters,
+            query: queryParameters,
+            body: QuotaLimitsToJSON(requestParameters['quotaLimits']),
+        };
+    }
+
+    /**
+     * Set a project\'s own quota (a second, narrower limit inside its tenant\'s).
+     */
+    async adminProjectQuotaSetRaw(requestParameters: AdminProjectQuotaSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<QuotaLimits>> {
+        const requestOptions = await this.adminProjectQuotaSetRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => QuotaLimitsFromJSON(jsonValue));
+    }
+
+    /**
+     * Set a project\'s own quota (a second, narrower limit inside its tenant\'s).
+     */
+    async adminProjectQuotaSet(requestParameters: AdminProjectQuotaSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<QuotaLimits> {
+        const response = await this.adminProjectQuotaSetRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminQuotaDefaultsGet without sending the request
+     */
+    async adminQuotaDefaultsGetRequestOpts(): Promise<runtime.RequestOpts> {
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/quota-defaults`;
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * The quota of every tenant without its own.
+     */
+    async adminQuotaDefaultsGetRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<QuotaLimits>> {
+        const requestOptions = await this.adminQuotaDefaultsGetRequestOpts();
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => QuotaLimitsFromJSON(jsonValue));
+    }
+
+    /**
+     * The quota of every tenant without its own.
+     */
+    async adminQuotaDefaultsGet(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<QuotaLimits> {
+        const response = await this.adminQuotaDefaultsGetRaw(initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminQuotaDefaultsSet without sending the request
+     */
+    async adminQuotaDefaultsSetRequestOpts(requestParameters: AdminQuotaDefaultsSetRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['quotaLimits'] == null) {
+            throw new runtime.RequiredError(
+                'quotaLimits',
+                'Required parameter "quotaLimits" was null or undefined when calling adminQuotaDefaultsSet().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/quota-defaults`;
+
+        return {
+            path: urlPath,
+            method: 'PUT',
+            headers: headerParameters,
+            query: queryParameters,
+            body: QuotaLimitsToJSON(requestParameters['quotaLimits']),
+        };
+    }
+
+    /**
+     * Change the quota of every tenant without its own.
+     */
+    async adminQuotaDefaultsSetRaw(requestParameters: AdminQuotaDefaultsSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<QuotaLimits>> {
+        const requestOptions = await this.adminQuotaDefaultsSetRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => QuotaLimitsFromJSON(jsonValue));
+    }
+
+    /**
+     * Change the quota of every tenant without its own.
+     */
+    async adminQuotaDefaultsSet(requestParameters: AdminQuotaDefaultsSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<QuotaLimits> {
+        const response = await this.adminQuotaDefaultsSetRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminRegionCreate without sending the request
+     */
+    async adminRegionCreateRequestOpts(requestParameters: AdminRegionCreateRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['newRegion'] == null) {
+            throw new runtime.RequiredError(
+                'newRegion',
+                'Required parameter "newRegion" was null or undefined when calling adminRegionCreate().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/regions`;
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+            body: NewRegionToJSON(requestParameters['newRegion']),
+        };
+    }
+
+    /**
+     * Create a region; hosts join it with join tokens made for it.
+     */
+    async adminRegionCreateRaw(requestParameters: AdminRegionCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<RegionView>> {
+        const requestOptions = await this.adminRegionCreateRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => RegionViewFromJSON(jsonValue));
+    }
+
+    /**
+     * Create a region; hosts join it with join tokens made for it.
+     */
+    async adminRegionCreate(requestParameters: AdminRegionCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<RegionView> {
+        const response = await this.adminRegionCreateRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
      * Creates request options for adminTenantList without sending the request
      */
     async adminTenantListRequestOpts(requestParameters: AdminTenantListRequest): Promise<runtime.RequestOpts> {
@@ -718,6 +1787,122 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
      */
     async adminTenantList(requestParameters: AdminTenantListRequest = {}, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<PaginatedTenantSummary> {
         const response = await this.adminTenantListRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminTenantQuotaGet without sending the request
+     */
+    async adminTenantQuotaGetRequestOpts(requestParameters: AdminTenantQuotaGetRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['tenantId'] == null) {
+            throw new runtime.RequiredError(
+                'tenantId',
+                'Required parameter "tenantId" was null or undefined when calling adminTenantQuotaGet().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/tenants/{tenant_id}/quota`;
+        urlPath = urlPath.replace('{tenant_id}', encodeURIComponent(String(requestParameters['tenantId'])));
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * A tenant\'s quota and usage.
+     */
+    async adminTenantQuotaGetRaw(requestParameters: AdminTenantQuotaGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<TenantQuota>> {
+        const requestOptions = await this.adminTenantQuotaGetRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => TenantQuotaFromJSON(jsonValue));
+    }
+
+    /**
+     * A tenant\'s quota and usage.
+     */
+    async adminTenantQuotaGet(requestParameters: AdminTenantQuotaGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<TenantQuota> {
+        const response = await this.adminTenantQuotaGetRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminTenantQuotaSet without sending the request
+     */
+    async adminTenantQuotaSetRequestOpts(requestParameters: AdminTenantQuotaSetRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['tenantId'] == null) {
+            throw new runtime.RequiredError(
+                'tenantId',
+                'Required parameter "tenantId" was null or undefined when calling adminTenantQuotaSet().'
+            );
+        }
+
+        if (requestParameters['quotaLimits'] == null) {
+            throw new runtime.RequiredError(
+                'quotaLimits',
+                'Required parameter "quotaLimits" was null or undefined when calling adminTenantQuotaSet().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/tenants/{tenant_id}/quota`;
+        urlPath = urlPath.replace('{tenant_id}', encodeURIComponent(String(requestParameters['tenantId'])));
+
+        return {
+            path: urlPath,
+            method: 'PUT',
+            headers: headerParameters,
+            query: queryParameters,
+            body: QuotaLimitsToJSON(requestParameters['quotaLimits']),
+        };
+    }
+
+    /**
+     * Set a tenant\'s quota. Lowering it below what is in use stops new launches only.
+     */
+    async adminTenantQuotaSetRaw(requestParameters: AdminTenantQuotaSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<QuotaLimits>> {
+        const requestOptions = await this.adminTenantQuotaSetRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => QuotaLimitsFromJSON(jsonValue));
+    }
+
+    /**
+     * Set a tenant\'s quota. Lowering it below what is in use stops new launches only.
+     */
+    async adminTenantQuotaSet(requestParameters: AdminTenantQuotaSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<QuotaLimits> {
+        const response = await this.adminTenantQuotaSetRaw(requestParameters, initOverrides);
         return await response.value();
     }
 

@@ -33,6 +33,16 @@ import {
     PaginatedAllocationViewFromJSON,
     PaginatedAllocationViewToJSON,
 } from '../models/PaginatedAllocationView';
+import {
+    type ProjectQuota,
+    ProjectQuotaFromJSON,
+    ProjectQuotaToJSON,
+} from '../models/ProjectQuota';
+import {
+    type TenantQuota,
+    TenantQuotaFromJSON,
+    TenantQuotaToJSON,
+} from '../models/TenantQuota';
 
 export interface AllocationCreateRequest {
     /**
@@ -75,6 +85,36 @@ export interface AllocationListRequest {
     cursor?: string;
 }
 
+export interface AllocationStartRequest {
+    /**
+     * The project
+     */
+    projectId: string;
+    /**
+     * The allocation
+     */
+    allocationId: string;
+    /**
+     * The `ETag` the start is based on
+     */
+    ifMatch?: string | null;
+}
+
+export interface AllocationStopRequest {
+    /**
+     * The project
+     */
+    projectId: string;
+    /**
+     * The allocation
+     */
+    allocationId: string;
+    /**
+     * The `ETag` the stop is based on
+     */
+    ifMatch?: string | null;
+}
+
 export interface AllocationTerminateRequest {
     /**
      * The project
@@ -88,6 +128,13 @@ export interface AllocationTerminateRequest {
      * The `ETag` the termination is based on
      */
     ifMatch?: string | null;
+}
+
+export interface ProjectQuotaGetRequest {
+    /**
+     * The project
+     */
+    projectId: string;
 }
 
 /**
@@ -177,6 +224,60 @@ export interface AllocationsApiInterface {
     allocationList(requestParameters: AllocationListRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<PaginatedAllocationView>;
 
     /**
+     * Creates request options for allocationStart without sending the request
+     * @param {string} projectId The project
+     * @param {string} allocationId The allocation
+     * @param {string} [ifMatch] The &#x60;ETag&#x60; the start is based on
+     * @throws {RequiredError}
+     * @memberof AllocationsApiInterface
+     */
+    allocationStartRequestOpts(requestParameters: AllocationStartRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Start a stopped allocation again, on its host.
+     * @param {string} projectId The project
+     * @param {string} allocationId The allocation
+     * @param {string} [ifMatch] The &#x60;ETag&#x60; the start is based on
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AllocationsApiInterface
+     */
+    allocationStartRaw(requestParameters: AllocationStartRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<AllocationView>>;
+
+    /**
+     * Start a stopped allocation again, on its host.
+     */
+    allocationStart(requestParameters: AllocationStartRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AllocationView>;
+
+    /**
+     * Creates request options for allocationStop without sending the request
+     * @param {string} projectId The project
+     * @param {string} allocationId The allocation
+     * @param {string} [ifMatch] The &#x60;ETag&#x60; the stop is based on
+     * @throws {RequiredError}
+     * @memberof AllocationsApiInterface
+     */
+    allocationStopRequestOpts(requestParameters: AllocationStopRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Stop a running allocation. It keeps its host and capacity (and its files there); `start` runs it again.
+     * @param {string} projectId The project
+     * @param {string} allocationId The allocation
+     * @param {string} [ifMatch] The &#x60;ETag&#x60; the stop is based on
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AllocationsApiInterface
+     */
+    allocationStopRaw(requestParameters: AllocationStopRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<AllocationView>>;
+
+    /**
+     * Stop a running allocation. It keeps its host and capacity (and its files there); `start` runs it again.
+     */
+    allocationStop(requestParameters: AllocationStopRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AllocationView>;
+
+    /**
      * Creates request options for allocationTerminate without sending the request
      * @param {string} projectId The project
      * @param {string} allocationId The allocation
@@ -202,6 +303,50 @@ export interface AllocationsApiInterface {
      * Terminate an allocation: it moves to `terminating`, its workload is stopped on the host, then it is `terminated` and its capacity released. Send the `ETag` you read as `If-Match` to terminate only the allocation as you last saw it.
      */
     allocationTerminate(requestParameters: AllocationTerminateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AllocationView>;
+
+    /**
+     * Creates request options for projectQuotaGet without sending the request
+     * @param {string} projectId The project
+     * @throws {RequiredError}
+     * @memberof AllocationsApiInterface
+     */
+    projectQuotaGetRequestOpts(requestParameters: ProjectQuotaGetRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary A project\'s own quota (if an operator set one; the tenant\'s applies in any case) and what its allocations hold now.
+     * @param {string} projectId The project
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AllocationsApiInterface
+     */
+    projectQuotaGetRaw(requestParameters: ProjectQuotaGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<ProjectQuota>>;
+
+    /**
+     * A project\'s own quota (if an operator set one; the tenant\'s applies in any case) and what its allocations hold now.
+     */
+    projectQuotaGet(requestParameters: ProjectQuotaGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<ProjectQuota>;
+
+    /**
+     * Creates request options for tenantQuotaGet without sending the request
+     * @throws {RequiredError}
+     * @memberof AllocationsApiInterface
+     */
+    tenantQuotaGetRequestOpts(): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary The tenant\'s quota: its limits (its own or the platform defaults) and what its allocations hold now.
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AllocationsApiInterface
+     */
+    tenantQuotaGetRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<TenantQuota>>;
+
+    /**
+     * The tenant\'s quota: its limits (its own or the platform defaults) and what its allocations hold now.
+     */
+    tenantQuotaGet(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<TenantQuota>;
 
 }
 
@@ -400,6 +545,136 @@ export class AllocationsApi extends runtime.BaseAPI implements AllocationsApiInt
     }
 
     /**
+     * Creates request options for allocationStart without sending the request
+     */
+    async allocationStartRequestOpts(requestParameters: AllocationStartRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['projectId'] == null) {
+            throw new runtime.RequiredError(
+                'projectId',
+                'Required parameter "projectId" was null or undefined when calling allocationStart().'
+            );
+        }
+
+        if (requestParameters['allocationId'] == null) {
+            throw new runtime.RequiredError(
+                'allocationId',
+                'Required parameter "allocationId" was null or undefined when calling allocationStart().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (requestParameters['ifMatch'] != null) {
+            headerParameters['If-Match'] = String(requestParameters['ifMatch']);
+        }
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/projects/{project_id}/allocations/{allocation_id}/start`;
+        urlPath = urlPath.replace('{project_id}', encodeURIComponent(String(requestParameters['projectId'])));
+        urlPath = urlPath.replace('{allocation_id}', encodeURIComponent(String(requestParameters['allocationId'])));
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Start a stopped allocation again, on its host.
+     */
+    async allocationStartRaw(requestParameters: AllocationStartRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<AllocationView>> {
+        const requestOptions = await this.allocationStartRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => AllocationViewFromJSON(jsonValue));
+    }
+
+    /**
+     * Start a stopped allocation again, on its host.
+     */
+    async allocationStart(requestParameters: AllocationStartRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AllocationView> {
+        const response = await this.allocationStartRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for allocationStop without sending the request
+     */
+    async allocationStopRequestOpts(requestParameters: AllocationStopRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['projectId'] == null) {
+            throw new runtime.RequiredError(
+                'projectId',
+                'Required parameter "projectId" was null or undefined when calling allocationStop().'
+            );
+        }
+
+        if (requestParameters['allocationId'] == null) {
+            throw new runtime.RequiredError(
+                'allocationId',
+                'Required parameter "allocationId" was null or undefined when calling allocationStop().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (requestParameters['ifMatch'] != null) {
+            headerParameters['If-Match'] = String(requestParameters['ifMatch']);
+        }
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/projects/{project_id}/allocations/{allocation_id}/stop`;
+        urlPath = urlPath.replace('{project_id}', encodeURIComponent(String(requestParameters['projectId'])));
+        urlPath = urlPath.replace('{allocation_id}', encodeURIComponent(String(requestParameters['allocationId'])));
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Stop a running allocation. It keeps its host and capacity (and its files there); `start` runs it again.
+     */
+    async allocationStopRaw(requestParameters: AllocationStopRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<AllocationView>> {
+        const requestOptions = await this.allocationStopRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => AllocationViewFromJSON(jsonValue));
+    }
+
+    /**
+     * Stop a running allocation. It keeps its host and capacity (and its files there); `start` runs it again.
+     */
+    async allocationStop(requestParameters: AllocationStopRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AllocationView> {
+        const response = await this.allocationStopRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
      * Creates request options for allocationTerminate without sending the request
      */
     async allocationTerminateRequestOpts(requestParameters: AllocationTerminateRequest): Promise<runtime.RequestOpts> {
@@ -461,6 +736,104 @@ export class AllocationsApi extends runtime.BaseAPI implements AllocationsApiInt
      */
     async allocationTerminate(requestParameters: AllocationTerminateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AllocationView> {
         const response = await this.allocationTerminateRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for projectQuotaGet without sending the request
+     */
+    async projectQuotaGetRequestOpts(requestParameters: ProjectQuotaGetRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['projectId'] == null) {
+            throw new runtime.RequiredError(
+                'projectId',
+                'Required parameter "projectId" was null or undefined when calling projectQuotaGet().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/projects/{project_id}/quota`;
+        urlPath = urlPath.replace('{project_id}', encodeURIComponent(String(requestParameters['projectId'])));
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * A project\'s own quota (if an operator set one; the tenant\'s applies in any case) and what its allocations hold now.
+     */
+    async projectQuotaGetRaw(requestParameters: ProjectQuotaGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<ProjectQuota>> {
+        const requestOptions = await this.projectQuotaGetRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => ProjectQuotaFromJSON(jsonValue));
+    }
+
+    /**
+     * A project\'s own quota (if an operator set one; the tenant\'s applies in any case) and what its allocations hold now.
+     */
+    async projectQuotaGet(requestParameters: ProjectQuotaGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<ProjectQuota> {
+        const response = await this.projectQuotaGetRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for tenantQuotaGet without sending the request
+     */
+    async tenantQuotaGetRequestOpts(): Promise<runtime.RequestOpts> {
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/quota`;
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * The tenant\'s quota: its limits (its own or the platform defaults) and what its allocations hold now.
+     */
+    async tenantQuotaGetRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<TenantQuota>> {
+        const requestOptions = await this.tenantQuotaGetRequestOpts();
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => TenantQuotaFromJSON(jsonValue));
+    }
+
+    /**
+     * The tenant\'s quota: its limits (its own or the platform defaults) and what its allocations hold now.
+     */
+    async tenantQuotaGet(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<TenantQuota> {
+        const response = await this.tenantQuotaGetRaw(initOverrides);
         return await response.value();
     }
 

@@ -14,6 +14,11 @@
 
 import * as runtime from '../runtime';
 import {
+    type AvailabilityList,
+    AvailabilityListFromJSON,
+    AvailabilityListToJSON,
+} from '../models/AvailabilityList';
+import {
     type ErrorBody,
     ErrorBodyFromJSON,
     ErrorBodyToJSON,
@@ -23,6 +28,18 @@ import {
     FlavorListFromJSON,
     FlavorListToJSON,
 } from '../models/FlavorList';
+import {
+    type RegionList,
+    RegionListFromJSON,
+    RegionListToJSON,
+} from '../models/RegionList';
+
+export interface AvailabilityListRequest {
+    /**
+     * Only this region.
+     */
+    region?: string;
+}
 
 /**
  * InventoryApi - interface
@@ -31,6 +48,29 @@ import {
  * @interface InventoryApiInterface
  */
 export interface InventoryApiInterface {
+    /**
+     * Creates request options for availabilityList without sending the request
+     * @param {string} [region] Only this region.
+     * @throws {RequiredError}
+     * @memberof InventoryApiInterface
+     */
+    availabilityListRequestOpts(requestParameters: AvailabilityListRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary How many of each launchable flavor fit right now, per region.
+     * @param {string} [region] Only this region.
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof InventoryApiInterface
+     */
+    availabilityListRaw(requestParameters: AvailabilityListRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<AvailabilityList>>;
+
+    /**
+     * How many of each launchable flavor fit right now, per region.
+     */
+    availabilityList(requestParameters: AvailabilityListRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AvailabilityList>;
+
     /**
      * Creates request options for flavorList without sending the request
      * @throws {RequiredError}
@@ -52,12 +92,82 @@ export interface InventoryApiInterface {
      */
     flavorList(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<FlavorList>;
 
+    /**
+     * Creates request options for regionList without sending the request
+     * @throws {RequiredError}
+     * @memberof InventoryApiInterface
+     */
+    regionListRequestOpts(): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary List the regions.
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof InventoryApiInterface
+     */
+    regionListRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<RegionList>>;
+
+    /**
+     * List the regions.
+     */
+    regionList(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<RegionList>;
+
 }
 
 /**
  * 
  */
 export class InventoryApi extends runtime.BaseAPI implements InventoryApiInterface {
+
+    /**
+     * Creates request options for availabilityList without sending the request
+     */
+    async availabilityListRequestOpts(requestParameters: AvailabilityListRequest): Promise<runtime.RequestOpts> {
+        const queryParameters: any = {};
+
+        if (requestParameters['region'] != null) {
+            queryParameters['region'] = requestParameters['region'];
+        }
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/availability`;
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * How many of each launchable flavor fit right now, per region.
+     */
+    async availabilityListRaw(requestParameters: AvailabilityListRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<AvailabilityList>> {
+        const requestOptions = await this.availabilityListRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => AvailabilityListFromJSON(jsonValue));
+    }
+
+    /**
+     * How many of each launchable flavor fit right now, per region.
+     */
+    async availabilityList(requestParameters: AvailabilityListRequest = {}, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AvailabilityList> {
+        const response = await this.availabilityListRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
 
     /**
      * Creates request options for flavorList without sending the request
@@ -101,6 +211,51 @@ export class InventoryApi extends runtime.BaseAPI implements InventoryApiInterfa
      */
     async flavorList(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<FlavorList> {
         const response = await this.flavorListRaw(initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for regionList without sending the request
+     */
+    async regionListRequestOpts(): Promise<runtime.RequestOpts> {
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/regions`;
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * List the regions.
+     */
+    async regionListRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<RegionList>> {
+        const requestOptions = await this.regionListRequestOpts();
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => RegionListFromJSON(jsonValue));
+    }
+
+    /**
+     * List the regions.
+     */
+    async regionList(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<RegionList> {
+        const response = await this.regionListRaw(initOverrides);
         return await response.value();
     }
 

@@ -16,8 +16,9 @@
 /**
  * Where an allocation is in its life. `requested → scheduled →
  * provisioning → running → terminating → terminated`, and `failed` (with a
- * reason) from any state before `terminated`. `stopping`/`stopped` come
- * with stop/start. `lost`: its host stopped sending heartbeats; it comes
+ * reason) from any state before `terminated`. Stop and start: `running →
+ * stopping → stopped → starting → running`; a stopped allocation keeps its
+ * host and capacity. `lost`: its host stopped sending heartbeats; it comes
  * back to `running` when the host reports it again, and can be terminated
  * meanwhile. A lost allocation keeps its capacity (the host may still run
  * it).
@@ -30,6 +31,7 @@ export const AllocationState = {
     Running: 'running',
     Stopping: 'stopping',
     Stopped: 'stopped',
+    Starting: 'starting',
     Terminating: 'terminating',
     Terminated: 'terminated',
     Failed: 'failed',

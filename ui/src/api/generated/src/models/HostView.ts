@@ -32,6 +32,10 @@ export interface HostView {
      */
     certSerial: string;
     /**
+     * Local disk for workloads, GiB.
+     */
+    diskGib: number;
+    /**
      * 
      */
     enrolledAt: Date;
@@ -70,6 +74,10 @@ export interface HostView {
     /**
      * 
      */
+    reservedDiskGib: number;
+    /**
+     * 
+     */
     reservedGpus: number;
     /**
      * 
@@ -95,6 +103,10 @@ export interface HostView {
      * 
      */
     vcpus: number;
+    /**
+     * Incremented by every change; `If-Match` on host operations.
+     */
+    version: number;
 }
 
 /**
@@ -104,6 +116,7 @@ export function instanceOfHostView(value: object): value is HostView {
     if ((!('agentUrl' in (value as Record<string, any>)) && !('agent_url' in (value as Record<string, any>))) || ((value as Record<string, any>)['agentUrl'] === undefined && (value as Record<string, any>)['agent_url'] === undefined)) return false;
     if ((!('certNotAfter' in (value as Record<string, any>)) && !('cert_not_after' in (value as Record<string, any>))) || ((value as Record<string, any>)['certNotAfter'] === undefined && (value as Record<string, any>)['cert_not_after'] === undefined)) return false;
     if ((!('certSerial' in (value as Record<string, any>)) && !('cert_serial' in (value as Record<string, any>))) || ((value as Record<string, any>)['certSerial'] === undefined && (value as Record<string, any>)['cert_serial'] === undefined)) return false;
+    if ((!('diskGib' in (value as Record<string, any>)) && !('disk_gib' in (value as Record<string, any>))) || ((value as Record<string, any>)['diskGib'] === undefined && (value as Record<string, any>)['disk_gib'] === undefined)) return false;
     if ((!('enrolledAt' in (value as Record<string, any>)) && !('enrolled_at' in (value as Record<string, any>))) || ((value as Record<string, any>)['enrolledAt'] === undefined && (value as Record<string, any>)['enrolled_at'] === undefined)) return false;
     if ((!('enrolmentEpoch' in (value as Record<string, any>)) && !('enrolment_epoch' in (value as Record<string, any>))) || ((value as Record<string, any>)['enrolmentEpoch'] === undefined && (value as Record<string, any>)['enrolment_epoch'] === undefined)) return false;
     if ((!('gpuCount' in (value as Record<string, any>)) && !('gpu_count' in (value as Record<string, any>))) || ((value as Record<string, any>)['gpuCount'] === undefined && (value as Record<string, any>)['gpu_count'] === undefined)) return false;
@@ -111,12 +124,14 @@ export function instanceOfHostView(value: object): value is HostView {
     if ((!('memoryMib' in (value as Record<string, any>)) && !('memory_mib' in (value as Record<string, any>))) || ((value as Record<string, any>)['memoryMib'] === undefined && (value as Record<string, any>)['memory_mib'] === undefined)) return false;
     if (!('name' in value) || value['name'] === undefined) return false;
     if (!('region' in value) || value['region'] === undefined) return false;
+    if ((!('reservedDiskGib' in (value as Record<string, any>)) && !('reserved_disk_gib' in (value as Record<string, any>))) || ((value as Record<string, any>)['reservedDiskGib'] === undefined && (value as Record<string, any>)['reserved_disk_gib'] === undefined)) return false;
     if ((!('reservedGpus' in (value as Record<string, any>)) && !('reserved_gpus' in (value as Record<string, any>))) || ((value as Record<string, any>)['reservedGpus'] === undefined && (value as Record<string, any>)['reserved_gpus'] === undefined)) return false;
     if ((!('reservedMemoryMib' in (value as Record<string, any>)) && !('reserved_memory_mib' in (value as Record<string, any>))) || ((value as Record<string, any>)['reservedMemoryMib'] === undefined && (value as Record<string, any>)['reserved_memory_mib'] === undefined)) return false;
     if ((!('reservedVcpus' in (value as Record<string, any>)) && !('reserved_vcpus' in (value as Record<string, any>))) || ((value as Record<string, any>)['reservedVcpus'] === undefined && (value as Record<string, any>)['reserved_vcpus'] === undefined)) return false;
     if ((!('resourceName' in (value as Record<string, any>)) && !('resource_name' in (value as Record<string, any>))) || ((value as Record<string, any>)['resourceName'] === undefined && (value as Record<string, any>)['resource_name'] === undefined)) return false;
     if (!('state' in value) || value['state'] === undefined) return false;
     if (!('vcpus' in value) || value['vcpus'] === undefined) return false;
+    if (!('version' in value) || value['version'] === undefined) return false;
     return true;
 }
 
@@ -133,6 +148,7 @@ export function HostViewFromJSONTyped(json: any, ignoreDiscriminator: boolean): 
         'agentUrl': json['agent_url'],
         'certNotAfter': (json['cert_not_after'] == null ? json['cert_not_after'] : parseDateTime(json['cert_not_after'])),
         'certSerial': json['cert_serial'],
+        'diskGib': json['disk_gib'],
         'enrolledAt': (json['enrolled_at'] == null ? json['enrolled_at'] : parseDateTime(json['enrolled_at'])),
         'enrolmentEpoch': json['enrolment_epoch'],
         'gpuCount': json['gpu_count'],
@@ -142,6 +158,7 @@ export function HostViewFromJSONTyped(json: any, ignoreDiscriminator: boolean): 
         'memoryMib': json['memory_mib'],
         'name': json['name'],
         'region': json['region'],
+        'reservedDiskGib': json['reserved_disk_gib'],
         'reservedGpus': json['reserved_gpus'],
         'reservedMemoryMib': json['reserved_memory_mib'],
         'reservedVcpus': json['reserved_vcpus'],
@@ -149,6 +166,7 @@ export function HostViewFromJSONTyped(json: any, ignoreDiscriminator: boolean): 
         'revokedAt': json['revoked_at'] === undefined ? undefined : json['revoked_at'] === null ? null : (parseDateTime(json['revoked_at'])),
         'state': json['state'],
         'vcpus': json['vcpus'],
+        'version': json['version'],
     };
 }
 
@@ -166,6 +184,7 @@ export function HostViewToJSONTyped(value?: HostView | null, ignoreDiscriminator
         'agent_url': value['agentUrl'],
         'cert_not_after': value['certNotAfter'] == null ? value['certNotAfter'] : serializeDateTime(value['certNotAfter']),
         'cert_serial': value['certSerial'],
+        'disk_gib': value['diskGib'],
         'enrolled_at': value['enrolledAt'] == null ? value['enrolledAt'] : serializeDateTime(value['enrolledAt']),
         'enrolment_epoch': value['enrolmentEpoch'],
         'gpu_count': value['gpuCount'],
@@ -175,6 +194,7 @@ export function HostViewToJSONTyped(value?: HostView | null, ignoreDiscriminator
         'memory_mib': value['memoryMib'],
         'name': value['name'],
         'region': value['region'],
+        'reserved_disk_gib': value['reservedDiskGib'],
         'reserved_gpus': value['reservedGpus'],
         'reserved_memory_mib': value['reservedMemoryMib'],
         'reserved_vcpus': value['reservedVcpus'],
@@ -182,6 +202,7 @@ export function HostViewToJSONTyped(value?: HostView | null, ignoreDiscriminator
         'revoked_at': value['revokedAt'] == null ? value['revokedAt'] : serializeDateTime(value['revokedAt']),
         'state': value['state'],
         'vcpus': value['vcpus'],
+        'version': value['version'],
     };
 }
 

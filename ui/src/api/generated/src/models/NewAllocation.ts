@@ -32,6 +32,10 @@ export interface NewAllocation {
      * DNS-label style: lowercase letters, digits and `-`, 1–63 characters.
      */
     name: string;
+    /**
+     * A region from `GET /v1/regions`; defaults to `local-1`.
+     */
+    region?: string | null;
 }
 
 /**
@@ -56,6 +60,7 @@ export function NewAllocationFromJSONTyped(json: any, ignoreDiscriminator: boole
         'command': json['command'] === undefined ? undefined : json['command'] === null ? null : json['command'],
         'flavor': json['flavor'],
         'name': json['name'],
+        'region': json['region'] === undefined ? undefined : json['region'] === null ? null : json['region'],
     };
 }
 
@@ -73,6 +78,7 @@ export function NewAllocationToJSONTyped(value?: NewAllocation | null, ignoreDis
         'command': value['command'],
         'flavor': value['flavor'],
         'name': value['name'],
+        'region': value['region'],
     };
 }
 

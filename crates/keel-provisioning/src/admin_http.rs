@@ -1,0 +1,208 @@
+//! Operator endpoints of provisioning: quotas
+//! (`/v1/admin/tenants/{tenant_id}/quota…`, `/v1/admin/quota-defaults`).
+
+use std::sync::Arc;
+
+use axum::extract::FromRef;
+use axum::http::StatusCode;
+use keel_auth::TokenKeys;
+use keel_auth::admin::{OperatorCtx, authorize_platform};
+use keel_auth::authz::Action;
+use keel_core::ids::{ProjectId, TenantId};
+use keel_db::{Audit, Db};
+use keel_http::{ApiError, ErrorBody, Json, Path};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::ProvisioningError;
+use crate::quota::{self, QuotaLimits, TenantQuota};
+
+pub fn router<S>() -> OpenApiRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+    Db: FromRef<S>,
+    Arc<TokenKeys>: FromRef<S>,
+{
+    OpenApiRouter::new()
+        .routes(routes!(admin_tenant_quota_get, admin_tenant_quota_set))
+        .routes(routes!(admin_project_quota_set, admin_project_quota_remove))
+        .routes(routes!(admin_quota_defaults_get, admin_quota_defaults_set))
+}
+
+/// A tenant's quota and usage.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/tenants/{tenant_id}/quota",
+    operation_id = "admin_tenant_quota_get",
+    tag = "admin",
+    params(("tenant_id" = TenantId, Path, description = "The tenant")),
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "Limits and usage", body = TenantQuota),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+    )
+)]
+async fn admin_tenant_quota_get(
+    ctx: OperatorCtx,
+    Path(tenant_id): Path<TenantId>,
+) -> Result<Json<TenantQuota>, ApiError> {
+    let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
+    authorize_platform(tx.conn(), &ctx.principal, Action::AdminQuotaRead).await?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT FROM tenants WHERE id = $1)")
+        .bind(tenant_id)
+        .fetch_one(tx.conn())
+        .await
+        .map_err(ProvisioningError::from)?;
+    if !exists {
+        return Err(ProvisioningError::NotFound.into());
+    }
+    let quota = quota::tenant_quota(tx.conn(), tenant_id).await?;
+    tx.commit(Audit::new(
+        "admin.quota_read",
+        Some(tenant_id),
+        keel_core::ResourceName::new(None, Some(tenant_id), None, "quota", tenant_id),
+    ))
+    .await
+    .map_err(ProvisioningError::from)?;
+    Ok(Json(quota))
+}
+
+/// Set a tenant's quota. Lowering it below what is in use stops new
+/// launches only.
+#[utoipa::path(
+    put,
+    path = "/v1/admin/tenants/{tenant_id}/quota",
+    operation_id = "admin_tenant_quota_set",
+    tag = "admin",
+    params(("tenant_id" = TenantId, Path, description = "The tenant")),
+    request_body = QuotaLimits,
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "The limits now", body = QuotaLimits),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: read-only operators", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 422, description = "`validation_failed` or `invalid_body`", body = ErrorBody),
+    )
+)]
+async fn admin_tenant_quota_set(
+    ctx: OperatorCtx,
+    Path(tenant_id): Path<TenantId>,
+    Json(limits): Json<QuotaLimits>,
+) -> Result<Json<QuotaLimits>, ApiError> {
+    let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
+    authorize_platform(tx.conn(), &ctx.principal, Action::AdminQuotaManage).await?;
+    Ok(Json(quota::quota_set(tx, tenant_id, None, limits).await?))
+}
+
+/// Set a project's own quota (a second, narrower limit inside its
+/// tenant's).
+#[utoipa::path(
+    put,
+    path = "/v1/admin/tenants/{tenant_id}/projects/{project_id}/quota",
+    operation_id = "admin_project_quota_set",
+    tag = "admin",
+    params(
+        ("tenant_id" = TenantId, Path, description = "The tenant"),
+        ("project_id" = ProjectId, Path, description = "The project"),
+    ),
+    request_body = QuotaLimits,
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "The limits now", body = QuotaLimits),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: read-only operators", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 422, description = "`validation_failed` or `invalid_body`", body = ErrorBody),
+    )
+)]
+async fn admin_project_quota_set(
+    ctx: OperatorCtx,
+    Path((tenant_id, project_id)): Path<(TenantId, ProjectId)>,
+    Json(limits): Json<QuotaLimits>,
+) -> Result<Json<QuotaLimits>, ApiError> {
+    let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
+    authorize_platform(tx.conn(), &ctx.principal, Action::AdminQuotaManage).await?;
+    Ok(Json(
+        quota::quota_set(tx, tenant_id, Some(project_id), limits).await?,
+    ))
+}
+
+/// Remove a project's own quota (its tenant's still applies).
+#[utoipa::path(
+    delete,
+    path = "/v1/admin/tenants/{tenant_id}/projects/{project_id}/quota",
+    operation_id = "admin_project_quota_remove",
+    tag = "admin",
+    params(
+        ("tenant_id" = TenantId, Path, description = "The tenant"),
+        ("project_id" = ProjectId, Path, description = "The project"),
+    ),
+    security(("operator" = [])),
+    responses(
+        (status = 204, description = "Removed (or there was none)"),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: read-only operators", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+    )
+)]
+async fn admin_project_quota_remove(
+    ctx: OperatorCtx,
+    Path((tenant_id, project_id)): Path<(TenantId, ProjectId)>,
+) -> Result<StatusCode, ApiError> {
+    let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
+    authorize_platform(tx.conn(), &ctx.principal, Action::AdminQuotaManage).await?;
+    quota::project_quota_remove(tx, tenant_id, project_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The quota of every tenant without its own.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/quota-defaults",
+    operation_id = "admin_quota_defaults_get",
+    tag = "admin",
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "The default limits", body = QuotaLimits),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+    )
+)]
+async fn admin_quota_defaults_get(ctx: OperatorCtx) -> Result<Json<QuotaLimits>, ApiError> {
+    let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
+    authorize_platform(tx.conn(), &ctx.principal, Action::AdminQuotaRead).await?;
+    let limits = quota::defaults(tx.conn()).await?;
+    tx.commit(Audit::new(
+        "admin.quota_defaults_read",
+        None,
+        keel_core::ResourceName::new(None, None, None, "platform", "quota-defaults"),
+    ))
+    .await
+    .map_err(ProvisioningError::from)?;
+    Ok(Json(limits))
+}
+
+/// Change the quota of every tenant without its own.
+#[utoipa::path(
+    put,
+    path = "/v1/admin/quota-defaults",
+    operation_id = "admin_quota_defaults_set",
+    tag = "admin",
+    request_body = QuotaLimits,
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "The default limits now", body = QuotaLimits),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: read-only operators", body = ErrorBody),
+        (status = 422, description = "`validation_failed` or `invalid_body`", body = ErrorBody),
+    )
+)]
+async fn admin_quota_defaults_set(
+    ctx: OperatorCtx,
+    Json(limits): Json<QuotaLimits>,
+) -> Result<Json<QuotaLimits>, ApiError> {
+    let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
+    authorize_platform(tx.conn(), &ctx.principal, Action::AdminQuotaManage).await?;
+    Ok(Json(quota::defaults_set(tx, limits).await?))
+}
