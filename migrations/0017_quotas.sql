@@ -31,7 +31,8 @@ CREATE TABLE quotas (
 
 ALTER TABLE quotas ENABLE ROW LEVEL SECURITY;
 ALTER TABLE quotas FORCE ROW LEVEL SECURITY;
-CREATE POLICY quotas_isolation ON quotas USING (tenant_id = keel_current_tenant());
+-- Tenants read their own rows; only operators (keel_system) write.
+CREATE POLICY quotas_isolation ON quotas FOR SELECT USING (tenant_id = keel_current_tenant());
 
 GRANT SELECT ON quotas, quota_defaults TO keel_app;
 GRANT INSERT, UPDATE, DELETE ON quotas TO keel_system;

@@ -18,7 +18,10 @@ pub struct Capacity {
     pub vcpus: u32,
     /// Total memory, in MiB.
     pub memory_mib: u64,
-    /// Disk space available under the state directory, in GiB.
+    /// The size of the file system that holds the state directory (and so
+    /// the workloads' directories), in GiB. Its size, not its free space:
+    /// the control plane reserves disk per allocation, and free space would
+    /// count what workloads wrote twice.
     pub disk_gib: u64,
     /// The GPU model, if any.
     pub gpu_model: Option<String>,
@@ -38,7 +41,7 @@ pub async fn detect(state_dir: &Path) -> Result<Capacity, String> {
     let meminfo = std::fs::read_to_string("/proc/meminfo")
         .map_err(|error| format!("/proc/meminfo: {error}"))?;
     let memory_mib = memory_total_mib(&meminfo).ok_or("/proc/meminfo has no MemTotal line")?;
-    let disk_gib = disk_available_gib(state_dir);
+    let disk_gib = disk_size_gib(state_dir);
     let (gpu_model, gpu_count) = gpus().await;
     Ok(Capacity {
         vcpus,
@@ -58,20 +61,15 @@ pub fn memory_total_mib(meminfo: &str) -> Option<u64> {
     })
 }
 
-/// Free space for unprivileged users on the file system of `dir` (or the
-/// nearest existing parent), GiB.
-fn disk_available_gib(dir: &Path) -> u64 {
+/// The size of the file system of `dir` (or of its nearest existing
+/// parent), GiB.
+fn disk_size_gib(dir: &Path) -> u64 {
     let existing = dir
         .ancestors()
         .find(|ancestor| ancestor.exists())
         .unwrap_or(Path::new("/"));
     nix::sys::statvfs::statvfs(existing)
-        .map(|stats| {
-            stats
-                .blocks_available()
-                .saturating_mul(stats.fragment_size())
-                / (1024 * 1024 * 1024)
-        })
+        .map(|stats| stats.blocks().saturating_mul(stats.fragment_size()) / (1024 * 1024 * 1024))
         .unwrap_or(0)
 }
 

@@ -84,6 +84,7 @@ async fn run() -> anyhow::Result<()> {
     let liveness = tokio::spawn(watch_host_liveness(
         db.clone(),
         time::Duration::seconds(i64::from(config.agent.offline_after_secs.max(1))),
+        config.lifecycle,
         stop.subscribe(),
     ));
     let monitor = keel_outbox::worker::monitor(&db, &consumers, &instance);
@@ -148,11 +149,13 @@ async fn seal_audit_chains(db: keel_db::Db, mut stopped: tokio::sync::watch::Rec
 /// Every 5 s, until stopped: marks hosts that stopped sending heartbeats
 /// offline (and their allocations lost; see `keel_provisioning::liveness`)
 /// finishes the drains of hosts nothing holds capacity on any more
-/// (`keel_inventory::hosts`) and purges allocations terminated longer than
-/// the retention window ago.
+/// (`keel_inventory::hosts`), purges allocations terminated longer than
+/// the retention window ago, and retries or settles allocations past their
+/// deadline (`keel_provisioning::reconcile`).
 async fn watch_host_liveness(
     db: keel_db::Db,
     grace: time::Duration,
+    deadlines: keel_provisioning::reconcile::Deadlines,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut ticks = tokio::time::interval(std::time::Duration::from_secs(5));
@@ -178,6 +181,15 @@ async fn watch_host_liveness(
             keel_db::RequestMeta::system("worker", uuid::Uuid::now_v7().simple().to_string());
         if let Err(error) = keel_provisioning::service::purge_terminated(&db, meta).await {
             tracing::warn!(error = %error, "purging terminated allocations failed");
+        }
+        let meta =
+            keel_db::RequestMeta::system("worker", uuid::Uuid::now_v7().simple().to_string());
+        match keel_provisioning::reconcile::reconcile_deadlines(&db, meta, &deadlines).await {
+            Ok(report) if report.past_deadline > 0 => {
+                tracing::warn!(?report, "allocations past their deadline");
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(error = %error, "reconciling allocations failed"),
         }
     }
 }

@@ -41,6 +41,9 @@ pub struct Config {
     pub idempotency: IdempotencyConfig,
     #[serde(default)]
     pub rate_limit: RateLimitConfig,
+    /// Deadlines of the allocation lifecycle (the reconciler's).
+    #[serde(default)]
+    pub lifecycle: keel_provisioning::reconcile::Deadlines,
 }
 
 /// Certificates issued to nodes. (The CAs and keys themselves live in

@@ -102,6 +102,7 @@ pub fn state_from_config(
         tokens: Arc::new(tokens),
         node_channel: Arc::new(node_channel(keys, config)?),
         limits: Arc::new(Limits::new(config.rate_limit.clone())),
+        deadlines: config.lifecycle,
     })
 }
 

@@ -14,6 +14,8 @@ pub struct AppState {
     pub tokens: Arc<TokenKeys>,
     pub node_channel: Arc<NodeChannel>,
     pub limits: Arc<Limits>,
+    /// How long each allocation state may last (`[lifecycle]`).
+    pub deadlines: keel_provisioning::reconcile::Deadlines,
 }
 
 impl std::fmt::Debug for AppState {
@@ -40,6 +42,12 @@ impl FromRef<AppState> for Arc<TokenKeys> {
 impl FromRef<AppState> for Arc<NodeChannel> {
     fn from_ref(state: &AppState) -> Self {
         state.node_channel.clone()
+    }
+}
+
+impl FromRef<AppState> for keel_provisioning::reconcile::Deadlines {
+    fn from_ref(state: &AppState) -> Self {
+        state.deadlines
     }
 }
 

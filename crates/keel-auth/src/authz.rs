@@ -224,6 +224,8 @@ actions! {
     AdminQuotaRead,
     /// Set tenants', projects' and the default quotas.
     AdminQuotaManage,
+    /// Run the allocation reconciler now.
+    AdminReconcile,
 }
 
 impl Action {
@@ -244,7 +246,8 @@ impl Action {
             | Action::AdminFlavorManage
             | Action::AdminRegionManage
             | Action::AdminQuotaRead
-            | Action::AdminQuotaManage => self,
+            | Action::AdminQuotaManage
+            | Action::AdminReconcile => self,
             Action::QuotaRead => Action::ProjectRead,
             Action::SessionEnd => Action::SessionEnd,
             Action::PasswordChange => Action::PasswordChange,
@@ -394,6 +397,7 @@ const OPERATOR: &[Action] = &[
     Action::AdminFlavorManage,
     Action::AdminRegionManage,
     Action::AdminQuotaManage,
+    Action::AdminReconcile,
 ];
 
 /// The decision: may `subject` (a tenant role or a platform role) do

@@ -176,6 +176,8 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
 
     // Stop: the process goes, the allocation keeps its host. Start: a new
     // process runs in the same directory, as the same user.
+    let uid_before = uid_of(pid);
+    assert!(uid_before.is_some());
     let stopping = allocations_api::allocation_stop(&tenant, &project, &id, None)
         .await
         .unwrap();
@@ -213,6 +215,11 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
         (again != pid && pid_is_alive(again)).then_some(again)
     })
     .await;
+    assert_eq!(
+        uid_of(pid),
+        uid_before,
+        "a restarted workload keeps its user"
+    );
 
     // Terminate the allocation as last seen (If-Match: its version).
     let seen = format!("\"{}\"", running.version);
@@ -327,4 +334,16 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
 
     drop((worker, agent, api));
     let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// The real uid of a process (`/proc/{pid}/status`).
+fn uid_of(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }

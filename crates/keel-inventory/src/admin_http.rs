@@ -212,7 +212,7 @@ async fn admin_flavor_list(ctx: OperatorCtx) -> Result<Json<AdminFlavorList>, Ap
     tx.commit(Audit::new(
         "admin.flavor_list",
         None,
-        nodes::hosts_resource(),
+        keel_core::ResourceName::new(None, None, None, "platform", "flavors"),
     ))
     .await
     .map_err(InventoryError::from)?;

@@ -7,7 +7,9 @@
 //!   allocation holds capacity on it any more, the worker moves it to
 //!   `cordoned` and says so (`host.drained`), which is when it can be
 //!   serviced. Keel does not move workloads (they are processes on that
-//!   host), so a drain completes as tenants stop or terminate them.
+//!   host, with their files), so a drain completes as tenants terminate
+//!   theirs; a stopped allocation there cannot start again
+//!   (`host_draining`), since it would keep the host busy.
 //! - `offline` is the agent's silence, not an operator decision: an action
 //!   on an offline host changes the state it comes back in.
 //!

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::FromRef;
+use axum::extract::{FromRef, State};
 use axum::http::StatusCode;
 use keel_auth::TokenKeys;
 use keel_auth::admin::{OperatorCtx, authorize_platform};
@@ -16,17 +16,52 @@ use utoipa_axum::routes;
 
 use crate::ProvisioningError;
 use crate::quota::{self, QuotaLimits, TenantQuota};
+use crate::reconcile::{self, Deadlines, ReconcileReport};
 
 pub fn router<S>() -> OpenApiRouter<S>
 where
     S: Clone + Send + Sync + 'static,
     Db: FromRef<S>,
     Arc<TokenKeys>: FromRef<S>,
+    Deadlines: FromRef<S>,
 {
     OpenApiRouter::new()
         .routes(routes!(admin_tenant_quota_get, admin_tenant_quota_set))
         .routes(routes!(admin_project_quota_set, admin_project_quota_remove))
         .routes(routes!(admin_quota_defaults_get, admin_quota_defaults_set))
+        .routes(routes!(admin_reconcile))
+}
+
+/// Run the reconciler now: every allocation past its deadline is retried
+/// or settled (as the worker does every few seconds).
+#[utoipa::path(
+    post,
+    path = "/v1/admin/reconcile",
+    operation_id = "admin_reconcile",
+    tag = "admin",
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "What the pass did", body = ReconcileReport),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: read-only operators", body = ErrorBody),
+    )
+)]
+async fn admin_reconcile(
+    ctx: OperatorCtx,
+    State(db): State<Db>,
+    State(deadlines): State<Deadlines>,
+) -> Result<Json<ReconcileReport>, ApiError> {
+    let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
+    authorize_platform(tx.conn(), &ctx.principal, Action::AdminReconcile).await?;
+    tx.commit(Audit::new(
+        "admin.reconcile",
+        None,
+        keel_core::ResourceName::new(None, None, None, "platform", "allocations"),
+    ))
+    .await
+    .map_err(ProvisioningError::from)?;
+    let report = reconcile::reconcile_deadlines(&db, ctx.meta.clone(), &deadlines).await?;
+    Ok(Json(report))
 }
 
 /// A tenant's quota and usage.

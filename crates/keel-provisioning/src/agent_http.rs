@@ -80,7 +80,7 @@ async fn agent_heartbeat(
         .iter()
         .map(|workload| workload.allocation_id)
         .collect();
-    crate::liveness::reconcile_reported(&db, meta, node.host_id, &listed).await?;
+    crate::reconcile::reconcile_host(&db, meta, node.host_id, &listed).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -88,18 +88,15 @@ impl ProvisioningConsumer {
     }
 
     async fn on_event(&self, event: &DeliveredEvent) -> Result<(), HandlerError> {
-        if event.event_type == "host.revoked" {
-            return self.on_host_revoked(event).await;
+        match event.event_type.as_str() {
+            "host.revoked" => return self.on_host_revoked(event).await,
+            ORPHAN_EVENT => return self.on_orphan(event).await,
+            _ => {}
         }
         let allocation_id = AllocationId::from(event.aggregate_id);
-        let meta = RequestMeta {
-            request_id: event.request_id.clone(),
-            actor: Actor::system("worker"),
-            traceparent: event.traceparent.clone(),
-        };
         let mut tx = self
             .db
-            .begin_system(meta)
+            .begin_system(worker_meta(event))
             .await
             .map_err(HandlerError::new)?;
         let Some(allocation) = allocation_lock(tx.conn(), allocation_id)
@@ -111,8 +108,11 @@ impl ProvisioningConsumer {
         let Some(host) = allocation.host_id else {
             return Ok(());
         };
+        let stop = Operation::StopWorkload {
+            allocation_id: allocation.id.as_uuid(),
+        };
         let (allocation, operation) = match (event.event_type.as_str(), allocation.state()) {
-            ("allocation.scheduled", AllocationState::Scheduled) => {
+            ("allocation.scheduled" | RETRY_EVENT, AllocationState::Scheduled) => {
                 let provisioning =
                     transition(&mut tx, &allocation, AllocationState::Provisioning, None)
                         .await
@@ -120,31 +120,44 @@ impl ProvisioningConsumer {
                 let operation = start_operation(&mut tx, &provisioning).await?;
                 (provisioning, operation)
             }
-            // A retry after the move to provisioning: send the task again.
-            ("allocation.scheduled", AllocationState::Provisioning) => {
+            // A retry after the move to provisioning, or a stopped
+            // allocation starting again on its host: send the start (again).
+            ("allocation.scheduled" | RETRY_EVENT, AllocationState::Provisioning)
+            | ("allocation.starting" | RETRY_EVENT, AllocationState::Starting) => {
                 let operation = start_operation(&mut tx, &allocation).await?;
                 (allocation, operation)
             }
-            // A stopped allocation starting again, on its host.
-            ("allocation.starting", AllocationState::Starting) => {
-                let operation = start_operation(&mut tx, &allocation).await?;
-                (allocation, operation)
+            ("allocation.stopping" | RETRY_EVENT, AllocationState::Stopping)
+            | ("allocation.terminating" | RETRY_EVENT, AllocationState::Terminating) => {
+                (allocation, stop)
             }
-            ("allocation.stopping", AllocationState::Stopping) => (
-                allocation.clone(),
-                Operation::StopWorkload {
-                    allocation_id: allocation.id.as_uuid(),
-                },
-            ),
-            ("allocation.terminating", AllocationState::Terminating) => (
-                allocation.clone(),
-                Operation::StopWorkload {
-                    allocation_id: allocation.id.as_uuid(),
-                },
-            ),
             // The allocation moved on: this event asks for nothing now.
             _ => return Ok(()),
         };
+        let resource = allocation.resource_name();
+        self.issue(
+            tx,
+            host,
+            Some(allocation.tenant_id),
+            resource,
+            operation,
+            event,
+        )
+        .await
+    }
+
+    /// Signs `operation` for `host` with its next sequence number, commits
+    /// (with the caller's changes and a `task.issue` audit row), then sends
+    /// it to the agent.
+    async fn issue(
+        &self,
+        mut tx: keel_db::WriteTx,
+        host: HostId,
+        tenant: Option<keel_core::ids::TenantId>,
+        resource: keel_core::ResourceName,
+        operation: Operation,
+        event: &DeliveredEvent,
+    ) -> Result<(), HandlerError> {
         let (seq, epoch, agent_url): (i64, i64, String) = sqlx::query_as(
             "UPDATE hosts SET task_seq = task_seq + 1 WHERE id = $1 AND revoked_at IS NULL
              RETURNING task_seq, enrolment_epoch, agent_url",
@@ -155,9 +168,10 @@ impl ProvisioningConsumer {
         .map_err(HandlerError::new)?
         .ok_or_else(|| HandlerError::new("the allocation's host is revoked"))?;
         let now = OffsetDateTime::now_utc().unix_timestamp();
+        let allocation_id = operation.allocation_id();
         let payload = TaskPayload {
             task_id: TaskId::new().as_uuid(),
-            tenant_id: Some(allocation.tenant_id.as_uuid()),
+            tenant_id: tenant.map(|tenant| tenant.as_uuid()),
             node_id: host.as_uuid(),
             enrolment_epoch: u64::try_from(epoch).unwrap_or_default(),
             seq: u64::try_from(seq).unwrap_or_default(),
@@ -172,7 +186,7 @@ impl ProvisioningConsumer {
             .signers
             .sign(&payload)
             .map_err(HandlerError::new)?;
-        let audit = Audit::new("task.issue", Some(allocation.tenant_id), allocation.resource_name()).with_details(
+        let audit = Audit::new("task.issue", tenant, resource).with_details(
             serde_json::json!({ "task_id": payload.task_id, "host_id": host, "seq": seq, "operation": payload.operation }),
         );
         // The state change and the sequence number are committed before the
@@ -194,9 +208,70 @@ impl ProvisioningConsumer {
                 "the agent refused the task ({status}): {body}"
             )));
         }
-        tracing::info!(allocation = %allocation.id, host = %host, seq, "task delivered");
+        tracing::info!(allocation = %allocation_id, host = %host, seq, "task delivered");
         Ok(())
     }
+
+    /// A host runs a workload Keel does not want there (its allocation
+    /// failed, was terminated or purged while the host was away, or is not
+    /// this host's): it is told to stop it. Nothing else changes.
+    async fn on_orphan(&self, event: &DeliveredEvent) -> Result<(), HandlerError> {
+        let orphan: OrphanWorkload =
+            serde_json::from_value(event.payload.clone()).map_err(HandlerError::new)?;
+        let mut tx = self
+            .db
+            .begin_system(worker_meta(event))
+            .await
+            .map_err(HandlerError::new)?;
+        // Still unwanted? (It may have been started again meanwhile.)
+        let wanted: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT FROM allocations
+                     WHERE id = $1 AND host_id = $2
+                       AND state IN ('provisioning', 'running', 'starting', 'lost'))",
+        )
+        .bind(orphan.allocation_id)
+        .bind(orphan.host_id)
+        .fetch_one(tx.conn())
+        .await
+        .map_err(HandlerError::new)?;
+        if wanted {
+            return Ok(());
+        }
+        let resource = keel_core::ResourceName::new(None, None, None, "host", orphan.host_id);
+        self.issue(
+            tx,
+            orphan.host_id,
+            None,
+            resource,
+            Operation::StopWorkload {
+                allocation_id: orphan.allocation_id.as_uuid(),
+            },
+            event,
+        )
+        .await
+    }
+}
+
+/// What the worker acts as, for one delivered event.
+fn worker_meta(event: &DeliveredEvent) -> RequestMeta {
+    RequestMeta {
+        request_id: event.request_id.clone(),
+        actor: Actor::system("worker"),
+        traceparent: event.traceparent.clone(),
+    }
+}
+
+/// The event that asks for a transitional state's task again
+/// (`crate::reconcile`).
+pub const RETRY_EVENT: &str = "allocation.retry";
+/// The event that reports a workload a host runs without being asked to.
+pub const ORPHAN_EVENT: &str = "host.orphan_workload";
+
+/// The payload of [`ORPHAN_EVENT`].
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct OrphanWorkload {
+    pub host_id: HostId,
+    pub allocation_id: AllocationId,
 }
 
 impl ProvisioningConsumer {
@@ -204,14 +279,9 @@ impl ProvisioningConsumer {
     /// which releases what they held.
     async fn on_host_revoked(&self, event: &DeliveredEvent) -> Result<(), HandlerError> {
         let host = HostId::from(event.aggregate_id);
-        let meta = RequestMeta {
-            request_id: event.request_id.clone(),
-            actor: Actor::system("worker"),
-            traceparent: event.traceparent.clone(),
-        };
         let mut tx = self
             .db
-            .begin_system(meta)
+            .begin_system(worker_meta(event))
             .await
             .map_err(HandlerError::new)?;
         let failed = crate::service::fail_allocations_of_revoked_host(&mut tx, host)
@@ -259,6 +329,8 @@ impl Consumer for ProvisioningConsumer {
                 | "allocation.starting"
                 | "allocation.stopping"
                 | "allocation.terminating"
+                | RETRY_EVENT
+                | ORPHAN_EVENT
                 | "host.revoked"
         )
     }

@@ -19,6 +19,10 @@ pub enum ProvisioningError {
     NotFound,
     #[error("{0}")]
     QuotaExceeded(crate::quota::Exceeded),
+    #[error(
+        "the allocation's host is being drained: nothing starts there again; terminate it and launch a new one"
+    )]
+    HostDraining,
     #[error("an allocation that is {from} cannot be {action}")]
     InvalidTransition {
         from: AllocationState,
@@ -58,6 +62,9 @@ impl From<ProvisioningError> for ApiError {
             ProvisioningError::NotFound => ApiError::not_found(error.to_string()),
             ProvisioningError::QuotaExceeded(_) => {
                 ApiError::conflict("quota_exceeded", error.to_string())
+            }
+            ProvisioningError::HostDraining => {
+                ApiError::conflict("host_draining", error.to_string())
             }
             ProvisioningError::InvalidTransition { .. } => {
                 ApiError::conflict("invalid_state_transition", error.to_string())

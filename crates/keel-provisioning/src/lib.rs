@@ -5,6 +5,8 @@
 //!   list, get, terminate, and the state changes agents report.
 //! - [`quota`]: tenant and project limits, enforced when an allocation is
 //!   placed; [`admin_http`]: the operators' quota endpoints.
+//! - [`reconcile`]: deadlines for every transitional state, and what hosts
+//!   run reconciled with what Keel wants of them.
 //! - [`model`]: the state machine ([`model::AllocationState`]): which
 //!   transitions are legal is decided in one place.
 //!
@@ -20,6 +22,7 @@ pub mod http;
 pub mod liveness;
 pub mod model;
 pub mod quota;
+pub mod reconcile;
 pub mod service;
 pub mod signing;
 

@@ -7,23 +7,22 @@
 //!   state it had — and every allocation on it that was running becomes
 //!   `lost`, each transition audited and evented (stopped ones run nothing
 //!   and stay as they are; `provisioning` and `starting` ones are left to
-//!   the delivery of their start task,
-//!   which is retried until it settles them — or, once the task has expired
-//!   while the host is still offline, they become `lost` too). Lost allocations keep their capacity: the host may well
-//!   still run them, behind a broken link. (What happens to allocations
-//!   lost for long is the lifecycle's decision, not this module's.)
-//! - [`reconcile_reported`] (every heartbeat): an allocation the node says
-//!   it runs and that is `lost`, still `provisioning` or `starting` here becomes
-//!   `running` (the report that said so may have been lost).
+//!   the delivery of their start task — or, once the task has expired
+//!   while the host is still offline, they become `lost` too). Lost
+//!   allocations keep their capacity: the host may well still run them,
+//!   behind a broken link. What happens to allocations lost for long is
+//!   [`crate::reconcile`]'s decision.
+//! - What a returning host runs is reconciled by
+//!   [`crate::reconcile::reconcile_host`] on every heartbeat.
 //!
 //! Idempotent: a second sweep finds nothing; a heartbeat that lists what
 //! is already running changes nothing.
 
-use keel_core::ids::{AllocationId, HostId};
+use keel_core::ids::HostId;
 use keel_db::{Audit, Db, NewEvent, RequestMeta};
 use time::Duration;
 
-use crate::service::{Observed, allocation_observe, transition};
+use crate::service::transition;
 use crate::{Allocation, AllocationState, ProvisioningError};
 use keel_inventory::nodes::hosts_resource;
 
@@ -152,38 +151,4 @@ async fn mark_offline(
     .await?;
     tracing::warn!(host = %host, lost = allocations.len(), "host went silent: offline");
     Ok(true)
-}
-
-/// Brings the allocations a node reports running back to `running` where
-/// they are `lost` or `provisioning` here.
-pub async fn reconcile_reported(
-    db: &Db,
-    meta: RequestMeta,
-    host: HostId,
-    listed: &[AllocationId],
-) -> Result<usize, ProvisioningError> {
-    if listed.is_empty() {
-        return Ok(0);
-    }
-    let mut tx = db.begin_bookkeeping().await?;
-    let behind: Vec<AllocationId> = sqlx::query_scalar(
-        "SELECT id FROM allocations
-          WHERE host_id = $1 AND id = ANY($2) AND state IN ('lost', 'provisioning', 'starting')",
-    )
-    .bind(host)
-    .bind(listed)
-    .fetch_all(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    let mut changed = 0;
-    for id in behind {
-        let tx = db.begin_system(meta.clone()).await?;
-        if allocation_observe(tx, host, id, Observed::Running)
-            .await?
-            .is_some()
-        {
-            changed += 1;
-        }
-    }
-    Ok(changed)
 }

@@ -221,6 +221,8 @@ pub struct Allocation {
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
     pub version: i64,
+    /// Retries of the current state's step (`crate::reconcile`).
+    pub attempts: i32,
 }
 
 impl Allocation {

@@ -302,22 +302,23 @@ pub async fn project_quota_remove(
     project: ProjectId,
 ) -> Result<(), ProvisioningError> {
     scope_exists(tx.conn(), tenant, Some(project)).await?;
-    let removed = sqlx::query("DELETE FROM quotas WHERE tenant_id = $1 AND project_id = $2")
-        .bind(tenant)
-        .bind(project)
-        .execute(tx.conn())
-        .await?
-        .rows_affected();
-    if removed == 0 {
+    let removed: Option<i64> = sqlx::query_scalar(
+        "DELETE FROM quotas WHERE tenant_id = $1 AND project_id = $2 RETURNING version",
+    )
+    .bind(tenant)
+    .bind(project)
+    .fetch_optional(tx.conn())
+    .await?;
+    let Some(version) = removed else {
         tx.rollback().await?;
         return Ok(());
-    }
+    };
     let resource = quota_resource(tenant, Some(project));
     tx.emit(NewEvent::new(
         "quota.removed",
         "quota",
         quota_aggregate_id(tenant, Some(project)),
-        0,
+        version + 1,
         Some(tenant),
         resource.clone(),
         serde_json::json!({ "tenant_id": tenant, "project_id": project }),

@@ -18,7 +18,7 @@ pub const INSUFFICIENT_CAPACITY: &str = "insufficient_capacity";
 
 pub(crate) const COLUMNS: &str =
     "id, tenant_id, project_id, name, flavor, region, command, state, failure_reason,
-                       host_id, reserved, created_at, updated_at, version";
+                       host_id, reserved, created_at, updated_at, version, attempts";
 
 /// The payload of every `allocation.*` event: enough for metering without
 /// reading any table (who, what size, where, and exactly when).
@@ -98,9 +98,12 @@ pub async fn transition(
         let flavor = inventory::flavor_any(tx.conn(), &allocation.flavor).await?;
         inventory::capacity_release(tx.conn(), host, &flavor).await?;
     }
+    // `clock_timestamp()`, not the transaction's start: events carry it as
+    // the exact time of the change, and a transaction that waited on a lock
+    // must not stamp an earlier time than the change before it.
     let updated: Option<Allocation> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "UPDATE allocations SET state = $3, failure_reason = $4, reserved = reserved AND NOT $5,
-                updated_at = now(), version = version + 1,
+                updated_at = clock_timestamp(), version = version + 1, attempts = 0,
                 terminated_at = CASE WHEN $3 = 'terminated' THEN now() ELSE terminated_at END
          WHERE id = $1 AND version = $2
          RETURNING {COLUMNS}"
@@ -337,6 +340,17 @@ pub async fn allocation_start(
     ) {
         return Ok(current);
     }
+    // A drain waits for this host to empty: nothing starts there again.
+    let draining: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT FROM hosts WHERE id = $1
+                         AND (state = 'draining' OR state_before_offline = 'draining'))",
+    )
+    .bind(current.host_id)
+    .fetch_one(tx.conn())
+    .await?;
+    if draining && current.state() == AllocationState::Stopped {
+        return Err(ProvisioningError::HostDraining);
+    }
     let starting = transition(&mut tx, &current, AllocationState::Starting, None).await?;
     tx.commit(Audit::new(
         "allocation.start",
@@ -428,6 +442,13 @@ pub async fn allocation_observe(
             if current.state() == AllocationState::Stopping =>
         {
             (AllocationState::Stopped, None)
+        }
+        // A late or repeated report of the run that was stopped.
+        Observed::Failed(_) | Observed::Terminated
+            if current.state() == AllocationState::Stopped =>
+        {
+            tracing::info!(allocation = %id, observed = ?observed, "ignoring a report about a stopped allocation");
+            return Ok(None);
         }
         Observed::Failed(reason) => (AllocationState::Failed, Some(reason.as_str())),
         Observed::Terminated => (AllocationState::Terminated, None),

@@ -46,6 +46,7 @@ pub fn test_config(database: &TestDb) -> keel_api::Config {
         agent: Default::default(),
         idempotency: Default::default(),
         rate_limit: relaxed_limits(),
+        lifecycle: Default::default(),
     }
 }
 
@@ -108,6 +109,7 @@ impl TestApp {
             tokens: Arc::new(tokens),
             node_channel: Arc::new(keel_api::node_channel(&keys, &config).expect("node channel")),
             limits: Arc::new(Limits::new(limits)),
+            deadlines: config.lifecycle,
         };
         Self {
             database,

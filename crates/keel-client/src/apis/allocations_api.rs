@@ -21,6 +21,7 @@ pub enum AllocationCreateError {
     Status401(models::ErrorBody),
     Status403(models::ErrorBody),
     Status404(models::ErrorBody),
+    Status409(models::ErrorBody),
     Status422(models::ErrorBody),
     UnknownValue(serde_json::Value),
 }

@@ -134,6 +134,8 @@ pub mod quota_limits;
 pub use self::quota_limits::QuotaLimits;
 pub mod quota_usage;
 pub use self::quota_usage::QuotaUsage;
+pub mod reconcile_report;
+pub use self::reconcile_report::ReconcileReport;
 pub mod refresh_request;
 pub use self::refresh_request::RefreshRequest;
 pub mod region_list;

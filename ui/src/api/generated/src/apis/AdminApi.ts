@@ -89,6 +89,11 @@ import {
     QuotaLimitsToJSON,
 } from '../models/QuotaLimits';
 import {
+    type ReconcileReport,
+    ReconcileReportFromJSON,
+    ReconcileReportToJSON,
+} from '../models/ReconcileReport';
+import {
     type RegionView,
     RegionViewFromJSON,
     RegionViewToJSON,
@@ -669,6 +674,27 @@ export interface AdminApiInterface {
      * Change the quota of every tenant without its own.
      */
     adminQuotaDefaultsSet(requestParameters: AdminQuotaDefaultsSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<QuotaLimits>;
+
+    /**
+     * Creates request options for adminReconcile without sending the request
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminReconcileRequestOpts(): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Run the reconciler now: every allocation past its deadline is retried or settled (as the worker does every few seconds).
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminReconcileRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<ReconcileReport>>;
+
+    /**
+     * Run the reconciler now: every allocation past its deadline is retried or settled (as the worker does every few seconds).
+     */
+    adminReconcile(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<ReconcileReport>;
 
     /**
      * Creates request options for adminRegionCreate without sending the request
@@ -1679,6 +1705,51 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
      */
     async adminQuotaDefaultsSet(requestParameters: AdminQuotaDefaultsSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<QuotaLimits> {
         const response = await this.adminQuotaDefaultsSetRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminReconcile without sending the request
+     */
+    async adminReconcileRequestOpts(): Promise<runtime.RequestOpts> {
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/reconcile`;
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Run the reconciler now: every allocation past its deadline is retried or settled (as the worker does every few seconds).
+     */
+    async adminReconcileRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<ReconcileReport>> {
+        const requestOptions = await this.adminReconcileRequestOpts();
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => ReconcileReportFromJSON(jsonValue));
+    }
+
+    /**
+     * Run the reconciler now: every allocation past its deadline is retried or settled (as the worker does every few seconds).
+     */
+    async adminReconcile(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<ReconcileReport> {
+        const response = await this.adminReconcileRaw(initOverrides);
         return await response.value();
     }
 

@@ -68,6 +68,7 @@ export * from './ProjectView';
 export * from './PublishedSigningKey';
 export * from './QuotaLimits';
 export * from './QuotaUsage';
+export * from './ReconcileReport';
 export * from './RefreshRequest';
 export * from './RegionList';
 export * from './RegionView';
