@@ -92,6 +92,9 @@ if [ -d "$state/pki" ]; then
 fi
 listen=${KEEL_SERVER__LISTEN:-127.0.0.1:8080}
 export KEEL_SERVER__LISTEN="$listen"
+# Prometheus metrics of each process, on loopback.
+export KEEL_METRICS__API_LISTEN=${KEEL_METRICS__API_LISTEN:-127.0.0.1:9464}
+export KEEL_METRICS__WORKER_LISTEN=${KEEL_METRICS__WORKER_LISTEN:-127.0.0.1:9465}
 KEEL_DATABASE_MIGRATE_ON_START=false ./target/debug/api &
 pids+=($!)
 
@@ -112,7 +115,8 @@ if [ ! -f "$agent_state/node.json" ]; then
     ./target/debug/keel-agent join --api-url "http://$listen" --join-token "$token" \
         --ca-fingerprint "$fingerprint" --state-dir "$agent_state" --listen "$agent_listen" --name local-agent
 fi
-./target/debug/keel-agent run --state-dir "$agent_state" &
+KEEL_AGENT_METRICS_LISTEN=${KEEL_AGENT_METRICS_LISTEN:-127.0.0.1:9466} \
+    ./target/debug/keel-agent run --state-dir "$agent_state" &
 pids+=($!)
 cat <<MSG
 
@@ -122,6 +126,8 @@ Keel is running at http://$listen  (Ctrl-C stops it)
   log in:   curl -s http://$listen/v1/auth/login -H 'content-type: application/json' \\
               -d '{"email":"you@example.com","password":"a long password"}'
   API document: http://$listen/v1/openapi.json
+  metrics:  http://$KEEL_METRICS__API_LISTEN/metrics (api), http://$KEEL_METRICS__WORKER_LISTEN/metrics (worker),
+            http://127.0.0.1:9466/metrics (agent)
 
 MSG
 wait "${pids[@]}"

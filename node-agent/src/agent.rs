@@ -240,6 +240,7 @@ pub async fn run_until_signal(config: &AgentConfig) -> Result<RunOutcome, AgentE
         Arc::clone(&identity),
     )
     .await?;
+    let metrics_driver = Arc::clone(&driver);
     let link = Arc::new(ControlPlaneLink::new(
         &state,
         identity,
@@ -252,6 +253,19 @@ pub async fn run_until_signal(config: &AgentConfig) -> Result<RunOutcome, AgentE
     let delivery = tokio::spawn(delivery.run(async move {
         let _ = delivery_stopped.await;
     }));
+    let (stop_metrics, metrics_stopped) = oneshot::channel::<()>();
+    if let Some(listen) = config.metrics_listen {
+        let driver = Arc::clone(&metrics_driver);
+        tokio::spawn(async move {
+            let served = crate::metrics::serve(listen, driver, async move {
+                let _ = metrics_stopped.await;
+            })
+            .await;
+            if let Err(error) = served {
+                tracing::error!(%listen, %error, "could not serve metrics");
+            }
+        });
+    }
 
     let outcome = tokio::select! {
         () = termination => RunOutcome::Stopped,
@@ -263,6 +277,7 @@ pub async fn run_until_signal(config: &AgentConfig) -> Result<RunOutcome, AgentE
     tracing::info!("shutting down");
     // Tasks stop first, so nothing new is queued while delivery winds down.
     agent.shutdown().await;
+    let _ = stop_metrics.send(());
     let _ = stop_delivery.send(());
     if let Err(error) = delivery.await {
         tracing::error!(%error, "the report delivery task failed");

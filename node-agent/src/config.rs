@@ -81,6 +81,10 @@ pub struct AgentConfig {
     pub timing: TimingConfig,
     #[serde(default)]
     pub workloads: WorkloadsConfig,
+    /// Where to serve Prometheus metrics (`/metrics`), if anywhere; keep it
+    /// on loopback or the operators' network.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Why the configuration could not be used.
@@ -103,6 +107,7 @@ impl AgentConfig {
             state_dir: state_dir.to_owned(),
             timing: TimingConfig::default(),
             workloads: WorkloadsConfig::default(),
+            metrics_listen: None,
         }
     }
 
@@ -159,6 +164,12 @@ impl AgentConfig {
         }
         if let Some(value) = seconds("KEEL_AGENT_RENEWAL_RETRY_SECS") {
             self.timing.renewal_retry_secs = value;
+        }
+        if let Some(listen) = std::env::var("KEEL_AGENT_METRICS_LISTEN")
+            .ok()
+            .and_then(|value| value.parse().ok())
+        {
+            self.metrics_listen = Some(listen);
         }
         if std::env::var("KEEL_AGENT_DRIVER").as_deref() == Ok("simulated") {
             self.workloads.driver = DriverKind::Simulated;

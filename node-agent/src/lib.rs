@@ -41,6 +41,7 @@ pub mod control;
 pub mod enrol;
 pub mod inventory;
 pub mod keyring;
+pub mod metrics;
 pub mod reports;
 pub mod server;
 pub mod shim;

@@ -141,6 +141,7 @@ async fn receive_task(
         Ok(bytes) => bytes,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             tracing::warn!(reason = "too_large", "task rejected before verification");
+            crate::metrics::count_task("too_large");
             return error_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
@@ -161,11 +162,17 @@ async fn receive_task(
         peer = peer.control_plane_component.as_deref().unwrap_or_default()
     );
     let now_unix = OffsetDateTime::now_utc().unix_timestamp();
-    match inbox
+    let outcome = inbox
         .receive(&envelope_bytes, now_unix)
         .instrument(span)
-        .await
-    {
+        .await;
+    crate::metrics::count_task(match &outcome {
+        Ok(_) => "accepted",
+        Err(TaskInboxError::Rejected(rejection)) => rejection.reason(),
+        Err(TaskInboxError::WrongTenant { .. }) => "wrong_tenant",
+        Err(TaskInboxError::Ledger(_)) => "ledger_unavailable",
+    });
+    match outcome {
         Ok(payload) => (
             StatusCode::OK,
             Json(serde_json::json!({ "task_id": payload.task_id, "status": "accepted" })),

@@ -8,6 +8,8 @@
 //! number of workers can run side by side: they coordinate through
 //! Postgres only.
 
+mod metrics;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -81,10 +83,23 @@ async fn run() -> anyhow::Result<()> {
         Vec::new(),
         stop.subscribe(),
     ));
+    let mut registry = keel_http::metrics::Registry::default();
+    let worker_metrics = metrics::WorkerMetrics::register(&mut registry);
+    let metrics_server = config.metrics.worker_listen.map(|listen| {
+        let mut stopped = stop.subscribe();
+        tokio::spawn(keel_http::metrics::serve(
+            listen,
+            Arc::new(registry),
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            },
+        ))
+    });
     let liveness = tokio::spawn(watch_host_liveness(
         db.clone(),
         time::Duration::seconds(i64::from(config.agent.offline_after_secs.max(1))),
         config.lifecycle,
+        worker_metrics,
         stop.subscribe(),
     ));
     let monitor = keel_outbox::worker::monitor(&db, &consumers, &instance);
@@ -101,6 +116,12 @@ async fn run() -> anyhow::Result<()> {
     sealer.await.context("audit sealer task")?;
     liveness.await.context("host liveness task")?;
     reissuer.await.context("certificate re-issuer")?;
+    if let Some(server) = metrics_server {
+        server
+            .await
+            .context("metrics listener")?
+            .context("serving metrics")?;
+    }
     reload.await.context("signing-key reload task")?;
     result.context("consumer workers")?;
     tracing::info!("worker stopped");
@@ -156,6 +177,7 @@ async fn watch_host_liveness(
     db: keel_db::Db,
     grace: time::Duration,
     deadlines: keel_provisioning::reconcile::Deadlines,
+    metrics: metrics::WorkerMetrics,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut ticks = tokio::time::interval(std::time::Duration::from_secs(5));
@@ -184,12 +206,21 @@ async fn watch_host_liveness(
         }
         let meta =
             keel_db::RequestMeta::system("worker", uuid::Uuid::now_v7().simple().to_string());
-        match keel_provisioning::reconcile::reconcile_deadlines(&db, meta, &deadlines).await {
-            Ok(report) if report.past_deadline > 0 => {
-                tracing::warn!(?report, "allocations past their deadline");
-            }
-            Ok(_) => {}
-            Err(error) => tracing::warn!(error = %error, "reconciling allocations failed"),
+        let past_deadline =
+            match keel_provisioning::reconcile::reconcile_deadlines(&db, meta, &deadlines).await {
+                Ok(report) => {
+                    if report.past_deadline > 0 {
+                        tracing::warn!(?report, "allocations past their deadline");
+                    }
+                    report.past_deadline
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "reconciling allocations failed");
+                    0
+                }
+            };
+        if let Err(error) = metrics.refresh(&db, past_deadline).await {
+            tracing::warn!(error = %error, "refreshing the metrics failed");
         }
     }
 }

@@ -44,6 +44,22 @@ pub struct Config {
     /// Deadlines of the allocation lifecycle (the reconciler's).
     #[serde(default)]
     pub lifecycle: keel_provisioning::reconcile::Deadlines,
+    /// Where the api and the worker serve Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// Prometheus `/metrics` listeners, each off unless set. Keep them on
+/// loopback or the operators' network.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// The api's, e.g. `127.0.0.1:9464`.
+    #[serde(default)]
+    pub api_listen: Option<SocketAddr>,
+    /// The worker's, e.g. `127.0.0.1:9465`.
+    #[serde(default)]
+    pub worker_listen: Option<SocketAddr>,
 }
 
 /// Certificates issued to nodes. (The CAs and keys themselves live in
@@ -120,6 +136,8 @@ const SECTIONS: &[&str] = &[
     "agent",
     "idempotency",
     "rate_limit",
+    "lifecycle",
+    "metrics",
 ];
 
 fn yes() -> bool {
@@ -201,8 +219,17 @@ mod tests {
                 ),
             )?;
             jail.set_env("KEEL_SERVER__LISTEN", "127.0.0.1:9100");
+            // Every section is read from the environment, the later ones too.
+            jail.set_env("KEEL_LIFECYCLE__START_SECS", "7");
+            jail.set_env("KEEL_METRICS__WORKER_LISTEN", "127.0.0.1:9465");
             let config = Config::load(Some(Path::new("keel.toml"))).expect("loads");
             assert_eq!(config.server.listen.port(), 9100);
+            assert_eq!(config.lifecycle.start_secs, 7);
+            assert_eq!(config.lifecycle.stop_secs, 120);
+            assert_eq!(
+                config.metrics.worker_listen,
+                Some("127.0.0.1:9465".parse().unwrap())
+            );
             assert_eq!(config.log.filter, "info");
             assert!(config.database_migrate_on_start);
             Ok(())

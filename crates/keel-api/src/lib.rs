@@ -41,6 +41,10 @@ pub fn app(state: AppState) -> Router {
                 async move { axum::Json(document.as_ref().clone()) }
             }),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            keel_http::metrics::http_layer,
+        ))
         .fallback(keel_http::route_not_found)
         .with_state(state.clone())
         .layer(axum::middleware::from_fn_with_state(
@@ -103,6 +107,7 @@ pub fn state_from_config(
         node_channel: Arc::new(node_channel(keys, config)?),
         limits: Arc::new(Limits::new(config.rate_limit.clone())),
         deadlines: config.lifecycle,
+        metrics: keel_http::metrics::HttpMetrics::default(),
     })
 }
 
@@ -162,7 +167,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let keys = Arc::new(ControlPlaneKeys::load_or_create(&db, &kms).await?);
     let identity = keys.hot_service_identity("api", &config.agent.server_names)?;
     let deny_list = deny_list(&db).await?;
-    let state = state_from_config(&config, db.clone(), &keys)?;
+    let mut state = state_from_config(&config, db.clone(), &keys)?;
+    let mut registry = keel_http::metrics::Registry::default();
+    state.metrics = keel_http::metrics::HttpMetrics::register(&mut registry);
     let listener = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("binding server.listen = {}", config.server.listen))?;
@@ -195,6 +202,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
+    let metrics = config.metrics.api_listen.map(|listen| {
+        tokio::spawn(keel_http::metrics::serve(
+            listen,
+            Arc::new(registry),
+            until_stopped(stopped.clone()),
+        ))
+    });
     // The peer address feeds the per-IP rate limits.
     let public = axum::serve(
         listener,
@@ -219,6 +233,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     )?;
     refresher.await.context("deny-list refresher")?;
     reissuer.await.context("certificate re-issuer")?;
+    if let Some(metrics) = metrics {
+        metrics
+            .await
+            .context("metrics listener")?
+            .context("serving metrics")?;
+    }
     tracing::info!("api stopped");
     Ok(())
 }

@@ -16,6 +16,8 @@ pub struct AppState {
     pub limits: Arc<Limits>,
     /// How long each allocation state may last (`[lifecycle]`).
     pub deadlines: keel_provisioning::reconcile::Deadlines,
+    /// Request counts and latencies (served by the metrics listener).
+    pub metrics: keel_http::metrics::HttpMetrics,
 }
 
 impl std::fmt::Debug for AppState {

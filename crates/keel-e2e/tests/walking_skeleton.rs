@@ -17,7 +17,7 @@ use keel_client::models::{AllocationState, LoginRequest, NewAllocation, Register
 
 mod common;
 
-use common::{binary, control_plane_env, eventually, free_port, pid_is_alive, spawn};
+use common::{binary, control_plane_env, eventually, free_port, pid_is_alive, scrape, spawn};
 
 #[tokio::test]
 async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_removes_the_process() {
@@ -30,10 +30,15 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
     );
     std::fs::create_dir_all(&logs).unwrap();
     let (api_port, agents_port, agent_port) = (free_port(), free_port(), free_port());
+    let (api_metrics, worker_metrics, agent_metrics) = (free_port(), free_port(), free_port());
     let base = format!("http://127.0.0.1:{api_port}");
 
     let mut api_command = Command::new(binary("api"));
     control_plane_env(&mut api_command, &database, &kms_dir, api_port, agents_port);
+    api_command.env(
+        "KEEL_METRICS__API_LISTEN",
+        format!("127.0.0.1:{api_metrics}"),
+    );
     let api = spawn("api", &mut api_command, &logs);
     let config = Configuration {
         base_path: base.clone(),
@@ -87,7 +92,11 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
         Command::new(binary("keel-agent"))
             .arg("run")
             .arg("--state-dir")
-            .arg(&agent_state),
+            .arg(&agent_state)
+            .env(
+                "KEEL_AGENT_METRICS_LISTEN",
+                format!("127.0.0.1:{agent_metrics}"),
+            ),
         &logs,
     );
     let mut worker_command = Command::new(binary("worker"));
@@ -97,6 +106,10 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
         &kms_dir,
         api_port,
         agents_port,
+    );
+    worker_command.env(
+        "KEEL_METRICS__WORKER_LISTEN",
+        format!("127.0.0.1:{worker_metrics}"),
     );
     let worker = spawn("worker", &mut worker_command, &logs);
 
@@ -238,6 +251,43 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
         (!pid_is_alive(pid)).then_some(())
     })
     .await;
+
+    // Each process tells Prometheus what it did.
+    let api_text = scrape(api_metrics).await.expect("the api serves metrics");
+    assert!(
+        api_text.contains(
+            "keel_http_requests_total{method=\"POST\",route=\"/v1/projects/{project_id}/allocations\",status=\"202\"}"
+        ),
+        "{api_text}"
+    );
+    assert!(api_text.contains("keel_http_request_duration_seconds_bucket"));
+    eventually(
+        "the worker to count the terminated allocation",
+        &logs,
+        || async {
+            scrape(worker_metrics)
+                .await
+                .filter(|text| text.contains("keel_allocations{state=\"terminated\"} 1"))
+        },
+    )
+    .await;
+    let worker_text = scrape(worker_metrics).await.unwrap();
+    for name in [
+        "keel_allocations_past_deadline 0",
+        "keel_outbox_lag_seconds",
+        "keel_outbox_dead_deliveries 0",
+        "keel_outbox_delivery_failures_total",
+    ] {
+        assert!(worker_text.contains(name), "{name} in {worker_text}");
+    }
+    let agent_text = scrape(agent_metrics)
+        .await
+        .expect("the agent serves metrics");
+    assert!(
+        agent_text.contains("keel_agent_tasks_total{outcome=\"accepted\"} 4"),
+        "{agent_text}"
+    );
+    assert!(agent_text.contains("keel_agent_workloads"));
 
     // Every state change is audited, and the capacity is back.
     let mut admin = database.admin().await;

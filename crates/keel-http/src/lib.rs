@@ -10,6 +10,7 @@
 
 mod error;
 mod extract;
+pub mod metrics;
 mod precondition;
 mod request_id;
 pub mod tls;

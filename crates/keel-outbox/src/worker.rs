@@ -9,6 +9,14 @@ use keel_db::{Db, OUTBOX_CHANNEL};
 
 use crate::{Consumer, DeliveredEvent, DeliveryJob, MAX_ATTEMPTS, backoff_secs};
 
+/// Failed delivery attempts in this process (the worker's metrics read it).
+static DELIVERY_FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many delivery attempts failed in this process so far.
+pub fn delivery_failures() -> u64 {
+    DELIVERY_FAILURES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// What the apalis handler needs.
 #[derive(Clone)]
 struct Runner {
@@ -71,6 +79,7 @@ pub async fn run_delivery(
             mark_done(&mut tx, consumer.name(), job).await?;
         }
         Err(error) => {
+            DELIVERY_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let attempts = previous_attempts + 1;
             let delay = backoff_secs(previous_attempts);
             sqlx::query(

@@ -47,6 +47,7 @@ pub fn test_config(database: &TestDb) -> keel_api::Config {
         idempotency: Default::default(),
         rate_limit: relaxed_limits(),
         lifecycle: Default::default(),
+        metrics: Default::default(),
     }
 }
 
@@ -110,6 +111,7 @@ impl TestApp {
             node_channel: Arc::new(keel_api::node_channel(&keys, &config).expect("node channel")),
             limits: Arc::new(Limits::new(limits)),
             deadlines: config.lifecycle,
+            metrics: keel_http::metrics::HttpMetrics::default(),
         };
         Self {
             database,

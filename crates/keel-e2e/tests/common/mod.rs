@@ -100,6 +100,21 @@ where
     }
 }
 
+/// `GET /metrics` of a metrics listener on 127.0.0.1 (plain HTTP/1.0).
+pub async fn scrape(port: u16) -> Option<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    response.starts_with("HTTP/1.0 200").then_some(response)
+}
+
 pub fn pid_is_alive(pid: u32) -> bool {
     // A reaped process has no /proc entry; a zombie would say so in stat.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
