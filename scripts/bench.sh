@@ -77,8 +77,11 @@ user=$(echo "$registered" | json user_id)
 token=$(curl -sf "$api/v1/auth/login" -H 'content-type: application/json' \
     -d '{"email":"bench@example.com","password":"a long bench password"}' | json access_token)
 session=$(psql "$bench_admin_url" -qtAc "SELECT id FROM sessions WHERE user_id = '$user' LIMIT 1")
-psql "$bench_admin_url" -qc "INSERT INTO hosts (id, name, region, state, agent_url, vcpus, memory_mib, cert_serial, cert_not_after)
-    VALUES (gen_random_uuid(), 'bench-host', 'local-1', 'ready', 'https://127.0.0.1:1', 100000000, 1000000000000, '00', now() + interval '1 day')" >/dev/null
+psql "$bench_admin_url" -qc "INSERT INTO hosts (id, name, region, state, agent_url, vcpus, memory_mib, disk_gib, cert_serial, cert_not_after)
+    VALUES (gen_random_uuid(), 'bench-host', 'local-1', 'ready', 'https://127.0.0.1:1', 100000000, 1000000000000, 1000000000000, '00', now() + interval '1 day')" >/dev/null
+# A quota no run reaches (the quota check itself still runs on every create).
+psql "$bench_admin_url" -qc "INSERT INTO quotas (tenant_id, allocations, vcpus, memory_mib, gpus)
+    VALUES ('$tenant', 1000000000, 1000000000, 1000000000000, 0)" >/dev/null
 
 run_api() {
     target/release/keel-bench "$1" --url "$api" --token "$token" --project "$project" \

@@ -255,16 +255,23 @@ pub async fn run_until_signal(config: &AgentConfig) -> Result<RunOutcome, AgentE
     }));
     let (stop_metrics, metrics_stopped) = oneshot::channel::<()>();
     if let Some(listen) = config.metrics_listen {
-        let driver = Arc::clone(&metrics_driver);
-        tokio::spawn(async move {
-            let served = crate::metrics::serve(listen, driver, async move {
-                let _ = metrics_stopped.await;
-            })
-            .await;
-            if let Err(error) = served {
-                tracing::error!(%listen, %error, "could not serve metrics");
+        // Metrics are not worth refusing tasks over: a listener that cannot
+        // bind is logged, and the agent runs on.
+        match keel_http::metrics::bind(listen).await {
+            Ok(listener) => {
+                let driver = Arc::clone(&metrics_driver);
+                tokio::spawn(async move {
+                    let served = crate::metrics::serve(listener, driver, async move {
+                        let _ = metrics_stopped.await;
+                    })
+                    .await;
+                    if let Err(error) = served {
+                        tracing::error!(%listen, %error, "serving metrics failed");
+                    }
+                });
             }
-        });
+            Err(error) => tracing::error!(%listen, %error, "could not bind the metrics listener"),
+        }
     }
 
     let outcome = tokio::select! {

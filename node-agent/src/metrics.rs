@@ -26,10 +26,10 @@ pub fn count_task(outcome: &str) {
         .inc();
 }
 
-/// Serves the agent's metrics on `listen` until `shutdown`, refreshing the
+/// Serves the agent's metrics on `listener` until `shutdown`, refreshing the
 /// workload count every 5 seconds.
 pub async fn serve(
-    listen: std::net::SocketAddr,
+    listener: tokio::net::TcpListener,
     driver: Arc<dyn WorkloadDriver>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -52,7 +52,7 @@ pub async fn serve(
             workloads.set(i64::try_from(driver.running_allocations().len()).unwrap_or(i64::MAX));
         }
     });
-    let served = keel_http::metrics::serve(listen, Arc::new(registry), shutdown).await;
+    let served = keel_http::metrics::serve(listener, Arc::new(registry), shutdown).await;
     refresher.abort();
     served
 }

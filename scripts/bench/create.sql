@@ -20,6 +20,22 @@ SELECT role, grant_role, project_visible
   FROM caller_standing('user', :tenant::uuid, :user::uuid, :session::uuid, :project::uuid);
 SELECT name, vcpus, memory_mib, gpu_model, gpu_count, disk_gib FROM flavors
  WHERE name = 'cpu.small' AND retired_at IS NULL;
+SELECT EXISTS (SELECT FROM hosts WHERE region = r.name AND revoked_at IS NULL
+                  AND vcpus >= 1 AND memory_mib >= 1024 AND gpu_count >= 0 AND disk_gib >= 10)
+  FROM regions r WHERE r.name = 'local-1';
+SELECT pg_advisory_xact_lock(hashtext('keel.quota'), hashtext(:tenant::text));
+SELECT allocations, vcpus, memory_mib::bigint AS memory_mib, gpus FROM quotas
+ WHERE tenant_id = :tenant::uuid AND project_id IS NULL;
+SELECT count(*), COALESCE(sum(f.vcpus), 0)::bigint, COALESCE(sum(f.memory_mib), 0)::bigint,
+       COALESCE(sum(f.gpu_count), 0)::bigint
+  FROM allocations a JOIN flavors f ON f.name = a.flavor
+ WHERE a.tenant_id = :tenant::uuid AND a.reserved;
+SELECT allocations, vcpus, memory_mib::bigint AS memory_mib, gpus FROM quotas
+ WHERE tenant_id = :tenant::uuid AND project_id = :project::uuid;
+SELECT count(*), COALESCE(sum(f.vcpus), 0)::bigint, COALESCE(sum(f.memory_mib), 0)::bigint,
+       COALESCE(sum(f.gpu_count), 0)::bigint
+  FROM allocations a JOIN flavors f ON f.name = a.flavor
+ WHERE a.tenant_id = :tenant::uuid AND a.reserved AND a.project_id = :project::uuid;
 INSERT INTO allocations (id, tenant_id, project_id, name, flavor, region, command, state)
 VALUES (gen_random_uuid(), :tenant::uuid, :project::uuid, 'bench', 'cpu.small', 'local-1', '{sleep,infinity}', 'requested')
 RETURNING id AS alloc \gset
@@ -28,10 +44,11 @@ WITH candidate AS (
      WHERE state = 'ready' AND revoked_at IS NULL AND region = 'local-1'
        AND vcpus - reserved_vcpus >= 1 AND memory_mib - reserved_memory_mib >= 1024
        AND gpu_count - reserved_gpus >= 0 AND (0 = 0 OR gpu_model = NULL)
+       AND disk_gib - reserved_disk_gib >= 10
      ORDER BY vcpus - reserved_vcpus, memory_mib - reserved_memory_mib, id
      LIMIT 1 FOR UPDATE)
 UPDATE hosts SET reserved_vcpus = reserved_vcpus + 1, reserved_memory_mib = reserved_memory_mib + 1024,
-                 reserved_gpus = reserved_gpus + 0
+                 reserved_gpus = reserved_gpus + 0, reserved_disk_gib = reserved_disk_gib + 10
   FROM candidate WHERE hosts.id = candidate.id RETURNING hosts.id AS host \gset
 UPDATE allocations SET state = 'scheduled', host_id = :host::uuid, reserved = true, updated_at = now(), version = version + 1
  WHERE id = :alloc::uuid

@@ -85,16 +85,22 @@ async fn run() -> anyhow::Result<()> {
     ));
     let mut registry = keel_http::metrics::Registry::default();
     let worker_metrics = metrics::WorkerMetrics::register(&mut registry);
-    let metrics_server = config.metrics.worker_listen.map(|listen| {
-        let mut stopped = stop.subscribe();
-        tokio::spawn(keel_http::metrics::serve(
-            listen,
-            Arc::new(registry),
-            async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            },
-        ))
-    });
+    let metrics_server = match config.metrics.worker_listen {
+        Some(listen) => {
+            let listener = keel_http::metrics::bind(listen)
+                .await
+                .with_context(|| format!("binding metrics.worker_listen = {listen}"))?;
+            let mut stopped = stop.subscribe();
+            Some(tokio::spawn(keel_http::metrics::serve(
+                listener,
+                Arc::new(registry),
+                async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                },
+            )))
+        }
+        None => None,
+    };
     let liveness = tokio::spawn(watch_host_liveness(
         db.clone(),
         time::Duration::seconds(i64::from(config.agent.offline_after_secs.max(1))),
@@ -212,11 +218,11 @@ async fn watch_host_liveness(
                     if report.past_deadline > 0 {
                         tracing::warn!(?report, "allocations past their deadline");
                     }
-                    report.past_deadline
+                    Some(report.past_deadline)
                 }
                 Err(error) => {
                     tracing::warn!(error = %error, "reconciling allocations failed");
-                    0
+                    None
                 }
             };
         if let Err(error) = metrics.refresh(&db, past_deadline).await {

@@ -10,6 +10,20 @@ use keel_http::metrics::prometheus_client::metrics::gauge::Gauge;
 /// `state`: an allocation state.
 type StateLabels = [(&'static str, String); 1];
 
+const ALL_STATES: &[&str] = &[
+    "requested",
+    "scheduled",
+    "provisioning",
+    "running",
+    "stopping",
+    "stopped",
+    "starting",
+    "terminating",
+    "terminated",
+    "failed",
+    "lost",
+];
+
 /// What the worker reports.
 #[derive(Clone, Debug, Default)]
 pub struct WorkerMetrics {
@@ -59,7 +73,13 @@ impl WorkerMetrics {
     }
 
     /// Reads the current numbers from the database.
-    pub async fn refresh(&self, db: &keel_db::Db, past_deadline: i64) -> anyhow::Result<()> {
+    /// `past_deadline` is the reconciler's latest count (`None`: its pass
+    /// failed, and the last count stands).
+    pub async fn refresh(
+        &self,
+        db: &keel_db::Db,
+        past_deadline: Option<i64>,
+    ) -> anyhow::Result<()> {
         let mut tx = db.begin_bookkeeping().await?;
         let states: Vec<(String, i64)> =
             sqlx::query_as("SELECT state, count(*) FROM allocations GROUP BY state")
@@ -71,18 +91,24 @@ impl WorkerMetrics {
                                  FILTER (WHERE d.status IN ('pending', 'queued')))::bigint, 0),
                     count(*) FILTER (WHERE d.status = 'dead')
                FROM outbox_deliveries d JOIN outbox o ON o.id = d.event_id
-              WHERE d.status <> 'done'",
+              WHERE d.status IN ('pending', 'queued', 'dead')",
         )
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
-        self.allocations.clear();
-        for (state, count) in states {
+        // Every state is reported, 0 included, so none drops out.
+        for state in ALL_STATES {
+            let count = states
+                .iter()
+                .find(|(name, _)| name == state)
+                .map_or(0, |(_, count)| *count);
             self.allocations
-                .get_or_create(&[("state", state)])
+                .get_or_create(&[("state", (*state).to_owned())])
                 .set(count);
         }
-        self.past_deadline.set(past_deadline);
+        if let Some(past_deadline) = past_deadline {
+            self.past_deadline.set(past_deadline);
+        }
         self.pending.set(pending);
         self.oldest_pending_secs.set(lag);
         self.dead.set(dead);

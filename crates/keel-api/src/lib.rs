@@ -202,13 +202,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
-    let metrics = config.metrics.api_listen.map(|listen| {
-        tokio::spawn(keel_http::metrics::serve(
-            listen,
-            Arc::new(registry),
-            until_stopped(stopped.clone()),
-        ))
-    });
+    let metrics = match config.metrics.api_listen {
+        Some(listen) => {
+            let listener = keel_http::metrics::bind(listen)
+                .await
+                .with_context(|| format!("binding metrics.api_listen = {listen}"))?;
+            Some(tokio::spawn(keel_http::metrics::serve(
+                listener,
+                Arc::new(registry),
+                until_stopped(stopped.clone()),
+            )))
+        }
+        None => None,
+    };
     // The peer address feeds the per-IP rate limits.
     let public = axum::serve(
         listener,

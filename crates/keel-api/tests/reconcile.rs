@@ -175,7 +175,7 @@ async fn on_a_host_gone_for_long_lost_work_fails_and_terminations_complete() {
 #[tokio::test]
 async fn what_a_host_reports_is_reconciled_with_what_keel_wants() {
     let app = TestApp::spawn().await;
-    let (host, ids) = launch(&app, 6).await;
+    let (host, ids) = launch(&app, 7).await;
     let host_id = HostId::from(host);
     set(&app, &ids[0], "lost", 30, 0).await; // listed → running
     set(&app, &ids[1], "failed", 30, 0).await; // listed → orphan, stopped there
@@ -183,6 +183,7 @@ async fn what_a_host_reports_is_reconciled_with_what_keel_wants() {
     set(&app, &ids[3], "stopping", 120, 0).await; // missing → stopped
     set(&app, &ids[4], "terminating", 120, 0).await; // missing → terminated
     set(&app, &ids[5], "running", 5, 0).await; // missing, but just started
+    set(&app, &ids[6], "lost", 120, 0).await; // the host came back without it
     let mut admin = app.database.admin().await;
     sqlx::query("UPDATE allocations SET reserved = false WHERE id = $1::uuid")
         .bind(&ids[1])
@@ -196,10 +197,24 @@ async fn what_a_host_reports_is_reconciled_with_what_keel_wants() {
         .chain([stranger])
         .collect();
 
+    // The first heartbeat without them only notes that they are missing.
     let acted = reconcile_host(&app.state.db, meta(), host_id, &listed)
         .await
         .unwrap();
-    assert_eq!(acted, 6);
+    assert_eq!(acted, 3, "one back to running, two orphans");
+    assert_eq!(state_of(&app, &ids[2]).await.0, "running");
+    // Missing for the whole grace period: believed gone.
+    sqlx::query(
+        "UPDATE allocations SET unlisted_since = now() - interval '2 minutes'
+          WHERE unlisted_since IS NOT NULL",
+    )
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let acted = reconcile_host(&app.state.db, meta(), host_id, &listed)
+        .await
+        .unwrap();
+    assert_eq!(acted, 4, "the orphans were asked to stop a moment ago");
     assert_eq!(state_of(&app, &ids[0]).await.0, "running");
     assert_eq!(state_of(&app, &ids[1]).await.0, "failed");
     let (state, reason, reserved, _) = state_of(&app, &ids[2]).await;
@@ -209,6 +224,10 @@ async fn what_a_host_reports_is_reconciled_with_what_keel_wants() {
     assert_eq!(state_of(&app, &ids[3]).await.0, "stopped");
     assert_eq!(state_of(&app, &ids[4]).await.0, "terminated");
     assert_eq!(state_of(&app, &ids[5]).await.0, "running");
+    let (state, reason, reserved, _) = state_of(&app, &ids[6]).await;
+    assert_eq!(state, "failed");
+    assert!(reason.unwrap().contains("when its host came back"));
+    assert!(!reserved);
     let orphans: Vec<serde_json::Value> = sqlx::query_scalar(
         "SELECT payload FROM outbox WHERE event_type = 'host.orphan_workload' ORDER BY created_at",
     )
@@ -223,8 +242,7 @@ async fn what_a_host_reports_is_reconciled_with_what_keel_wants() {
     assert!(orphaned.contains(&ids[1].as_str()));
     assert!(orphaned.contains(&stranger.to_string().as_str()));
 
-    // Reconciling the same report again changes nothing more (the orphans
-    // are asked to stop again, which is harmless).
+    // Reconciling the same report again changes nothing more.
     let again = reconcile_host(&app.state.db, meta(), host_id, &listed[..1])
         .await
         .unwrap();

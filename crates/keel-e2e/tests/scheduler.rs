@@ -58,14 +58,15 @@ async fn concurrent_launches_through_two_apis_never_over_commit_a_host() {
     }
 
     // Hosts as enrolment leaves them (their agents are not needed here:
-    // placement happens in the api).
+    // placement happens in the api), seen far enough ahead that no
+    // liveness sweep takes them offline while the test runs slowly.
     let mut admin = database.admin().await;
     for i in 0..HOSTS {
         sqlx::query(
             "INSERT INTO hosts (id, name, region, state, agent_url, vcpus, memory_mib, disk_gib,
                                 cert_serial, cert_not_after, last_seen_at)
              VALUES ($1, $2, 'local-1', 'ready', 'https://127.0.0.1:9', 4, 16384, 1000, $3,
-                     now() + interval '1 day', now())",
+                     now() + interval '1 day', now() + interval '1 day')",
         )
         .bind(uuid::Uuid::now_v7())
         .bind(format!("host-{i}"))

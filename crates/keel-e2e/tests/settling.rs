@@ -44,7 +44,7 @@ impl Keel {
         command
             .env("KEEL_LIFECYCLE__START_SECS", "4")
             .env("KEEL_LIFECYCLE__STOP_SECS", "4")
-            .env("KEEL_LIFECYCLE__ATTEMPTS", "20")
+            .env("KEEL_LIFECYCLE__ATTEMPTS", "4")
             .env("KEEL_RATE_LIMIT__ENABLED", "false");
     }
 

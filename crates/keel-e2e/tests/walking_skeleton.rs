@@ -283,10 +283,13 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
     let agent_text = scrape(agent_metrics)
         .await
         .expect("the agent serves metrics");
-    assert!(
-        agent_text.contains("keel_agent_tasks_total{outcome=\"accepted\"} 4"),
-        "{agent_text}"
-    );
+    let accepted: u64 = agent_text
+        .lines()
+        .find_map(|line| line.strip_prefix("keel_agent_tasks_total{outcome=\"accepted\"} "))
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no accepted tasks in {agent_text}"));
+    // Start, stop, start, stop (a delivery retried after a timeout adds one).
+    assert!(accepted >= 4, "{agent_text}");
     assert!(agent_text.contains("keel_agent_workloads"));
 
     // Every state change is audited, and the capacity is back.

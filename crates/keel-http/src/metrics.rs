@@ -116,14 +116,20 @@ pub fn render(registry: &Registry) -> String {
     text
 }
 
-/// Serves `registry` at `GET /metrics` on `listen` until `shutdown`.
+/// Binds the metrics listener (at start-up, so a taken port fails the
+/// process at once rather than at shutdown).
+pub async fn bind(listen: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tracing::info!(%listen, "serving metrics at /metrics");
+    Ok(listener)
+}
+
+/// Serves `registry` at `GET /metrics` on `listener` until `shutdown`.
 pub async fn serve(
-    listen: SocketAddr,
+    listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    tracing::info!(%listen, "serving metrics at /metrics");
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {

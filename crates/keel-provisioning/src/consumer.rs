@@ -134,16 +134,14 @@ impl ProvisioningConsumer {
             // The allocation moved on: this event asks for nothing now.
             _ => return Ok(()),
         };
-        let resource = allocation.resource_name();
-        self.issue(
-            tx,
+        let order = TaskOrder {
             host,
-            Some(allocation.tenant_id),
-            resource,
+            tenant: Some(allocation.tenant_id),
+            resource: allocation.resource_name(),
             operation,
-            event,
-        )
-        .await
+            refusal: RefusalIs::Retried,
+        };
+        self.issue(tx, order, event).await
     }
 
     /// Signs `operation` for `host` with its next sequence number, commits
@@ -152,12 +150,16 @@ impl ProvisioningConsumer {
     async fn issue(
         &self,
         mut tx: keel_db::WriteTx,
-        host: HostId,
-        tenant: Option<keel_core::ids::TenantId>,
-        resource: keel_core::ResourceName,
-        operation: Operation,
+        order: TaskOrder,
         event: &DeliveredEvent,
     ) -> Result<(), HandlerError> {
+        let TaskOrder {
+            host,
+            tenant,
+            resource,
+            operation,
+            refusal,
+        } = order;
         let (seq, epoch, agent_url): (i64, i64, String) = sqlx::query_as(
             "UPDATE hosts SET task_seq = task_seq + 1 WHERE id = $1 AND revoked_at IS NULL
              RETURNING task_seq, enrolment_epoch, agent_url",
@@ -204,6 +206,10 @@ impl ProvisioningConsumer {
         if !response.status().is_success() {
             let status = response.status();
             let body = response.text().await.unwrap_or_default();
+            if refusal == RefusalIs::Final && status.is_client_error() {
+                tracing::warn!(allocation = %allocation_id, host = %host, %status, %body, "the agent refused the task; not retried");
+                return Ok(());
+            }
             return Err(HandlerError(format!(
                 "the agent refused the task ({status}): {body}"
             )));
@@ -223,33 +229,64 @@ impl ProvisioningConsumer {
             .begin_system(worker_meta(event))
             .await
             .map_err(HandlerError::new)?;
-        // Still unwanted? (It may have been started again meanwhile.)
-        let wanted: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT FROM allocations
-                     WHERE id = $1 AND host_id = $2
-                       AND state IN ('provisioning', 'running', 'starting', 'lost'))",
+        // Still unwanted? The row stays locked until the task is issued, so
+        // a start of it again cannot take a sequence number in between.
+        let allocation = allocation_lock(tx.conn(), orphan.allocation_id)
+            .await
+            .map_err(HandlerError::new)?;
+        let wanted = allocation.is_some_and(|allocation| {
+            allocation.host_id == Some(orphan.host_id)
+                && matches!(
+                    allocation.state(),
+                    AllocationState::Provisioning
+                        | AllocationState::Running
+                        | AllocationState::Starting
+                        | AllocationState::Lost
+                )
+        });
+        let host_live: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT FROM hosts WHERE id = $1 AND revoked_at IS NULL)",
         )
-        .bind(orphan.allocation_id)
         .bind(orphan.host_id)
         .fetch_one(tx.conn())
         .await
         .map_err(HandlerError::new)?;
-        if wanted {
+        // A revoked host is told nothing more.
+        if wanted || !host_live {
             return Ok(());
         }
-        let resource = keel_core::ResourceName::new(None, None, None, "host", orphan.host_id);
-        self.issue(
-            tx,
-            orphan.host_id,
-            None,
-            resource,
-            Operation::StopWorkload {
+        let order = TaskOrder {
+            host: orphan.host_id,
+            tenant: None,
+            resource: keel_core::ResourceName::new(None, None, None, "host", orphan.host_id),
+            operation: Operation::StopWorkload {
                 allocation_id: orphan.allocation_id.as_uuid(),
             },
-            event,
-        )
-        .await
+            refusal: RefusalIs::Final,
+        };
+        self.issue(tx, order, event).await
     }
+}
+
+/// A task to sign and send to one host.
+struct TaskOrder {
+    host: HostId,
+    /// The tenant the task names (none for an orphan's stop).
+    tenant: Option<keel_core::ids::TenantId>,
+    /// What its `task.issue` audit row names.
+    resource: keel_core::ResourceName,
+    operation: Operation,
+    refusal: RefusalIs,
+}
+
+/// What an agent's refusal of a task (a 4xx) means for its delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RefusalIs {
+    /// Tried again (the allocation's own steps: a refusal is a bug or a
+    /// race that a later, freshly signed task resolves).
+    Retried,
+    /// Given up (orphan stops: the next heartbeat asks again if needed).
+    Final,
 }
 
 /// What the worker acts as, for one delivered event.

@@ -8,10 +8,11 @@
 //!   deadline ([`Deadlines`]). Past it, the step is tried again
 //!   (`allocation.retry`: the worker signs and sends the task anew) up to
 //!   `attempts` times; then a start gives up — `failed`, with a reason the
-//!   tenant reads, which releases the capacity (safe: the start task has
-//!   expired, so the agent will never act on it, and a host that did start
-//!   it lists it in its next heartbeat, which the other half turns back
-//!   into `running`). A stop or termination is retried for as long as the
+//!   tenant reads, which releases the capacity. A start task still valid
+//!   then may yet reach the agent: the workload it starts is an orphan the
+//!   next heartbeat reports, and the host is told to stop it. While an
+//!   earlier delivery of the allocation's step is still pending, a retry
+//!   hurries it along instead of queueing another behind it. A stop or termination is retried for as long as the
 //!   host is reachable (the heartbeat half completes it once the workload
 //!   is gone). On an offline host nothing is retried: liveness makes its
 //!   allocations `lost`, and once a host has been unreachable for
@@ -22,10 +23,11 @@
 //! - [`reconcile_host`] (every heartbeat): the host lists the workloads it
 //!   runs. Listed and `lost`/`provisioning`/`starting` here → `running`.
 //!   Listed but not wanted here (failed, terminated, stopped, purged, or
-//!   another host's) → an orphan: the host is told to stop it. Not listed
-//!   for a minute while `stopping` → `stopped`, `terminating` →
-//!   `terminated`, `running` → `failed` (the workload ended and its report
-//!   was lost).
+//!   another host's) → an orphan: the host is told to stop it (at most once
+//!   a minute). Left out of every heartbeat for a minute while `stopping` →
+//!   `stopped`, `terminating` → `terminated`, `running` → `failed` (the
+//!   workload ended and its report was lost), `lost` → `failed` (the host
+//!   came back without it).
 
 use keel_core::ids::{AllocationId, HostId};
 use keel_db::{Audit, Db, NewEvent, RequestMeta, WriteTx};
@@ -35,7 +37,8 @@ use crate::consumer::{ORPHAN_EVENT, OrphanWorkload, RETRY_EVENT};
 use crate::service::{COLUMNS, Observed, allocation_observe, transition};
 use crate::{Allocation, AllocationState, ProvisioningError};
 
-/// How long each transitional state may last.
+/// How long each transitional state may last. Shorter than 1 s (60 s for
+/// `lost_after_secs`) counts as that.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Deadlines {
@@ -115,18 +118,22 @@ pub async fn reconcile_deadlines(
     let mut tx = db.begin_system(meta.clone()).await?;
     let due: Vec<(Allocation, bool, bool)> = {
         let rows: Vec<AllocationWithHost> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            // The oldest 200, handled in host order: releasing capacity
+            // locks host rows, and two workers must take them in one order.
             "SELECT {columns}, COALESCE(h.state = 'offline', true) AS host_offline,
                     COALESCE(h.last_seen_at < now() - make_interval(secs => $3), true)
                         AS host_gone_long
                FROM allocations a LEFT JOIN hosts h ON h.id = a.host_id
-              WHERE {PAST_DEADLINE}
-              ORDER BY a.updated_at LIMIT 200
+              WHERE a.id IN (SELECT a.id FROM allocations a
+                              WHERE {PAST_DEADLINE} ORDER BY a.updated_at LIMIT 200)
+                AND {PAST_DEADLINE}
+              ORDER BY a.host_id, a.id
                 FOR UPDATE OF a SKIP LOCKED",
             columns = prefixed_columns("a")
         )))
-        .bind(f64::from(deadlines.start_secs))
-        .bind(f64::from(deadlines.stop_secs))
-        .bind(f64::from(deadlines.lost_after_secs))
+        .bind(f64::from(deadlines.start_secs.max(1)))
+        .bind(f64::from(deadlines.stop_secs.max(1)))
+        .bind(f64::from(deadlines.lost_after_secs.max(60)))
         .fetch_all(tx.conn())
         .await?;
         rows.into_iter()
@@ -178,9 +185,9 @@ pub async fn reconcile_deadlines(
     report.past_deadline = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM allocations a WHERE {PAST_DEADLINE}"
     )))
-    .bind(f64::from(deadlines.start_secs))
-    .bind(f64::from(deadlines.stop_secs))
-    .bind(f64::from(deadlines.lost_after_secs))
+    .bind(f64::from(deadlines.start_secs.max(1)))
+    .bind(f64::from(deadlines.stop_secs.max(1)))
+    .bind(f64::from(deadlines.lost_after_secs.max(60)))
     .fetch_one(tx.conn())
     .await?;
     if report.retried + report.failed + report.terminated == 0 {
@@ -219,8 +226,50 @@ fn prefixed_columns(alias: &str) -> String {
 /// Asks for the allocation's current step again: bumps `attempts`, the
 /// version and the deadline, and emits `allocation.retry`.
 async fn retry(tx: &mut WriteTx, allocation: &Allocation) -> Result<(), ProvisioningError> {
+    // A delivery of this allocation still waiting (backing off after a
+    // failure) would hold a new event behind it: hurry it instead.
+    let hurried = sqlx::query(
+        "UPDATE outbox_deliveries SET available_at = now()
+          WHERE consumer = $1 AND aggregate_id = $2 AND status = 'pending'",
+    )
+    .bind(crate::consumer::CONSUMER)
+    .bind(allocation.id)
+    .execute(tx.conn())
+    .await?
+    .rows_affected();
+    let in_flight: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT FROM outbox_deliveries
+                         WHERE consumer = $1 AND aggregate_id = $2 AND status = 'queued')",
+    )
+    .bind(crate::consumer::CONSUMER)
+    .bind(allocation.id)
+    .fetch_one(tx.conn())
+    .await?;
+    if hurried > 0 || in_flight {
+        sqlx::query(
+            "UPDATE allocations SET attempts = attempts + 1, updated_at = clock_timestamp()
+              WHERE id = $1",
+        )
+        .bind(allocation.id)
+        .execute(tx.conn())
+        .await?;
+        tx.audit(
+            Audit::new(
+                "allocation.retry",
+                Some(allocation.tenant_id),
+                allocation.resource_name(),
+            )
+            .with_details(serde_json::json!({
+                "state": allocation.state(),
+                "attempt": allocation.attempts + 1,
+                "hurried_pending_delivery": true,
+            })),
+        );
+        return Ok(());
+    }
     let retried: Allocation = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "UPDATE allocations SET attempts = attempts + 1, updated_at = now(), version = version + 1
+        "UPDATE allocations SET attempts = attempts + 1, updated_at = clock_timestamp(),
+                version = version + 1
           WHERE id = $1 RETURNING {COLUMNS}"
     )))
     .bind(allocation.id)
@@ -287,10 +336,32 @@ pub async fn reconcile_host(
     .bind(listed)
     .fetch_all(&mut *tx)
     .await?;
+    // A workload counts as gone only once the host has left it out of its
+    // list for the whole grace period (consecutive heartbeats), and not
+    // before the allocation has been in its state that long either (a
+    // heartbeat in flight may predate a start).
+    sqlx::query(
+        "UPDATE allocations SET unlisted_since = NULL
+          WHERE host_id = $1 AND id = ANY($2) AND unlisted_since IS NOT NULL",
+    )
+    .bind(host)
+    .bind(listed)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE allocations SET unlisted_since = clock_timestamp()
+          WHERE host_id = $1 AND NOT (id = ANY($2)) AND unlisted_since IS NULL
+            AND state IN ('running', 'stopping', 'terminating', 'lost')",
+    )
+    .bind(host)
+    .bind(listed)
+    .execute(&mut *tx)
+    .await?;
     let missing: Vec<(AllocationId, String)> = sqlx::query_as(
         "SELECT id, state FROM allocations
           WHERE host_id = $1 AND NOT (id = ANY($2))
-            AND state IN ('running', 'stopping', 'terminating')
+            AND state IN ('running', 'stopping', 'terminating', 'lost')
+            AND unlisted_since < now() - make_interval(secs => $3)
             AND updated_at < now() - make_interval(secs => $3)",
     )
     .bind(host)
@@ -315,10 +386,7 @@ pub async fn reconcile_host(
                 | AllocationState::Scheduled,
             ) => false,
             // Not wanted here (ended, stopped, unknown, or another host's).
-            _ => {
-                orphan(db, &meta, host, id).await?;
-                true
-            }
+            _ => orphan(db, &meta, host, id).await?,
         };
         acted += usize::from(outcome);
     }
@@ -327,6 +395,9 @@ pub async fn reconcile_host(
             Some(AllocationState::Running) => Observed::Failed(
                 "the workload is no longer running on its host (it ended without a report)"
                     .to_owned(),
+            ),
+            Some(AllocationState::Lost) => Observed::Failed(
+                "the workload was not running any more when its host came back".to_owned(),
             ),
             _ => Observed::Terminated,
         };
@@ -346,19 +417,36 @@ async fn observe(
     Ok(allocation_observe(tx, host, id, observed).await?.is_some())
 }
 
-/// Queues a stop for a workload the host runs but Keel does not want there.
+/// Queues a stop for a workload the host runs but Keel does not want there;
+/// `false` if one was queued within the last minute.
 async fn orphan(
     db: &Db,
     meta: &RequestMeta,
     host: HostId,
     allocation_id: AllocationId,
-) -> Result<(), ProvisioningError> {
+) -> Result<bool, ProvisioningError> {
     let mut tx = db.begin_system(meta.clone()).await?;
+    // One stop a minute is enough (heartbeats come every few seconds).
+    let queued: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT FROM outbox
+                         WHERE event_type = $1 AND aggregate_id = $2
+                           AND created_at > now() - interval '1 minute')",
+    )
+    .bind(ORPHAN_EVENT)
+    .bind(allocation_id)
+    .fetch_one(tx.conn())
+    .await?;
+    if queued {
+        tx.rollback().await?;
+        return Ok(false);
+    }
     let resource = keel_core::ResourceName::new(None, None, None, "host", host);
+    // Ordered with the allocation's own events (a stop must not overtake a
+    // start that made it wanted again), never with the host's.
     tx.emit(NewEvent::new(
         ORPHAN_EVENT,
-        "host",
-        host.as_uuid(),
+        crate::AGGREGATE,
+        allocation_id.as_uuid(),
         0,
         None,
         resource.clone(),
@@ -373,5 +461,5 @@ async fn orphan(
     )
     .await?;
     tracing::warn!(%host, %allocation_id, "the host runs a workload Keel does not want there: stopping it");
-    Ok(())
+    Ok(true)
 }
