@@ -177,20 +177,13 @@ async fn allocation_terminate(
     Path((project_id, allocation_id)): Path<(ProjectId, AllocationId)>,
     IfMatch(expected): IfMatch,
 ) -> Result<(StatusCode, Tagged<AllocationView>), ApiError> {
-    let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
-    let project = authorize_project(
-        tx.conn(),
-        &ctx.principal,
-        Action::AllocationTerminate,
-        project_id,
+    lifecycle(
+        ctx,
+        (project_id, allocation_id),
+        expected,
+        LifecycleAction::Terminate,
     )
     .await
-    .map_err(ProvisioningError::from)?;
-    let allocation = service::allocation_terminate(tx, &project, allocation_id, expected).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Tagged(allocation.version, allocation.into()),
-    ))
 }
 
 /// The tenant's quota: its limits (its own or the platform defaults) and
@@ -273,20 +266,13 @@ async fn allocation_stop(
     Path((project_id, allocation_id)): Path<(ProjectId, AllocationId)>,
     IfMatch(expected): IfMatch,
 ) -> Result<(StatusCode, Tagged<AllocationView>), ApiError> {
-    let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
-    let project = authorize_project(
-        tx.conn(),
-        &ctx.principal,
-        Action::AllocationStop,
-        project_id,
+    lifecycle(
+        ctx,
+        (project_id, allocation_id),
+        expected,
+        LifecycleAction::Stop,
     )
     .await
-    .map_err(ProvisioningError::from)?;
-    let allocation = service::allocation_stop(tx, &project, allocation_id, expected).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Tagged(allocation.version, allocation.into()),
-    ))
 }
 
 /// Start a stopped allocation again, on its host.
@@ -316,16 +302,51 @@ async fn allocation_start(
     Path((project_id, allocation_id)): Path<(ProjectId, AllocationId)>,
     IfMatch(expected): IfMatch,
 ) -> Result<(StatusCode, Tagged<AllocationView>), ApiError> {
-    let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
-    let project = authorize_project(
-        tx.conn(),
-        &ctx.principal,
-        Action::AllocationStart,
-        project_id,
+    lifecycle(
+        ctx,
+        (project_id, allocation_id),
+        expected,
+        LifecycleAction::Start,
     )
     .await
-    .map_err(ProvisioningError::from)?;
-    let allocation = service::allocation_start(tx, &project, allocation_id, expected).await?;
+}
+
+/// A tenant's request to move an allocation along its lifecycle.
+#[derive(Clone, Copy, Debug)]
+enum LifecycleAction {
+    Stop,
+    Start,
+    Terminate,
+}
+
+/// What every lifecycle request does: authorise it on the project, apply
+/// it, answer `202` with the allocation and its new `ETag`.
+async fn lifecycle(
+    ctx: Ctx,
+    (project_id, allocation_id): (ProjectId, AllocationId),
+    expected: Option<i64>,
+    action: LifecycleAction,
+) -> Result<(StatusCode, Tagged<AllocationView>), ApiError> {
+    let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
+    let permission = match action {
+        LifecycleAction::Stop => Action::AllocationStop,
+        LifecycleAction::Start => Action::AllocationStart,
+        LifecycleAction::Terminate => Action::AllocationTerminate,
+    };
+    let project = authorize_project(tx.conn(), &ctx.principal, permission, project_id)
+        .await
+        .map_err(ProvisioningError::from)?;
+    let allocation = match action {
+        LifecycleAction::Stop => {
+            service::allocation_stop(tx, &project, allocation_id, expected).await?
+        }
+        LifecycleAction::Start => {
+            service::allocation_start(tx, &project, allocation_id, expected).await?
+        }
+        LifecycleAction::Terminate => {
+            service::allocation_terminate(tx, &project, allocation_id, expected).await?
+        }
+    };
     Ok((
         StatusCode::ACCEPTED,
         Tagged(allocation.version, allocation.into()),
