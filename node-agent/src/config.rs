@@ -85,6 +85,10 @@ pub struct AgentConfig {
     /// on loopback or the operators' network.
     #[serde(default)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The OTLP/HTTP collector spans go to (`http://127.0.0.1:4318`), if
+    /// any; the standard `OTEL_EXPORTER_OTLP_ENDPOINT` works too.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Why the configuration could not be used.
@@ -108,6 +112,7 @@ impl AgentConfig {
             timing: TimingConfig::default(),
             workloads: WorkloadsConfig::default(),
             metrics_listen: None,
+            otlp_endpoint: None,
         }
     }
 
@@ -170,6 +175,12 @@ impl AgentConfig {
             .and_then(|value| value.parse().ok())
         {
             self.metrics_listen = Some(listen);
+        }
+        if let Some(endpoint) = std::env::var("KEEL_AGENT_OTLP_ENDPOINT")
+            .ok()
+            .filter(|value| !value.is_empty())
+        {
+            self.otlp_endpoint = Some(endpoint);
         }
         if std::env::var("KEEL_AGENT_DRIVER").as_deref() == Ok("simulated") {
             self.workloads.driver = DriverKind::Simulated;

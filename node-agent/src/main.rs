@@ -9,7 +9,6 @@ use std::process::ExitCode;
 use keel_agent::RunOutcome;
 use keel_agent::cli::{CliCommand, USAGE, UsageError, parse_command_line};
 use keel_agent::status::EXIT_NEEDS_REENROLMENT;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let arguments: Result<Vec<String>, _> = std::env::args_os()
@@ -43,15 +42,33 @@ fn main() -> ExitCode {
         }
     };
 
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only help a person at a terminal; in a journal or a
-        // log file they are noise.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // `run` reads its configuration first: it says where traces go.
+    let run_config = match &command {
+        CliCommand::Run(source) => match source.load() {
+            Ok(config) => Some(config),
+            Err(error) => {
+                eprintln!("keel-agent: {error}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    let telemetry = keel_telemetry::init(&keel_telemetry::Settings {
+        service: "keel-agent",
+        filter: "info",
+        style: keel_telemetry::LogStyle::Compact,
+        otlp_endpoint: run_config
+            .as_ref()
+            .and_then(|config| config.otlp_endpoint.as_deref()),
+    });
+    // Held until the end of `main`: dropping it sends the last spans.
+    let _telemetry = match telemetry {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("keel-agent: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -78,9 +95,9 @@ fn main() -> ExitCode {
                     0
                 })
                 .map_err(|error| error.to_string()),
-            CliCommand::Run(source) => match source.load() {
-                Err(error) => Err(error.to_string()),
-                Ok(config) => match keel_agent::run_until_signal(&config).await {
+            CliCommand::Run(_) => match run_config {
+                None => Err("the configuration was not loaded".to_owned()),
+                Some(config) => match keel_agent::run_until_signal(&config).await {
                     Ok(RunOutcome::Stopped) => Ok(0),
                     Ok(RunOutcome::NeedsReenrolment(reason)) => {
                         eprintln!(

@@ -28,11 +28,10 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use keel_http::tls::TlsPeer;
 use keel_task::MAX_ENVELOPE_BYTES;
 use time::OffsetDateTime;
-use tracing::Instrument as _;
 
 use crate::tasks::{TaskInbox, TaskInboxError};
 
@@ -134,7 +133,6 @@ async fn not_found() -> Response {
 
 async fn receive_task(
     State(inbox): State<Arc<TaskInbox>>,
-    Extension(peer): Extension<PeerIdentity>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let envelope_bytes = match body {
@@ -157,19 +155,15 @@ async fn receive_task(
         }
     };
 
-    let span = tracing::info_span!(
-        "task",
-        peer = peer.control_plane_component.as_deref().unwrap_or_default()
-    );
+    // No span here: the task's span starts once it is verified, as a child
+    // of the trace it carries (`TaskInbox::receive`).
     let now_unix = OffsetDateTime::now_utc().unix_timestamp();
-    let outcome = inbox
-        .receive(&envelope_bytes, now_unix)
-        .instrument(span)
-        .await;
+    let outcome = inbox.receive(&envelope_bytes, now_unix).await;
     crate::metrics::count_task(match &outcome {
         Ok(_) => "accepted",
         Err(TaskInboxError::Rejected(rejection)) => rejection.reason(),
         Err(TaskInboxError::WrongTenant { .. }) => "wrong_tenant",
+        Err(TaskInboxError::NotATask) => "not_a_task",
         Err(TaskInboxError::Ledger(_)) => "ledger_unavailable",
     });
     match outcome {
@@ -186,6 +180,11 @@ async fn receive_task(
         Err(error @ TaskInboxError::WrongTenant { .. }) => error_response(
             StatusCode::UNPROCESSABLE_ENTITY,
             "wrong_tenant",
+            &error.to_string(),
+        ),
+        Err(error @ TaskInboxError::NotATask) => error_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not_a_task",
             &error.to_string(),
         ),
         Err(TaskInboxError::Ledger(_)) => error_response(

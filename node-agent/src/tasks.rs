@@ -96,6 +96,11 @@ pub enum TaskInboxError {
         /// The allocation named.
         allocation_id: Uuid,
     },
+
+    /// A terminal grant sent as a task: grants open sessions at the
+    /// terminal endpoint only.
+    #[error("a terminal grant is not a task")]
+    NotATask,
 }
 
 /// One line of `tasks.log`.
@@ -209,6 +214,7 @@ pub fn operation_name(operation: &Operation) -> &'static str {
     match operation {
         Operation::StartWorkload { .. } => "start_workload",
         Operation::StopWorkload { .. } => "stop_workload",
+        Operation::OpenTerminal { .. } => "open_terminal",
     }
 }
 
@@ -476,6 +482,11 @@ impl TaskInbox {
                 );
             })?;
 
+        if matches!(payload.operation, Operation::OpenTerminal { .. }) {
+            tracing::warn!(task_id = %payload.task_id, "task rejected: a terminal grant");
+            return Err(TaskInboxError::NotATask);
+        }
+
         // A workload belongs to the tenant whose task started it: a task
         // for the same allocation that names another tenant is refused.
         if let Some(claimed) = payload.tenant_id {
@@ -487,6 +498,19 @@ impl TaskInbox {
                 return Err(TaskInboxError::WrongTenant { allocation_id });
             }
         }
+
+        // The task's work is a span of the trace the worker signed into it
+        // (a verified payload: the trace context is as trusted as the task).
+        let span = tracing::info_span!(
+            "task",
+            otel.name = %format_args!("task {}", operation_name(&payload.operation)),
+            task_id = %payload.task_id,
+            seq = payload.seq,
+        );
+        if let Some(traceparent) = &payload.traceparent {
+            keel_telemetry::continue_trace(&span, traceparent);
+        }
+        let _entered = span.enter();
 
         let accepted_at = OffsetDateTime::from_unix_timestamp(now_unix)
             .unwrap_or_else(|_| OffsetDateTime::now_utc());
@@ -535,6 +559,8 @@ fn execute(driver: &dyn WorkloadDriver, payload: &TaskPayload) {
         Operation::StopWorkload { allocation_id } => {
             driver.stop_workload(*allocation_id);
         }
+        // Refused in `receive` before anything is recorded.
+        Operation::OpenTerminal { .. } => {}
     }
 }
 

@@ -152,7 +152,8 @@ async fn run() -> anyhow::Result<()> {
         return Ok(());
     }
     let config = Config::load(config_file.as_deref())?;
-    telemetry::init(&config.log);
+    // Held until `run` returns: dropping it sends the last spans.
+    let _telemetry = telemetry::init("keel-api", &config.log, &config.tracing)?;
     match command {
         Command::Migrate => {
             keel_db::migrate(&config.database)

@@ -35,7 +35,8 @@ fn config_file() -> anyhow::Result<Option<PathBuf>> {
 
 async fn run() -> anyhow::Result<()> {
     let config = Config::load(config_file()?.as_deref())?;
-    telemetry::init(&config.log);
+    // Held until `run` returns: dropping it sends the last spans.
+    let _telemetry = telemetry::init("keel-worker", &config.log, &config.tracing)?;
     let db = keel_db::Db::connect(&config.database)
         .await
         .context("connecting to Postgres")?;

@@ -16,7 +16,7 @@ use keel_auth::limits::RateLimitConfig;
 use keel_db::DatabaseConfig;
 use serde::Deserialize;
 
-use crate::telemetry::LogConfig;
+use crate::telemetry::{LogConfig, TracingConfig};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,6 +25,9 @@ pub struct Config {
     pub server: ServerConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// OpenTelemetry trace export (OTLP).
+    #[serde(default)]
+    pub tracing: TracingConfig,
     pub database: DatabaseConfig,
     /// Apply migrations when the api starts (also `api migrate`).
     #[serde(default = "yes")]
@@ -128,6 +131,7 @@ impl AgentListenerConfig {
 const SECTIONS: &[&str] = &[
     "server",
     "log",
+    "tracing",
     "database",
     "database_migrate_on_start",
     "auth",
@@ -222,6 +226,7 @@ mod tests {
             // Every section is read from the environment, the later ones too.
             jail.set_env("KEEL_LIFECYCLE__START_SECS", "7");
             jail.set_env("KEEL_METRICS__WORKER_LISTEN", "127.0.0.1:9465");
+            jail.set_env("KEEL_TRACING__OTLP_ENDPOINT", "http://127.0.0.1:4318");
             let config = Config::load(Some(Path::new("keel.toml"))).expect("loads");
             assert_eq!(config.server.listen.port(), 9100);
             assert_eq!(config.lifecycle.start_secs, 7);
@@ -229,6 +234,10 @@ mod tests {
             assert_eq!(
                 config.metrics.worker_listen,
                 Some("127.0.0.1:9465".parse().unwrap())
+            );
+            assert_eq!(
+                config.tracing.otlp_endpoint.as_deref(),
+                Some("http://127.0.0.1:4318")
             );
             assert_eq!(config.log.filter, "info");
             assert!(config.database_migrate_on_start);

@@ -1,8 +1,11 @@
-//! Logging: JSON lines in production, human-readable locally. Every line
-//! inside a request carries the request's span fields (request id).
+//! Logging and tracing of the api and the worker: JSON lines in
+//! production, human-readable locally; every line inside a request carries
+//! the request's span fields (request id, trace id). Spans go to an OTLP
+//! collector when `[tracing] otlp_endpoint` is set (see `keel_telemetry`).
 
 use serde::Deserialize;
-use tracing_subscriber::EnvFilter;
+
+pub use keel_telemetry::Telemetry;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -36,19 +39,30 @@ fn default_filter() -> String {
     "info".to_owned()
 }
 
-/// Installs the global subscriber. Call once, first thing in `main`.
-pub fn init(config: &LogConfig) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match config.format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
-    };
+/// OpenTelemetry trace export, off unless an endpoint is set here or in the
+/// standard `OTEL_EXPORTER_OTLP_ENDPOINT`.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The collector's OTLP/HTTP base URL, e.g. `http://127.0.0.1:4318`.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+}
+
+/// Installs the global subscriber for `service` (`keel-api`,
+/// `keel-worker`). Call once, first thing; keep the guard until exit.
+pub fn init(
+    service: &'static str,
+    log: &LogConfig,
+    tracing: &TracingConfig,
+) -> Result<Telemetry, keel_telemetry::TelemetryError> {
+    keel_telemetry::init(&keel_telemetry::Settings {
+        service,
+        filter: &log.filter,
+        style: match log.format {
+            LogFormat::Json => keel_telemetry::LogStyle::Json,
+            LogFormat::Pretty => keel_telemetry::LogStyle::Compact,
+        },
+        otlp_endpoint: tracing.otlp_endpoint.as_deref(),
+    })
 }

@@ -17,7 +17,9 @@ use keel_client::models::{AllocationState, LoginRequest, NewAllocation, Register
 
 mod common;
 
-use common::{binary, control_plane_env, eventually, free_port, pid_is_alive, scrape, spawn};
+use common::{
+    OtlpReceiver, binary, control_plane_env, eventually, free_port, pid_is_alive, scrape, spawn,
+};
 
 #[tokio::test]
 async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_removes_the_process() {
@@ -32,9 +34,17 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
     let (api_port, agents_port, agent_port) = (free_port(), free_port(), free_port());
     let (api_metrics, worker_metrics, agent_metrics) = (free_port(), free_port(), free_port());
     let base = format!("http://127.0.0.1:{api_port}");
+    // All three processes export their spans to one collector.
+    let collector = OtlpReceiver::start().await;
+    let traced = |command: &mut Command, variable: &str| {
+        command
+            .env(variable, &collector.endpoint)
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100");
+    };
 
     let mut api_command = Command::new(binary("api"));
     control_plane_env(&mut api_command, &database, &kms_dir, api_port, agents_port);
+    traced(&mut api_command, "KEEL_TRACING__OTLP_ENDPOINT");
     api_command.env(
         "KEEL_METRICS__API_LISTEN",
         format!("127.0.0.1:{api_metrics}"),
@@ -87,18 +97,17 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
         "enrol: {}",
         String::from_utf8_lossy(&enrol.stderr)
     );
-    let agent = spawn(
-        "agent",
-        Command::new(binary("keel-agent"))
-            .arg("run")
-            .arg("--state-dir")
-            .arg(&agent_state)
-            .env(
-                "KEEL_AGENT_METRICS_LISTEN",
-                format!("127.0.0.1:{agent_metrics}"),
-            ),
-        &logs,
-    );
+    let mut agent_command = Command::new(binary("keel-agent"));
+    agent_command
+        .arg("run")
+        .arg("--state-dir")
+        .arg(&agent_state)
+        .env(
+            "KEEL_AGENT_METRICS_LISTEN",
+            format!("127.0.0.1:{agent_metrics}"),
+        );
+    traced(&mut agent_command, "KEEL_AGENT_OTLP_ENDPOINT");
+    let agent = spawn("agent", &mut agent_command, &logs);
     let mut worker_command = Command::new(binary("worker"));
     control_plane_env(
         &mut worker_command,
@@ -111,6 +120,7 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
         "KEEL_METRICS__WORKER_LISTEN",
         format!("127.0.0.1:{worker_metrics}"),
     );
+    traced(&mut worker_command, "KEEL_TRACING__OTLP_ENDPOINT");
     let worker = spawn("worker", &mut worker_command, &logs);
 
     // A tenant signs up and launches an allocation, through the generated client.
@@ -177,6 +187,39 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
         (allocation.state == AllocationState::Running).then_some(allocation)
     })
     .await;
+    // The create is ONE trace: the api's request span, the worker's
+    // delivery of the event it wrote, the agent's handling of the task the
+    // worker signed, each the parent of the next.
+    let (request, delivery, task) = eventually("the create's spans", &logs, || async {
+        let spans = collector.spans();
+        let task = spans
+            .iter()
+            .find(|span| span.service == "keel-agent" && span.name == "task start_workload")?;
+        let delivery = spans
+            .iter()
+            .find(|span| span.span_id == task.parent_span_id)?;
+        let request = spans
+            .iter()
+            .find(|span| span.span_id == delivery.parent_span_id)?;
+        Some((request.clone(), delivery.clone(), task.clone()))
+    })
+    .await;
+    assert_eq!(request.service, "keel-api");
+    assert_eq!(request.name, "POST");
+    assert_eq!(
+        request.attribute("http.route"),
+        Some("/v1/projects/{project_id}/allocations")
+    );
+    assert_eq!(request.parent_span_id, "", "the create starts the trace");
+    assert_eq!(delivery.service, "keel-worker");
+    assert_eq!(delivery.name, "deliver allocation.scheduled");
+    assert_eq!(task.service, "keel-agent");
+    assert!(
+        request.trace_id == delivery.trace_id && delivery.trace_id == task.trace_id,
+        "one trace id: {request:?} {delivery:?} {task:?}"
+    );
+    assert_eq!(request.trace_id.len(), 32);
+
     let pid_file = agent_state.join("workloads").join(&id).join("pid");
     let pid: u32 = eventually("the workload to write its pid", &logs, || async {
         std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()

@@ -89,6 +89,8 @@ pub async fn http_layer(
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
     let method = request.method().as_str().to_owned();
+    // The request span (`request_id_layer`) learns its route here.
+    tracing::Span::current().record("http.route", route.as_str());
     let started = Instant::now();
     let response = next.run(request).await;
     let labels = RouteLabels { method, route };

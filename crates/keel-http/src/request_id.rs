@@ -58,8 +58,16 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for RequestId {
 pub struct TraceParent(pub String);
 
 impl TraceParent {
-    /// `00-{trace id}-{span id}-{flags}`, version 00 only.
+    /// `00-{trace id}-{span id}-{flags}`, version 00 only: the caller's
+    /// trace continued with a new span id.
     fn from_header(value: Option<&HeaderValue>) -> Option<Self> {
+        let value = Self::valid_incoming(value)?;
+        let parts: Vec<&str> = value.split('-').collect();
+        Some(Self::child_of(parts[1], parts[3]))
+    }
+
+    /// The incoming header when it is a well-formed version 00 context.
+    fn valid_incoming(value: Option<&HeaderValue>) -> Option<&str> {
         let value = value?.to_str().ok()?;
         let parts: Vec<&str> = value.split('-').collect();
         let hex = |part: &str, len: usize| {
@@ -74,7 +82,7 @@ impl TraceParent {
             && parts[1].bytes().any(|b| b != b'0')
             && hex(parts[2], 16)
             && hex(parts[3], 2);
-        valid.then(|| Self::child_of(parts[1], parts[3]))
+        valid.then_some(value)
     }
 
     fn child_of(trace_id: &str, flags: &str) -> Self {
@@ -111,17 +119,32 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for TraceParent {
 pub async fn request_id_layer(mut request: Request, next: Next) -> Response {
     let request_id = RequestId::from_header(request.headers().get(REQUEST_ID_HEADER))
         .unwrap_or_else(RequestId::generate);
-    let trace = TraceParent::from_header(request.headers().get("traceparent"))
-        .unwrap_or_else(TraceParent::generate);
-    request.extensions_mut().insert(request_id.clone());
-    request.extensions_mut().insert(trace.clone());
+    let incoming = request.headers().get("traceparent");
     let span = tracing::info_span!(
         "request",
         request_id = %request_id.0,
-        trace_id = %trace.trace_id(),
+        trace_id = tracing::field::Empty,
         method = %request.method(),
         path = %request.uri().path(),
+        // The semantic conventions' name when the route is not yet known
+        // (the span starts before routing); `metrics` adds `http.route`.
+        otel.name = %request.method(),
+        otel.kind = "server",
+        http.route = tracing::field::Empty,
     );
+    // With trace export on, the request span is the trace's position and
+    // what the outbox and the tasks carry; without it, a generated id that
+    // still ties the logs of all three processes together.
+    if let Some(incoming) = TraceParent::valid_incoming(incoming) {
+        keel_telemetry::continue_trace(&span, incoming);
+    }
+    let trace = keel_telemetry::traceparent(&span)
+        .map(TraceParent)
+        .or_else(|| TraceParent::from_header(incoming))
+        .unwrap_or_else(TraceParent::generate);
+    span.record("trace_id", trace.trace_id());
+    request.extensions_mut().insert(request_id.clone());
+    request.extensions_mut().insert(trace.clone());
     let response = async move {
         let response = next.run(request).await;
         tracing::info!(status = response.status().as_u16(), "request finished");

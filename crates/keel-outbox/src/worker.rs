@@ -6,6 +6,7 @@ use std::time::Duration;
 use apalis::prelude::{BackendExt, BoxDynError, Data, Monitor, WorkerBuilder};
 use apalis_postgres::{Config, PostgresStorage};
 use keel_db::{Db, OUTBOX_CHANNEL};
+use tracing::Instrument as _;
 
 use crate::{Consumer, DeliveredEvent, DeliveryJob, MAX_ATTEMPTS, backoff_secs};
 
@@ -67,7 +68,18 @@ pub async fn run_delivery(
     // own work (which may call a node agent).
     tx.commit().await?;
 
-    let outcome = consumer.handle(&event).await;
+    // The delivery is a span of the trace the event's request started.
+    let span = tracing::info_span!(
+        "deliver",
+        otel.name = %format_args!("deliver {}", event.event_type),
+        consumer = consumer.name(),
+        event_id = %event.id,
+        aggregate_id = %event.aggregate_id,
+    );
+    if let Some(traceparent) = &event.traceparent {
+        keel_telemetry::continue_trace(&span, traceparent);
+    }
+    let outcome = consumer.handle(&event).instrument(span).await;
     let mut tx = db.begin_bookkeeping().await?;
     match outcome {
         Ok(()) => {

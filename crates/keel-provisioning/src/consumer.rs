@@ -180,7 +180,7 @@ impl ProvisioningConsumer {
             issued_at: now,
             not_before: now,
             expires_at: now + TASK_LIFETIME_SECS,
-            traceparent: event.traceparent.clone(),
+            traceparent: onward_trace(event),
             operation,
         };
         let envelope = self
@@ -294,8 +294,15 @@ fn worker_meta(event: &DeliveredEvent) -> RequestMeta {
     RequestMeta {
         request_id: event.request_id.clone(),
         actor: Actor::system("worker"),
-        traceparent: event.traceparent.clone(),
+        traceparent: onward_trace(event),
     }
+}
+
+/// The trace position the worker hands on (in the events it writes and the
+/// tasks it signs): its delivery span when traces are exported, else the
+/// event's own, so the trace id still ties the three processes' logs.
+fn onward_trace(event: &DeliveredEvent) -> Option<String> {
+    keel_telemetry::current_traceparent().or_else(|| event.traceparent.clone())
 }
 
 /// The event that asks for a transitional state's task again

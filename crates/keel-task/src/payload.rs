@@ -61,6 +61,18 @@ pub enum Operation {
         /// The allocation whose workload should stop.
         allocation_id: Uuid,
     },
+    /// A grant, not a task: lets the api open one terminal session into a
+    /// running workload. It travels only to the agent's terminal endpoint,
+    /// never to `/v1/tasks` (which refuses it); it is single use by
+    /// `session_id` and valid for a minute.
+    OpenTerminal {
+        /// The allocation whose workload the shell joins.
+        allocation_id: Uuid,
+        /// The session this grant opens, once.
+        session_id: Uuid,
+        /// How long the session may last, in seconds.
+        max_secs: u64,
+    },
 }
 
 impl Operation {
@@ -68,7 +80,8 @@ impl Operation {
     pub fn allocation_id(&self) -> Uuid {
         match self {
             Operation::StartWorkload { allocation_id, .. }
-            | Operation::StopWorkload { allocation_id } => *allocation_id,
+            | Operation::StopWorkload { allocation_id }
+            | Operation::OpenTerminal { allocation_id, .. } => *allocation_id,
         }
     }
 }

@@ -33,6 +33,7 @@ pub fn test_config(database: &TestDb) -> keel_api::Config {
     keel_api::Config {
         server: Default::default(),
         log: Default::default(),
+        tracing: Default::default(),
         database: database.config(),
         database_migrate_on_start: false,
         auth: TokenConfig::with_keys(&[SIGNING_KEY]),

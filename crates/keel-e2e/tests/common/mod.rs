@@ -177,3 +177,109 @@ pub fn reap_workloads(state_dir: &Path) {
         let _ = std::fs::remove_dir(dir);
     }
 }
+
+/// One span as an OTLP collector received it.
+#[derive(Clone, Debug)]
+pub struct ReceivedSpan {
+    /// `service.name` of the process that exported it.
+    pub service: String,
+    pub name: String,
+    pub trace_id: String,
+    pub span_id: String,
+    /// Empty for a root span.
+    pub parent_span_id: String,
+    /// String attributes (`http.route`, ...).
+    pub attributes: Vec<(String, String)>,
+}
+
+/// A small OTLP/HTTP (protobuf) trace receiver on 127.0.0.1, standing in
+/// for a collector.
+pub struct OtlpReceiver {
+    /// The base URL to configure as the OTLP endpoint.
+    pub endpoint: String,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>,
+}
+
+impl OtlpReceiver {
+    pub async fn start() -> Self {
+        use opentelemetry_proto::tonic::collector::trace::v1::{
+            ExportTraceServiceRequest, ExportTraceServiceResponse,
+        };
+        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+        use prost::Message as _;
+
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = spans.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let sink = sink.clone();
+                async move {
+                    let Ok(request) = ExportTraceServiceRequest::decode(body) else {
+                        return (axum::http::StatusCode::BAD_REQUEST, Vec::new());
+                    };
+                    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect();
+                    let text =
+                        |value: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| {
+                            match value.as_ref().and_then(|value| value.value.as_ref()) {
+                                Some(Value::StringValue(text)) => Some(text.clone()),
+                                _ => None,
+                            }
+                        };
+                    let mut received = sink.lock().unwrap();
+                    for resource_spans in request.resource_spans {
+                        let service = resource_spans
+                            .resource
+                            .iter()
+                            .flat_map(|resource| &resource.attributes)
+                            .find(|attribute| attribute.key == "service.name")
+                            .and_then(|attribute| text(&attribute.value))
+                            .unwrap_or_default();
+                        for span in resource_spans
+                            .scope_spans
+                            .into_iter()
+                            .flat_map(|scope| scope.spans)
+                        {
+                            received.push(ReceivedSpan {
+                                service: service.clone(),
+                                name: span.name,
+                                trace_id: hex(&span.trace_id),
+                                span_id: hex(&span.span_id),
+                                parent_span_id: hex(&span.parent_span_id),
+                                attributes: span
+                                    .attributes
+                                    .iter()
+                                    .filter_map(|attribute| {
+                                        Some((attribute.key.clone(), text(&attribute.value)?))
+                                    })
+                                    .collect(),
+                            });
+                        }
+                    }
+                    (
+                        axum::http::StatusCode::OK,
+                        ExportTraceServiceResponse::default().encode_to_vec(),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { endpoint, spans }
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.spans.lock().unwrap().clone()
+    }
+}
+
+impl ReceivedSpan {
+    pub fn attribute(&self, key: &str) -> Option<&str> {
+        self.attributes
+            .iter()
+            .find(|(name, _)| name == key)
+            .map(|(_, value)| value.as_str())
+    }
+}
