@@ -49,6 +49,7 @@ pub mod simulated;
 pub mod state;
 pub mod status;
 pub mod tasks;
+pub mod terminal;
 pub mod workloads;
 
 pub use agent::{

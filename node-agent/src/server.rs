@@ -27,16 +27,19 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use keel_http::tls::TlsPeer;
 use keel_task::MAX_ENVELOPE_BYTES;
 use time::OffsetDateTime;
 
 use crate::tasks::{TaskInbox, TaskInboxError};
+use crate::terminal::{TERMINAL_PATH, TerminalGate, open_terminal};
 
 /// The control-plane component allowed to send tasks.
 pub const WORKER_COMPONENT: &str = "worker";
+/// The control-plane component that may open terminal sessions.
+pub const API_COMPONENT: &str = "api";
 
 /// The path tasks are posted to.
 pub const TASKS_PATH: &str = "/v1/tasks";
@@ -76,18 +79,28 @@ impl PeerIdentity {
     pub fn is_worker(&self) -> bool {
         self.control_plane_component.as_deref() == Some(WORKER_COMPONENT)
     }
+
+    /// Whether the peer is the control plane's api (terminal sessions).
+    pub fn is_api(&self) -> bool {
+        self.control_plane_component.as_deref() == Some(API_COMPONENT)
+    }
 }
 
-/// The agent's routes, guarded by the worker-only check.
+/// The agent's routes, guarded by the peer check: tasks from the worker,
+/// terminal sessions ([`crate::terminal`]) from the api.
 pub fn router(inbox: Arc<TaskInbox>) -> Router {
+    let terminal = Router::new()
+        .route(TERMINAL_PATH, get(open_terminal))
+        .with_state(TerminalGate::new(Arc::clone(&inbox)));
     Router::new()
         .route(TASKS_PATH, post(receive_task))
         .layer(DefaultBodyLimit::max(MAX_ENVELOPE_BYTES))
+        .with_state(inbox)
+        .merge(terminal)
         .fallback(not_found)
         // Outermost, so that it also covers the fallback: a peer that is not
-        // the worker learns nothing, not even which paths exist.
-        .layer(middleware::from_fn(require_worker_peer))
-        .with_state(inbox)
+        // the control plane learns nothing, not even which paths exist.
+        .layer(middleware::from_fn(require_control_plane_peer))
 }
 
 /// A JSON error response `{"code", "message"}`.
@@ -100,15 +113,17 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response
 }
 
 /// Lets a request through only when the [`TlsPeer`] the server attached to
-/// it is the control plane's worker, and hands the routes its
+/// it is the control-plane component the path is for (the api for
+/// terminals, the worker for everything else), and hands the routes its
 /// [`PeerIdentity`].
-async fn require_worker_peer(mut request: Request, next: Next) -> Response {
+async fn require_control_plane_peer(mut request: Request, next: Next) -> Response {
     let peer = request
         .extensions()
         .get::<TlsPeer>()
         .map(PeerIdentity::from_tls_peer);
+    let terminal = request.uri().path() == TERMINAL_PATH;
     match peer {
-        Some(peer) if peer.is_worker() => {
+        Some(peer) if (terminal && peer.is_api()) || (!terminal && peer.is_worker()) => {
             request.extensions_mut().insert(peer);
             next.run(request).await
         }
@@ -116,12 +131,16 @@ async fn require_worker_peer(mut request: Request, next: Next) -> Response {
             tracing::warn!(
                 peer = ?peer.as_ref().and_then(|peer| peer.control_plane_component.as_deref()),
                 path = request.uri().path(),
-                "refused a request from a peer that is not the worker"
+                "refused a request from a peer that may not call this path"
             );
             error_response(
                 StatusCode::FORBIDDEN,
                 "forbidden_peer",
-                "only the control plane's worker may call the agent",
+                if terminal {
+                    "only the control plane's api may open terminals"
+                } else {
+                    "only the control plane's worker may call the agent"
+                },
             )
         }
     }

@@ -457,6 +457,18 @@ impl TaskInbox {
         }
     }
 
+    /// Checks a terminal grant ([`crate::terminal`]): the task checks
+    /// (signature, node, epoch, freshness) without the sequence ledger;
+    /// grants are single use by their session id instead.
+    pub fn verify_grant(&self, grant: &[u8], now_unix: i64) -> Result<TaskPayload, Rejection> {
+        self.verifier().verify(grant, now_unix, 0)
+    }
+
+    /// The workload driver tasks are handed to.
+    pub fn driver(&self) -> &dyn WorkloadDriver {
+        self.driver.as_ref()
+    }
+
     /// The highest sequence number accepted so far.
     pub async fn high_water(&self) -> u64 {
         self.ledger.lock().await.high_water()

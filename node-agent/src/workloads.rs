@@ -59,6 +59,7 @@ use crate::cgroups::{Layout, WorkloadCgroup};
 use crate::reports::{ReportSink, WorkloadReport};
 use crate::shim::{EXIT_FILE, ExitRecord, PID_FILE};
 use crate::state::{WORKLOADS_DIR, write_file_atomically};
+use crate::terminal::TerminalShell;
 
 pub use crate::shim::WORKLOAD_PATH;
 
@@ -165,6 +166,14 @@ pub trait WorkloadDriver: Send + Sync {
     /// The tenant of a running allocation's workload: `None` if it does not
     /// run here, `Some(None)` if its start named no tenant.
     fn tenant_of(&self, allocation_id: Uuid) -> Option<Option<Uuid>>;
+
+    /// Starts a shell on a pseudo-terminal in a running workload's
+    /// environment ([`crate::terminal`]). Drivers without real workloads
+    /// have none.
+    fn open_terminal(&self, allocation_id: Uuid) -> Result<TerminalShell, String> {
+        let _ = allocation_id;
+        Err("this host's workloads have no terminal".to_owned())
+    }
 }
 
 /// Why a [`ProcessDriver`] could not be set up.
@@ -618,6 +627,30 @@ impl WorkloadDriver for ProcessDriver {
         lock(&self.running)
             .get(&allocation_id)
             .map(|workload| workload.tenant_id)
+    }
+
+    fn open_terminal(&self, allocation_id: Uuid) -> Result<TerminalShell, String> {
+        let (user, workload_stopping) = {
+            let running = lock(&self.running);
+            let workload = running
+                .get(&allocation_id)
+                .ok_or("the workload does not run here")?;
+            if workload.pid.is_none() || *workload.stop_requested.borrow() {
+                return Err("the workload is not running".to_owned());
+            }
+            (workload.user, workload.stop_requested.subscribe())
+        };
+        let cgroup = match &self.cgroups {
+            Some(layout) => layout.workload(allocation_id),
+            None => WorkloadCgroup::from_dirs(Vec::new()),
+        };
+        let (child, master) =
+            crate::terminal::spawn_shell(user, &self.workload_dir(allocation_id), &cgroup)?;
+        Ok(TerminalShell {
+            child,
+            master,
+            workload_stopping,
+        })
     }
 
     fn stop_workload(&self, allocation_id: Uuid) -> StopOutcome {

@@ -50,6 +50,9 @@ pub struct Config {
     /// Where the api and the worker serve Prometheus metrics.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Terminal sessions into workloads.
+    #[serde(default)]
+    pub terminal: keel_provisioning::terminal::TerminalConfig,
 }
 
 /// Prometheus `/metrics` listeners, each off unless set. Keep them on
@@ -142,6 +145,7 @@ const SECTIONS: &[&str] = &[
     "rate_limit",
     "lifecycle",
     "metrics",
+    "terminal",
 ];
 
 fn yes() -> bool {

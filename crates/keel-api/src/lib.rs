@@ -24,6 +24,9 @@ use keel_http::tls::MtlsServer;
 use keel_inventory::enrol::NodeChannel;
 use tokio::net::TcpListener;
 
+use keel_provisioning::signing::SignerRing;
+use keel_provisioning::terminal::Terminals;
+
 use crate::keys::ControlPlaneKeys;
 
 pub use config::Config;
@@ -99,6 +102,7 @@ pub fn state_from_config(
     config: &Config,
     db: Db,
     keys: &ControlPlaneKeys,
+    terminals: Arc<Terminals>,
 ) -> anyhow::Result<AppState> {
     let tokens = TokenKeys::new(&config.auth).context("invalid auth settings")?;
     Ok(AppState {
@@ -108,7 +112,30 @@ pub fn state_from_config(
         limits: Arc::new(Limits::new(config.rate_limit.clone())),
         deadlines: config.lifecycle,
         metrics: keel_http::metrics::HttpMetrics::default(),
+        terminals,
     })
+}
+
+/// What the api needs to open terminal sessions: the task-signing keys
+/// (grants are signed like tasks) and a client certificate naming the
+/// `api` component (agents accept terminal connections from it alone).
+/// The caller keeps both fresh (`SignerRing::reload_until_stopped`,
+/// `keys::reissue_periodically`).
+pub async fn terminals(
+    config: &Config,
+    db: &Db,
+    kms: &keel_kms::AnyKms,
+    keys: &ControlPlaneKeys,
+) -> anyhow::Result<Arc<Terminals>> {
+    let signers = SignerRing::load(db, kms)
+        .await
+        .context("loading the task-signing keys")?;
+    Ok(Arc::new(Terminals {
+        signers: Arc::new(signers),
+        identity: keys.hot_service_identity("api", &[])?,
+        node_ca_pem: keys.node_ca.cert_pem().to_owned(),
+        config: config.terminal,
+    }))
 }
 
 /// The router of the agent listener: node agents only. Served by
@@ -167,7 +194,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let keys = Arc::new(ControlPlaneKeys::load_or_create(&db, &kms).await?);
     let identity = keys.hot_service_identity("api", &config.agent.server_names)?;
     let deny_list = deny_list(&db).await?;
-    let mut state = state_from_config(&config, db.clone(), &keys)?;
+    let terminals = terminals(&config, &db, &kms, &keys).await?;
+    let mut state = state_from_config(&config, db.clone(), &keys, Arc::clone(&terminals))?;
     let mut registry = keel_http::metrics::Registry::default();
     state.metrics = keel_http::metrics::HttpMetrics::register(&mut registry);
     let listener = TcpListener::bind(config.server.listen)
@@ -188,7 +216,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let refresher = tokio::spawn(keel_inventory::nodes::refresh_deny_list(
-        db,
+        db.clone(),
         deny_list,
         stopped.clone(),
     ));
@@ -197,6 +225,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         identity,
         "api".to_owned(),
         config.agent.server_names.clone(),
+        stopped.clone(),
+    ));
+    let terminal_identity = tokio::spawn(keys::reissue_periodically(
+        Arc::clone(&keys),
+        Arc::clone(&terminals.identity),
+        "api".to_owned(),
+        Vec::new(),
+        stopped.clone(),
+    ));
+    let terminal_signers = tokio::spawn(Arc::clone(&terminals.signers).reload_until_stopped(
+        db.clone(),
+        Arc::new(kms),
         stopped.clone(),
     ));
     let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
@@ -238,6 +278,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         async { signal.await.context("waiting for a signal") },
     )?;
     refresher.await.context("deny-list refresher")?;
+    terminal_identity
+        .await
+        .context("terminal identity reissuer")?;
+    terminal_signers
+        .await
+        .context("task-signing key reloader")?;
     reissuer.await.context("certificate re-issuer")?;
     if let Some(metrics) = metrics {
         metrics

@@ -18,6 +18,8 @@ pub struct AppState {
     pub deadlines: keel_provisioning::reconcile::Deadlines,
     /// Request counts and latencies (served by the metrics listener).
     pub metrics: keel_http::metrics::HttpMetrics,
+    /// Signing keys and the client identity terminal sessions use.
+    pub terminals: Arc<keel_provisioning::terminal::Terminals>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -50,6 +52,12 @@ impl FromRef<AppState> for Arc<NodeChannel> {
 impl FromRef<AppState> for keel_provisioning::reconcile::Deadlines {
     fn from_ref(state: &AppState) -> Self {
         state.deadlines
+    }
+}
+
+impl FromRef<AppState> for Arc<keel_provisioning::terminal::Terminals> {
+    fn from_ref(state: &AppState) -> Self {
+        state.terminals.clone()
     }
 }
 

@@ -494,3 +494,49 @@ async fn stop_and_start_follow_the_lifecycle_and_illegal_ones_are_409s() {
         .await
         .assert_error(StatusCode::NOT_FOUND, "not_found");
 }
+
+#[tokio::test]
+async fn a_terminal_needs_a_running_allocation_a_websocket_and_the_right_to_open_it() {
+    let app = TestApp::spawn().await;
+    app.add_host(4, 8192).await;
+    let tenant = app.tenant("acme").await;
+    let created = app
+        .post(
+            &allocations(&tenant.project_id),
+            Some(&tenant.token),
+            json!({"name": "web", "flavor": "cpu.small"}),
+        )
+        .await;
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    let terminal = format!("{}/{id}/terminal", allocations(&tenant.project_id));
+    let audited = "SELECT count(*) FROM audit_log WHERE action LIKE 'allocation.terminal%'";
+
+    // Not running yet: a 409 that says so.
+    app.get(&terminal, Some(&tenant.token))
+        .await
+        .assert_error(StatusCode::CONFLICT, "allocation_not_running");
+    let mut admin = app.database.admin().await;
+    sqlx::query("UPDATE allocations SET state = 'running' WHERE id = $1::uuid")
+        .bind(&id)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    // Running, but a plain GET is no WebSocket.
+    app.get(&terminal, Some(&tenant.token))
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "websocket_required");
+    // No token, another tenant, a viewer: refused before anything else.
+    app.get(&terminal, None)
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+    let other = app.tenant("globex").await;
+    app.get(&terminal, Some(&other.token))
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+    let viewer = app.member(&tenant, "viewer").await;
+    app.get(&terminal, Some(&viewer.token))
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    // None of that opened (or audited) a session.
+    assert_eq!(app.count(audited).await, 0);
+}

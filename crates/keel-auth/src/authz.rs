@@ -207,6 +207,8 @@ actions! {
     AllocationTerminate,
     AllocationStop,
     AllocationStart,
+    /// Open a terminal into a running allocation's workload.
+    AllocationTerminal,
     AdminSessionEnd,
     AdminOperatorList,
     AdminOperatorCreate,
@@ -277,7 +279,8 @@ impl Action {
             | Action::AllocationCreate
             | Action::AllocationTerminate
             | Action::AllocationStop
-            | Action::AllocationStart => Action::AllocationRead,
+            | Action::AllocationStart
+            | Action::AllocationTerminal => Action::AllocationRead,
         }
     }
 }
@@ -337,6 +340,7 @@ const MEMBER: &[Action] = &[
     Action::AllocationTerminate,
     Action::AllocationStop,
     Action::AllocationStart,
+    Action::AllocationTerminal,
 ];
 
 /// Admins administer the tenant, except for the owner role.
@@ -373,6 +377,7 @@ const DELEGABLE: &[Action] = &[
     Action::AllocationTerminate,
     Action::AllocationStop,
     Action::AllocationStart,
+    Action::AllocationTerminal,
 ];
 
 /// Owners alone hand out and take away ownership.

@@ -18,7 +18,8 @@ use keel_client::models::{AllocationState, LoginRequest, NewAllocation, Register
 mod common;
 
 use common::{
-    OtlpReceiver, binary, control_plane_env, eventually, free_port, pid_is_alive, scrape, spawn,
+    OtlpReceiver, binary, control_plane_env, eventually, free_port, open_terminal, pid_is_alive,
+    read_until, scrape, spawn, type_line,
 };
 
 #[tokio::test]
@@ -234,6 +235,33 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
     // process runs in the same directory, as the same user.
     let uid_before = uid_of(pid);
     assert!(uid_before.is_some());
+
+    // A terminal: a shell on a pseudo-terminal as the workload's user, in
+    // its directory, that follows resizes.
+    let mut terminal = open_terminal(api_port, &login.access_token, &project, &id)
+        .await
+        .expect("a terminal into the running allocation");
+    type_line(&mut terminal, "echo term-$((40+2)); id -u; pwd").await;
+    // `pwd` answers last.
+    let output = read_until(&mut terminal, &format!("/workloads/{id}")).await;
+    assert!(output.contains("term-42"), "{output}");
+    assert!(
+        output.contains(&uid_before.unwrap().to_string()),
+        "the shell runs as the workload's user: {output}"
+    );
+    assert!(output.contains(&format!("/workloads/{id}")), "{output}");
+    {
+        use futures::SinkExt as _;
+        terminal
+            .send(tokio_tungstenite::tungstenite::Message::text(
+                r#"{"type":"resize","cols":100,"rows":30}"#,
+            ))
+            .await
+            .unwrap();
+    }
+    type_line(&mut terminal, "stty size").await;
+    let size = read_until(&mut terminal, "30 100").await;
+    assert!(size.contains("30 100"), "{size}");
     let stopping = allocations_api::allocation_stop(&tenant, &project, &id, None)
         .await
         .unwrap();
@@ -251,6 +279,21 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
         || async { (!pid_is_alive(pid)).then_some(()) },
     )
     .await;
+    // Stopping ended the terminal session, and a stopped allocation has none.
+    let ended = read_until(&mut terminal, "[closed:").await;
+    assert!(ended.contains("[closed: the workload stopped]"), "{ended}");
+    match open_terminal(api_port, &login.access_token, &project, &id).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 409);
+            let body: serde_json::Value =
+                serde_json::from_slice(response.body().as_deref().unwrap_or_default()).unwrap();
+            assert_eq!(body["code"], "allocation_not_running", "{body}");
+        }
+        other => panic!(
+            "a stopped allocation has no terminal: {:?}",
+            other.map(|_| ())
+        ),
+    }
     let starting = allocations_api::allocation_start(&tenant, &project, &id, None)
         .await
         .unwrap();
@@ -362,6 +405,8 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
         "allocation.terminate",
         "allocation.stop",
         "allocation.start",
+        "allocation.terminal_open",
+        "allocation.terminal_close",
         "host.enrol",
         "task.issue",
     ] {
@@ -372,6 +417,15 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
             .unwrap();
         assert!(count >= 1, "no audit row for {action}");
     }
+    // The terminal session's end: how long and why, never what was typed.
+    let closed: serde_json::Value = sqlx::query_scalar(
+        "SELECT details FROM audit_log WHERE action = 'allocation.terminal_close'",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(closed["reason"], "the workload stopped", "{closed}");
+    assert!(closed["duration_secs"].is_u64(), "{closed}");
     let reserved: i32 = sqlx::query_scalar("SELECT sum(reserved_vcpus)::int FROM hosts")
         .fetch_one(&mut admin)
         .await

@@ -245,7 +245,10 @@ impl Connection {
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(tls_stream), service);
+            .serve_connection(TokioIo::new(tls_stream), service)
+            // WebSockets (the agent's terminal endpoint) upgrade the
+            // connection; the upgraded stream then lives on its own.
+            .with_upgrades();
         let mut connection = std::pin::pin!(connection);
         let finished = tokio::select! {
             result = connection.as_mut() => Some(result),

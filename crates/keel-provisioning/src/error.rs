@@ -28,6 +28,10 @@ pub enum ProvisioningError {
         from: AllocationState,
         action: &'static str,
     },
+    #[error("the allocation is {0}: only a running allocation has a terminal")]
+    NotRunning(AllocationState),
+    #[error("this is a WebSocket endpoint: send a WebSocket upgrade request")]
+    WebSocketRequired,
     #[error("the allocation changed since the version given in If-Match")]
     PreconditionFailed,
     #[error(transparent)]
@@ -69,6 +73,14 @@ impl From<ProvisioningError> for ApiError {
             ProvisioningError::InvalidTransition { .. } => {
                 ApiError::conflict("invalid_state_transition", error.to_string())
             }
+            ProvisioningError::NotRunning(_) => {
+                ApiError::conflict("allocation_not_running", error.to_string())
+            }
+            ProvisioningError::WebSocketRequired => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "websocket_required",
+                error.to_string(),
+            ),
             ProvisioningError::PreconditionFailed => ApiError::new(
                 StatusCode::PRECONDITION_FAILED,
                 "precondition_failed",

@@ -23,6 +23,7 @@ where
     S: Clone + Send + Sync + 'static,
     Db: FromRef<S>,
     Arc<TokenKeys>: FromRef<S>,
+    Arc<crate::terminal::Terminals>: FromRef<S>,
 {
     OpenApiRouter::new()
         .routes(routes!(allocation_create, allocation_list))
@@ -30,6 +31,7 @@ where
         .routes(routes!(allocation_terminate))
         .routes(routes!(allocation_stop))
         .routes(routes!(allocation_start))
+        .routes(routes!(crate::terminal::allocation_terminal))
         .routes(routes!(tenant_quota_get))
         .routes(routes!(project_quota_get))
 }

@@ -25,6 +25,7 @@ pub mod quota;
 pub mod reconcile;
 pub mod service;
 pub mod signing;
+pub mod terminal;
 
 pub use error::ProvisioningError;
 pub use model::{Allocation, AllocationState, AllocationView, NewAllocation};

@@ -383,3 +383,95 @@ async fn a_task_naming_another_tenant_than_the_workload_s_is_rejected() {
         keel_agent::WorkloadReport::terminated(allocation_id)
     );
 }
+
+/// A grant to open a terminal into `allocation_id`.
+fn terminal_grant(allocation_id: Uuid) -> keel_task::Operation {
+    keel_task::Operation::OpenTerminal {
+        allocation_id,
+        session_id: Uuid::new_v4(),
+        max_secs: 60,
+    }
+}
+
+#[tokio::test]
+async fn a_terminal_grant_is_no_task_and_opens_nothing_at_the_task_endpoint() {
+    let fixture = Fixture::new();
+    let agent = fixture.start_agent().await;
+    let grant = fixture.sign(&fixture.payload(1, terminal_grant(Uuid::new_v4())));
+
+    assert_rejected(
+        agent.post_task(&fixture.worker_client(), grant).await,
+        "not_a_task",
+    );
+    assert_eq!(agent.agent.inbox().high_water().await, 0);
+}
+
+#[tokio::test]
+async fn terminal_grants_come_from_the_api_name_the_workload_s_tenant_and_work_once() {
+    let fixture = Fixture::new();
+    let mut agent = fixture.start_agent().await;
+    let (certificate, key_pem) = fixture
+        .control_plane_ca
+        .issue_control_plane_client("api", time::Duration::hours(1))
+        .unwrap();
+    let api_client = fixture.client_presenting(&Credentials {
+        cert_pem: certificate.cert_pem,
+        key_pem,
+    });
+    let terminal_url = agent.tasks_url().replace("/v1/tasks", "/v1/terminal");
+    let open = |client: &reqwest::Client, grant: &[u8]| {
+        let request = client
+            .get(&terminal_url)
+            .header("x-keel-terminal-grant", BASE64_STANDARD.encode(grant));
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            (status, response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let allocation_id = Uuid::new_v4();
+    let grant = fixture.sign(&fixture.payload(1, terminal_grant(allocation_id)));
+
+    // The worker may not open terminals.
+    let (status, body) = open(&fixture.worker_client(), &grant).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["code"], "forbidden_peer");
+    // Nothing runs for that allocation yet.
+    let (status, body) = open(&api_client, &grant).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "not_running");
+
+    let (status, body) = agent
+        .post_task(
+            &fixture.worker_client(),
+            fixture.sign(&fixture.payload(1, start(allocation_id, &["sleep", "30"]))),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        agent.next_report().await.state,
+        keel_agent::reports::WorkloadState::Running
+    );
+
+    // A forged grant, a task in place of a grant, another tenant's grant.
+    let forged = edit_envelope(&grant, |envelope| envelope.sig = String::new());
+    assert_rejected(open(&api_client, &forged).await, "bad_signature");
+    let task = fixture.sign(&fixture.payload(2, stop(allocation_id)));
+    assert_rejected(open(&api_client, &task).await, "not_a_grant");
+    let mut foreign = fixture.payload(1, terminal_grant(allocation_id));
+    foreign.tenant_id = Some(Uuid::new_v4());
+    assert_rejected(
+        open(&api_client, &fixture.sign(&foreign)).await,
+        "wrong_tenant",
+    );
+
+    // A good grant passes (this request is no WebSocket, so no session
+    // opens) and is spent: the same grant again is a replay.
+    let good = fixture.sign(&fixture.payload(1, terminal_grant(allocation_id)));
+    let (status, body) = open(&api_client, &good).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["code"], "websocket_required");
+    assert_rejected(open(&api_client, &good).await, "replayed");
+    // Tasks were never affected.
+    assert_eq!(agent.agent.inbox().high_water().await, 1);
+}

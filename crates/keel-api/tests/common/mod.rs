@@ -49,6 +49,7 @@ pub fn test_config(database: &TestDb) -> keel_api::Config {
         rate_limit: relaxed_limits(),
         lifecycle: Default::default(),
         metrics: Default::default(),
+        terminal: Default::default(),
     }
 }
 
@@ -106,6 +107,9 @@ impl TestApp {
         let keys = keel_api::keys::ControlPlaneKeys::load_or_create(&database.db, &kms)
             .await
             .expect("control-plane keys");
+        let terminals = keel_api::terminals(&config, &database.db, &kms, &keys)
+            .await
+            .expect("terminal keys");
         let state = AppState {
             db: database.db.clone(),
             tokens: Arc::new(tokens),
@@ -113,6 +117,7 @@ impl TestApp {
             limits: Arc::new(Limits::new(limits)),
             deadlines: config.lifecycle,
             metrics: keel_http::metrics::HttpMetrics::default(),
+            terminals,
         };
         Self {
             database,

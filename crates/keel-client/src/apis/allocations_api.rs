@@ -72,6 +72,18 @@ pub enum AllocationStopError {
     UnknownValue(serde_json::Value),
 }
 
+/// struct for typed errors of method [`allocation_terminal`]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AllocationTerminalError {
+    Status400(models::ErrorBody),
+    Status401(models::ErrorBody),
+    Status403(models::ErrorBody),
+    Status404(models::ErrorBody),
+    Status409(models::ErrorBody),
+    UnknownValue(serde_json::Value),
+}
+
 /// struct for typed errors of method [`allocation_terminate`]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -388,6 +400,48 @@ pub async fn allocation_stop(
     } else {
         let content = resp.text().await?;
         let entity: Option<AllocationStopError> = serde_json::from_str(&content).ok();
+        Err(Error::ResponseError(ResponseContent {
+            status,
+            content,
+            entity,
+        }))
+    }
+}
+
+pub async fn allocation_terminal(
+    configuration: &configuration::Configuration,
+    project_id: &str,
+    allocation_id: &str,
+) -> Result<(), Error<AllocationTerminalError>> {
+    // add a prefix to parameters to efficiently prevent name collisions
+    let p_path_project_id = project_id;
+    let p_path_allocation_id = allocation_id;
+
+    let uri_str = format!(
+        "{}/v1/projects/{project_id}/allocations/{allocation_id}/terminal",
+        configuration.base_path,
+        project_id = crate::apis::urlencode(p_path_project_id),
+        allocation_id = crate::apis::urlencode(p_path_allocation_id)
+    );
+    let mut req_builder = configuration.client.request(reqwest::Method::GET, &uri_str);
+
+    if let Some(ref user_agent) = configuration.user_agent {
+        req_builder = req_builder.header(reqwest::header::USER_AGENT, user_agent.clone());
+    }
+    if let Some(ref token) = configuration.bearer_access_token {
+        req_builder = req_builder.bearer_auth(token.to_owned());
+    };
+
+    let req = req_builder.build()?;
+    let resp = configuration.client.execute(req).await?;
+
+    let status = resp.status();
+
+    if !status.is_client_error() && !status.is_server_error() {
+        Ok(())
+    } else {
+        let content = resp.text().await?;
+        let entity: Option<AllocationTerminalError> = serde_json::from_str(&content).ok();
         Err(Error::ResponseError(ResponseContent {
             status,
             content,

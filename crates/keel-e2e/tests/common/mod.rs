@@ -283,3 +283,68 @@ impl ReceivedSpan {
             .map(|(_, value)| value.as_str())
     }
 }
+
+/// A terminal session opened as a tenant would: a WebSocket to the api
+/// with the bearer token.
+pub type Terminal = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+pub async fn open_terminal(
+    api_port: u16,
+    token: &str,
+    project: &str,
+    allocation: &str,
+) -> Result<Terminal, tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let mut request = format!(
+        "ws://127.0.0.1:{api_port}/v1/projects/{project}/allocations/{allocation}/terminal"
+    )
+    .into_client_request()?;
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", api_port))
+        .await
+        .map_err(tokio_tungstenite::tungstenite::Error::Io)?;
+    let (socket, _) = tokio_tungstenite::client_async(request, tcp).await?;
+    Ok(socket)
+}
+
+/// Reads terminal output until it contains `wanted` (or 30 s pass, or the
+/// session ends); returns all of it, with a close frame's reason appended
+/// as `[closed: reason]`.
+pub async fn read_until(terminal: &mut Terminal, wanted: &str) -> String {
+    use futures::StreamExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut seen = String::new();
+    let read = async {
+        while let Some(message) = terminal.next().await {
+            match message {
+                Ok(Message::Binary(bytes)) => seen.push_str(&String::from_utf8_lossy(&bytes)),
+                Ok(Message::Close(frame)) => {
+                    let reason = frame
+                        .map(|frame| frame.reason.to_string())
+                        .unwrap_or_default();
+                    seen.push_str(&format!("[closed: {reason}]"));
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+            if seen.contains(wanted) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(30), read).await;
+    seen
+}
+
+/// Types `line` into the terminal.
+pub async fn type_line(terminal: &mut Terminal, line: &str) {
+    use futures::SinkExt as _;
+    terminal
+        .send(tokio_tungstenite::tungstenite::Message::Binary(
+            format!("{line}\n").into_bytes().into(),
+        ))
+        .await
+        .unwrap();
+}

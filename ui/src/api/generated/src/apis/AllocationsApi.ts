@@ -115,6 +115,17 @@ export interface AllocationStopRequest {
     ifMatch?: string | null;
 }
 
+export interface AllocationTerminalRequest {
+    /**
+     * The project
+     */
+    projectId: string;
+    /**
+     * The allocation
+     */
+    allocationId: string;
+}
+
 export interface AllocationTerminateRequest {
     /**
      * The project
@@ -276,6 +287,31 @@ export interface AllocationsApiInterface {
      * Stop a running allocation. It keeps its host and capacity (and its files there); `start` runs it again.
      */
     allocationStop(requestParameters: AllocationStopRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AllocationView>;
+
+    /**
+     * Creates request options for allocationTerminal without sending the request
+     * @param {string} projectId The project
+     * @param {string} allocationId The allocation
+     * @throws {RequiredError}
+     * @memberof AllocationsApiInterface
+     */
+    allocationTerminalRequestOpts(requestParameters: AllocationTerminalRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Open a terminal into a running allocation. Upgrades to a WebSocket: binary frames carry the terminal\'s bytes both ways; send a text frame `{\"type\":\"resize\",\"cols\":N,\"rows\":N}` to resize it. The session closes (with the reason in the close frame) when the shell exits, the allocation stops, or after `[terminal] max_session_secs`.
+     * @param {string} projectId The project
+     * @param {string} allocationId The allocation
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AllocationsApiInterface
+     */
+    allocationTerminalRaw(requestParameters: AllocationTerminalRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<void>>;
+
+    /**
+     * Open a terminal into a running allocation. Upgrades to a WebSocket: binary frames carry the terminal\'s bytes both ways; send a text frame `{\"type\":\"resize\",\"cols\":N,\"rows\":N}` to resize it. The session closes (with the reason in the close frame) when the shell exits, the allocation stops, or after `[terminal] max_session_secs`.
+     */
+    allocationTerminal(requestParameters: AllocationTerminalRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<void>;
 
     /**
      * Creates request options for allocationTerminate without sending the request
@@ -672,6 +708,66 @@ export class AllocationsApi extends runtime.BaseAPI implements AllocationsApiInt
     async allocationStop(requestParameters: AllocationStopRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AllocationView> {
         const response = await this.allocationStopRaw(requestParameters, initOverrides);
         return await response.value();
+    }
+
+    /**
+     * Creates request options for allocationTerminal without sending the request
+     */
+    async allocationTerminalRequestOpts(requestParameters: AllocationTerminalRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['projectId'] == null) {
+            throw new runtime.RequiredError(
+                'projectId',
+                'Required parameter "projectId" was null or undefined when calling allocationTerminal().'
+            );
+        }
+
+        if (requestParameters['allocationId'] == null) {
+            throw new runtime.RequiredError(
+                'allocationId',
+                'Required parameter "allocationId" was null or undefined when calling allocationTerminal().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/projects/{project_id}/allocations/{allocation_id}/terminal`;
+        urlPath = urlPath.replace('{project_id}', encodeURIComponent(String(requestParameters['projectId'])));
+        urlPath = urlPath.replace('{allocation_id}', encodeURIComponent(String(requestParameters['allocationId'])));
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Open a terminal into a running allocation. Upgrades to a WebSocket: binary frames carry the terminal\'s bytes both ways; send a text frame `{\"type\":\"resize\",\"cols\":N,\"rows\":N}` to resize it. The session closes (with the reason in the close frame) when the shell exits, the allocation stops, or after `[terminal] max_session_secs`.
+     */
+    async allocationTerminalRaw(requestParameters: AllocationTerminalRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<void>> {
+        const requestOptions = await this.allocationTerminalRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.VoidApiResponse(response);
+    }
+
+    /**
+     * Open a terminal into a running allocation. Upgrades to a WebSocket: binary frames carry the terminal\'s bytes both ways; send a text frame `{\"type\":\"resize\",\"cols\":N,\"rows\":N}` to resize it. The session closes (with the reason in the close frame) when the shell exits, the allocation stops, or after `[terminal] max_session_secs`.
+     */
+    async allocationTerminal(requestParameters: AllocationTerminalRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<void> {
+        await this.allocationTerminalRaw(requestParameters, initOverrides);
     }
 
     /**
