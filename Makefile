@@ -7,9 +7,10 @@ run: ## Local mode: private Postgres, api (and, as they land, worker and agent)
 test: ## Every test: unit, database (fresh database per test), end-to-end
 	bash scripts/test.sh
 
-bench: ## The api against pgbench running the same SQL, and the node agent's numbers (release build)
+bench: ## The api against pgbench running the same SQL, the node agent's numbers, and the lifecycle (create -> running, placements, lists) (release build)
 	bash scripts/bench.sh
 	bash scripts/bench-agent.sh
+	bash scripts/bench-lifecycle.sh
 
 build:
 	cargo build --workspace --all-targets

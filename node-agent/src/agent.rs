@@ -241,14 +241,17 @@ pub async fn run_until_signal(config: &AgentConfig) -> Result<RunOutcome, AgentE
     )
     .await?;
     let metrics_driver = Arc::clone(&driver);
-    let link = Arc::new(ControlPlaneLink::new(
-        &state,
-        identity,
-        (*client_tls).clone(),
-        Arc::clone(agent.inbox()),
-        driver,
-        config.link_timing(),
-    )?);
+    let link = Arc::new(
+        ControlPlaneLink::new(
+            &state,
+            identity,
+            (*client_tls).clone(),
+            Arc::clone(agent.inbox()),
+            driver,
+            config.link_timing(),
+        )?
+        .with_capacity(config.capacity),
+    );
     let (stop_delivery, delivery_stopped) = oneshot::channel::<()>();
     let delivery = tokio::spawn(delivery.run(async move {
         let _ = delivery_stopped.await;

@@ -11,12 +11,18 @@
 //! [workloads]
 //! driver = "process"       # or "simulated" (scale tests: nothing runs)
 //! stop_grace_secs = 10     # SIGTERM → SIGKILL
+//!
+//! [capacity]               # what the host offers instead of what is detected
+//! vcpus = 64
+//! memory_mib = 131072
 //! ```
 //!
 //! Everything but `state_dir` is optional. `--state-dir DIR` instead of a
 //! file means the defaults. The environment overrides the file
 //! (`KEEL_AGENT_HEARTBEAT_SECS`, `KEEL_AGENT_KEY_REFRESH_SECS`,
-//! `KEEL_AGENT_RENEWAL_RETRY_SECS`, `KEEL_AGENT_DRIVER`), which is how tests
+//! `KEEL_AGENT_RENEWAL_RETRY_SECS`, `KEEL_AGENT_DRIVER`,
+//! `KEEL_AGENT_METRICS_LISTEN`, `KEEL_AGENT_OTLP_ENDPOINT`,
+//! `KEEL_AGENT_VCPUS`, `KEEL_AGENT_MEMORY_MIB`, `KEEL_AGENT_DISK_GIB`), which is how tests
 //! shorten the timings. A wrong or unknown key stops the agent with a
 //! message naming it.
 
@@ -72,6 +78,38 @@ impl Default for WorkloadsConfig {
     }
 }
 
+/// What the host offers the control plane, when that is not what the agent
+/// detects (as Nomad's `cpu_total_compute` and `memory_total_mb`): to keep
+/// some back for the system, or to sell more vCPUs than there are cores
+/// (the workloads' CPU limits still apply each on its own).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapacityConfig {
+    /// vCPUs offered instead of the detected logical CPUs.
+    pub vcpus: Option<u32>,
+    /// Memory offered instead of the detected total, MiB.
+    pub memory_mib: Option<u64>,
+    /// Workload disk offered instead of the state directory's file system
+    /// size, GiB.
+    pub disk_gib: Option<u64>,
+}
+
+impl CapacityConfig {
+    /// `detected` with the configured values in place of what they name.
+    pub fn apply(&self, mut detected: crate::inventory::Capacity) -> crate::inventory::Capacity {
+        if let Some(vcpus) = self.vcpus {
+            detected.vcpus = vcpus;
+        }
+        if let Some(memory_mib) = self.memory_mib {
+            detected.memory_mib = memory_mib;
+        }
+        if let Some(disk_gib) = self.disk_gib {
+            detected.disk_gib = disk_gib;
+        }
+        detected
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -89,6 +127,9 @@ pub struct AgentConfig {
     /// any; the standard `OTEL_EXPORTER_OTLP_ENDPOINT` works too.
     #[serde(default)]
     pub otlp_endpoint: Option<String>,
+    /// What the host offers instead of what is detected.
+    #[serde(default)]
+    pub capacity: CapacityConfig,
 }
 
 /// Why the configuration could not be used.
@@ -113,6 +154,7 @@ impl AgentConfig {
             workloads: WorkloadsConfig::default(),
             metrics_listen: None,
             otlp_endpoint: None,
+            capacity: CapacityConfig::default(),
         }
     }
 
@@ -155,6 +197,7 @@ impl AgentConfig {
 
     /// Applies the `KEEL_AGENT_*` overrides.
     pub fn with_env_overrides(mut self) -> Self {
+        // A positive whole number (seconds, vCPUs, MiB).
         let seconds = |name: &str| {
             std::env::var(name)
                 .ok()
@@ -175,6 +218,15 @@ impl AgentConfig {
             .and_then(|value| value.parse().ok())
         {
             self.metrics_listen = Some(listen);
+        }
+        if let Some(vcpus) = seconds("KEEL_AGENT_VCPUS") {
+            self.capacity.vcpus = Some(u32::try_from(vcpus).unwrap_or(u32::MAX));
+        }
+        if let Some(memory_mib) = seconds("KEEL_AGENT_MEMORY_MIB") {
+            self.capacity.memory_mib = Some(memory_mib);
+        }
+        if let Some(disk_gib) = seconds("KEEL_AGENT_DISK_GIB") {
+            self.capacity.disk_gib = Some(disk_gib);
         }
         if let Some(endpoint) = std::env::var("KEEL_AGENT_OTLP_ENDPOINT")
             .ok()
@@ -228,6 +280,33 @@ mod tests {
         assert_eq!(config.timing.heartbeat_secs, 5);
         assert_eq!(config.workloads.driver, DriverKind::Simulated);
         assert_eq!(config.workloads.stop_grace_secs, 3);
+    }
+
+    #[test]
+    fn configured_capacity_replaces_what_is_detected() {
+        let config = parse(
+            "state_dir = \"/s\"\notlp_endpoint = \"http://127.0.0.1:4318\"\n[capacity]\nvcpus = 64\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4318")
+        );
+        let detected = crate::inventory::Capacity {
+            vcpus: 2,
+            memory_mib: 24_000,
+            disk_gib: 100,
+            gpu_model: None,
+            gpu_count: 0,
+        };
+        let offered = config.capacity.apply(detected.clone());
+        assert_eq!(offered.vcpus, 64);
+        assert_eq!(offered.memory_mib, 24_000, "memory stays as detected");
+        assert_eq!(
+            CapacityConfig::default().apply(detected.clone()),
+            detected,
+            "nothing configured, nothing replaced"
+        );
     }
 
     #[test]

@@ -125,6 +125,8 @@ pub struct ControlPlaneLink {
     /// When the current certificate was obtained, and when it expires.
     certificate: Mutex<(OffsetDateTime, OffsetDateTime)>,
     timing: LinkTiming,
+    /// What heartbeats report instead of the detected capacity.
+    capacity: crate::config::CapacityConfig,
 }
 
 impl std::fmt::Debug for ControlPlaneLink {
@@ -179,6 +181,7 @@ impl ControlPlaneLink {
             keys: tokio::sync::Mutex::new(state.signing_keys.clone()),
             certificate: Mutex::new((obtained_at(state, not_before), not_after)),
             timing,
+            capacity: crate::config::CapacityConfig::default(),
         })
     }
 
@@ -270,12 +273,20 @@ impl ControlPlaneLink {
         ));
     }
 
-    /// Sends one heartbeat: the capacity detected now and the allocations
-    /// running.
+    /// Reports `capacity`'s values in heartbeats instead of detected ones.
+    pub fn with_capacity(mut self, capacity: crate::config::CapacityConfig) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// Sends one heartbeat: the capacity detected now (with the configured
+    /// overrides) and the allocations running.
     pub async fn heartbeat(&self) -> Result<(), LinkError> {
-        let capacity = crate::inventory::detect(&self.dir)
-            .await
-            .map_err(LinkError::Invalid)?;
+        let capacity = self.capacity.apply(
+            crate::inventory::detect(&self.dir)
+                .await
+                .map_err(LinkError::Invalid)?,
+        );
         let workloads: Vec<serde_json::Value> = self
             .driver
             .running_allocations()

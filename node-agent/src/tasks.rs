@@ -465,8 +465,8 @@ impl TaskInbox {
     }
 
     /// The workload driver tasks are handed to.
-    pub fn driver(&self) -> &dyn WorkloadDriver {
-        self.driver.as_ref()
+    pub fn driver(&self) -> &Arc<dyn WorkloadDriver> {
+        &self.driver
     }
 
     /// The highest sequence number accepted so far.
@@ -518,6 +518,8 @@ impl TaskInbox {
             otel.name = %format_args!("task {}", operation_name(&payload.operation)),
             task_id = %payload.task_id,
             seq = payload.seq,
+            // The same id the api's and the worker's log lines carry.
+            trace_id = payload.traceparent.as_deref().and_then(|traceparent| traceparent.split('-').nth(1)),
         );
         if let Some(traceparent) = &payload.traceparent {
             keel_telemetry::continue_trace(&span, traceparent);

@@ -27,7 +27,6 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read as _, Write as _};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::os::unix::process::CommandExt as _;
@@ -42,8 +41,10 @@ use axum::extract::{FromRequestParts as _, Request, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use base64::Engine as _;
+use futures::{SinkExt as _, StreamExt as _};
 use keel_task::Operation;
 use time::OffsetDateTime;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -51,6 +52,7 @@ use crate::cgroups::WorkloadCgroup;
 use crate::server::error_response;
 use crate::shim::WORKLOAD_PATH;
 use crate::tasks::TaskInbox;
+use crate::workloads::WorkloadDriver;
 
 /// Where the api opens sessions.
 pub const TERMINAL_PATH: &str = "/v1/terminal";
@@ -184,16 +186,22 @@ fn session_of(pid: i32) -> Option<i32> {
 /// What the terminal endpoint shares between requests.
 pub struct TerminalGate {
     inbox: Arc<TaskInbox>,
-    /// Session ids already used, with when their grant expires.
+    driver: Arc<dyn WorkloadDriver>,
+    /// Session ids already used, with when their grant expires. Kept in
+    /// memory only, so grants issued before this agent started are refused
+    /// (one used before a restart cannot be used again after it).
     used: Mutex<HashMap<Uuid, i64>>,
+    started_at: i64,
     open: Arc<AtomicUsize>,
 }
 
 impl TerminalGate {
     pub fn new(inbox: Arc<TaskInbox>) -> Arc<Self> {
         Arc::new(Self {
+            driver: Arc::clone(inbox.driver()),
             inbox,
             used: Mutex::new(HashMap::new()),
+            started_at: OffsetDateTime::now_utc().unix_timestamp(),
             open: Arc::new(AtomicUsize::new(0)),
         })
     }
@@ -220,7 +228,13 @@ impl TerminalGate {
                 "a task is not a terminal grant".to_owned(),
             ));
         };
-        match self.inbox.driver().tenant_of(allocation_id) {
+        if payload.issued_at < self.started_at {
+            return Err(refused(
+                "issued_before_start",
+                "the grant is older than this agent; ask for a new one".to_owned(),
+            ));
+        }
+        match self.driver.tenant_of(allocation_id) {
             None => {
                 return Err(Refusal {
                     status: StatusCode::CONFLICT,
@@ -333,25 +347,38 @@ pub async fn open_terminal(State(gate): State<Arc<TerminalGate>>, request: Reque
             "this host has too many terminal sessions open",
         );
     };
-    let shell = match gate.inbox.driver().open_terminal(admitted.allocation_id) {
-        Ok(shell) => shell,
-        Err(reason) => {
-            tracing::warn!(allocation_id = %admitted.allocation_id, %reason, "no terminal");
-            return error_response(StatusCode::CONFLICT, "terminal_unavailable", &reason);
-        }
-    };
-    tracing::info!(
-        allocation_id = %admitted.allocation_id,
-        session_id = %admitted.session_id,
-        pid = shell.child.id(),
-        "terminal session opened"
-    );
+    let driver = Arc::clone(&gate.driver);
     upgrade
         .max_message_size(MAX_FRAME_BYTES)
         .on_upgrade(move |socket| async move {
-            let reason = bridge(socket, shell, admitted.limit).await;
+            // The shell starts only once the connection is a WebSocket (an
+            // upgrade that fails leaves nothing behind), off the runtime's
+            // threads (fork, exec and cgroup writes block).
+            let allocation_id = admitted.allocation_id;
+            let shell =
+                tokio::task::spawn_blocking(move || driver.open_terminal(allocation_id)).await;
+            let reason = match shell {
+                Ok(Ok(shell)) => {
+                    tracing::info!(
+                        %allocation_id,
+                        session_id = %admitted.session_id,
+                        pid = shell.child.id(),
+                        "terminal session opened"
+                    );
+                    bridge(socket, shell, admitted.limit).await
+                }
+                Ok(Err(reason)) => {
+                    tracing::warn!(%allocation_id, %reason, "the shell could not start");
+                    close(socket, "the shell could not start").await;
+                    "the shell could not start"
+                }
+                Err(_) => {
+                    close(socket, "the shell could not start").await;
+                    "the shell could not start"
+                }
+            };
             tracing::info!(
-                allocation_id = %admitted.allocation_id,
+                %allocation_id,
                 session_id = %admitted.session_id,
                 reason,
                 "terminal session closed"
@@ -367,90 +394,159 @@ enum Control {
     Resize { cols: u16, rows: u16 },
 }
 
-/// Relays between the socket and the shell until one side ends; returns
-/// why it ended (also sent as the close frame's reason).
-async fn bridge(mut socket: WebSocket, shell: TerminalShell, limit: Duration) -> &'static str {
+/// The shell of a session: killed with its whole session, and reaped,
+/// however the session ends (also when its task is dropped).
+struct ShellGuard(Option<Child>);
+
+impl ShellGuard {
+    /// Kills and reaps, off the runtime's threads.
+    async fn end(mut self) {
+        if let Some(child) = self.0.take() {
+            let _ = tokio::task::spawn_blocking(move || end_shell(child)).await;
+        }
+    }
+}
+
+impl Drop for ShellGuard {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.take() {
+            end_shell(child);
+        }
+    }
+}
+
+fn end_shell(mut child: Child) {
+    kill_session(i32::try_from(child.id()).unwrap_or(i32::MAX));
+    let _ = child.wait();
+}
+
+/// The pseudo-terminal's controlling side, non-blocking, driven by the
+/// runtime's reactor (no thread per session).
+struct Pty(AsyncFd<OwnedFd>);
+
+impl Pty {
+    fn new(master: OwnedFd) -> std::io::Result<Self> {
+        rustix::io::ioctl_fionbio(&master, true)?;
+        // `register` is the `unsafe` successor; `new` is sound here: the
+        // descriptor is an `OwnedFd` the `AsyncFd` owns, so nothing else
+        // can close or reuse it while it is registered.
+        #[allow(deprecated)]
+        let registered = AsyncFd::new(master)?;
+        Ok(Self(registered))
+    }
+
+    async fn read(&self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let mut ready = self.0.readable().await?;
+            match ready.try_io(|fd| Ok(rustix::io::read(fd.get_ref(), &mut *buffer)?)) {
+                Ok(result) => return result,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    async fn write_all(&self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            let mut ready = self.0.writable().await?;
+            match ready.try_io(|fd| Ok(rustix::io::write(fd.get_ref(), bytes)?)) {
+                Ok(Ok(written)) => bytes = &bytes[written..],
+                Ok(Err(error)) => return Err(error),
+                Err(_would_block) => continue,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Relays between the socket and the shell until one side ends, the time
+/// limit passes or the workload stops; returns why (also the close
+/// frame's reason). Each direction is its own pump, so a side that stops
+/// reading holds up only its own direction, and the limit and the stop
+/// always end the session.
+async fn bridge(socket: WebSocket, shell: TerminalShell, limit: Duration) -> &'static str {
     let TerminalShell {
-        mut child,
+        child,
         master,
         mut workload_stopping,
     } = shell;
-    let (Ok(reader), Ok(writer)) = (master.try_clone(), master.try_clone()) else {
-        kill_session(pid_of(&child));
-        let _ = child.wait();
-        return "the terminal could not be shared";
+    let shell = ShellGuard(Some(child));
+    let pty = match Pty::new(master) {
+        Ok(pty) => pty,
+        Err(error) => {
+            tracing::warn!(%error, "the terminal could not be driven");
+            shell.end().await;
+            close(socket, "the shell could not start").await;
+            return "the shell could not start";
+        }
     };
-    let (output, mut outputs) = tokio::sync::mpsc::channel::<Vec<u8>>(32);
-    std::thread::spawn(move || {
-        let mut reader = File::from(reader);
-        let mut buffer = vec![0_u8; 16 * 1024];
-        // Ends with EIO once every process holding the terminal is gone.
-        while let Ok(read) = reader.read(&mut buffer) {
-            if read == 0 || output.blocking_send(buffer[..read].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    let (input, inputs) = std::sync::mpsc::channel::<Vec<u8>>();
-    std::thread::spawn(move || {
-        let mut writer = File::from(writer);
-        for chunk in inputs {
-            if writer.write_all(&chunk).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut to_client, mut from_client) = socket.split();
 
-    let deadline = tokio::time::sleep(limit);
-    tokio::pin!(deadline);
-    let reason = loop {
-        tokio::select! {
-            () = &mut deadline => break "the session reached its time limit",
-            changed = workload_stopping.changed() => {
-                if changed.is_err() || *workload_stopping.borrow() {
-                    break "the workload stopped";
+    let output = async {
+        let mut buffer = vec![0_u8; 16 * 1024];
+        loop {
+            // EIO once the shell and everything holding its terminal are gone.
+            match pty.read(&mut buffer).await {
+                Ok(0) | Err(_) => return "the shell exited",
+                Ok(read) => {
+                    let frame = Message::Binary(buffer[..read].to_vec().into());
+                    if to_client.send(frame).await.is_err() {
+                        return "the client went away";
+                    }
                 }
             }
-            chunk = outputs.recv() => match chunk {
-                Some(bytes) => {
-                    if socket.send(Message::Binary(bytes.into())).await.is_err() {
-                        break "the client went away";
-                    }
-                }
-                None => break "the shell exited",
-            },
-            message = socket.recv() => match message {
-                Some(Ok(Message::Binary(bytes))) => {
-                    if input.send(bytes.to_vec()).is_err() {
-                        break "the shell exited";
-                    }
-                }
-                Some(Ok(Message::Text(text))) => {
-                    if let Ok(Control::Resize { cols, rows }) = serde_json::from_str(text.as_str()) {
-                        resize(&master, cols.clamp(1, 1000), rows.clamp(1, 1000));
-                    }
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Ok(Message::Close(_)) | Err(_)) | None => break "the client closed the session",
-            },
         }
     };
-    drop(input);
-    let sid = pid_of(&child);
-    let _ = tokio::task::spawn_blocking(move || {
-        kill_session(sid);
-        let _ = child.wait();
-    })
-    .await;
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code: axum::extract::ws::close_code::NORMAL,
-            reason: reason.into(),
-        })))
-        .await;
+    let input = async {
+        while let Some(message) = from_client.next().await {
+            match message {
+                Ok(Message::Binary(bytes)) => {
+                    if pty.write_all(&bytes).await.is_err() {
+                        return "the shell exited";
+                    }
+                }
+                Ok(Message::Text(text)) => {
+                    if let Ok(Control::Resize { cols, rows }) = serde_json::from_str(text.as_str())
+                    {
+                        resize(pty.0.get_ref(), cols.clamp(1, 1000), rows.clamp(1, 1000));
+                    }
+                }
+                Ok(Message::Ping(_) | Message::Pong(_)) => {}
+                Ok(Message::Close(_)) | Err(_) => break,
+            }
+        }
+        "the client closed the session"
+    };
+    let stopped = async {
+        loop {
+            if *workload_stopping.borrow_and_update() {
+                break;
+            }
+            // Closed: the workload ended and the driver forgot it.
+            if workload_stopping.changed().await.is_err() {
+                break;
+            }
+        }
+        "the workload stopped"
+    };
+    let reason = tokio::select! {
+        () = tokio::time::sleep(limit) => "the session reached its time limit",
+        reason = stopped => reason,
+        reason = output => reason,
+        reason = input => reason,
+    };
+    shell.end().await;
+    if let Ok(socket) = to_client.reunite(from_client) {
+        close(socket, reason).await;
+    }
     reason
 }
 
-fn pid_of(child: &Child) -> i32 {
-    i32::try_from(child.id()).unwrap_or(i32::MAX)
+/// Sends a normal close with `reason`, giving up after a few seconds (a
+/// client that reads nothing does not hold the session open).
+async fn close(mut socket: WebSocket, reason: &'static str) {
+    let frame = Message::Close(Some(CloseFrame {
+        code: axum::extract::ws::close_code::NORMAL,
+        reason: reason.into(),
+    }));
+    let _ = tokio::time::timeout(Duration::from_secs(5), socket.send(frame)).await;
 }

@@ -14,6 +14,7 @@ mod state;
 pub mod telemetry;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
@@ -116,6 +117,9 @@ pub fn state_from_config(
     })
 }
 
+/// The longest terminal session (the agents' own cap).
+const MAX_TERMINAL_SESSION_SECS: u64 = 8 * 3600;
+
 /// What the api needs to open terminal sessions: the task-signing keys
 /// (grants are signed like tasks) and a client certificate naming the
 /// `api` component (agents accept terminal connections from it alone).
@@ -127,15 +131,21 @@ pub async fn terminals(
     kms: &keel_kms::AnyKms,
     keys: &ControlPlaneKeys,
 ) -> anyhow::Result<Arc<Terminals>> {
+    let limit = config.terminal.max_session_secs;
+    if !(1..=MAX_TERMINAL_SESSION_SECS).contains(&limit) {
+        anyhow::bail!(
+            "terminal.max_session_secs must be between 1 and {MAX_TERMINAL_SESSION_SECS}, got {limit}"
+        );
+    }
     let signers = SignerRing::load(db, kms)
         .await
         .context("loading the task-signing keys")?;
-    Ok(Arc::new(Terminals {
-        signers: Arc::new(signers),
-        identity: keys.hot_service_identity("api", &[])?,
-        node_ca_pem: keys.node_ca.cert_pem().to_owned(),
-        config: config.terminal,
-    }))
+    Ok(Arc::new(Terminals::new(
+        Arc::new(signers),
+        keys.hot_service_identity("api", &[])?,
+        keys.node_ca.cert_pem().to_owned(),
+        config.terminal,
+    )))
 }
 
 /// The router of the agent listener: node agents only. Served by
@@ -146,7 +156,9 @@ pub fn agent_app(state: AppState) -> Router {
         .merge(keel_inventory::agent_http::router())
         .fallback(keel_http::route_not_found)
         .with_state(state)
-        .layer(axum::middleware::from_fn(keel_http::request_id_layer))
+        .layer(axum::middleware::from_fn(
+            keel_http::untraced_request_id_layer,
+        ))
 }
 
 /// The TLS configuration of the agent listener: the api's certificate
@@ -264,9 +276,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Stops accepting on the same signal, then drains its own connections
     // (with a grace period; see `MtlsServer::serve`).
     let agents = agent_server.serve(until_stopped(stopped));
+    let sessions = Arc::clone(&terminals);
     let signal = async move {
         shutdown_signal().await;
         let _ = stop.send(true);
+        // Terminal sessions are upgraded connections, which the server's
+        // drain does not wait for: end them so each is closed and audited.
+        sessions.end_sessions(Duration::from_secs(10)).await;
         Ok::<(), std::io::Error>(())
     };
     tokio::try_join!(

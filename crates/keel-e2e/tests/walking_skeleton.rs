@@ -22,7 +22,9 @@ use common::{
     read_until, scrape, spawn, type_line,
 };
 
-#[tokio::test]
+// Several threads: the test blocks on child processes while the OTLP
+// receiver it hosts must keep answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_removes_the_process() {
     let database = keel_testing::test_db().await;
     let scratch = std::env::temp_dir().join(format!("keel-e2e-{}", uuid::Uuid::new_v4().simple()));
@@ -39,6 +41,9 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
     let collector = OtlpReceiver::start().await;
     let traced = |command: &mut Command, variable: &str| {
         command
+            .env_remove("RUST_LOG")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             .env(variable, &collector.endpoint)
             .env("OTEL_BSP_SCHEDULE_DELAY", "100");
     };

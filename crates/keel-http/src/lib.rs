@@ -18,7 +18,9 @@ pub mod tls;
 pub use error::{ApiError, ErrorBody, FieldError};
 pub use extract::{Json, Path, Query};
 pub use precondition::{IfMatch, Tagged, etag};
-pub use request_id::{REQUEST_ID_HEADER, RequestId, TraceParent, request_id_layer};
+pub use request_id::{
+    REQUEST_ID_HEADER, RequestId, TraceParent, request_id_layer, untraced_request_id_layer,
+};
 
 /// Fallback for unknown routes: a 404 in the envelope.
 pub async fn route_not_found() -> ApiError {

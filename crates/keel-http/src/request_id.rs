@@ -116,22 +116,44 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for TraceParent {
 }
 
 /// The middleware; install it outermost with `axum::middleware::from_fn`.
-pub async fn request_id_layer(mut request: Request, next: Next) -> Response {
+pub async fn request_id_layer(request: Request, next: Next) -> Response {
+    handle(request, next, true).await
+}
+
+/// [`request_id_layer`] for listeners whose requests are logged but not
+/// exported as traces (the agent listener: every heartbeat would be a
+/// trace of its own).
+pub async fn untraced_request_id_layer(request: Request, next: Next) -> Response {
+    handle(request, next, false).await
+}
+
+async fn handle(mut request: Request, next: Next, traced: bool) -> Response {
     let request_id = RequestId::from_header(request.headers().get(REQUEST_ID_HEADER))
         .unwrap_or_else(RequestId::generate);
     let incoming = request.headers().get("traceparent");
-    let span = tracing::info_span!(
-        "request",
-        request_id = %request_id.0,
-        trace_id = tracing::field::Empty,
-        method = %request.method(),
-        path = %request.uri().path(),
-        // The semantic conventions' name when the route is not yet known
-        // (the span starts before routing); `metrics` adds `http.route`.
-        otel.name = %request.method(),
-        otel.kind = "server",
-        http.route = tracing::field::Empty,
-    );
+    macro_rules! request_span {
+        ($($target:tt)*) => {
+            tracing::info_span!(
+                $($target)*
+                "request",
+                request_id = %request_id.0,
+                trace_id = tracing::field::Empty,
+                method = %request.method(),
+                path = %request.uri().path(),
+                // The semantic conventions' name when the route is not yet
+                // known (the span starts before routing); `metrics` adds
+                // `http.route`.
+                otel.name = %request.method(),
+                otel.kind = "server",
+                http.route = tracing::field::Empty,
+            )
+        };
+    }
+    let span = if traced {
+        request_span!()
+    } else {
+        request_span!(target: "keel::untraced",)
+    };
     // With trace export on, the request span is the trace's position and
     // what the outbox and the tasks carry; without it, a generated id that
     // still ties the logs of all three processes together.

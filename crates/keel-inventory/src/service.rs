@@ -39,6 +39,38 @@ pub async fn flavor_any(conn: &mut PgConnection, name: &str) -> Result<Flavor, I
     .await?)
 }
 
+/// Best fit: the schedulable host of the region with the least room that
+/// is still enough, locked and charged in one statement (the
+/// `hosts_placement` index serves the order).
+macro_rules! place_sql {
+    ($lock:literal) => {
+        concat!(
+            "WITH candidate AS (
+                 SELECT id FROM hosts
+                 WHERE state = 'ready' AND revoked_at IS NULL AND region = $1
+                   AND vcpus - reserved_vcpus >= $2
+                   AND memory_mib - reserved_memory_mib >= $3
+                   AND gpu_count - reserved_gpus >= $4
+                   AND ($4 = 0 OR gpu_model = $5)
+                   AND disk_gib - reserved_disk_gib >= $6
+                 ORDER BY vcpus - reserved_vcpus, memory_mib - reserved_memory_mib, id
+                 LIMIT 1
+                 ",
+            $lock,
+            "
+             )
+             UPDATE hosts SET reserved_vcpus = reserved_vcpus + $2,
+                              reserved_memory_mib = reserved_memory_mib + $3,
+                              reserved_gpus = reserved_gpus + $4,
+                              reserved_disk_gib = reserved_disk_gib + $6
+             FROM candidate WHERE hosts.id = candidate.id
+             RETURNING hosts.id"
+        )
+    };
+}
+const PLACE_SKIPPING_LOCKED: &str = place_sql!("FOR UPDATE SKIP LOCKED");
+const PLACE_WAITING: &str = place_sql!("FOR UPDATE");
+
 /// Places `flavor` on a ready host of `region` that has room for it (CPUs,
 /// memory, GPUs of its model, local disk) and
 /// reserves the room, in the caller's transaction. Best fit: the host with
@@ -55,38 +87,29 @@ pub async fn capacity_reserve(
     region: &str,
     flavor: &Flavor,
 ) -> Result<Option<HostId>, InventoryError> {
-    // A candidate can lose its room to a concurrent placement between the
-    // choice and the lock; then the re-checked row drops out and we try the
-    // next one. Three tries are plenty for the contention one host sees.
-    for _ in 0..3 {
-        let placed: Option<HostId> = sqlx::query_scalar(
-            "WITH candidate AS (
-                 SELECT id FROM hosts
-                 WHERE state = 'ready' AND revoked_at IS NULL AND region = $1
-                   AND vcpus - reserved_vcpus >= $2
-                   AND memory_mib - reserved_memory_mib >= $3
-                   AND gpu_count - reserved_gpus >= $4
-                   AND ($4 = 0 OR gpu_model = $5)
-                   AND disk_gib - reserved_disk_gib >= $6
-                 ORDER BY vcpus - reserved_vcpus, memory_mib - reserved_memory_mib, id
-                 LIMIT 1
-                 FOR UPDATE
-             )
-             UPDATE hosts SET reserved_vcpus = reserved_vcpus + $2,
-                              reserved_memory_mib = reserved_memory_mib + $3,
-                              reserved_gpus = reserved_gpus + $4,
-                              reserved_disk_gib = reserved_disk_gib + $6
-             FROM candidate WHERE hosts.id = candidate.id
-             RETURNING hosts.id",
-        )
-        .bind(region)
-        .bind(flavor.vcpus)
-        .bind(i64::from(flavor.memory_mib))
-        .bind(flavor.gpu_count)
-        .bind(&flavor.gpu_model)
-        .bind(i64::from(flavor.disk_gib))
-        .fetch_optional(&mut *conn)
-        .await?;
+    // Concurrent placements all want the same best-fit host. The first
+    // tries skip hosts another placement holds locked and take the next
+    // best one, so placements proceed in parallel instead of queueing on
+    // one row; the last try waits for the locks, so a locked host that
+    // fits is never mistaken for no room. A candidate can also lose its
+    // room between the choice and the lock; then the re-checked row drops
+    // out and the next try looks again.
+    const TRIES: usize = 4;
+    for attempt in 0..TRIES {
+        let sql = if attempt + 1 < TRIES {
+            PLACE_SKIPPING_LOCKED
+        } else {
+            PLACE_WAITING
+        };
+        let placed: Option<HostId> = sqlx::query_scalar(sql)
+            .bind(region)
+            .bind(flavor.vcpus)
+            .bind(i64::from(flavor.memory_mib))
+            .bind(flavor.gpu_count)
+            .bind(&flavor.gpu_model)
+            .bind(i64::from(flavor.disk_gib))
+            .fetch_optional(&mut *conn)
+            .await?;
         if placed.is_some() {
             return Ok(placed);
         }

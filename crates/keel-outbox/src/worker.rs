@@ -75,6 +75,8 @@ pub async fn run_delivery(
         consumer = consumer.name(),
         event_id = %event.id,
         aggregate_id = %event.aggregate_id,
+        // The same id the request's log lines carry.
+        trace_id = event.traceparent.as_deref().and_then(|traceparent| traceparent.split('-').nth(1)),
     );
     if let Some(traceparent) = &event.traceparent {
         keel_telemetry::continue_trace(&span, traceparent);

@@ -30,6 +30,8 @@ pub enum ProvisioningError {
     },
     #[error("the allocation is {0}: only a running allocation has a terminal")]
     NotRunning(AllocationState),
+    #[error("{0}")]
+    TerminalUnavailable(&'static str),
     #[error("this is a WebSocket endpoint: send a WebSocket upgrade request")]
     WebSocketRequired,
     #[error("the allocation changed since the version given in If-Match")]
@@ -75,6 +77,9 @@ impl From<ProvisioningError> for ApiError {
             }
             ProvisioningError::NotRunning(_) => {
                 ApiError::conflict("allocation_not_running", error.to_string())
+            }
+            ProvisioningError::TerminalUnavailable(_) => {
+                ApiError::conflict("terminal_unavailable", error.to_string())
             }
             ProvisioningError::WebSocketRequired => ApiError::new(
                 StatusCode::BAD_REQUEST,

@@ -80,6 +80,53 @@ pub struct Terminals {
     pub identity: Arc<keel_pki::HotIdentity>,
     pub node_ca_pem: String,
     pub config: TerminalConfig,
+    /// Set when the api stops: every session ends (and is audited).
+    stopping: tokio::sync::watch::Sender<bool>,
+    /// Sessions open now.
+    open: tokio::sync::watch::Sender<usize>,
+}
+
+impl Terminals {
+    pub fn new(
+        signers: Arc<SignerRing>,
+        identity: Arc<keel_pki::HotIdentity>,
+        node_ca_pem: String,
+        config: TerminalConfig,
+    ) -> Self {
+        Self {
+            signers,
+            identity,
+            node_ca_pem,
+            config,
+            stopping: tokio::sync::watch::channel(false).0,
+            open: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    /// Ends every open session (each is told why and audited) and waits
+    /// for them, at most `grace`. Upgraded connections outlive the
+    /// server's own drain, so the api calls this when it stops.
+    pub async fn end_sessions(&self, grace: Duration) {
+        self.stopping.send_replace(true);
+        let mut open = self.open.subscribe();
+        let _ = tokio::time::timeout(grace, open.wait_for(|open| *open == 0)).await;
+    }
+}
+
+/// Counts a session as open until dropped.
+struct OpenSession<'a>(&'a tokio::sync::watch::Sender<usize>);
+
+impl<'a> OpenSession<'a> {
+    fn new(open: &'a tokio::sync::watch::Sender<usize>) -> Self {
+        open.send_modify(|open| *open += 1);
+        Self(open)
+    }
+}
+
+impl Drop for OpenSession<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|open| *open = open.saturating_sub(1));
+    }
 }
 
 impl std::fmt::Debug for Terminals {
@@ -151,7 +198,9 @@ pub async fn allocation_terminal(
     .fetch_optional(tx.conn())
     .await
     .map_err(ProvisioningError::from)?
-    .ok_or(ProvisioningError::NotRunning(state))?;
+    .ok_or(ProvisioningError::TerminalUnavailable(
+        "the allocation's host is no longer part of the platform",
+    ))?;
 
     let session_id = Uuid::now_v7();
     let max_secs = terminals.config.max_session_secs;
@@ -191,6 +240,7 @@ pub async fn allocation_terminal(
         .max_message_size(MAX_FRAME_BYTES)
         .protocols(["keel.terminal.v1"]);
     Ok(upgrade.on_upgrade(move |client| async move {
+        let _open = OpenSession::new(&terminals.open);
         let started = Instant::now();
         let reason = relay(client, &terminals, &target, &grant, max_secs).await;
         let seconds = started.elapsed().as_secs();
@@ -214,9 +264,12 @@ pub async fn allocation_terminal(
     }))
 }
 
-/// Relays until one side ends; returns why.
+/// Relays until one side ends, the time limit passes or the api stops;
+/// returns why. Each direction is its own pump, so a side that stops
+/// reading holds up only its own direction (and, through TCP, the agent's
+/// output), while the limit and the api's shutdown always end the session.
 async fn relay(
-    mut client: WebSocket,
+    client: WebSocket,
     terminals: &Terminals,
     target: &Target,
     grant: &[u8],
@@ -225,72 +278,88 @@ async fn relay(
     let agent = match tokio::time::timeout(CONNECT_TIMEOUT, connect(terminals, target, grant)).await
     {
         Ok(Ok(agent)) => agent,
-        Ok(Err(reason)) => {
-            close(&mut client, &reason).await;
+        Ok(Err(refusal)) => {
+            tracing::warn!(host = %target.host, %refusal, "no terminal session on the host");
+            let reason = "the host refused the session".to_owned();
+            close(client, &reason).await;
             return reason;
         }
         Err(_) => {
             let reason = "the host did not answer".to_owned();
-            close(&mut client, &reason).await;
+            close(client, &reason).await;
             return reason;
         }
     };
     let (mut to_agent, mut from_agent) = agent.split();
-    // The agent enforces the limit too; this one also covers the api side.
-    let deadline = tokio::time::sleep(Duration::from_secs(max_secs));
-    tokio::pin!(deadline);
-    let reason = loop {
-        tokio::select! {
-            () = &mut deadline => break "the session reached its time limit".to_owned(),
-            message = client.recv() => {
-                let forwarded = match message {
-                    Some(Ok(Message::Binary(bytes))) => tungstenite::Message::Binary(bytes),
-                    Some(Ok(Message::Text(text))) => tungstenite::Message::text(text.as_str()),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    Some(Ok(Message::Close(_)) | Err(_)) | None => {
-                        let _ = to_agent.send(tungstenite::Message::Close(None)).await;
-                        break "the client closed the session".to_owned();
-                    }
-                };
-                if to_agent.send(forwarded).await.is_err() {
-                    break "the host closed the session".to_owned();
-                }
+    let (mut to_client, mut from_client) = client.split();
+    let mut stopping = terminals.stopping.subscribe();
+
+    let upstream = async {
+        while let Some(message) = from_client.next().await {
+            let forwarded = match message {
+                Ok(Message::Binary(bytes)) => tungstenite::Message::Binary(bytes),
+                Ok(Message::Text(text)) => tungstenite::Message::text(text.as_str()),
+                Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+                Ok(Message::Close(_)) | Err(_) => break,
+            };
+            if to_agent.send(forwarded).await.is_err() {
+                return "the connection to the host was lost".to_owned();
             }
-            message = from_agent.next() => match message {
-                Some(Ok(tungstenite::Message::Binary(bytes))) => {
-                    if client.send(Message::Binary(bytes)).await.is_err() {
-                        let _ = to_agent.send(tungstenite::Message::Close(None)).await;
-                        break "the client went away".to_owned();
+        }
+        "the client closed the session".to_owned()
+    };
+    let downstream = async {
+        while let Some(message) = from_agent.next().await {
+            match message {
+                Ok(tungstenite::Message::Binary(bytes)) => {
+                    if to_client.send(Message::Binary(bytes)).await.is_err() {
+                        return "the client went away".to_owned();
                     }
                 }
-                Some(Ok(tungstenite::Message::Close(frame))) => {
-                    break frame
+                // The agent says why it ended the session.
+                Ok(tungstenite::Message::Close(frame)) => {
+                    return frame
                         .map(|frame| frame.reason.as_str().to_owned())
                         .filter(|reason| !reason.is_empty())
                         .unwrap_or_else(|| "the host closed the session".to_owned());
                 }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => break "the connection to the host was lost".to_owned(),
-            },
+                Ok(_) => {}
+                Err(_) => break,
+            }
         }
+        "the connection to the host was lost".to_owned()
     };
-    close(&mut client, &reason).await;
+    let reason = tokio::select! {
+        () = tokio::time::sleep(Duration::from_secs(max_secs)) => {
+            "the session reached its time limit".to_owned()
+        }
+        _ = stopping.wait_for(|stopping| *stopping) => "the api is restarting".to_owned(),
+        reason = upstream => reason,
+        reason = downstream => reason,
+    };
+    // Tell the agent (it ends the shell) and the client, neither for long.
+    if let Ok(agent) = to_agent.reunite(from_agent) {
+        let mut agent = agent;
+        let _ = tokio::time::timeout(Duration::from_secs(5), agent.close(None)).await;
+    }
+    if let Ok(client) = to_client.reunite(from_client) {
+        close(client, &reason).await;
+    }
     reason
 }
 
 /// Sends the client a normal close with `reason` (cut to the 123 bytes a
-/// close frame allows).
-async fn close(client: &mut WebSocket, reason: &str) {
+/// close frame allows), giving up after a few seconds.
+async fn close(mut client: WebSocket, reason: &str) {
     let mut end = reason.len().min(123);
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
-    let _ = client
-        .send(Message::Close(Some(CloseFrame {
-            code: axum::extract::ws::close_code::NORMAL,
-            reason: reason[..end].into(),
-        })))
-        .await;
+    let frame = Message::Close(Some(CloseFrame {
+        code: axum::extract::ws::close_code::NORMAL,
+        reason: reason[..end].into(),
+    }));
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.send(frame)).await;
 }
 
 type AgentSocket =

@@ -120,6 +120,12 @@ mod tests {
             allocation_id: Uuid::from_u128(9),
         };
         assert_eq!(stop.allocation_id(), Uuid::from_u128(9));
+        let terminal = Operation::OpenTerminal {
+            allocation_id: Uuid::from_u128(7),
+            session_id: Uuid::from_u128(8),
+            max_secs: 60,
+        };
+        assert_eq!(terminal.allocation_id(), Uuid::from_u128(7));
     }
 
     #[test]

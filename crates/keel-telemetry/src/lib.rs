@@ -25,6 +25,8 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
@@ -92,18 +94,38 @@ impl Drop for Telemetry {
     }
 }
 
-/// Installs the global subscriber. Call once, first thing in `main`, before
-/// any async runtime runs (the exporter's client is built on its own
-/// thread either way). A second call leaves the first subscriber in place.
+/// The target of spans that are logged but never exported (the agent
+/// listener's heartbeats and reports: one root trace each would flood a
+/// collector).
+pub const UNTRACED: &str = "keel::untraced";
+
+/// Installs the global subscriber. Call once, first thing in `main` (the
+/// exporter's client is built on its own thread, so inside a runtime is
+/// fine; dropping the guard there blocks that thread while the last spans
+/// go out, a few seconds at most). A second call leaves the first
+/// subscriber in place.
 pub fn init(settings: &Settings<'_>) -> Result<Telemetry, TelemetryError> {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(settings.filter));
+    // The log filter decides what is logged, not what is traced: spans at
+    // info and above are exported whatever the log level.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(settings.filter))
+        // The exporter's own complaints (a collector that is down).
+        .add_directive(exporter_directive());
     let provider = tracer_provider(settings)?;
-    let otel_layer = provider
-        .as_ref()
-        .map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer("keel")));
+    let otel_layer = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("keel"))
+            .with_filter(
+                Targets::new()
+                    .with_default(LevelFilter::INFO)
+                    .with_target(UNTRACED, LevelFilter::OFF)
+                    .with_target("opentelemetry", LevelFilter::OFF)
+                    .with_target("opentelemetry_sdk", LevelFilter::OFF)
+                    .with_target("opentelemetry_otlp", LevelFilter::OFF),
+            )
+    });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
+    let registry = tracing_subscriber::registry().with(otel_layer);
     let installed = match settings.style {
         LogStyle::Json => registry
             .with(
@@ -111,7 +133,8 @@ pub fn init(settings: &Settings<'_>) -> Result<Telemetry, TelemetryError> {
                     .json()
                     .flatten_event(true)
                     .with_current_span(true)
-                    .with_writer(std::io::stderr),
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
             )
             .try_init(),
         LogStyle::Compact => registry
@@ -119,7 +142,8 @@ pub fn init(settings: &Settings<'_>) -> Result<Telemetry, TelemetryError> {
                 tracing_subscriber::fmt::layer()
                     .compact()
                     .with_ansi(ansi)
-                    .with_writer(std::io::stderr),
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
             )
             .try_init(),
     };
@@ -128,7 +152,10 @@ pub fn init(settings: &Settings<'_>) -> Result<Telemetry, TelemetryError> {
         // not used, so neither is its pipeline.
         return Ok(Telemetry { provider: None });
     }
-    if let Some(endpoint) = settings.otlp_endpoint {
+    if let Some(endpoint) = settings
+        .otlp_endpoint
+        .filter(|endpoint| !endpoint.trim().is_empty())
+    {
         tracing::info!(
             endpoint,
             service = settings.service,
@@ -138,26 +165,50 @@ pub fn init(settings: &Settings<'_>) -> Result<Telemetry, TelemetryError> {
     Ok(Telemetry { provider })
 }
 
+/// `warn` for the exporter's crates, unless `RUST_LOG` names them.
+fn exporter_directive() -> tracing_subscriber::filter::Directive {
+    "opentelemetry=warn"
+        .parse()
+        .unwrap_or_else(|_| LevelFilter::WARN.into())
+}
+
+/// Only plain HTTP: the exporter's client has no TLS.
+fn check_endpoint(endpoint: &str) -> Result<(), TelemetryError> {
+    if endpoint.starts_with("http://") {
+        Ok(())
+    } else {
+        Err(TelemetryError::Endpoint {
+            endpoint: endpoint.to_owned(),
+            reason: "only http:// is supported; run the collector beside the process".to_owned(),
+        })
+    }
+}
+
 fn tracer_provider(settings: &Settings<'_>) -> Result<Option<SdkTracerProvider>, TelemetryError> {
-    let endpoint = match settings.otlp_endpoint {
+    let configured = settings
+        .otlp_endpoint
+        .map(str::trim)
+        .filter(|endpoint| !endpoint.is_empty());
+    let endpoint = match configured {
         Some(endpoint) => {
             let endpoint = endpoint.trim_end_matches('/');
-            if !endpoint.starts_with("http://") {
-                return Err(TelemetryError::Endpoint {
-                    endpoint: endpoint.to_owned(),
-                    reason: "only http:// is supported; run the collector beside the process"
-                        .to_owned(),
-                });
-            }
+            check_endpoint(endpoint)?;
             Some(format!("{endpoint}/v1/traces"))
         }
-        None if STANDARD_ENDPOINT_VARIABLES
-            .iter()
-            .any(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty())) =>
-        {
+        None => {
+            let standard: Vec<String> = STANDARD_ENDPOINT_VARIABLES
+                .iter()
+                .filter_map(|name| std::env::var(name).ok())
+                .filter(|value| !value.trim().is_empty())
+                .collect();
+            if standard.is_empty() {
+                return Ok(None);
+            }
+            for endpoint in &standard {
+                check_endpoint(endpoint)?;
+            }
             None
         }
-        None => return Ok(None),
     };
     let mut builder = opentelemetry_otlp::SpanExporter::builder().with_http();
     if let Some(endpoint) = endpoint {
@@ -228,6 +279,12 @@ mod tests {
             .expect("plain http is fine")
             .expect("an endpoint switches export on");
         let _ = provider.shutdown();
+        // An empty value is no endpoint (as an unset variable).
+        assert!(
+            tracer_provider(&settings(" "))
+                .expect("empty is fine")
+                .is_none()
+        );
     }
 
     #[test]

@@ -11,4 +11,5 @@ mod isolation;
 mod report_delivery;
 mod support;
 mod task_channel;
+mod terminal;
 mod workloads;

@@ -464,6 +464,15 @@ async fn terminal_grants_come_from_the_api_name_the_workload_s_tenant_and_work_o
         open(&api_client, &fixture.sign(&foreign)).await,
         "wrong_tenant",
     );
+    // One issued before this agent started might have been used before a
+    // restart, which forgot the spent session ids.
+    let mut old = fixture.payload(1, terminal_grant(allocation_id));
+    old.issued_at -= 120;
+    old.not_before -= 120;
+    assert_rejected(
+        open(&api_client, &fixture.sign(&old)).await,
+        "issued_before_start",
+    );
 
     // A good grant passes (this request is no WebSocket, so no session
     // opens) and is spent: the same grant again is a replay.
