@@ -20,6 +20,8 @@
 # Targets: (a) p50 < 150 ms, p99 < 1 s; (b) >= 1,000 placements/s;
 # (c) p99 < 20 ms. doc/performance.md compares them with Kubernetes' SLOs.
 # Run as root (per-allocation users and cgroups, as in production).
+# BENCH_LAUNCH_SPECS ("1:20 10:5 50:3", clients:launches each) and
+# KEEL_BENCH_DATABASE_URL change the run.
 set -euo pipefail
 export PGOPTIONS="-c client_min_messages=warning"
 cd "$(dirname "$0")/.."
@@ -27,10 +29,6 @@ cd "$(dirname "$0")/.."
 admin_url=${KEEL_BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 port=${BENCH_PORT:-18180}
 db=keel_bench_lifecycle
-base=${admin_url%/*}
-host_part=${base#*@}
-app_url="postgres://keel_api@${host_part}/$db"
-bench_admin_url="$base/$db"
 scratch=$(mktemp -d)
 # Workloads run as their own users, who must reach their directories.
 chmod 755 "$scratch"
@@ -53,32 +51,13 @@ sql() { psql "$bench_admin_url" -qtAc "$1"; }
 echo "bench: building the api, worker, agent and load generator (release)…" >&2
 cargo build --release -q -p keel-api-bin -p keel-worker-bin -p keel-agent -p keel-bench
 
-psql "$admin_url" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null
-psql "$admin_url" -qc "CREATE DATABASE $db" >/dev/null
-psql "$admin_url" -qc "DO \$\$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'keel_api') THEN CREATE ROLE keel_api LOGIN; END IF; END \$\$;" >/dev/null
-
-export KEEL_DATABASE__URL=$app_url
-export KEEL_DATABASE__MIGRATE_URL=$bench_admin_url
-export KEEL_AUTH__SIGNING_KEYS='["bench-signing-key-that-is-long-enough-0123456789"]'
-export KEEL_SERVER__LISTEN=127.0.0.1:$port
-export KEEL_AGENT__LISTEN=127.0.0.1:$((port + 1))
-export KEEL_KMS__PROVIDER=local
-export KEEL_KMS__MASTER_KEY_FILE=$scratch/kms/master-keys.json
-export KEEL_RATE_LIMIT__ENABLED=false
-export KEEL_LOG__FILTER=warn
-target/release/api migrate >/dev/null
-sql "GRANT keel_app, keel_system TO keel_api" >/dev/null
-target/release/api serve >"$scratch/api.log" 2>&1 &
-pids+=($!)
-api="http://127.0.0.1:$port"
-for _ in $(seq 1 100); do
-    curl -sf "$api/healthz" >/dev/null && break
-    sleep 0.1
-done
+. scripts/bench/common.sh
+bench_api
+pids+=("$api_pid")
 
 # A node: enrolled with a join token, offering more than this machine has.
-token=$(target/release/api join-token 2>/dev/null)
-target/release/keel-agent enrol --api-url "$api" --join-token "$token" --name bench-node \
+join_token=$(target/release/api join-token 2>/dev/null)
+target/release/keel-agent enrol --api-url "$api" --join-token "$join_token" --name bench-node \
     --state-dir "$state_dir" --listen "127.0.0.1:$((port + 2))" >/dev/null
 KEEL_AGENT_VCPUS=64 KEEL_AGENT_MEMORY_MIB=131072 KEEL_AGENT_DISK_GIB=1000 KEEL_AGENT_HEARTBEAT_SECS=1 RUST_LOG=warn \
     target/release/keel-agent run --state-dir "$state_dir" >"$scratch/agent.log" 2>&1 &
@@ -91,17 +70,9 @@ for _ in $(seq 1 100); do
     sleep 0.1
 done
 
-json() { sed -n "s/.*\"$1\":\"\\([^\"]*\\)\".*/\\1/p"; }
-registered=$(curl -sf "$api/v1/auth/register" -H 'content-type: application/json' \
-    -d '{"email":"bench@example.com","password":"a long bench password","tenant_name":"Bench"}')
-project=$(echo "$registered" | json project_id)
-tenant=$(echo "$registered" | json tenant_id)
-bearer=$(curl -sf "$api/v1/auth/login" -H 'content-type: application/json' \
-    -d '{"email":"bench@example.com","password":"a long bench password"}' | json access_token)
-sql "INSERT INTO quotas (tenant_id, allocations, vcpus, memory_mib, gpus)
-     VALUES ('$tenant', 1000000000, 1000000000, 1000000000000, 0)" >/dev/null
+bench_tenant
 bench() {
-    target/release/keel-bench "$@" --url "$api" --token "$bearer" --project "$project"
+    target/release/keel-bench "$@" --url "$api" --token "$token" --project "$project"
 }
 
 # (a) create -> running.

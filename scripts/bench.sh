@@ -26,10 +26,6 @@ clients=${BENCH_CLIENTS:-32}
 seconds=${BENCH_SECONDS:-10}
 port=${BENCH_PORT:-18080}
 db=keel_bench
-base=${admin_url%/*}
-host_part=${base#*@}
-app_url="postgres://keel_api@${host_part}/$db"
-bench_admin_url="$base/$db"
 scratch=$(mktemp -d)
 api_pid=
 cleanup() {
@@ -45,43 +41,12 @@ done
 echo "bench: building (release)…" >&2
 cargo build --release -q -p keel-api-bin -p keel-bench
 
-psql "$admin_url" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null
-psql "$admin_url" -qc "CREATE DATABASE $db" >/dev/null
-psql "$admin_url" -qc "DO \$\$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'keel_api') THEN CREATE ROLE keel_api LOGIN; END IF; END \$\$;" >/dev/null
-
-export KEEL_DATABASE__URL=$app_url
-export KEEL_DATABASE__MIGRATE_URL=$bench_admin_url
-export KEEL_AUTH__SIGNING_KEYS='["bench-signing-key-that-is-long-enough-0123456789"]'
-export KEEL_SERVER__LISTEN=127.0.0.1:$port
-export KEEL_AGENT__LISTEN=127.0.0.1:$((port + 1))
-export KEEL_KMS__PROVIDER=local
-export KEEL_KMS__MASTER_KEY_FILE=$scratch/kms/master-keys.json
-export KEEL_RATE_LIMIT__ENABLED=false
-export KEEL_LOG__FILTER=warn
-target/release/api migrate >/dev/null
-psql "$bench_admin_url" -qc "GRANT keel_app, keel_system TO keel_api" >/dev/null
-target/release/api serve >"$scratch/api.log" 2>&1 &
-api_pid=$!
-for _ in $(seq 1 100); do
-    curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break
-    sleep 0.1
-done
-
-api="http://127.0.0.1:$port"
-json() { sed -n "s/.*\"$1\":\"\\([^\"]*\\)\".*/\\1/p"; }
-registered=$(curl -sf "$api/v1/auth/register" -H 'content-type: application/json' \
-    -d '{"email":"bench@example.com","password":"a long bench password","tenant_name":"Bench"}')
-project=$(echo "$registered" | json project_id)
-tenant=$(echo "$registered" | json tenant_id)
-user=$(echo "$registered" | json user_id)
-token=$(curl -sf "$api/v1/auth/login" -H 'content-type: application/json' \
-    -d '{"email":"bench@example.com","password":"a long bench password"}' | json access_token)
+. scripts/bench/common.sh
+bench_api
+bench_tenant
 session=$(psql "$bench_admin_url" -qtAc "SELECT id FROM sessions WHERE user_id = '$user' LIMIT 1")
 psql "$bench_admin_url" -qc "INSERT INTO hosts (id, name, region, state, agent_url, vcpus, memory_mib, disk_gib, cert_serial, cert_not_after)
     VALUES (gen_random_uuid(), 'bench-host', 'local-1', 'ready', 'https://127.0.0.1:1', 100000000, 1000000000000, 1000000000000, '00', now() + interval '1 day')" >/dev/null
-# A quota no run reaches (the quota check itself still runs on every create).
-psql "$bench_admin_url" -qc "INSERT INTO quotas (tenant_id, allocations, vcpus, memory_mib, gpus)
-    VALUES ('$tenant', 1000000000, 1000000000, 1000000000000, 0)" >/dev/null
 
 run_api() {
     target/release/keel-bench "$1" --url "$api" --token "$token" --project "$project" \

@@ -165,7 +165,7 @@ struct Target {
         (status = 401, description = "`unauthenticated`", body = ErrorBody),
         (status = 403, description = "`forbidden`", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
-        (status = 409, description = "`allocation_not_running`: only a running allocation has a terminal", body = ErrorBody),
+        (status = 409, description = "`allocation_not_running`: only a running allocation has a terminal; `terminal_unavailable`: its host is gone", body = ErrorBody),
     )
 )]
 pub async fn allocation_terminal(
