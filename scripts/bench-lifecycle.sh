@@ -6,11 +6,14 @@
 #     per allocation under its shim), 1, 10 and 50 clients that each create
 #     an allocation, poll it (every 10 ms x clients) until it runs and
 #     terminate it;
-#     p50/p99 as the client saw it, and from the control plane's own
-#     timestamps (the allocation's creation to its `allocation.running`
-#     event). The agent offers 64 vCPUs, 128 GiB and 1,000 GiB of disk
-#     (KEEL_AGENT_VCPUS/MEMORY_MIB/DISK_GIB) so 50 run at once on a small
-#     machine.
+#     p50/p99 from the control plane's own timestamps (the allocation's
+#     creation to its `allocation.running` event), which the target is
+#     judged on, and as the client saw it (which adds up to one poll
+#     interval: half a second at 50 clients). The agent offers 256 vCPUs,
+#     512 GiB and 4,000 GiB of disk (KEEL_AGENT_VCPUS/MEMORY_MIB/DISK_GIB)
+#     so that the clients, their launches and the terminations still under
+#     way all fit on one small machine: the run measures latency, not
+#     running out of room.
 # (b) scheduler placements per second with 5,000 hosts and 20,000
 #     allocations on them: `capacity_reserve` in its own transaction, as
 #     the create path calls it, 8 clients for 10 s.
@@ -59,14 +62,14 @@ pids+=("$api_pid")
 join_token=$(target/release/api join-token 2>/dev/null)
 target/release/keel-agent enrol --api-url "$api" --join-token "$join_token" --name bench-node \
     --state-dir "$state_dir" --listen "127.0.0.1:$((port + 2))" >/dev/null
-KEEL_AGENT_VCPUS=64 KEEL_AGENT_MEMORY_MIB=131072 KEEL_AGENT_DISK_GIB=1000 KEEL_AGENT_HEARTBEAT_SECS=1 RUST_LOG=warn \
+KEEL_AGENT_VCPUS=256 KEEL_AGENT_MEMORY_MIB=524288 KEEL_AGENT_DISK_GIB=4000 KEEL_AGENT_HEARTBEAT_SECS=1 RUST_LOG=warn \
     target/release/keel-agent run --state-dir "$state_dir" >"$scratch/agent.log" 2>&1 &
 pids+=($!)
 target/release/worker >"$scratch/worker.log" 2>&1 &
 worker_pid=$!
 pids+=("$worker_pid")
 for _ in $(seq 1 100); do
-    [ "$(sql "SELECT vcpus FROM hosts WHERE name = 'bench-node'")" = 64 ] && break
+    [ "$(sql "SELECT vcpus FROM hosts WHERE name = 'bench-node'")" = 256 ] && break
     sleep 0.1
 done
 
@@ -146,8 +149,8 @@ print(f"{'clients':>8} {'launches':>9} {'errors':>7} {'p50 ms':>8} {'p99 ms':>8}
 ok_a = True
 for client, p50, p99 in launches:
     print(f"{client['clients']:>8} {client['requests']:>9} {client['errors']:>7} {client['p50_ms']:>8.1f} {client['p99_ms']:>8.1f} {p50:>11.1f} {p99:>11.1f}")
-    ok_a = ok_a and client["errors"] == 0 and client["p50_ms"] < 150 and client["p99_ms"] < 1000
-print(f"target: p50 < 150 ms, p99 < 1 s at every concurrency .... {'met' if ok_a else 'NOT met'}")
+    ok_a = ok_a and client["errors"] == 0 and p50 < 150 and p99 < 1000
+print(f"target (server clock, no errors): p50 < 150 ms, p99 < 1 s at every concurrency ... {'met' if ok_a else 'NOT met'}")
 print()
 print("(b) scheduler, 5,000 hosts, 20,000 allocations, 8 clients")
 print(f"placements/s {place['rps']:.0f}  p50 {place['p50_ms']:.2f} ms  p99 {place['p99_ms']:.2f} ms  errors {place['errors']}")

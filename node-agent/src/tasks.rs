@@ -11,6 +11,15 @@
 //!    rename, fsync the directory);
 //! 3. the driver call, which is idempotent and quick.
 //!
+//! Between 1 and 2, a task whose number is more than one above the mark
+//! waits (lock released) up to [`REORDER_WAIT`] for the numbers below it:
+//! the control plane takes numbers in order but sends concurrently, so a
+//! later task can arrive first. Without the wait the earlier one would be
+//! refused as `replayed`. The wait changes nothing about what is accepted:
+//! only verified tasks wait, the mark still only rises, and a number at or
+//! below it is still refused. A number that never comes (a worker died
+//! between taking and sending it) costs the next task one wait.
+//!
 //! Persisting *before* acting is what makes replay protection survive a
 //! crash: if the agent dies after step 2, the task may not have run, but it
 //! can never run twice. The lock makes the compare-and-advance of the
@@ -409,10 +418,21 @@ fn highest_seq_in_log(log_text: &str) -> u64 {
     highest
 }
 
+/// How long a task waits for the lower sequence numbers still missing
+/// before it is accepted without them (see the module docs).
+pub const REORDER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Verifies, records and dispatches tasks. See the module docs.
 pub struct TaskInbox {
     verifier: std::sync::RwLock<Arc<TaskVerifier>>,
     ledger: Mutex<TaskLedger>,
+    /// The high-water mark, sent after every raise (under the ledger lock)
+    /// to tasks waiting for their turn.
+    raised: tokio::sync::watch::Sender<u64>,
+    /// [`REORDER_WAIT`] unless changed, in milliseconds.
+    reorder_wait_ms: std::sync::atomic::AtomicU64,
+    /// Tasks waiting for their turn now.
+    waiting: std::sync::atomic::AtomicUsize,
     driver: Arc<dyn WorkloadDriver>,
 }
 
@@ -435,6 +455,11 @@ impl TaskInbox {
     ) -> Self {
         Self {
             verifier: std::sync::RwLock::new(Arc::new(verifier)),
+            raised: tokio::sync::watch::Sender::new(ledger.high_water()),
+            reorder_wait_ms: std::sync::atomic::AtomicU64::new(
+                u64::try_from(REORDER_WAIT.as_millis()).unwrap_or(u64::MAX),
+            ),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
             ledger: Mutex::new(ledger),
             driver,
         }
@@ -469,6 +494,18 @@ impl TaskInbox {
         &self.driver
     }
 
+    /// Changes how long a task waits for missing lower numbers.
+    pub fn set_reorder_wait(&self, wait: std::time::Duration) {
+        let millis = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        self.reorder_wait_ms
+            .store(millis, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many tasks are waiting for a lower number right now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The highest sequence number accepted so far.
     pub async fn high_water(&self) -> u64 {
         self.ledger.lock().await.high_water()
@@ -486,17 +523,39 @@ impl TaskInbox {
         let payload = self
             .verifier()
             .verify(envelope_bytes, now_unix, ledger.high_water())
-            .inspect_err(|rejection| {
-                tracing::warn!(
-                    reason = rejection.reason(),
-                    detail = %rejection,
-                    "task rejected"
-                );
-            })?;
-
+            .inspect_err(log_rejection)?;
         if matches!(payload.operation, Operation::OpenTerminal { .. }) {
             tracing::warn!(task_id = %payload.task_id, "task rejected: a terminal grant");
             return Err(TaskInboxError::NotATask);
+        }
+        // Its turn: the number right above the mark, or the wait is over.
+        let wait = self
+            .reorder_wait_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait);
+        loop {
+            let high_water = ledger.high_water();
+            if payload.seq <= high_water {
+                // A later task's wait ran out first and it was accepted.
+                let rejection = Rejection::Replayed {
+                    seq: payload.seq,
+                    high_water_seq: high_water,
+                };
+                log_rejection(&rejection);
+                return Err(rejection.into());
+            }
+            if payload.seq == high_water + 1 || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            // Subscribed under the lock: no raise after this check is missed.
+            let mut raised = self.raised.subscribe();
+            drop(ledger);
+            self.waiting
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let _ = tokio::time::timeout_at(deadline, raised.changed()).await;
+            self.waiting
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            ledger = self.ledger.lock().await;
         }
 
         // A workload belongs to the tenant whose task started it: a task
@@ -548,9 +607,18 @@ impl TaskInbox {
 
         // Still under the lock, so tasks run in the order they were accepted.
         execute(self.driver.as_ref(), &payload);
+        self.raised.send_replace(ledger.high_water());
         drop(ledger);
         Ok(payload)
     }
+}
+
+fn log_rejection(rejection: &Rejection) {
+    tracing::warn!(
+        reason = rejection.reason(),
+        detail = %rejection,
+        "task rejected"
+    );
 }
 
 /// Hands one verified operation to the driver.

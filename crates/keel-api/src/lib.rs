@@ -59,6 +59,9 @@ pub fn app(state: AppState) -> Router {
             state,
             keel_auth::limits::layer::<AppState>,
         ))
+        .layer(axum::middleware::from_fn(
+            keel_auth::context::websocket_bearer_layer,
+        ))
         .layer(axum::middleware::from_fn(keel_http::request_id_layer))
 }
 

@@ -537,6 +537,34 @@ async fn a_terminal_needs_a_running_allocation_a_websocket_and_the_right_to_open
     app.get(&terminal, Some(&viewer.token))
         .await
         .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    // A browser's handshake carries its token as a subprotocol: the same
+    // checks apply (this test's transport cannot upgrade, hence 400 for the
+    // one that passes them).
+    let browser = |token: &str| {
+        Request::get(&terminal)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header(
+                "sec-websocket-protocol",
+                format!("keel.terminal.v1, keel.bearer.{token}"),
+            )
+            .body(Body::empty())
+            .unwrap()
+    };
+    app.send(browser(&tenant.token))
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "websocket_required");
+    app.send(browser(&other.token))
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+    app.send(browser(&viewer.token))
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    app.send(browser("not-a-token"))
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
     // None of that opened (or audited) a session.
     assert_eq!(app.count(audited).await, 0);
 }

@@ -85,6 +85,60 @@ pub fn anonymous_meta(request_id: &RequestId, trace: &TraceParent) -> RequestMet
     }
 }
 
+/// The WebSocket subprotocol prefix that carries a bearer token:
+/// `keel.bearer.<access token>`. A browser's `WebSocket` cannot set an
+/// `Authorization` header, but it can offer subprotocols (Kubernetes' api
+/// server takes its tokens the same way).
+pub const WEBSOCKET_BEARER_PROTOCOL: &str = "keel.bearer.";
+
+/// Middleware for WebSocket handshakes from browsers: a request without an
+/// `Authorization` header that offers the subprotocol
+/// `keel.bearer.<token>` is handled as `Authorization: Bearer <token>`.
+/// The token is taken out of the offered subprotocols, so a handler can
+/// never select it and echo it back. Runs before everything that reads
+/// the credential (rate limits, idempotency, [`Ctx`]).
+pub async fn websocket_bearer_layer(
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::HeaderValue;
+    use axum::http::header::SEC_WEBSOCKET_PROTOCOL;
+
+    let offered = match request.headers().get(SEC_WEBSOCKET_PROTOCOL) {
+        Some(offered) if !request.headers().contains_key(AUTHORIZATION) => offered,
+        _ => return next.run(request).await,
+    };
+    let Ok(offered) = offered.to_str() else {
+        return next.run(request).await;
+    };
+    let (tokens, others): (Vec<&str>, Vec<&str>) = offered
+        .split(',')
+        .map(str::trim)
+        .filter(|protocol| !protocol.is_empty())
+        .partition(|protocol| protocol.starts_with(WEBSOCKET_BEARER_PROTOCOL));
+    let Some(token) = tokens
+        .first()
+        .and_then(|protocol| protocol.strip_prefix(WEBSOCKET_BEARER_PROTOCOL))
+    else {
+        return next.run(request).await;
+    };
+    let authorization = HeaderValue::from_str(&format!("Bearer {token}"));
+    let others = HeaderValue::from_str(&others.join(", "));
+    let headers = request.headers_mut();
+    headers.remove(SEC_WEBSOCKET_PROTOCOL);
+    if let Ok(others) = others
+        && !others.is_empty()
+    {
+        headers.insert(SEC_WEBSOCKET_PROTOCOL, others);
+    }
+    // A token that is no header value is no token: the request goes on
+    // without one and is refused as unauthenticated.
+    if let Ok(authorization) = authorization {
+        headers.insert(AUTHORIZATION, authorization);
+    }
+    next.run(request).await
+}
+
 pub(crate) fn bearer(parts: &Parts) -> Result<&str, AuthError> {
     let value = parts
         .headers

@@ -5,79 +5,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
-use keel_client::apis::configuration::Configuration;
-use keel_client::apis::{allocations_api, auth_api};
-use keel_client::models::{AllocationState, LoginRequest, NewAllocation, RegisterRequest};
+use keel_client::apis::allocations_api;
+use keel_client::models::{AllocationState, NewAllocation};
 
 mod common;
 
-use common::{Process, binary, control_plane_env, eventually, free_port, pid_is_alive, spawn};
+use common::{Keel, Process, eventually, pid_is_alive};
 
 /// Rounds of two launches.
 const ROUNDS: usize = 4;
-
-/// The three processes of a small Keel, each restartable.
-struct Keel {
-    database: keel_testing::TestDb,
-    kms_dir: PathBuf,
-    agent_state: PathBuf,
-    logs: PathBuf,
-    api_port: u16,
-    agents_port: u16,
-    restarts: usize,
-}
-
-impl Keel {
-    fn env(&self, command: &mut Command) {
-        control_plane_env(
-            command,
-            &self.database,
-            &self.kms_dir,
-            self.api_port,
-            self.agents_port,
-        );
-        // Short deadlines, so that what was interrupted is retried soon.
-        command
-            .env("KEEL_LIFECYCLE__START_SECS", "4")
-            .env("KEEL_LIFECYCLE__STOP_SECS", "4")
-            .env("KEEL_LIFECYCLE__ATTEMPTS", "4")
-            .env("KEEL_RATE_LIMIT__ENABLED", "false");
-    }
-
-    fn log_name(&mut self, what: &str) -> &'static str {
-        self.restarts += 1;
-        Box::leak(format!("{what}-{}", self.restarts).into_boxed_str())
-    }
-
-    fn api(&mut self) -> Process {
-        let mut command = Command::new(binary("api"));
-        self.env(&mut command);
-        let name = self.log_name("api");
-        spawn(name, &mut command, &self.logs)
-    }
-
-    fn worker(&mut self) -> Process {
-        let mut command = Command::new(binary("worker"));
-        self.env(&mut command);
-        let name = self.log_name("worker");
-        spawn(name, &mut command, &self.logs)
-    }
-
-    fn agent(&mut self) -> Process {
-        let mut command = Command::new(binary("keel-agent"));
-        command
-            .arg("run")
-            .arg("--state-dir")
-            .arg(&self.agent_state)
-            .env("KEEL_AGENT_HEARTBEAT_SECS", "1");
-        let name = self.log_name("agent");
-        spawn(name, &mut command, &self.logs)
-    }
-}
 
 fn kill(process: &mut Process) {
     let _ = process.child.kill();
@@ -108,74 +47,19 @@ fn workload_pid(agent_state: &Path, id: &str) -> Option<u32> {
 
 #[tokio::test]
 async fn allocations_settle_whatever_is_killed_during_a_launch() {
-    let scratch = std::env::temp_dir().join(format!(
-        "keel-e2e-settling-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    let mut keel = Keel {
-        database: keel_testing::test_db().await,
-        kms_dir: scratch.join("kms"),
-        agent_state: scratch.join("agent"),
-        logs: scratch.join("logs"),
-        api_port: free_port(),
-        agents_port: free_port(),
-        restarts: 0,
-    };
-    std::fs::create_dir_all(&keel.logs).unwrap();
-    let config = Configuration {
-        base_path: format!("http://127.0.0.1:{}", keel.api_port),
-        ..Default::default()
-    };
+    let mut keel = Keel::new("settling").await;
+    // Short deadlines, so that what was interrupted is retried soon.
+    keel.control_plane_env.extend([
+        ("KEEL_LIFECYCLE__START_SECS", "4".into()),
+        ("KEEL_LIFECYCLE__STOP_SECS", "4".into()),
+        ("KEEL_LIFECYCLE__ATTEMPTS", "4".into()),
+    ]);
     let mut api = keel.api();
-    eventually("the api to be ready", &keel.logs, || async {
-        keel_client::apis::health_api::health_ready(&config)
-            .await
-            .ok()
-    })
-    .await;
-    let mut token = Command::new(binary("api"));
-    keel.env(&mut token);
-    let token = common::run_ok(token.arg("join-token")).trim().to_owned();
-    let agent_port = free_port();
-    common::run_ok(
-        Command::new(binary("keel-agent"))
-            .args([
-                "enrol",
-                "--api-url",
-                &config.base_path,
-                "--join-token",
-                &token,
-            ])
-            .args(["--name", "settling-node"])
-            .arg("--state-dir")
-            .arg(&keel.agent_state)
-            .args(["--listen", &format!("127.0.0.1:{agent_port}")]),
-    );
+    keel.ready().await;
+    keel.enrol("settling-node");
     let mut agent = keel.agent();
     let mut worker = keel.worker();
-
-    let registered = auth_api::auth_register(
-        &config,
-        RegisterRequest::new(
-            "settle@example.com".into(),
-            "a long enough password".into(),
-            "Settle".into(),
-        ),
-    )
-    .await
-    .unwrap();
-    let login = auth_api::auth_login(
-        &config,
-        LoginRequest::new("settle@example.com".into(), "a long enough password".into()),
-    )
-    .await
-    .unwrap();
-    let tenant = Configuration {
-        base_path: config.base_path.clone(),
-        bearer_access_token: Some(login.access_token),
-        ..Default::default()
-    };
-    let project = registered.project_id.to_string();
+    let (tenant, project) = keel.sign_up("settle@example.com").await;
 
     let mut random = Lcg(0x5eed);
     let mut admin = keel.database.admin().await;
@@ -213,12 +97,7 @@ async fn allocations_settle_whatever_is_killed_during_a_launch() {
             if let Ok(Ok(_)) = launch.await {
                 answered += 1;
             }
-            eventually("the api to be back", &keel.logs, || async {
-                keel_client::apis::health_api::health_ready(&config)
-                    .await
-                    .ok()
-            })
-            .await;
+            keel.ready().await;
         }
         // Whatever the api committed before it died counts too.
         let ids: Vec<String> = sqlx::query_scalar::<_, uuid::Uuid>(
@@ -280,7 +159,7 @@ async fn allocations_settle_whatever_is_killed_during_a_launch() {
     }
     eprintln!(
         "{answered} launches answered, {running} ran, {failed} failed, {} restarts",
-        keel.restarts - 3
+        keel.started - 3
     );
     assert!(running >= ROUNDS, "most launches run: {running}");
     let reserved: i64 = sqlx::query_scalar("SELECT COALESCE(sum(reserved_vcpus), 0) FROM hosts")
@@ -290,6 +169,5 @@ async fn allocations_settle_whatever_is_killed_during_a_launch() {
     assert_eq!(reserved, 0, "every reservation was released exactly once");
     drop((api, worker));
     kill(&mut agent);
-    common::reap_workloads(&keel.agent_state);
-    let _ = std::fs::remove_dir_all(&scratch);
+    keel.clean_up();
 }

@@ -18,8 +18,8 @@ use keel_client::models::{AllocationState, LoginRequest, NewAllocation, Register
 mod common;
 
 use common::{
-    OtlpReceiver, binary, control_plane_env, eventually, free_port, open_terminal, pid_is_alive,
-    read_until, scrape, spawn, type_line,
+    OtlpReceiver, TerminalAuth, binary, control_plane_env, eventually, free_port, open_terminal,
+    pid_is_alive, read_until, scrape, spawn, type_line,
 };
 
 // Several threads: the test blocks on child processes while the OTLP
@@ -243,9 +243,16 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
 
     // A terminal: a shell on a pseudo-terminal as the workload's user, in
     // its directory, that follows resizes.
-    let mut terminal = open_terminal(api_port, &login.access_token, &project, &id)
-        .await
-        .expect("a terminal into the running allocation");
+    // As a browser opens it: the token in a subprotocol.
+    let mut terminal = open_terminal(
+        api_port,
+        &login.access_token,
+        &project,
+        &id,
+        TerminalAuth::Subprotocol,
+    )
+    .await
+    .expect("a terminal into the running allocation");
     type_line(&mut terminal, "echo term-$((40+2)); id -u; pwd").await;
     // `pwd` answers last.
     let output = read_until(&mut terminal, &format!("/workloads/{id}")).await;
@@ -287,7 +294,15 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
     // Stopping ended the terminal session, and a stopped allocation has none.
     let ended = read_until(&mut terminal, "[closed:").await;
     assert!(ended.contains("[closed: the workload stopped]"), "{ended}");
-    match open_terminal(api_port, &login.access_token, &project, &id).await {
+    match open_terminal(
+        api_port,
+        &login.access_token,
+        &project,
+        &id,
+        TerminalAuth::Header,
+    )
+    .await
+    {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), 409);
             let body: serde_json::Value =

@@ -15,6 +15,15 @@
 //! still asks for it, and agents execute tasks idempotently per allocation.
 //! Each retry signs a new task with the host's next sequence number (the
 //! agent refuses a sequence it has seen).
+//!
+//! # Out of order, overtaken
+//!
+//! Sequence numbers are taken in order in the database, but deliveries run
+//! concurrently (in this worker and in others), so a host's tasks can reach
+//! its agent out of order. The agent waits briefly for a missing lower
+//! number before it accepts a higher one; a task that arrives after all
+//! (the agent refuses it as `replayed`) is decided again at once — state
+//! re-read, new number — rather than after the delivery's backoff.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -53,6 +62,18 @@ pub struct ProvisioningConsumer {
     clients: Mutex<HashMap<HostId, reqwest::Client>>,
 }
 
+/// How often one delivery decides its task again when the agent had
+/// already accepted a later one.
+const OVERTAKEN_RETRIES: u32 = 3;
+
+/// What one attempt at an event's task came to.
+enum Attempt {
+    /// The task was delivered, refused for good, or not needed.
+    Done,
+    /// The agent had accepted a later sequence number already: decide again.
+    Overtaken(HandlerError),
+}
+
 impl ProvisioningConsumer {
     pub fn new(db: Db, credentials: WorkerCredentials) -> Self {
         Self {
@@ -88,11 +109,28 @@ impl ProvisioningConsumer {
     }
 
     async fn on_event(&self, event: &DeliveredEvent) -> Result<(), HandlerError> {
-        match event.event_type.as_str() {
-            "host.revoked" => return self.on_host_revoked(event).await,
-            ORPHAN_EVENT => return self.on_orphan(event).await,
-            _ => {}
+        if event.event_type == "host.revoked" {
+            return self.on_host_revoked(event).await;
         }
+        let mut attempt = 1;
+        loop {
+            let outcome = if event.event_type == ORPHAN_EVENT {
+                self.on_orphan(event).await?
+            } else {
+                self.on_allocation_event(event).await?
+            };
+            match outcome {
+                Attempt::Done => return Ok(()),
+                Attempt::Overtaken(error) if attempt >= OVERTAKEN_RETRIES => return Err(error),
+                Attempt::Overtaken(error) => {
+                    tracing::info!(%error, attempt, "a later task reached the host first; deciding again");
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn on_allocation_event(&self, event: &DeliveredEvent) -> Result<Attempt, HandlerError> {
         let allocation_id = AllocationId::from(event.aggregate_id);
         let mut tx = self
             .db
@@ -103,10 +141,10 @@ impl ProvisioningConsumer {
             .await
             .map_err(HandlerError::new)?
         else {
-            return Ok(());
+            return Ok(Attempt::Done);
         };
         let Some(host) = allocation.host_id else {
-            return Ok(());
+            return Ok(Attempt::Done);
         };
         let stop = Operation::StopWorkload {
             allocation_id: allocation.id.as_uuid(),
@@ -132,7 +170,7 @@ impl ProvisioningConsumer {
                 (allocation, stop)
             }
             // The allocation moved on: this event asks for nothing now.
-            _ => return Ok(()),
+            _ => return Ok(Attempt::Done),
         };
         let order = TaskOrder {
             host,
@@ -152,7 +190,7 @@ impl ProvisioningConsumer {
         mut tx: keel_db::WriteTx,
         order: TaskOrder,
         event: &DeliveredEvent,
-    ) -> Result<(), HandlerError> {
+    ) -> Result<Attempt, HandlerError> {
         let TaskOrder {
             host,
             tenant,
@@ -206,22 +244,26 @@ impl ProvisioningConsumer {
         if !response.status().is_success() {
             let status = response.status();
             let body = response.text().await.unwrap_or_default();
+            let error = HandlerError(format!("the agent refused the task ({status}): {body}"));
+            if status == reqwest::StatusCode::UNPROCESSABLE_ENTITY
+                && refusal_code(&body) == Some("replayed")
+            {
+                return Ok(Attempt::Overtaken(error));
+            }
             if refusal == RefusalIs::Final && status.is_client_error() {
                 tracing::warn!(allocation = %allocation_id, host = %host, %status, %body, "the agent refused the task; not retried");
-                return Ok(());
+                return Ok(Attempt::Done);
             }
-            return Err(HandlerError(format!(
-                "the agent refused the task ({status}): {body}"
-            )));
+            return Err(error);
         }
         tracing::info!(allocation = %allocation_id, host = %host, seq, "task delivered");
-        Ok(())
+        Ok(Attempt::Done)
     }
 
     /// A host runs a workload Keel does not want there (its allocation
     /// failed, was terminated or purged while the host was away, or is not
     /// this host's): it is told to stop it. Nothing else changes.
-    async fn on_orphan(&self, event: &DeliveredEvent) -> Result<(), HandlerError> {
+    async fn on_orphan(&self, event: &DeliveredEvent) -> Result<Attempt, HandlerError> {
         let orphan: OrphanWorkload =
             serde_json::from_value(event.payload.clone()).map_err(HandlerError::new)?;
         let mut tx = self
@@ -253,7 +295,7 @@ impl ProvisioningConsumer {
         .map_err(HandlerError::new)?;
         // A revoked host is told nothing more.
         if wanted || !host_live {
-            return Ok(());
+            return Ok(Attempt::Done);
         }
         let order = TaskOrder {
             host: orphan.host_id,
@@ -287,6 +329,17 @@ enum RefusalIs {
     Retried,
     /// Given up (orphan stops: the next heartbeat asks again if needed).
     Final,
+}
+
+/// The `code` of an agent's error answer.
+fn refusal_code(body: &str) -> Option<&str> {
+    #[derive(serde::Deserialize)]
+    struct Refusal<'a> {
+        code: &'a str,
+    }
+    serde_json::from_str::<Refusal<'_>>(body)
+        .ok()
+        .map(|refusal| refusal.code)
 }
 
 /// What the worker acts as, for one delivered event.

@@ -144,9 +144,12 @@ struct Target {
     agent_url: String,
 }
 
-/// Open a terminal into a running allocation. Upgrades to a WebSocket:
-/// binary frames carry the terminal's bytes both ways; send a text frame
-/// `{"type":"resize","cols":N,"rows":N}` to resize it. The session closes
+/// Open a terminal into a running allocation. Upgrades to a WebSocket
+/// (subprotocol `keel.terminal.v1`): binary frames carry the terminal's
+/// bytes both ways; send a text frame `{"type":"resize","cols":N,"rows":N}`
+/// to resize it. Browsers, which cannot set `Authorization` on a
+/// WebSocket, offer the subprotocols `keel.terminal.v1` and
+/// `keel.bearer.<access token>` instead. The session closes
 /// (with the reason in the close frame) when the shell exits, the
 /// allocation stops, or after `[terminal] max_session_secs`.
 #[utoipa::path(

@@ -484,3 +484,59 @@ async fn terminal_grants_come_from_the_api_name_the_workload_s_tenant_and_work_o
     // Tasks were never affected.
     assert_eq!(agent.agent.inbox().high_water().await, 1);
 }
+
+#[tokio::test]
+async fn a_task_that_arrives_before_a_lower_numbered_one_waits_for_it() {
+    let fixture = Fixture::new();
+    let agent = fixture.start_agent().await;
+    // Long enough that only the missing task's arrival can end the wait.
+    agent
+        .agent
+        .inbox()
+        .set_reorder_wait(std::time::Duration::from_secs(600));
+    let worker = fixture.worker_client();
+    let first = fixture.payload(1, stop(Uuid::new_v4()));
+    let second = fixture.payload(2, stop(Uuid::new_v4()));
+
+    let (second_outcome, first_outcome) =
+        tokio::join!(agent.post_task(&worker, fixture.sign(&second)), async {
+            // The second is waiting for the first before the first is sent.
+            while agent.agent.inbox().waiting() == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            agent.post_task(&worker, fixture.sign(&first)).await
+        });
+
+    assert_eq!(first_outcome.0, StatusCode::OK, "{}", first_outcome.1);
+    assert_eq!(second_outcome.0, StatusCode::OK, "{}", second_outcome.1);
+    // Accepted, logged and acted on in sequence order.
+    let log = std::fs::read_to_string(fixture.state_dir().join("tasks.log")).unwrap();
+    let order: Vec<u64> = log
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(order, [1, 2]);
+    assert_eq!(agent.agent.inbox().high_water().await, 2);
+}
+
+#[tokio::test]
+async fn a_missing_number_is_waited_for_only_so_long_and_is_refused_after() {
+    let fixture = Fixture::new();
+    let agent = fixture.start_agent().await;
+    agent
+        .agent
+        .inbox()
+        .set_reorder_wait(std::time::Duration::from_millis(50));
+    let worker = fixture.worker_client();
+    let first = fixture.sign(&fixture.payload(1, stop(Uuid::new_v4())));
+    let second = fixture.sign(&fixture.payload(2, stop(Uuid::new_v4())));
+
+    // Number 1 never came in time: 2 goes ahead, and 1 is a replay now.
+    assert_eq!(agent.post_task(&worker, second).await.0, StatusCode::OK);
+    assert_rejected(agent.post_task(&worker, first).await, "replayed");
+    assert_eq!(agent.agent.inbox().waiting(), 0);
+}

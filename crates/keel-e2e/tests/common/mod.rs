@@ -145,6 +145,168 @@ pub fn run_ok(command: &mut Command) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
+/// A small Keel of real processes on one fresh database, each started
+/// (and restarted) on demand with the same ports and state.
+pub struct Keel {
+    pub database: keel_testing::TestDb,
+    pub scratch: PathBuf,
+    pub kms_dir: PathBuf,
+    pub agent_state: PathBuf,
+    pub logs: PathBuf,
+    pub api_port: u16,
+    pub agents_port: u16,
+    /// Processes started so far (log files are numbered by it).
+    pub started: usize,
+    /// More environment for the api and the worker.
+    pub control_plane_env: Vec<(&'static str, String)>,
+    /// More environment for the agent.
+    pub agent_env: Vec<(&'static str, String)>,
+}
+
+impl Keel {
+    /// A fresh database and scratch directory named after `test`.
+    pub async fn new(test: &str) -> Self {
+        let scratch =
+            std::env::temp_dir().join(format!("keel-e2e-{test}-{}", uuid::Uuid::new_v4().simple()));
+        let logs = scratch.join("logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        Self {
+            database: keel_testing::test_db().await,
+            kms_dir: scratch.join("kms"),
+            agent_state: scratch.join("agent"),
+            logs,
+            scratch,
+            api_port: free_port(),
+            agents_port: free_port(),
+            started: 0,
+            control_plane_env: vec![("KEEL_RATE_LIMIT__ENABLED", "false".into())],
+            agent_env: vec![("KEEL_AGENT_HEARTBEAT_SECS", "1".into())],
+        }
+    }
+
+    /// The api's address, without credentials.
+    pub fn config(&self) -> keel_client::apis::configuration::Configuration {
+        keel_client::apis::configuration::Configuration {
+            base_path: format!("http://127.0.0.1:{}", self.api_port),
+            ..Default::default()
+        }
+    }
+
+    pub fn env(&self, command: &mut Command) {
+        control_plane_env(
+            command,
+            &self.database,
+            &self.kms_dir,
+            self.api_port,
+            self.agents_port,
+        );
+        command.envs(
+            self.control_plane_env
+                .iter()
+                .map(|(key, value)| (key, value)),
+        );
+    }
+
+    fn log_name(&mut self, what: &str) -> &'static str {
+        self.started += 1;
+        Box::leak(format!("{what}-{}", self.started).into_boxed_str())
+    }
+
+    /// Starts the api (without waiting for it: see [`Keel::ready`]).
+    pub fn api(&mut self) -> Process {
+        let mut command = Command::new(binary("api"));
+        self.env(&mut command);
+        let name = self.log_name("api");
+        spawn(name, &mut command, &self.logs)
+    }
+
+    pub fn worker(&mut self) -> Process {
+        let mut command = Command::new(binary("worker"));
+        self.env(&mut command);
+        let name = self.log_name("worker");
+        spawn(name, &mut command, &self.logs)
+    }
+
+    /// Runs the agent enrolled by [`Keel::enrol`].
+    pub fn agent(&mut self) -> Process {
+        let mut command = Command::new(binary("keel-agent"));
+        command
+            .arg("run")
+            .arg("--state-dir")
+            .arg(&self.agent_state)
+            .envs(self.agent_env.iter().map(|(key, value)| (key, value)));
+        let name = self.log_name("agent");
+        spawn(name, &mut command, &self.logs)
+    }
+
+    /// Waits until the api answers ready.
+    pub async fn ready(&self) {
+        let config = self.config();
+        eventually("the api to be ready", &self.logs, || async {
+            keel_client::apis::health_api::health_ready(&config)
+                .await
+                .ok()
+        })
+        .await;
+    }
+
+    /// Enrols the agent's state directory as `node` (the api must run).
+    pub fn enrol(&self, node: &str) {
+        let mut token = Command::new(binary("api"));
+        self.env(&mut token);
+        let token = run_ok(token.arg("join-token")).trim().to_owned();
+        run_ok(
+            Command::new(binary("keel-agent"))
+                .args(["enrol", "--api-url", &self.config().base_path])
+                .args(["--join-token", &token, "--name", node])
+                .arg("--state-dir")
+                .arg(&self.agent_state)
+                .args(["--listen", &format!("127.0.0.1:{}", free_port())]),
+        );
+    }
+
+    /// Registers a tenant for `email` and logs in: its credentials and the
+    /// id of its first project.
+    pub async fn sign_up(
+        &self,
+        email: &str,
+    ) -> (keel_client::apis::configuration::Configuration, String) {
+        use keel_client::apis::auth_api;
+        use keel_client::models::{LoginRequest, RegisterRequest};
+        let config = self.config();
+        let password = "a long enough password";
+        let registered = auth_api::auth_register(
+            &config,
+            RegisterRequest::new(email.into(), password.into(), "E2E".into()),
+        )
+        .await
+        .unwrap();
+        let login = auth_api::auth_login(&config, LoginRequest::new(email.into(), password.into()))
+            .await
+            .unwrap();
+        let tenant = keel_client::apis::configuration::Configuration {
+            bearer_access_token: Some(login.access_token),
+            ..config
+        };
+        (tenant, registered.project_id.to_string())
+    }
+
+    /// The text of every log file written so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_dir(&self.logs)
+            .unwrap()
+            .flatten()
+            .map(|entry| std::fs::read_to_string(entry.path()).unwrap_or_default())
+            .collect()
+    }
+
+    /// Kills what the agent left running and removes the scratch directory.
+    pub fn clean_up(&self) {
+        reap_workloads(&self.agent_state);
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
 /// Kills what the agent of `state_dir` left running (an agent that stopped
 /// leaves its workloads on purpose) and removes their cgroups.
 pub fn reap_workloads(state_dir: &Path) {
@@ -284,28 +446,50 @@ impl ReceivedSpan {
     }
 }
 
-/// A terminal session opened as a tenant would: a WebSocket to the api
-/// with the bearer token.
+/// A terminal session opened as a tenant would: a WebSocket to the api.
 pub type Terminal = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// How a terminal client presents its access token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TerminalAuth {
+    /// `Authorization: Bearer` (programs).
+    Header,
+    /// The `keel.bearer.<token>` subprotocol (browsers, which cannot set
+    /// headers on a WebSocket).
+    Subprotocol,
+}
 
 pub async fn open_terminal(
     api_port: u16,
     token: &str,
     project: &str,
     allocation: &str,
+    auth: TerminalAuth,
 ) -> Result<Terminal, tokio_tungstenite::tungstenite::Error> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
     let mut request = format!(
         "ws://127.0.0.1:{api_port}/v1/projects/{project}/allocations/{allocation}/terminal"
     )
     .into_client_request()?;
-    request
-        .headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (header, value) = match auth {
+        TerminalAuth::Header => ("authorization", format!("Bearer {token}")),
+        TerminalAuth::Subprotocol => (
+            "sec-websocket-protocol",
+            format!("keel.terminal.v1, keel.bearer.{token}"),
+        ),
+    };
+    request.headers_mut().insert(header, value.parse().unwrap());
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", api_port))
         .await
         .map_err(tokio_tungstenite::tungstenite::Error::Io)?;
-    let (socket, _) = tokio_tungstenite::client_async(request, tcp).await?;
+    let (socket, response) = tokio_tungstenite::client_async(request, tcp).await?;
+    if auth == TerminalAuth::Subprotocol {
+        // The session's protocol is chosen; the token is never echoed.
+        assert_eq!(
+            response.headers().get("sec-websocket-protocol").unwrap(),
+            "keel.terminal.v1"
+        );
+    }
     Ok(socket)
 }
 

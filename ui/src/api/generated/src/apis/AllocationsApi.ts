@@ -299,7 +299,7 @@ export interface AllocationsApiInterface {
 
     /**
      * 
-     * @summary Open a terminal into a running allocation. Upgrades to a WebSocket: binary frames carry the terminal\'s bytes both ways; send a text frame `{\"type\":\"resize\",\"cols\":N,\"rows\":N}` to resize it. The session closes (with the reason in the close frame) when the shell exits, the allocation stops, or after `[terminal] max_session_secs`.
+     * @summary Open a terminal into a running allocation. Upgrades to a WebSocket (subprotocol `keel.terminal.v1`): binary frames carry the terminal\'s bytes both ways; send a text frame `{\"type\":\"resize\",\"cols\":N,\"rows\":N}` to resize it. Browsers, which cannot set `Authorization` on a WebSocket, offer the subprotocols `keel.terminal.v1` and `keel.bearer.<access token>` instead. The session closes (with the reason in the close frame) when the shell exits, the allocation stops, or after `[terminal] max_session_secs`.
      * @param {string} projectId The project
      * @param {string} allocationId The allocation
      * @param {*} [options] Override http request option.
@@ -309,7 +309,7 @@ export interface AllocationsApiInterface {
     allocationTerminalRaw(requestParameters: AllocationTerminalRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<void>>;
 
     /**
-     * Open a terminal into a running allocation. Upgrades to a WebSocket: binary frames carry the terminal\'s bytes both ways; send a text frame `{\"type\":\"resize\",\"cols\":N,\"rows\":N}` to resize it. The session closes (with the reason in the close frame) when the shell exits, the allocation stops, or after `[terminal] max_session_secs`.
+     * Open a terminal into a running allocation. Upgrades to a WebSocket (subprotocol `keel.terminal.v1`): binary frames carry the terminal\'s bytes both ways; send a text frame `{\"type\":\"resize\",\"cols\":N,\"rows\":N}` to resize it. Browsers, which cannot set `Authorization` on a WebSocket, offer the subprotocols `keel.terminal.v1` and `keel.bearer.<access token>` instead. The session closes (with the reason in the close frame) when the shell exits, the allocation stops, or after `[terminal] max_session_secs`.
      */
     allocationTerminal(requestParameters: AllocationTerminalRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<void>;
 
@@ -754,7 +754,7 @@ export class AllocationsApi extends runtime.BaseAPI implements AllocationsApiInt
     }
 
     /**
-     * Open a terminal into a running allocation. Upgrades to a WebSocket: binary frames carry the terminal\'s bytes both ways; send a text frame `{\"type\":\"resize\",\"cols\":N,\"rows\":N}` to resize it. The session closes (with the reason in the close frame) when the shell exits, the allocation stops, or after `[terminal] max_session_secs`.
+     * Open a terminal into a running allocation. Upgrades to a WebSocket (subprotocol `keel.terminal.v1`): binary frames carry the terminal\'s bytes both ways; send a text frame `{\"type\":\"resize\",\"cols\":N,\"rows\":N}` to resize it. Browsers, which cannot set `Authorization` on a WebSocket, offer the subprotocols `keel.terminal.v1` and `keel.bearer.<access token>` instead. The session closes (with the reason in the close frame) when the shell exits, the allocation stops, or after `[terminal] max_session_secs`.
      */
     async allocationTerminalRaw(requestParameters: AllocationTerminalRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<void>> {
         const requestOptions = await this.allocationTerminalRequestOpts(requestParameters);
@@ -764,7 +764,7 @@ export class AllocationsApi extends runtime.BaseAPI implements AllocationsApiInt
     }
 
     /**
-     * Open a terminal into a running allocation. Upgrades to a WebSocket: binary frames carry the terminal\'s bytes both ways; send a text frame `{\"type\":\"resize\",\"cols\":N,\"rows\":N}` to resize it. The session closes (with the reason in the close frame) when the shell exits, the allocation stops, or after `[terminal] max_session_secs`.
+     * Open a terminal into a running allocation. Upgrades to a WebSocket (subprotocol `keel.terminal.v1`): binary frames carry the terminal\'s bytes both ways; send a text frame `{\"type\":\"resize\",\"cols\":N,\"rows\":N}` to resize it. Browsers, which cannot set `Authorization` on a WebSocket, offer the subprotocols `keel.terminal.v1` and `keel.bearer.<access token>` instead. The session closes (with the reason in the close frame) when the shell exits, the allocation stops, or after `[terminal] max_session_secs`.
      */
     async allocationTerminal(requestParameters: AllocationTerminalRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<void> {
         await this.allocationTerminalRaw(requestParameters, initOverrides);
