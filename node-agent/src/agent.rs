@@ -240,6 +240,11 @@ pub async fn run_until_signal(config: &AgentConfig) -> Result<RunOutcome, AgentE
         Arc::clone(&identity),
     )
     .await?;
+    agent
+        .inbox()
+        .set_reorder_wait(std::time::Duration::from_millis(
+            config.timing.reorder_wait_ms,
+        ));
     let metrics_driver = Arc::clone(&driver);
     let link = Arc::new(
         ControlPlaneLink::new(

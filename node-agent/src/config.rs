@@ -7,6 +7,7 @@
 //! heartbeat_secs = 15
 //! key_refresh_secs = 60
 //! renewal_retry_secs = 30
+//! reorder_wait_ms = 1000   # how long a task waits for a lower-numbered one
 //!
 //! [workloads]
 //! driver = "process"       # or "simulated" (scale tests: nothing runs)
@@ -20,7 +21,7 @@
 //! Everything but `state_dir` is optional. `--state-dir DIR` instead of a
 //! file means the defaults. The environment overrides the file
 //! (`KEEL_AGENT_HEARTBEAT_SECS`, `KEEL_AGENT_KEY_REFRESH_SECS`,
-//! `KEEL_AGENT_RENEWAL_RETRY_SECS`, `KEEL_AGENT_DRIVER`,
+//! `KEEL_AGENT_RENEWAL_RETRY_SECS`, `KEEL_AGENT_REORDER_WAIT_MS`, `KEEL_AGENT_DRIVER`,
 //! `KEEL_AGENT_METRICS_LISTEN`, `KEEL_AGENT_OTLP_ENDPOINT`,
 //! `KEEL_AGENT_VCPUS`, `KEEL_AGENT_MEMORY_MIB`, `KEEL_AGENT_DISK_GIB`), which is how tests
 //! shorten the timings. A wrong or unknown key stops the agent with a
@@ -50,6 +51,9 @@ pub struct TimingConfig {
     pub heartbeat_secs: u64,
     pub key_refresh_secs: u64,
     pub renewal_retry_secs: u64,
+    /// How long a task ahead of the sequence waits for the lower numbers
+    /// still missing (`crate::tasks`), in milliseconds.
+    pub reorder_wait_ms: u64,
 }
 
 impl Default for TimingConfig {
@@ -58,6 +62,7 @@ impl Default for TimingConfig {
             heartbeat_secs: 15,
             key_refresh_secs: 60,
             renewal_retry_secs: 30,
+            reorder_wait_ms: crate::tasks::REORDER_WAIT_MS,
         }
     }
 }
@@ -186,6 +191,9 @@ impl AgentConfig {
                 return Err(format!("{name} must be between 1 and 3600, got {value}"));
             }
         }
+        if timing.reorder_wait_ms > 60_000 {
+            return Err("timing.reorder_wait_ms must be at most 60000".to_owned());
+        }
         if self.workloads.stop_grace_secs > 600 {
             return Err("workloads.stop_grace_secs must be at most 600".to_owned());
         }
@@ -209,6 +217,9 @@ impl AgentConfig {
         }
         if let Some(value) = seconds("KEEL_AGENT_KEY_REFRESH_SECS") {
             self.timing.key_refresh_secs = value;
+        }
+        if let Some(value) = seconds("KEEL_AGENT_REORDER_WAIT_MS") {
+            self.timing.reorder_wait_ms = value.min(60_000);
         }
         if let Some(value) = seconds("KEEL_AGENT_RENEWAL_RETRY_SECS") {
             self.timing.renewal_retry_secs = value;

@@ -12,13 +12,15 @@
 //! 3. the driver call, which is idempotent and quick.
 //!
 //! Between 1 and 2, a task whose number is more than one above the mark
-//! waits (lock released) up to [`REORDER_WAIT`] for the numbers below it:
+//! waits (lock released) up to [`REORDER_WAIT_MS`] for the numbers below it:
 //! the control plane takes numbers in order but sends concurrently, so a
 //! later task can arrive first. Without the wait the earlier one would be
 //! refused as `replayed`. The wait changes nothing about what is accepted:
 //! only verified tasks wait, the mark still only rises, and a number at or
-//! below it is still refused. A number that never comes (a worker died
-//! between taking and sending it) costs the next task one wait.
+//! below it is still refused, and the checks that depend on time are made
+//! again after a wait. A number that never comes (a worker died between
+//! taking and sending it) costs the tasks after it one wait; they then go
+//! lowest first.
 //!
 //! Persisting *before* acting is what makes replay protection survive a
 //! crash: if the agent dies after step 2, the task may not have run, but it
@@ -418,9 +420,10 @@ fn highest_seq_in_log(log_text: &str) -> u64 {
     highest
 }
 
-/// How long a task waits for the lower sequence numbers still missing
-/// before it is accepted without them (see the module docs).
-pub const REORDER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long (ms) a task waits for the lower sequence numbers still missing
+/// before it is accepted without them, unless configured (see the module
+/// docs and `[timing] reorder_wait_ms`).
+pub const REORDER_WAIT_MS: u64 = 1_000;
 
 /// Verifies, records and dispatches tasks. See the module docs.
 pub struct TaskInbox {
@@ -429,10 +432,10 @@ pub struct TaskInbox {
     /// The high-water mark, sent after every raise (under the ledger lock)
     /// to tasks waiting for their turn.
     raised: tokio::sync::watch::Sender<u64>,
-    /// [`REORDER_WAIT`] unless changed, in milliseconds.
+    /// [`REORDER_WAIT_MS`] unless changed.
     reorder_wait_ms: std::sync::atomic::AtomicU64,
-    /// Tasks waiting for their turn now.
-    waiting: std::sync::atomic::AtomicUsize,
+    /// The sequence numbers of the tasks waiting for their turn now.
+    waiting: std::sync::Mutex<std::collections::BTreeSet<u64>>,
     driver: Arc<dyn WorkloadDriver>,
 }
 
@@ -456,10 +459,8 @@ impl TaskInbox {
         Self {
             verifier: std::sync::RwLock::new(Arc::new(verifier)),
             raised: tokio::sync::watch::Sender::new(ledger.high_water()),
-            reorder_wait_ms: std::sync::atomic::AtomicU64::new(
-                u64::try_from(REORDER_WAIT.as_millis()).unwrap_or(u64::MAX),
-            ),
-            waiting: std::sync::atomic::AtomicUsize::new(0),
+            reorder_wait_ms: std::sync::atomic::AtomicU64::new(REORDER_WAIT_MS),
+            waiting: std::sync::Mutex::default(),
             ledger: Mutex::new(ledger),
             driver,
         }
@@ -503,7 +504,13 @@ impl TaskInbox {
 
     /// How many tasks are waiting for a lower number right now.
     pub fn waiting(&self) -> usize {
-        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+        self.waiting_set().len()
+    }
+
+    fn waiting_set(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<u64>> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The highest sequence number accepted so far.
@@ -517,10 +524,10 @@ impl TaskInbox {
     pub async fn receive(
         &self,
         envelope_bytes: &[u8],
-        now_unix: i64,
+        mut now_unix: i64,
     ) -> Result<TaskPayload, TaskInboxError> {
         let mut ledger = self.ledger.lock().await;
-        let payload = self
+        let mut payload = self
             .verifier()
             .verify(envelope_bytes, now_unix, ledger.high_water())
             .inspect_err(log_rejection)?;
@@ -528,11 +535,14 @@ impl TaskInbox {
             tracing::warn!(task_id = %payload.task_id, "task rejected: a terminal grant");
             return Err(TaskInboxError::NotATask);
         }
-        // Its turn: the number right above the mark, or the wait is over.
+        // Its turn: the number right above the mark; or, once its wait is
+        // over, the lowest of the waiting numbers (so that tasks waiting
+        // for the same missing number still go in order).
         let wait = self
             .reorder_wait_ms
             .load(std::sync::atomic::Ordering::Relaxed);
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait);
+        let mut waiting: Option<Waiting<'_>> = None;
         loop {
             let high_water = ledger.high_water();
             if payload.seq <= high_water {
@@ -544,18 +554,36 @@ impl TaskInbox {
                 log_rejection(&rejection);
                 return Err(rejection.into());
             }
-            if payload.seq == high_water + 1 || tokio::time::Instant::now() >= deadline {
+            let expired = tokio::time::Instant::now() >= deadline;
+            let lowest = self
+                .waiting_set()
+                .first()
+                .is_none_or(|lowest| *lowest >= payload.seq);
+            if payload.seq == high_water + 1 || (expired && lowest) {
                 break;
             }
             // Subscribed under the lock: no raise after this check is missed.
             let mut raised = self.raised.subscribe();
+            waiting.get_or_insert_with(|| Waiting::new(self, payload.seq));
             drop(ledger);
-            self.waiting
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let _ = tokio::time::timeout_at(deadline, raised.changed()).await;
-            self.waiting
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            if expired {
+                // A lower number waits too: it goes first (its leaving,
+                // however it leaves, wakes us).
+                let _ = raised.changed().await;
+            } else {
+                let _ = tokio::time::timeout_at(deadline, raised.changed()).await;
+            }
             ledger = self.ledger.lock().await;
+        }
+        if let Some(waited) = waiting.take() {
+            drop(waited);
+            // Time passed: the checks that depend on it (the window, the
+            // keys now trusted) are made again.
+            now_unix = OffsetDateTime::now_utc().unix_timestamp();
+            payload = self
+                .verifier()
+                .verify(envelope_bytes, now_unix, ledger.high_water())
+                .inspect_err(log_rejection)?;
         }
 
         // A workload belongs to the tenant whose task started it: a task
@@ -610,6 +638,27 @@ impl TaskInbox {
         self.raised.send_replace(ledger.high_water());
         drop(ledger);
         Ok(payload)
+    }
+}
+
+/// A task's place among the waiting ones; leaving it (in order, refused or
+/// cancelled with its connection) wakes the others to look again.
+struct Waiting<'a> {
+    inbox: &'a TaskInbox,
+    seq: u64,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(inbox: &'a TaskInbox, seq: u64) -> Self {
+        inbox.waiting_set().insert(seq);
+        Self { inbox, seq }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.inbox.waiting_set().remove(&self.seq);
+        self.inbox.raised.send_modify(|_| {});
     }
 }
 

@@ -565,6 +565,17 @@ async fn a_terminal_needs_a_running_allocation_a_websocket_and_the_right_to_open
     app.send(browser("not-a-token"))
         .await
         .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+    // The subprotocol is a credential only in a WebSocket handshake.
+    let plain = Request::get(&terminal)
+        .header(
+            "sec-websocket-protocol",
+            format!("keel.bearer.{}", tenant.token),
+        )
+        .body(Body::empty())
+        .unwrap();
+    app.send(plain)
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
     // None of that opened (or audited) a session.
     assert_eq!(app.count(audited).await, 0);
 }

@@ -91,49 +91,57 @@ pub fn anonymous_meta(request_id: &RequestId, trace: &TraceParent) -> RequestMet
 /// server takes its tokens the same way).
 pub const WEBSOCKET_BEARER_PROTOCOL: &str = "keel.bearer.";
 
-/// Middleware for WebSocket handshakes from browsers: a request without an
-/// `Authorization` header that offers the subprotocol
-/// `keel.bearer.<token>` is handled as `Authorization: Bearer <token>`.
-/// The token is taken out of the offered subprotocols, so a handler can
-/// never select it and echo it back. Runs before everything that reads
-/// the credential (rate limits, idempotency, [`Ctx`]).
+/// Middleware for WebSocket handshakes from browsers: a `GET` with
+/// `Upgrade: websocket` and no `Authorization` header that offers the
+/// subprotocol `keel.bearer.<token>` is handled as
+/// `Authorization: Bearer <token>`. Every `keel.bearer.` entry is taken out
+/// of the offered subprotocols (whatever else the request carries), so a
+/// handler can never select one and echo it back. Runs before everything
+/// that reads the credential (rate limits, idempotency, [`Ctx`]); any other
+/// request is left alone.
 pub async fn websocket_bearer_layer(
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    use axum::http::HeaderValue;
-    use axum::http::header::SEC_WEBSOCKET_PROTOCOL;
+    use axum::http::header::{SEC_WEBSOCKET_PROTOCOL, UPGRADE};
+    use axum::http::{HeaderValue, Method};
 
-    let offered = match request.headers().get(SEC_WEBSOCKET_PROTOCOL) {
-        Some(offered) if !request.headers().contains_key(AUTHORIZATION) => offered,
-        _ => return next.run(request).await,
-    };
-    let Ok(offered) = offered.to_str() else {
+    let headers = request.headers();
+    let upgrade = request.method() == Method::GET
+        && headers
+            .get(UPGRADE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.eq_ignore_ascii_case("websocket"));
+    if !upgrade || !headers.contains_key(SEC_WEBSOCKET_PROTOCOL) {
         return next.run(request).await;
+    }
+    let mut tokens = Vec::new();
+    let mut others = Vec::new();
+    for line in headers.get_all(SEC_WEBSOCKET_PROTOCOL) {
+        // A line that is not text offers nothing we can read or keep.
+        let Ok(line) = line.to_str() else { continue };
+        for protocol in line.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match protocol.strip_prefix(WEBSOCKET_BEARER_PROTOCOL) {
+                Some(token) => tokens.push(token.to_owned()),
+                None => others.push(protocol.to_owned()),
+            }
+        }
+    }
+    let authorization = match tokens.first() {
+        Some(token) if !headers.contains_key(AUTHORIZATION) => {
+            // A token that is no header value is no token: the request
+            // goes on without one and is refused as unauthenticated.
+            HeaderValue::from_str(&format!("Bearer {token}")).ok()
+        }
+        _ => None,
     };
-    let (tokens, others): (Vec<&str>, Vec<&str>) = offered
-        .split(',')
-        .map(str::trim)
-        .filter(|protocol| !protocol.is_empty())
-        .partition(|protocol| protocol.starts_with(WEBSOCKET_BEARER_PROTOCOL));
-    let Some(token) = tokens
-        .first()
-        .and_then(|protocol| protocol.strip_prefix(WEBSOCKET_BEARER_PROTOCOL))
-    else {
-        return next.run(request).await;
-    };
-    let authorization = HeaderValue::from_str(&format!("Bearer {token}"));
-    let others = HeaderValue::from_str(&others.join(", "));
+    let others = HeaderValue::from_str(&others.join(", ")).ok();
     let headers = request.headers_mut();
     headers.remove(SEC_WEBSOCKET_PROTOCOL);
-    if let Ok(others) = others
-        && !others.is_empty()
-    {
+    if let Some(others) = others.filter(|others| !others.is_empty()) {
         headers.insert(SEC_WEBSOCKET_PROTOCOL, others);
     }
-    // A token that is no header value is no token: the request goes on
-    // without one and is refused as unauthenticated.
-    if let Ok(authorization) = authorization {
+    if let Some(authorization) = authorization {
         headers.insert(AUTHORIZATION, authorization);
     }
     next.run(request).await

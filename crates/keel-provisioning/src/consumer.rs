@@ -245,14 +245,14 @@ impl ProvisioningConsumer {
             let status = response.status();
             let body = response.text().await.unwrap_or_default();
             let error = HandlerError(format!("the agent refused the task ({status}): {body}"));
+            if refusal == RefusalIs::Final && status.is_client_error() {
+                tracing::warn!(allocation = %allocation_id, host = %host, %status, %body, "the agent refused the task; not retried");
+                return Ok(Attempt::Done);
+            }
             if status == reqwest::StatusCode::UNPROCESSABLE_ENTITY
                 && refusal_code(&body) == Some("replayed")
             {
                 return Ok(Attempt::Overtaken(error));
-            }
-            if refusal == RefusalIs::Final && status.is_client_error() {
-                tracing::warn!(allocation = %allocation_id, host = %host, %status, %body, "the agent refused the task; not retried");
-                return Ok(Attempt::Done);
             }
             return Err(error);
         }

@@ -501,25 +501,20 @@ async fn a_task_that_arrives_before_a_lower_numbered_one_waits_for_it() {
     let (second_outcome, first_outcome) =
         tokio::join!(agent.post_task(&worker, fixture.sign(&second)), async {
             // The second is waiting for the first before the first is sent.
-            while agent.agent.inbox().waiting() == 0 {
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
+            tokio::time::timeout(std::time::Duration::from_secs(60), async {
+                while agent.agent.inbox().waiting() == 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .expect("the second task waits");
             agent.post_task(&worker, fixture.sign(&first)).await
         });
 
     assert_eq!(first_outcome.0, StatusCode::OK, "{}", first_outcome.1);
     assert_eq!(second_outcome.0, StatusCode::OK, "{}", second_outcome.1);
     // Accepted, logged and acted on in sequence order.
-    let log = std::fs::read_to_string(fixture.state_dir().join("tasks.log")).unwrap();
-    let order: Vec<u64> = log
-        .lines()
-        .map(|line| {
-            serde_json::from_str::<serde_json::Value>(line).unwrap()["seq"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
-    assert_eq!(order, [1, 2]);
+    assert_eq!(accepted_order(&fixture), [1, 2]);
     assert_eq!(agent.agent.inbox().high_water().await, 2);
 }
 
@@ -539,4 +534,82 @@ async fn a_missing_number_is_waited_for_only_so_long_and_is_refused_after() {
     assert_eq!(agent.post_task(&worker, second).await.0, StatusCode::OK);
     assert_rejected(agent.post_task(&worker, first).await, "replayed");
     assert_eq!(agent.agent.inbox().waiting(), 0);
+}
+
+/// The sequence numbers in the task log, in the order accepted.
+fn accepted_order(fixture: &Fixture) -> Vec<u64> {
+    let log = std::fs::read_to_string(fixture.state_dir().join("tasks.log")).unwrap();
+    log.lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Polls until `count` tasks wait (or fails after a minute).
+async fn until_waiting(agent: &crate::support::TestAgent, count: usize) {
+    tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while agent.agent.inbox().waiting() != count {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{count} tasks never waited"));
+}
+
+#[tokio::test]
+async fn a_task_whose_wait_ran_out_still_lets_a_lower_waiting_one_go_first() {
+    let fixture = Fixture::new();
+    let agent = fixture.start_agent().await;
+    let inbox = agent.agent.inbox();
+    let worker = fixture.worker_client();
+    let [first, second, third] =
+        [1, 2, 3].map(|seq| fixture.sign(&fixture.payload(seq, stop(Uuid::new_v4()))));
+
+    // 2 waits for 1 (long); 3 has no wait left, but 2 is below it.
+    inbox.set_reorder_wait(std::time::Duration::from_secs(600));
+    let second = tokio::spawn({
+        let (client, url) = (worker.clone(), agent.tasks_url());
+        async move { client.post(url).body(second).send().await.unwrap().status() }
+    });
+    until_waiting(&agent, 1).await;
+    inbox.set_reorder_wait(std::time::Duration::ZERO);
+    let third = tokio::spawn({
+        let (client, url) = (worker.clone(), agent.tasks_url());
+        async move { client.post(url).body(third).send().await.unwrap().status() }
+    });
+    until_waiting(&agent, 2).await;
+    assert_eq!(agent.post_task(&worker, first).await.0, StatusCode::OK);
+
+    assert_eq!(second.await.unwrap(), StatusCode::OK);
+    assert_eq!(third.await.unwrap(), StatusCode::OK);
+    assert_eq!(accepted_order(&fixture), [1, 2, 3]);
+}
+
+#[tokio::test]
+async fn a_waiting_task_whose_connection_drops_leaves_the_queue() {
+    let fixture = Fixture::new();
+    let agent = fixture.start_agent().await;
+    agent
+        .agent
+        .inbox()
+        .set_reorder_wait(std::time::Duration::from_secs(600));
+    let ahead = fixture.sign(&fixture.payload(5, stop(Uuid::new_v4())));
+    let worker = fixture.worker_client();
+
+    // The client gives up (its request dropped with its connection); the
+    // agent forgets the task that waited.
+    let gave_up = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        tokio::select! {
+            _ = agent.post_task(&worker, ahead) => panic!("the task was answered"),
+            () = until_waiting(&agent, 1) => {}
+        }
+    })
+    .await;
+    assert!(gave_up.is_ok());
+    drop(worker);
+    until_waiting(&agent, 0).await;
+    assert_eq!(agent.agent.inbox().high_water().await, 0);
 }
