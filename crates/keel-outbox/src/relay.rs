@@ -38,24 +38,37 @@ pub async fn fan_out(db: &Db, consumers: &[Arc<dyn Consumer>]) -> Result<usize, 
     .bind(BATCH)
     .fetch_all(&mut *tx)
     .await?;
+    // One statement for every delivery of the batch, one for the marks.
+    let (mut names, mut event_ids, mut aggregate_ids, mut seqs) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (event_id, seq, aggregate_id, event_type) in &events {
         for consumer in consumers
             .iter()
             .filter(|consumer| consumer.wants(event_type))
         {
-            sqlx::query(
-                "INSERT INTO outbox_deliveries (consumer, event_id, aggregate_id, seq)
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-            )
-            .bind(consumer.name())
-            .bind(event_id)
-            .bind(aggregate_id)
-            .bind(seq)
-            .execute(&mut *tx)
-            .await?;
+            names.push(consumer.name());
+            event_ids.push(*event_id);
+            aggregate_ids.push(*aggregate_id);
+            seqs.push(*seq);
         }
-        sqlx::query("UPDATE outbox SET fanned_out_at = now() WHERE id = $1")
-            .bind(event_id)
+    }
+    if !names.is_empty() {
+        sqlx::query(
+            "INSERT INTO outbox_deliveries (consumer, event_id, aggregate_id, seq)
+             SELECT * FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::bigint[])
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&names)
+        .bind(&event_ids)
+        .bind(&aggregate_ids)
+        .bind(&seqs)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !events.is_empty() {
+        let fanned: Vec<Uuid> = events.iter().map(|(id, ..)| *id).collect();
+        sqlx::query("UPDATE outbox SET fanned_out_at = now() WHERE id = ANY($1)")
+            .bind(&fanned)
             .execute(&mut *tx)
             .await?;
     }
@@ -80,24 +93,40 @@ pub async fn release(db: &Db) -> Result<usize, RelayError> {
     .bind(BATCH)
     .fetch_all(&mut *tx)
     .await?;
+    // Per consumer (an apalis queue): one insert of its jobs, one update.
+    let mut by_consumer: std::collections::BTreeMap<&str, Vec<(Uuid, i32)>> =
+        std::collections::BTreeMap::new();
     for (consumer, event_id, attempts) in &due {
-        let job = DeliveryJob {
-            consumer: consumer.clone(),
-            event_id: (*event_id).into(),
-        };
-        // One job per attempt: a retry is a new job, not a re-run of a
-        // finished one. apalis must not retry on its own: we do, with
-        // backoff stored in the delivery.
-        let task = TaskBuilder::new(serde_json::to_vec(&job)?)
-            .idempotency_key(format!("{event_id}:{attempts}"))
-            .max_attempts(1)
-            .build();
-        apalis_postgres::queries::push_tasks(&mut *tx, consumer, vec![task]).await?;
+        by_consumer
+            .entry(consumer)
+            .or_default()
+            .push((*event_id, *attempts));
+    }
+    for (consumer, deliveries) in by_consumer {
+        let mut tasks = Vec::with_capacity(deliveries.len());
+        for (event_id, attempts) in &deliveries {
+            let job = DeliveryJob {
+                consumer: consumer.to_owned(),
+                event_id: (*event_id).into(),
+            };
+            // One job per attempt: a retry is a new job, not a re-run of a
+            // finished one. apalis must not retry on its own: we do, with
+            // backoff stored in the delivery.
+            tasks.push(
+                TaskBuilder::new(serde_json::to_vec(&job)?)
+                    .idempotency_key(format!("{event_id}:{attempts}"))
+                    .max_attempts(1)
+                    .build(),
+            );
+        }
+        apalis_postgres::queries::push_tasks(&mut *tx, consumer, tasks).await?;
+        let released: Vec<Uuid> = deliveries.iter().map(|(id, _)| *id).collect();
         sqlx::query(
-            "UPDATE outbox_deliveries SET status = 'queued', updated_at = now() WHERE consumer = $1 AND event_id = $2",
+            "UPDATE outbox_deliveries SET status = 'queued', updated_at = now()
+             WHERE consumer = $1 AND event_id = ANY($2)",
         )
         .bind(consumer)
-        .bind(event_id)
+        .bind(&released)
         .execute(&mut *tx)
         .await?;
     }
@@ -144,6 +173,9 @@ pub async fn run(
                     tracing::warn!(%error, "outbox listener interrupted");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
+                // Notifications that came meanwhile ask for the same pass:
+                // one drain answers them all.
+                while listener.next_buffered().is_some() {}
             }
         }
     }

@@ -18,6 +18,15 @@ pub fn delivery_failures() -> u64 {
     DELIVERY_FAILURES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// A queued delivery with its event.
+#[derive(sqlx::FromRow)]
+struct Queued {
+    attempts: i32,
+    processed: bool,
+    #[sqlx(flatten)]
+    event: DeliveredEvent,
+}
+
 /// What the apalis handler needs.
 #[derive(Clone)]
 struct Runner {
@@ -33,37 +42,36 @@ pub async fn run_delivery(
     job: &DeliveryJob,
 ) -> Result<(), keel_db::DbError> {
     let mut tx = db.begin_bookkeeping().await?;
-    let open: Option<i32> = sqlx::query_scalar(
-        "SELECT attempts FROM outbox_deliveries WHERE consumer = $1 AND event_id = $2 AND status = 'queued'",
+    // The delivery, if it is still this job's to run, whether the consumer
+    // already acted on the event, and the event: one round trip.
+    let found: Option<Queued> = sqlx::query_as(
+        "SELECT d.attempts,
+                EXISTS (SELECT FROM consumer_inbox i
+                        WHERE i.consumer = d.consumer AND i.event_id = d.event_id) AS processed,
+                o.id, o.tenant_id, o.event_type, o.aggregate_type, o.aggregate_id,
+                o.aggregate_version, o.resource, o.payload, o.traceparent, o.request_id,
+                o.created_at
+         FROM outbox_deliveries d JOIN outbox o ON o.id = d.event_id
+         WHERE d.consumer = $1 AND d.event_id = $2 AND d.status = 'queued'",
     )
     .bind(consumer.name())
     .bind(job.event_id)
     .fetch_optional(&mut *tx)
     .await?;
-    let already_processed: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT FROM consumer_inbox WHERE consumer = $1 AND event_id = $2)",
-    )
-    .bind(consumer.name())
-    .bind(job.event_id)
-    .fetch_one(&mut *tx)
-    .await?;
-    let Some(previous_attempts) = open else {
+    let Some(Queued {
+        attempts: previous_attempts,
+        processed,
+        event,
+    }) = found
+    else {
         // Done, dead or re-queued by another path: nothing to do.
         return Ok(());
     };
-    if already_processed {
+    if processed {
         mark_done(&mut tx, consumer.name(), job).await?;
         tx.commit().await?;
         return Ok(());
     }
-    let event: DeliveredEvent = sqlx::query_as(
-        "SELECT id, tenant_id, event_type, aggregate_type, aggregate_id, aggregate_version, resource, payload,
-                traceparent, request_id, created_at
-         FROM outbox WHERE id = $1",
-    )
-    .bind(job.event_id)
-    .fetch_one(&mut *tx)
-    .await?;
     // The bookkeeping transaction must not stay open across the consumer's
     // own work (which may call a node agent).
     tx.commit().await?;
