@@ -488,12 +488,8 @@ async fn terminal_grants_come_from_the_api_name_the_workload_s_tenant_and_work_o
 #[tokio::test]
 async fn a_task_that_arrives_before_a_lower_numbered_one_waits_for_it() {
     let fixture = Fixture::new();
-    let agent = fixture.start_agent().await;
     // Long enough that only the missing task's arrival can end the wait.
-    agent
-        .agent
-        .inbox()
-        .set_reorder_wait(std::time::Duration::from_secs(600));
+    let agent = agent_waiting(&fixture, std::time::Duration::from_secs(600)).await;
     let worker = fixture.worker_client();
     let first = fixture.payload(1, stop(Uuid::new_v4()));
     let second = fixture.payload(2, stop(Uuid::new_v4()));
@@ -501,13 +497,7 @@ async fn a_task_that_arrives_before_a_lower_numbered_one_waits_for_it() {
     let (second_outcome, first_outcome) =
         tokio::join!(agent.post_task(&worker, fixture.sign(&second)), async {
             // The second is waiting for the first before the first is sent.
-            tokio::time::timeout(std::time::Duration::from_secs(60), async {
-                while agent.agent.inbox().waiting() == 0 {
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                }
-            })
-            .await
-            .expect("the second task waits");
+            until_waiting(&agent, 1).await;
             agent.post_task(&worker, fixture.sign(&first)).await
         });
 
@@ -521,11 +511,7 @@ async fn a_task_that_arrives_before_a_lower_numbered_one_waits_for_it() {
 #[tokio::test]
 async fn a_missing_number_is_waited_for_only_so_long_and_is_refused_after() {
     let fixture = Fixture::new();
-    let agent = fixture.start_agent().await;
-    agent
-        .agent
-        .inbox()
-        .set_reorder_wait(std::time::Duration::from_millis(50));
+    let agent = agent_waiting(&fixture, std::time::Duration::from_millis(50)).await;
     let worker = fixture.worker_client();
     let first = fixture.sign(&fixture.payload(1, stop(Uuid::new_v4())));
     let second = fixture.sign(&fixture.payload(2, stop(Uuid::new_v4())));
@@ -534,6 +520,13 @@ async fn a_missing_number_is_waited_for_only_so_long_and_is_refused_after() {
     assert_eq!(agent.post_task(&worker, second).await.0, StatusCode::OK);
     assert_rejected(agent.post_task(&worker, first).await, "replayed");
     assert_eq!(agent.agent.inbox().waiting(), 0);
+}
+
+/// An agent whose tasks wait `wait` for lower numbers.
+async fn agent_waiting(fixture: &Fixture, wait: std::time::Duration) -> crate::support::TestAgent {
+    let agent = fixture.start_agent().await;
+    agent.agent.inbox().set_reorder_wait(wait);
+    agent
 }
 
 /// The sequence numbers in the task log, in the order accepted.
@@ -591,11 +584,7 @@ async fn a_task_whose_wait_ran_out_still_lets_a_lower_waiting_one_go_first() {
 #[tokio::test]
 async fn a_waiting_task_whose_connection_drops_leaves_the_queue() {
     let fixture = Fixture::new();
-    let agent = fixture.start_agent().await;
-    agent
-        .agent
-        .inbox()
-        .set_reorder_wait(std::time::Duration::from_secs(600));
+    let agent = agent_waiting(&fixture, std::time::Duration::from_secs(600)).await;
     let ahead = fixture.sign(&fixture.payload(5, stop(Uuid::new_v4())));
     let worker = fixture.worker_client();
 
