@@ -23,22 +23,36 @@ SELECT name, vcpus, memory_mib, gpu_model, gpu_count, disk_gib FROM flavors
 SELECT EXISTS (SELECT FROM hosts WHERE region = r.name AND revoked_at IS NULL
                   AND vcpus >= 1 AND memory_mib >= 1024 AND gpu_count >= 0 AND disk_gib >= 10)
   FROM regions r WHERE r.name = 'local-1';
-SELECT pg_advisory_xact_lock(hashtext('keel.quota'), hashtext(:tenant::text));
-SELECT allocations, vcpus, memory_mib::bigint AS memory_mib, gpus FROM quotas
- WHERE tenant_id = :tenant::uuid AND project_id IS NULL;
-SELECT count(*), COALESCE(sum(f.vcpus), 0)::bigint, COALESCE(sum(f.memory_mib), 0)::bigint,
-       COALESCE(sum(f.gpu_count), 0)::bigint
-  FROM allocations a JOIN flavors f ON f.name = a.flavor
- WHERE a.tenant_id = :tenant::uuid AND a.reserved;
-SELECT allocations, vcpus, memory_mib::bigint AS memory_mib, gpus FROM quotas
- WHERE tenant_id = :tenant::uuid AND project_id = :project::uuid;
-SELECT count(*), COALESCE(sum(f.vcpus), 0)::bigint, COALESCE(sum(f.memory_mib), 0)::bigint,
-       COALESCE(sum(f.gpu_count), 0)::bigint
-  FROM allocations a JOIN flavors f ON f.name = a.flavor
- WHERE a.tenant_id = :tenant::uuid AND a.reserved AND a.project_id = :project::uuid;
 INSERT INTO allocations (id, tenant_id, project_id, name, flavor, region, command, state)
 VALUES (gen_random_uuid(), :tenant::uuid, :project::uuid, 'bench', 'cpu.small', 'local-1', '{sleep,infinity}', 'requested')
 RETURNING id AS alloc \gset
+SELECT pg_advisory_xact_lock(hashtext('keel.quota'), hashtext(:tenant::text));
+WITH held AS (
+    SELECT a.project_id = :project::uuid AS in_project, f.vcpus, f.memory_mib, f.gpu_count
+      FROM allocations a JOIN flavors f ON f.name = a.flavor
+     WHERE a.tenant_id = :tenant::uuid AND a.reserved
+), tenant_limits AS (
+    SELECT allocations, vcpus, memory_mib, gpus FROM (
+        SELECT allocations, vcpus, memory_mib, gpus, 0 AS rank
+          FROM quotas WHERE tenant_id = :tenant::uuid AND project_id IS NULL
+        UNION ALL
+        SELECT allocations, vcpus, memory_mib, gpus, 1 FROM quota_defaults
+    ) limits ORDER BY rank LIMIT 1
+), used AS (
+    SELECT count(*) AS allocations, COALESCE(sum(vcpus), 0)::bigint AS vcpus,
+           COALESCE(sum(memory_mib), 0)::bigint AS memory_mib, COALESCE(sum(gpu_count), 0)::bigint AS gpus,
+           count(*) FILTER (WHERE in_project) AS project_allocations,
+           COALESCE(sum(vcpus) FILTER (WHERE in_project), 0)::bigint AS project_vcpus,
+           COALESCE(sum(memory_mib) FILTER (WHERE in_project), 0)::bigint AS project_memory_mib,
+           COALESCE(sum(gpu_count) FILTER (WHERE in_project), 0)::bigint AS project_gpus
+      FROM held
+)
+SELECT t.allocations, t.vcpus, t.memory_mib::bigint, t.gpus,
+       p.allocations, p.vcpus, p.memory_mib::bigint, p.gpus,
+       u.allocations, u.vcpus, u.memory_mib, u.gpus,
+       u.project_allocations, u.project_vcpus, u.project_memory_mib, u.project_gpus
+  FROM tenant_limits t CROSS JOIN used u
+  LEFT JOIN quotas p ON p.tenant_id = :tenant::uuid AND p.project_id = :project::uuid;
 WITH candidate AS (
     SELECT id FROM hosts
      WHERE state = 'ready' AND revoked_at IS NULL AND region = 'local-1'
@@ -54,18 +68,27 @@ UPDATE allocations SET state = 'scheduled', host_id = :host::uuid, reserved = tr
  WHERE id = :alloc::uuid
 RETURNING id, tenant_id, project_id, name, flavor, region, command, state, failure_reason,
           host_id, reserved, created_at, updated_at, version;
-INSERT INTO audit_log (id, tenant_id, actor, actor_detail, action, resource, request_id, outcome, details)
-VALUES (gen_random_uuid(), :tenant::uuid, 'user:' || :user::text, '{"type":"user"}', 'allocation.create',
-        concat_ws(chr(58), 'krn', 'keel', 'local-1', :tenant::text, :project::text, 'allocation/' || :alloc::text), 'bench', 'success',
-        '{"name":"bench","flavor":"cpu.small","state":"scheduled"}');
-INSERT INTO outbox (id, tenant_id, event_type, aggregate_type, aggregate_id, aggregate_version, resource, payload, traceparent, request_id)
-VALUES (gen_random_uuid(), :tenant::uuid, 'allocation.requested', 'allocation', :alloc::uuid, 1,
-        concat_ws(chr(58), 'krn', 'keel', 'local-1', :tenant::text, :project::text, 'allocation/' || :alloc::text),
-        '{"allocation_id":"x","state":"requested"}', NULL, 'bench');
-INSERT INTO outbox (id, tenant_id, event_type, aggregate_type, aggregate_id, aggregate_version, resource, payload, traceparent, request_id)
-VALUES (gen_random_uuid(), :tenant::uuid, 'allocation.scheduled', 'allocation', :alloc::uuid, 2,
-        concat_ws(chr(58), 'krn', 'keel', 'local-1', :tenant::text, :project::text, 'allocation/' || :alloc::text),
-        '{"allocation_id":"x","state":"scheduled"}', NULL, 'bench');
+WITH audit AS (
+    INSERT INTO audit_log (id, tenant_id, actor, actor_detail, action, resource, request_id, outcome, details)
+    SELECT id, tenant_id, actor, actor_detail, action, resource, 'bench', 'success', details
+      FROM unnest(ARRAY[gen_random_uuid()], ARRAY[:tenant::uuid], ARRAY['user:' || :user::text],
+                  ARRAY['{"type":"user"}'::jsonb], ARRAY['allocation.create'],
+                  ARRAY[concat_ws(chr(58), 'krn', 'keel', 'local-1', :tenant::text, :project::text, 'allocation/' || :alloc::text)],
+                  ARRAY['{"name":"bench","flavor":"cpu.small","state":"scheduled"}'::jsonb])
+           AS a (id, tenant_id, actor, actor_detail, action, resource, details)
+), events AS (
+    INSERT INTO outbox (id, tenant_id, event_type, aggregate_type, aggregate_id, aggregate_version,
+                        resource, payload, traceparent, request_id)
+    SELECT id, tenant_id, event_type, aggregate_type, aggregate_id, aggregate_version, resource, payload, NULL, 'bench'
+      FROM unnest(ARRAY[gen_random_uuid(), gen_random_uuid()], ARRAY[:tenant::uuid, :tenant::uuid],
+                  ARRAY['allocation.requested', 'allocation.scheduled'], ARRAY['allocation', 'allocation'],
+                  ARRAY[:alloc::uuid, :alloc::uuid], ARRAY[1, 2]::bigint[],
+                  ARRAY[concat_ws(chr(58), 'krn', 'keel', 'local-1', :tenant::text, :project::text, 'allocation/' || :alloc::text),
+                        concat_ws(chr(58), 'krn', 'keel', 'local-1', :tenant::text, :project::text, 'allocation/' || :alloc::text)],
+                  ARRAY['{"allocation_id":"x","state":"requested"}'::jsonb, '{"allocation_id":"x","state":"scheduled"}'::jsonb])
+           WITH ORDINALITY AS e (id, tenant_id, event_type, aggregate_type, aggregate_id, aggregate_version, resource, payload, n)
+     ORDER BY n
+)
 SELECT pg_notify('keel_outbox', '');
 UPDATE idempotency_keys SET status_code = 202, response_headers = '{"content-type":"application/json"}',
        response_body = convert_to(repeat('x', 400), 'UTF8')

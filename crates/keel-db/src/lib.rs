@@ -20,8 +20,10 @@ mod config;
 mod deferred;
 mod tx;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::AssertSqlSafe;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres};
+use uuid::Uuid;
 
 pub use config::DatabaseConfig;
 pub use deferred::{DeferredCommit, Outcome as DeferredOutcome};
@@ -100,6 +102,20 @@ impl Db {
         Ok(tx)
     }
 
+    /// One bookkeeping statement as the system role in one round trip: a
+    /// simple query holding `SET LOCAL ROLE keel_system` and `statement`,
+    /// which Postgres runs as one implicit transaction and rolls back by
+    /// itself if any part fails (so, unlike a failed multi-statement
+    /// `BEGIN`, it never leaves the connection inside a transaction).
+    /// Returns the statement's first row, if any. A simple query takes no
+    /// parameters: every value in `statement` must be a [`SqlLiteral`].
+    pub async fn bookkeeping_once(&self, statement: &str) -> Result<Option<PgRow>, DbError> {
+        let query = format!("SET LOCAL ROLE keel_system; {statement}");
+        Ok(sqlx::raw_sql(AssertSqlSafe(query))
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
     /// True when every embedded migration has been applied (readiness).
     pub async fn migrations_applied(&self) -> Result<bool, DbError> {
         let applied: Vec<i64> = sqlx::query_scalar(
@@ -143,5 +159,53 @@ pub fn is_unique_violation(error: &sqlx::Error, constraint: &str) -> bool {
             db.is_unique_violation() && db.constraint() == Some(constraint)
         }
         _ => false,
+    }
+}
+
+/// A value that may be written into SQL text as a quoted literal because
+/// its text cannot end the literal: a UUID (hex digits and hyphens) or a
+/// name made of ASCII letters, digits, `_`, `-` and `.`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SqlLiteral(String);
+
+impl SqlLiteral {
+    pub fn uuid(value: Uuid) -> Self {
+        Self(format!("'{value}'"))
+    }
+
+    /// `None` unless `name` is plain.
+    pub fn name(name: &str) -> Option<Self> {
+        let plain = !name.is_empty()
+            && name
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'-' | b'.'));
+        plain.then(|| Self(format!("'{name}'")))
+    }
+}
+
+impl std::fmt::Display for SqlLiteral {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod literal_tests {
+    use super::SqlLiteral;
+
+    #[test]
+    fn only_plain_names_become_literals() {
+        assert_eq!(
+            SqlLiteral::name("provisioning").map(|l| l.to_string()),
+            Some("'provisioning'".to_owned())
+        );
+        for bad in ["", "a'b", "a b", "a;b", "é", "a\\b"] {
+            assert_eq!(SqlLiteral::name(bad), None, "{bad:?}");
+        }
+        let id = uuid::Uuid::nil();
+        assert_eq!(
+            SqlLiteral::uuid(id).to_string(),
+            "'00000000-0000-0000-0000-000000000000'"
+        );
     }
 }

@@ -266,52 +266,93 @@ impl WriteTx {
         let events = std::mem::take(&mut self.events);
         let request_id = self.meta.request_id.clone();
         let traceparent = self.meta.traceparent.clone();
+        // Every audit row, every event and the relay's wake-up in one
+        // statement: one round trip however many rows, which matters
+        // because the transaction may hold a hot lock (a host row, a
+        // tenant's quota) until it commits. Events keep their order: their
+        // `seq` follows the array.
+        let mut audit_ids = Vec::with_capacity(audits.len());
+        let mut audit_tenants = Vec::with_capacity(audits.len());
+        let mut actors = Vec::with_capacity(audits.len());
+        let mut actor_details = Vec::with_capacity(audits.len());
+        let mut actions = Vec::with_capacity(audits.len());
+        let mut audit_resources = Vec::with_capacity(audits.len());
+        let mut details = Vec::with_capacity(audits.len());
+        for audit in audits {
+            let actor = audit.actor.as_ref().unwrap_or(&self.meta.actor);
+            audit_ids.push(Uuid::now_v7());
+            audit_tenants.push(audit.tenant_id.map(|tenant| tenant.as_uuid()));
+            actors.push(actor.label());
+            actor_details.push(serde_json::to_value(actor).unwrap_or(serde_json::Value::Null));
+            actions.push(audit.action);
+            audit_resources.push(audit.resource.to_string());
+            details.push(audit.details);
+        }
+        let mut event_ids = Vec::with_capacity(events.len());
+        let mut event_tenants = Vec::with_capacity(events.len());
+        let mut event_types = Vec::with_capacity(events.len());
+        let mut aggregate_types = Vec::with_capacity(events.len());
+        let mut aggregate_ids = Vec::with_capacity(events.len());
+        let mut aggregate_versions = Vec::with_capacity(events.len());
+        let mut event_resources = Vec::with_capacity(events.len());
+        let mut payloads = Vec::with_capacity(events.len());
+        let any_events = !events.is_empty();
+        for event in events {
+            event_ids.push(EventId::new().as_uuid());
+            event_tenants.push(event.tenant_id.map(|tenant| tenant.as_uuid()));
+            event_types.push(event.event_type);
+            aggregate_types.push(event.aggregate_type);
+            aggregate_ids.push(event.aggregate_id);
+            aggregate_versions.push(event.aggregate_version);
+            event_resources.push(event.resource.to_string());
+            payloads.push(event.payload);
+        }
         // On an error below, dropping `self` hands a lent transaction back
         // to the idempotency layer (see `Drop`).
-        for audit in &audits {
-            let actor = audit.actor.as_ref().unwrap_or(&self.meta.actor);
-            let actor_detail = serde_json::to_value(actor).unwrap_or(serde_json::Value::Null);
-            sqlx::query(
-                "INSERT INTO audit_log (id, tenant_id, actor, actor_detail, action, resource, request_id, outcome, details)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'success', $8)",
-            )
-            .bind(Uuid::now_v7())
-            .bind(audit.tenant_id)
-            .bind(actor.label())
-            .bind(&actor_detail)
-            .bind(audit.action)
-            .bind(audit.resource.as_str())
-            .bind(&request_id)
-            .bind(&audit.details)
-            .execute(&mut **self.inner())
-            .await?;
-        }
-        for event in &events {
-            sqlx::query(
-                "INSERT INTO outbox (id, tenant_id, event_type, aggregate_type, aggregate_id, aggregate_version,
-                                     resource, payload, traceparent, request_id)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            )
-            .bind(EventId::new())
-            .bind(event.tenant_id)
-            .bind(event.event_type)
-            .bind(event.aggregate_type)
-            .bind(event.aggregate_id)
-            .bind(event.aggregate_version)
-            .bind(event.resource.as_str())
-            .bind(&event.payload)
-            .bind(&traceparent)
-            .bind(&request_id)
-            .execute(&mut **self.inner())
-            .await?;
-        }
-        if !events.is_empty() {
-            // Delivered only if the transaction commits.
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(OUTBOX_CHANNEL)
-                .execute(&mut **self.inner())
-                .await?;
-        }
+        sqlx::query(
+            "WITH audit AS (
+                 INSERT INTO audit_log (id, tenant_id, actor, actor_detail, action, resource,
+                                        request_id, outcome, details)
+                 SELECT id, tenant_id, actor, actor_detail, action, resource, $1, 'success', details
+                 FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::jsonb[], $6::text[],
+                             $7::text[], $8::jsonb[])
+                      AS a (id, tenant_id, actor, actor_detail, action, resource, details)
+             ), events AS (
+                 INSERT INTO outbox (id, tenant_id, event_type, aggregate_type, aggregate_id,
+                                     aggregate_version, resource, payload, traceparent, request_id)
+                 SELECT id, tenant_id, event_type, aggregate_type, aggregate_id,
+                        aggregate_version, resource, payload, $9, $1
+                 FROM unnest($10::uuid[], $11::uuid[], $12::text[], $13::text[], $14::uuid[],
+                             $15::bigint[], $16::text[], $17::jsonb[])
+                      WITH ORDINALITY
+                      AS e (id, tenant_id, event_type, aggregate_type, aggregate_id,
+                            aggregate_version, resource, payload, n)
+                 ORDER BY n
+             )
+             -- Delivered only if the transaction commits.
+             SELECT pg_notify($18, '') WHERE $19",
+        )
+        .bind(&request_id)
+        .bind(&audit_ids)
+        .bind(&audit_tenants)
+        .bind(&actors)
+        .bind(&actor_details)
+        .bind(&actions)
+        .bind(&audit_resources)
+        .bind(&details)
+        .bind(&traceparent)
+        .bind(&event_ids)
+        .bind(&event_tenants)
+        .bind(&event_types)
+        .bind(&aggregate_types)
+        .bind(&aggregate_ids)
+        .bind(&aggregate_versions)
+        .bind(&event_resources)
+        .bind(&payloads)
+        .bind(OUTBOX_CHANNEL)
+        .bind(any_events)
+        .execute(&mut **self.inner())
+        .await?;
         let Some(tx) = self.tx.take() else {
             return Ok(());
         };

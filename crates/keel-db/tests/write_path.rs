@@ -85,6 +85,91 @@ async fn a_commit_writes_the_change_its_audit_row_and_its_outbox_row_together() 
 }
 
 #[tokio::test]
+async fn a_commit_writes_every_audit_row_and_every_event_in_the_order_emitted() {
+    let test = keel_testing::test_db().await;
+    let (tenant_id, _) = create_tenant(&test.db, "acme").await;
+    let mut tx = test
+        .db
+        .begin_tenant(meta(), tenant_scope(tenant_id))
+        .await
+        .unwrap();
+    let aggregate = uuid::Uuid::now_v7();
+    for (version, event_type) in [(1, "thing.first"), (2, "thing.second"), (3, "thing.third")] {
+        tx.emit(NewEvent::new(
+            event_type,
+            "thing",
+            aggregate,
+            version,
+            Some(tenant_id),
+            ResourceName::tenant(tenant_id),
+            serde_json::json!({ "version": version }),
+        ));
+    }
+    tx.audit(
+        Audit::new(
+            "thing.extra",
+            Some(tenant_id),
+            ResourceName::tenant(tenant_id),
+        )
+        .by(Actor::system("other"))
+        .with_details(serde_json::json!({ "n": 1 })),
+    );
+    tx.commit(Audit::new(
+        "thing.change",
+        Some(tenant_id),
+        ResourceName::tenant(tenant_id),
+    ))
+    .await
+    .unwrap();
+
+    let mut admin = test.admin().await;
+    let events: Vec<(String, i64, serde_json::Value, String)> = sqlx::query_as(
+        "SELECT event_type, aggregate_version, payload, request_id FROM outbox
+         WHERE aggregate_id = $1 ORDER BY seq",
+    )
+    .bind(aggregate)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    let expected: Vec<(String, i64, serde_json::Value, String)> =
+        [(1, "thing.first"), (2, "thing.second"), (3, "thing.third")]
+            .into_iter()
+            .map(|(version, event_type)| {
+                (
+                    event_type.to_owned(),
+                    version,
+                    serde_json::json!({ "version": version }),
+                    "test-request".to_owned(),
+                )
+            })
+            .collect();
+    assert_eq!(events, expected);
+    let audits: Vec<(String, String, serde_json::Value)> = sqlx::query_as(
+        "SELECT action, actor, details FROM audit_log
+         WHERE tenant_id = $1 AND action LIKE 'thing.%' ORDER BY id",
+    )
+    .bind(tenant_id)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        audits,
+        vec![
+            (
+                "thing.extra".to_owned(),
+                "system:other".to_owned(),
+                serde_json::json!({ "n": 1 })
+            ),
+            (
+                "thing.change".to_owned(),
+                "system:test".to_owned(),
+                serde_json::json!({})
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
 async fn a_failure_after_the_domain_write_leaves_no_change_no_audit_and_no_event() {
     let test = keel_testing::test_db().await;
     // Inject a failure into the last step of the commit: the outbox insert.
@@ -407,4 +492,48 @@ async fn a_begin_dropped_midway_leaves_no_transaction_on_its_connection() {
             "after {polls} polls: the session is {state}, tenant {tenant:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_one_round_trip_bookkeeping_statement_runs_as_the_system_role_and_leaves_nothing_open() {
+    let test = keel_testing::test_db().await;
+    // One connection, so each query below runs on the same session.
+    let mut config = test.config();
+    config.max_connections = 1;
+    let db = keel_db::Db::connect(&config).await.unwrap();
+    let row = db
+        .bookkeeping_once("SELECT current_user::text AS role")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sqlx::Row::get::<String, _>(&row, "role"), "keel_system");
+    // A failure anywhere in it rolls all of it back.
+    let tenant = TenantId::new();
+    let failed = db
+        .bookkeeping_once(&format!(
+            "INSERT INTO tenants (id, name) VALUES ({}, 'doomed'); SELECT 1 / 0",
+            keel_db::SqlLiteral::uuid(tenant.as_uuid())
+        ))
+        .await;
+    assert!(failed.is_err());
+    let mut conn = db.pool().acquire().await.unwrap();
+    let (role, pid): (String, i32) = sqlx::query_as("SELECT current_user::text, pg_backend_pid()")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_ne!(role, "keel_system", "the role ends with the statement");
+    // Asked from outside while the connection is held: its session is idle.
+    let mut admin = test.admin().await;
+    let state: String = sqlx::query_scalar("SELECT state FROM pg_stat_activity WHERE pid = $1")
+        .bind(pid)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(state, "idle", "no transaction is left open");
+    let doomed: i64 = sqlx::query_scalar("SELECT count(*) FROM tenants WHERE id = $1")
+        .bind(tenant)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(doomed, 0);
 }

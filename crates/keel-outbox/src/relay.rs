@@ -28,15 +28,18 @@ pub enum RelayError {
     Encode(#[from] serde_json::Error),
 }
 
-/// Fans out up to one batch of new events. Returns how many were handled.
-pub async fn fan_out(db: &Db, consumers: &[Arc<dyn Consumer>]) -> Result<usize, RelayError> {
-    let mut tx = db.begin_bookkeeping().await?;
+/// Fans out up to one batch of new events in `tx`. Returns how many were
+/// handled.
+async fn fan_out(
+    tx: &mut keel_db::PgTransaction,
+    consumers: &[Arc<dyn Consumer>],
+) -> Result<usize, RelayError> {
     let events: Vec<(Uuid, i64, Uuid, String)> = sqlx::query_as(
         "SELECT id, seq, aggregate_id, event_type FROM outbox WHERE fanned_out_at IS NULL
          ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(BATCH)
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut **tx)
     .await?;
     // One statement for every delivery of the batch, one for the marks.
     let (mut names, mut event_ids, mut aggregate_ids, mut seqs) =
@@ -62,25 +65,23 @@ pub async fn fan_out(db: &Db, consumers: &[Arc<dyn Consumer>]) -> Result<usize, 
         .bind(&event_ids)
         .bind(&aggregate_ids)
         .bind(&seqs)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
     }
     if !events.is_empty() {
         let fanned: Vec<Uuid> = events.iter().map(|(id, ..)| *id).collect();
         sqlx::query("UPDATE outbox SET fanned_out_at = now() WHERE id = ANY($1)")
             .bind(&fanned)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
     }
-    tx.commit().await?;
     Ok(events.len())
 }
 
 /// Releases due deliveries whose predecessors (same consumer, same
 /// aggregate, earlier event) are all done or dead, as apalis jobs in the
-/// same transaction. Returns how many were released.
-pub async fn release(db: &Db) -> Result<usize, RelayError> {
-    let mut tx = db.begin_bookkeeping().await?;
+/// same transaction (`tx`). Returns how many were released.
+async fn release(tx: &mut keel_db::PgTransaction) -> Result<usize, RelayError> {
     let due: Vec<(String, Uuid, i32)> = sqlx::query_as(
         "SELECT d.consumer, d.event_id, d.attempts FROM outbox_deliveries d
          WHERE d.status = 'pending' AND d.available_at <= now()
@@ -91,7 +92,7 @@ pub async fn release(db: &Db) -> Result<usize, RelayError> {
          ORDER BY d.seq LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(BATCH)
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut **tx)
     .await?;
     // Per consumer (an apalis queue): one insert of its jobs, one update.
     let mut by_consumer: std::collections::BTreeMap<&str, Vec<(Uuid, i32)>> =
@@ -119,7 +120,7 @@ pub async fn release(db: &Db) -> Result<usize, RelayError> {
                     .build(),
             );
         }
-        apalis_postgres::queries::push_tasks(&mut *tx, consumer, tasks).await?;
+        apalis_postgres::queries::push_tasks(&mut **tx, consumer, tasks).await?;
         let released: Vec<Uuid> = deliveries.iter().map(|(id, _)| *id).collect();
         sqlx::query(
             "UPDATE outbox_deliveries SET status = 'queued', updated_at = now()
@@ -127,22 +128,59 @@ pub async fn release(db: &Db) -> Result<usize, RelayError> {
         )
         .bind(consumer)
         .bind(&released)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
     }
-    tx.commit().await?;
     Ok(due.len())
 }
 
-/// Runs fan-out and release until there is nothing left to do.
-pub async fn drain(db: &Db, consumers: &[Arc<dyn Consumer>]) -> Result<(), RelayError> {
-    loop {
-        let fanned = fan_out(db, consumers).await?;
-        let released = release(db).await?;
-        if fanned == 0 && released == 0 {
-            return Ok(());
-        }
+/// One pass, in one transaction: fans out a batch of new events, then
+/// releases what is due, the deliveries just made included.
+///
+/// One relay at a time (each worker process runs one): two side by side
+/// could each fan out part of a backlog, and one could then release an
+/// aggregate's later event while the other's earlier delivery is still
+/// uncommitted, so invisible to its ordering check. A relay that finds
+/// the lock taken does nothing: the one holding it is woken by the same
+/// notifications and passes again.
+pub async fn pass(db: &Db, consumers: &[Arc<dyn Consumer>]) -> Result<Pass, RelayError> {
+    let mut tx = db.begin_bookkeeping().await?;
+    let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext('keel.relay'))")
+        .fetch_one(&mut *tx)
+        .await?;
+    if !ours {
+        tx.rollback().await?;
+        return Ok(Pass {
+            fanned: 0,
+            released: 0,
+        });
     }
+    let fanned = fan_out(&mut tx, consumers).await?;
+    let released = release(&mut tx).await?;
+    tx.commit().await?;
+    Ok(Pass { fanned, released })
+}
+
+/// What a [`pass`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pass {
+    pub fanned: usize,
+    pub released: usize,
+}
+
+impl Pass {
+    /// Whether a batch was full, so that more may be waiting. A pass that
+    /// took less than a batch saw everything committed before it began;
+    /// whatever commits later sends its own notification.
+    fn full(self) -> bool {
+        self.fanned as i64 >= BATCH || self.released as i64 >= BATCH
+    }
+}
+
+/// Runs passes until one finds less than a full batch.
+pub async fn drain(db: &Db, consumers: &[Arc<dyn Consumer>]) -> Result<(), RelayError> {
+    while pass(db, consumers).await?.full() {}
+    Ok(())
 }
 
 /// The relay loop: drain, then sleep until a NOTIFY on `keel_outbox` or

@@ -5,8 +5,12 @@ use std::time::Duration;
 
 use apalis::prelude::{BackendExt, BoxDynError, Data, Monitor, WorkerBuilder};
 use apalis_postgres::{Config, PostgresStorage};
-use keel_db::{Db, OUTBOX_CHANNEL};
+use keel_core::ids::{EventId, TenantId};
+use keel_db::{Db, OUTBOX_CHANNEL, SqlLiteral};
+use sqlx::FromRow as _;
+use time::OffsetDateTime;
 use tracing::Instrument as _;
+use uuid::Uuid;
 
 use crate::{Consumer, DeliveredEvent, DeliveryJob, MAX_ATTEMPTS, backoff_secs};
 
@@ -18,13 +22,46 @@ pub fn delivery_failures() -> u64 {
     DELIVERY_FAILURES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// A queued delivery with its event.
+/// A queued delivery with its event, as the one-round-trip read returns
+/// it. A simple query answers in text, and sqlx cannot read every text
+/// timestamp back (a whole second has no fraction), so the event's time
+/// comes as microseconds since the epoch.
 #[derive(sqlx::FromRow)]
 struct Queued {
     attempts: i32,
     processed: bool,
-    #[sqlx(flatten)]
-    event: DeliveredEvent,
+    id: EventId,
+    tenant_id: Option<TenantId>,
+    event_type: String,
+    aggregate_type: String,
+    aggregate_id: Uuid,
+    aggregate_version: i64,
+    resource: String,
+    payload: serde_json::Value,
+    traceparent: Option<String>,
+    request_id: String,
+    created_at_us: i64,
+}
+
+impl Queued {
+    fn event(self) -> Result<DeliveredEvent, sqlx::Error> {
+        let created_at =
+            OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.created_at_us) * 1_000)
+                .map_err(|error| sqlx::Error::Decode(Box::new(error)))?;
+        Ok(DeliveredEvent {
+            id: self.id,
+            tenant_id: self.tenant_id,
+            event_type: self.event_type,
+            aggregate_type: self.aggregate_type,
+            aggregate_id: self.aggregate_id,
+            aggregate_version: self.aggregate_version,
+            resource: self.resource,
+            payload: self.payload,
+            traceparent: self.traceparent,
+            request_id: self.request_id,
+            created_at,
+        })
+    }
 }
 
 /// What the apalis handler needs.
@@ -41,40 +78,52 @@ pub async fn run_delivery(
     consumer: &dyn Consumer,
     job: &DeliveryJob,
 ) -> Result<(), keel_db::DbError> {
-    let mut tx = db.begin_bookkeeping().await?;
+    // Written into the statements below as literals (one round trip each,
+    // see `Db::bookkeeping_once`).
+    let (Some(consumer_name), event_id) = (
+        SqlLiteral::name(consumer.name()),
+        SqlLiteral::uuid(job.event_id.as_uuid()),
+    ) else {
+        // `monitor` refuses such a consumer at start-up.
+        return Err(keel_db::DbError::Sqlx(sqlx::Error::Configuration(
+            format!("consumer name {:?} is not a plain name", consumer.name()).into(),
+        )));
+    };
     // The delivery, if it is still this job's to run, whether the consumer
-    // already acted on the event, and the event: one round trip.
-    let found: Option<Queued> = sqlx::query_as(
-        "SELECT d.attempts,
-                EXISTS (SELECT FROM consumer_inbox i
-                        WHERE i.consumer = d.consumer AND i.event_id = d.event_id) AS processed,
-                o.id, o.tenant_id, o.event_type, o.aggregate_type, o.aggregate_id,
-                o.aggregate_version, o.resource, o.payload, o.traceparent, o.request_id,
-                o.created_at
-         FROM outbox_deliveries d JOIN outbox o ON o.id = d.event_id
-         WHERE d.consumer = $1 AND d.event_id = $2 AND d.status = 'queued'",
-    )
-    .bind(consumer.name())
-    .bind(job.event_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(Queued {
-        attempts: previous_attempts,
-        processed,
-        event,
-    }) = found
-    else {
+    // already acted on the event, and the event: one round trip, and
+    // nothing held while the consumer works.
+    let found = db
+        .bookkeeping_once(&format!(
+            "SELECT d.attempts,
+                    EXISTS (SELECT FROM consumer_inbox i
+                            WHERE i.consumer = d.consumer AND i.event_id = d.event_id) AS processed,
+                    o.id, o.tenant_id, o.event_type, o.aggregate_type, o.aggregate_id,
+                    o.aggregate_version, o.resource, o.payload, o.traceparent, o.request_id,
+                    (extract(epoch FROM o.created_at) * 1000000)::bigint AS created_at_us
+             FROM outbox_deliveries d JOIN outbox o ON o.id = d.event_id
+             WHERE d.consumer = {consumer_name} AND d.event_id = {event_id} AND d.status = 'queued'"
+        ))
+        .await?
+        .map(|row| Queued::from_row(&row))
+        .transpose()?;
+    let Some(queued) = found else {
         // Done, dead or re-queued by another path: nothing to do.
         return Ok(());
     };
+    let (previous_attempts, processed) = (queued.attempts, queued.processed);
+    let event = queued.event()?;
+    // Marks the delivery done and wakes the relay: the next event of the
+    // same aggregate may now be released.
+    let done = format!(
+        "WITH done AS (
+             UPDATE outbox_deliveries SET status = 'done', updated_at = now()
+             WHERE consumer = {consumer_name} AND event_id = {event_id})
+         SELECT pg_notify('{OUTBOX_CHANNEL}', '')"
+    );
     if processed {
-        mark_done(&mut tx, consumer.name(), job).await?;
-        tx.commit().await?;
+        db.bookkeeping_once(&done).await?;
         return Ok(());
     }
-    // The bookkeeping transaction must not stay open across the consumer's
-    // own work (which may call a node agent).
-    tx.commit().await?;
 
     // The delivery is a span of the trace the event's request started.
     let span = tracing::info_span!(
@@ -90,17 +139,17 @@ pub async fn run_delivery(
         keel_telemetry::continue_trace(&span, traceparent);
     }
     let outcome = consumer.handle(&event).instrument(span).await;
-    let mut tx = db.begin_bookkeeping().await?;
     match outcome {
         Ok(()) => {
-            sqlx::query("INSERT INTO consumer_inbox (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-                .bind(consumer.name())
-                .bind(job.event_id)
-                .execute(&mut *tx)
-                .await?;
-            mark_done(&mut tx, consumer.name(), job).await?;
+            // The inbox row and the mark, in one implicit transaction.
+            db.bookkeeping_once(&format!(
+                "INSERT INTO consumer_inbox (consumer, event_id)
+                 VALUES ({consumer_name}, {event_id}) ON CONFLICT DO NOTHING; {done}"
+            ))
+            .await?;
         }
         Err(error) => {
+            let mut tx = db.begin_bookkeeping().await?;
             DELIVERY_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let attempts = previous_attempts + 1;
             let delay = backoff_secs(previous_attempts);
@@ -119,6 +168,7 @@ pub async fn run_delivery(
             .bind(delay as f64)
             .execute(&mut *tx)
             .await?;
+            tx.commit().await?;
             if attempts >= MAX_ATTEMPTS {
                 tracing::error!(consumer = consumer.name(), event = %job.event_id, %error, attempts, "delivery is dead");
             } else {
@@ -126,25 +176,6 @@ pub async fn run_delivery(
             }
         }
     }
-    tx.commit().await?;
-    Ok(())
-}
-
-async fn mark_done(
-    tx: &mut keel_db::PgTransaction,
-    consumer: &str,
-    job: &DeliveryJob,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE outbox_deliveries SET status = 'done', updated_at = now() WHERE consumer = $1 AND event_id = $2")
-        .bind(consumer)
-        .bind(job.event_id)
-        .execute(&mut **tx)
-        .await?;
-    // The next event of the same aggregate may now be released.
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(OUTBOX_CHANNEL)
-        .execute(&mut **tx)
-        .await?;
     Ok(())
 }
 
@@ -155,9 +186,20 @@ async fn handle_job(job: DeliveryJob, runner: Data<Runner>) -> Result<(), BoxDyn
 }
 
 /// Builds an apalis monitor with one worker per consumer.
+///
+/// # Panics
+///
+/// If a consumer's name is not a plain name (ASCII letters, digits, `_`,
+/// `-`, `.`): a programming error, caught at start-up rather than when its
+/// first delivery is already queued.
 pub fn monitor(db: &Db, consumers: &[Arc<dyn Consumer>], instance: &str) -> Monitor {
     let mut monitor = Monitor::new().shutdown_timeout(Duration::from_secs(20));
     for consumer in consumers {
+        assert!(
+            SqlLiteral::name(consumer.name()).is_some(),
+            "consumer name {:?} must be a plain name",
+            consumer.name()
+        );
         let runner = Runner {
             db: db.clone(),
             consumer: consumer.clone(),

@@ -20,6 +20,7 @@ use uuid::Uuid;
 #[derive(Default)]
 struct Recorder {
     seen: Mutex<Vec<(Uuid, i64)>>,
+    events: Mutex<Vec<DeliveredEvent>>,
     failures_left: Mutex<u32>,
 }
 
@@ -43,6 +44,7 @@ impl Consumer for Recorder {
                 .lock()
                 .unwrap()
                 .push((event.aggregate_id, event.aggregate_version));
+            self.events.lock().unwrap().push(event.clone());
             Ok(())
         })
     }
@@ -123,6 +125,51 @@ async fn events_of_one_aggregate_are_released_one_at_a_time_in_order() {
         [1, 2]
     );
     assert_eq!(seen.len(), 3, "the event nobody wants was not delivered");
+}
+
+#[tokio::test]
+async fn a_delivery_hands_the_consumer_the_event_as_stored() {
+    let test = keel_testing::test_db().await;
+    let recorder = Arc::new(Recorder::default());
+    let consumers: Vec<Arc<dyn Consumer>> = vec![recorder.clone()];
+    let aggregate = Uuid::now_v7();
+    emit(&test.db, "thing.created", aggregate, 7).await;
+    // A whole second (Postgres writes it without a fraction) and a
+    // payload with some shape.
+    let mut admin = test.admin().await;
+    sqlx::query(
+        "UPDATE outbox SET created_at = '2024-01-01 00:00:00+00',
+                           payload = '{\"n\": 1, \"s\": \"it''s\"}'
+         WHERE aggregate_id = $1",
+    )
+    .bind(aggregate)
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    relay::drain(&test.db, &consumers).await.unwrap();
+    let job = queued(&test.db).await.remove(0);
+    worker::run_delivery(&test.db, recorder.as_ref(), &job)
+        .await
+        .unwrap();
+    let events = recorder.events.lock().unwrap().clone();
+    assert_eq!(events.len(), 1);
+    let event = &events[0];
+    assert_eq!(event.id, job.event_id);
+    assert_eq!(
+        (
+            event.event_type.as_str(),
+            event.aggregate_id,
+            event.aggregate_version
+        ),
+        ("thing.created", aggregate, 7)
+    );
+    assert_eq!(event.payload, serde_json::json!({ "n": 1, "s": "it's" }));
+    assert_eq!(event.request_id, "test");
+    assert_eq!(
+        event.created_at,
+        time::macros::datetime!(2024-01-01 0:00 UTC)
+    );
+    assert!(queued(&test.db).await.is_empty(), "the delivery is done");
 }
 
 #[tokio::test]

@@ -229,23 +229,115 @@ pub async fn enforce(
     project: ProjectId,
     flavor: &Flavor,
 ) -> Result<(), ProvisioningError> {
+    // The lock first, in a statement of its own: the read below must take
+    // its snapshot after the lock is held, or it could miss the placement
+    // of the launch that held it before.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('keel.quota'), hashtext($1::text))")
         .bind(tenant)
         .execute(&mut *conn)
         .await?;
-    let tenant_quota = tenant_quota(conn, tenant).await?;
-    if let Some(exceeded) =
-        first_exceeded("tenant", &tenant_quota.limits, &tenant_quota.usage, flavor)
-    {
+    // Both scopes' limits and usage in one round trip: the lock is held
+    // until the transaction commits, so every round trip under it counts.
+    let standing: Standing = sqlx::query_as(
+        "WITH held AS (
+             SELECT a.project_id = $2 AS in_project, f.vcpus, f.memory_mib, f.gpu_count
+               FROM allocations a JOIN flavors f ON f.name = a.flavor
+              WHERE a.tenant_id = $1 AND a.reserved
+         ), tenant_limits AS (
+             SELECT allocations, vcpus, memory_mib, gpus FROM (
+                 SELECT allocations, vcpus, memory_mib, gpus, 0 AS rank
+                   FROM quotas WHERE tenant_id = $1 AND project_id IS NULL
+                 UNION ALL
+                 SELECT allocations, vcpus, memory_mib, gpus, 1 FROM quota_defaults
+             ) limits ORDER BY rank LIMIT 1
+         ), used AS (
+             SELECT count(*) AS allocations,
+                    COALESCE(sum(vcpus), 0)::bigint AS vcpus,
+                    COALESCE(sum(memory_mib), 0)::bigint AS memory_mib,
+                    COALESCE(sum(gpu_count), 0)::bigint AS gpus,
+                    count(*) FILTER (WHERE in_project) AS project_allocations,
+                    COALESCE(sum(vcpus) FILTER (WHERE in_project), 0)::bigint AS project_vcpus,
+                    COALESCE(sum(memory_mib) FILTER (WHERE in_project), 0)::bigint AS project_memory_mib,
+                    COALESCE(sum(gpu_count) FILTER (WHERE in_project), 0)::bigint AS project_gpus
+               FROM held
+         )
+         SELECT t.allocations AS tenant_allocations, t.vcpus AS tenant_vcpus,
+                t.memory_mib::bigint AS tenant_memory_mib, t.gpus AS tenant_gpus,
+                p.allocations AS project_allocations, p.vcpus AS project_vcpus,
+                p.memory_mib::bigint AS project_memory_mib, p.gpus AS project_gpus,
+                u.allocations AS used_allocations, u.vcpus AS used_vcpus,
+                u.memory_mib AS used_memory_mib, u.gpus AS used_gpus,
+                u.project_allocations AS project_used_allocations,
+                u.project_vcpus AS project_used_vcpus,
+                u.project_memory_mib AS project_used_memory_mib,
+                u.project_gpus AS project_used_gpus
+           FROM tenant_limits t CROSS JOIN used u
+           LEFT JOIN quotas p ON p.tenant_id = $1 AND p.project_id = $2",
+    )
+    .bind(tenant)
+    .bind(project)
+    .fetch_one(&mut *conn)
+    .await?;
+    let tenant_limits = QuotaLimits {
+        allocations: standing.tenant_allocations,
+        vcpus: standing.tenant_vcpus,
+        memory_mib: standing.tenant_memory_mib,
+        gpus: standing.tenant_gpus,
+    };
+    let tenant_used = QuotaUsage {
+        allocations: standing.used_allocations,
+        vcpus: standing.used_vcpus,
+        memory_mib: standing.used_memory_mib,
+        gpus: standing.used_gpus,
+    };
+    if let Some(exceeded) = first_exceeded("tenant", &tenant_limits, &tenant_used, flavor) {
         return Err(ProvisioningError::QuotaExceeded(exceeded));
     }
-    let project_quota = project_quota(conn, tenant, project).await?;
-    if let Some(limits) = &project_quota.limits
-        && let Some(exceeded) = first_exceeded("project", limits, &project_quota.usage, flavor)
-    {
-        return Err(ProvisioningError::QuotaExceeded(exceeded));
+    // A project without limits of its own has only the tenant's.
+    if let (Some(allocations), Some(vcpus), Some(memory_mib), Some(gpus)) = (
+        standing.project_allocations,
+        standing.project_vcpus,
+        standing.project_memory_mib,
+        standing.project_gpus,
+    ) {
+        let project_limits = QuotaLimits {
+            allocations,
+            vcpus,
+            memory_mib,
+            gpus,
+        };
+        let project_used = QuotaUsage {
+            allocations: standing.project_used_allocations,
+            vcpus: standing.project_used_vcpus,
+            memory_mib: standing.project_used_memory_mib,
+            gpus: standing.project_used_gpus,
+        };
+        if let Some(exceeded) = first_exceeded("project", &project_limits, &project_used, flavor) {
+            return Err(ProvisioningError::QuotaExceeded(exceeded));
+        }
     }
     Ok(())
+}
+
+/// What [`enforce`] reads: both scopes' limits and usage.
+#[derive(sqlx::FromRow)]
+struct Standing {
+    tenant_allocations: i32,
+    tenant_vcpus: i32,
+    tenant_memory_mib: i64,
+    tenant_gpus: i32,
+    project_allocations: Option<i32>,
+    project_vcpus: Option<i32>,
+    project_memory_mib: Option<i64>,
+    project_gpus: Option<i32>,
+    used_allocations: i64,
+    used_vcpus: i64,
+    used_memory_mib: i64,
+    used_gpus: i64,
+    project_used_allocations: i64,
+    project_used_vcpus: i64,
+    project_used_memory_mib: i64,
+    project_used_gpus: i64,
 }
 
 /// Sets a tenant's limits, or one project's (operators; `quota.updated`).

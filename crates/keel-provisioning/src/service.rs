@@ -159,8 +159,6 @@ pub async fn allocation_create(
         }
         Some(true) => {}
     }
-    // Before anything is written: a refused launch changes nothing.
-    crate::quota::enforce(tx.conn(), project.tenant_id, project.project_id, &flavor).await?;
     let id = AllocationId::new();
     let requested: Allocation = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "INSERT INTO allocations (id, tenant_id, project_id, name, flavor, region, command, state)
@@ -178,6 +176,11 @@ pub async fn allocation_create(
     .await?;
     emit_state(&mut tx, &requested, None);
 
+    // The quota check and the placement come last, with as little as
+    // possible after them: the tenant's quota lock and the chosen host's
+    // row stay locked until the commit. A refused launch rolls back, so it
+    // changes nothing.
+    crate::quota::enforce(tx.conn(), project.tenant_id, project.project_id, &flavor).await?;
     let placed = match inventory::capacity_reserve(tx.conn(), region, &flavor).await? {
         Some(host) => {
             let scheduled: Allocation = sqlx::query_as(sqlx::AssertSqlSafe(format!(
