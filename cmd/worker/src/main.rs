@@ -64,6 +64,7 @@ async fn run() -> anyhow::Result<()> {
         },
     );
     let consumers: Vec<Arc<dyn Consumer>> = vec![Arc::new(provisioning)];
+    keel_outbox::check_names(&consumers).map_err(anyhow::Error::msg)?;
 
     let instance = format!("{}-{}", hostname(), std::process::id());
     let relay = tokio::spawn(keel_outbox::relay::run(

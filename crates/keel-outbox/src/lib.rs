@@ -1,22 +1,27 @@
 //! Outbox delivery: from the `outbox` table to every consumer, at least
 //! once, in order per aggregate, with retries and dead letters.
 //!
-//! Three steps, all coordinated through Postgres so any number of worker
-//! processes can run them side by side:
+//! Three steps, all coordinated through Postgres:
 //!
 //! 1. **Fan-out** ([`relay`]): each new outbox event gets one
 //!    `outbox_deliveries` row per consumer that [`Consumer::wants`] it.
 //! 2. **Release** ([`relay`]): a pending delivery whose predecessors for the
 //!    same aggregate and consumer are all finished becomes an apalis job
 //!    on the consumer's queue, in the same transaction (idempotency key =
-//!    delivery and attempt). Rows are claimed with `FOR UPDATE SKIP LOCKED`
-//!    by status, never by "id greater than the last one seen".
-//! 3. **Run** ([`worker`]): an apalis worker per consumer runs the job:
-//!    skips it if the consumer's inbox already has the event, else calls
-//!    the consumer; success writes the inbox row and marks the delivery
-//!    done in one transaction; failure stores the error, the attempt count
-//!    and the next attempt time (exponential backoff) in the delivery, and
-//!    after [`MAX_ATTEMPTS`] marks it dead.
+//!    delivery and attempt). Fan-out and release run as one pass, in one
+//!    transaction, under a lock that lets one relay at a time pass (every
+//!    worker process runs a relay; the others wait for the next
+//!    notification), so an aggregate's order never depends on another
+//!    relay's uncommitted rows.
+//! 3. **Run** ([`worker`]): an apalis worker per consumer (any number of
+//!    worker processes side by side) runs the job: skips it if the
+//!    consumer's inbox already has the event, else calls the consumer;
+//!    success writes the inbox row and marks the delivery done in one
+//!    transaction; failure stores the error, the attempt count and the next
+//!    attempt time (exponential backoff) in the delivery, and after
+//!    [`MAX_ATTEMPTS`] marks it dead. A run that could not record its
+//!    outcome at all leaves the delivery `queued` behind an ended job; the
+//!    relay's sweep ([`relay::requeue_stranded`]) hands it back.
 //!
 //! The relay sleeps on `LISTEN keel_outbox` (committed changes and finished
 //! deliveries NOTIFY it), with a polling fallback. A new consumer is one
@@ -70,6 +75,22 @@ pub trait Consumer: Send + Sync + 'static {
     /// Whether this consumer wants events of this type.
     fn wants(&self, event_type: &str) -> bool;
     fn handle<'a>(&'a self, event: &'a DeliveredEvent) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+/// Refuses a consumer whose name is not a plain name (ASCII letters,
+/// digits, `_`, `-`, `.`): the name is written into bookkeeping statements
+/// as a literal. Checked before anything is relayed to it.
+pub fn check_names(consumers: &[std::sync::Arc<dyn Consumer>]) -> Result<(), String> {
+    match consumers
+        .iter()
+        .find(|consumer| keel_db::SqlLiteral::name(consumer.name()).is_none())
+    {
+        Some(consumer) => Err(format!(
+            "consumer name {:?} must be a plain name (letters, digits, `_`, `-`, `.`)",
+            consumer.name()
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The apalis job: which delivery to run.

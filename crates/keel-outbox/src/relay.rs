@@ -15,6 +15,11 @@ use crate::{Consumer, DeliveryJob};
 /// (the fallback that also catches retries coming due).
 const POLL_FALLBACK: Duration = Duration::from_secs(2);
 const BATCH: i64 = 100;
+/// How often the relay looks for stranded deliveries ([`requeue_stranded`]).
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// How long a delivery must have been `queued` before a sweep may judge it
+/// stranded.
+const STRANDED_AFTER_SECS: f64 = 10.0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -145,9 +150,16 @@ async fn release(tx: &mut keel_db::PgTransaction) -> Result<usize, RelayError> {
 /// notifications and passes again.
 pub async fn pass(db: &Db, consumers: &[Arc<dyn Consumer>]) -> Result<Pass, RelayError> {
     let mut tx = db.begin_bookkeeping().await?;
-    let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext('keel.relay'))")
-        .fetch_one(&mut *tx)
-        .await?;
+    // A relay that hangs (its process stopped mid-pass) must not hold the
+    // lock, and with it every other relay, for longer than this: Postgres
+    // ends the session and the lock goes with it.
+    let (ours,): (bool,) = sqlx::query_as(
+        "SELECT pg_try_advisory_xact_lock(hashtext('keel.relay')),
+                set_config('idle_in_transaction_session_timeout', '30s', true),
+                set_config('statement_timeout', '30s', true)",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
     if !ours {
         tx.rollback().await?;
         return Ok(Pass {
@@ -183,6 +195,46 @@ pub async fn drain(db: &Db, consumers: &[Arc<dyn Consumer>]) -> Result<(), Relay
     Ok(())
 }
 
+/// Hands back every delivery still `queued` although its apalis job will
+/// not run again (finished, failed for good or gone) and it has been
+/// queued for a while: a run that could not record its own outcome (the
+/// database unreachable as it read or marked the delivery). Each goes back
+/// to `pending` with one attempt more (or `dead` after the last), so it is
+/// released again as a new job, and the later events of its aggregate are
+/// no longer held back behind it. A delivery whose job is still pending
+/// or running (an orphaned job apalis re-runs included) is left alone.
+/// Returns how many were handed back.
+pub async fn requeue_stranded(db: &Db) -> Result<usize, RelayError> {
+    let mut tx = db.begin_bookkeeping().await?;
+    let stranded = sqlx::query(
+        "WITH stranded AS (
+             SELECT d.consumer, d.event_id FROM outbox_deliveries d
+             WHERE d.status = 'queued' AND d.updated_at < now() - make_interval(secs => $1)
+               AND NOT EXISTS (
+                   SELECT FROM apalis.jobs j
+                   WHERE j.job_type = d.consumer
+                     AND j.idempotency_key = d.event_id::text || ':' || d.attempts
+                     -- A job that will still run, or is running.
+                     AND (j.status IN ('Pending', 'Queued', 'Running')
+                          OR (j.status = 'Failed' AND j.attempts < j.max_attempts)))
+             ORDER BY d.seq LIMIT $2 FOR UPDATE SKIP LOCKED)
+         UPDATE outbox_deliveries d
+         SET attempts = d.attempts + 1, updated_at = now(), available_at = now(),
+             last_error = 'the delivery ended without recording its outcome',
+             status = CASE WHEN d.attempts + 1 >= $3 THEN 'dead' ELSE 'pending' END
+         FROM stranded
+         WHERE d.consumer = stranded.consumer AND d.event_id = stranded.event_id",
+    )
+    .bind(STRANDED_AFTER_SECS)
+    .bind(BATCH)
+    .bind(crate::MAX_ATTEMPTS)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(usize::try_from(stranded).unwrap_or(usize::MAX))
+}
+
 /// The relay loop: drain, then sleep until a NOTIFY on `keel_outbox` or
 /// the polling fallback, until `stop` resolves.
 pub async fn run(
@@ -192,9 +244,20 @@ pub async fn run(
 ) -> Result<(), RelayError> {
     let mut listener = PgListener::connect_with(db.pool()).await?;
     listener.listen(OUTBOX_CHANNEL).await?;
+    let mut last_sweep = tokio::time::Instant::now();
     loop {
         if *stop.borrow() {
             return Ok(());
+        }
+        if last_sweep.elapsed() >= SWEEP_EVERY {
+            last_sweep = tokio::time::Instant::now();
+            match requeue_stranded(&db).await {
+                Ok(0) => {}
+                Ok(count) => tracing::warn!(count, "handed stranded deliveries back to the relay"),
+                Err(error) => {
+                    tracing::error!(error = %error, "sweeping stranded deliveries failed")
+                }
+            }
         }
         if let Err(error) = drain(&db, &consumers).await {
             tracing::error!(error = %error, "relay pass failed; retrying");

@@ -189,17 +189,16 @@ async fn handle_job(job: DeliveryJob, runner: Data<Runner>) -> Result<(), BoxDyn
 ///
 /// # Panics
 ///
-/// If a consumer's name is not a plain name (ASCII letters, digits, `_`,
-/// `-`, `.`): a programming error, caught at start-up rather than when its
-/// first delivery is already queued.
+/// If a consumer's name is not a plain name (see [`crate::check_names`],
+/// which `cmd/worker` calls before it starts the relay): a programming
+/// error, caught at start-up rather than when its first delivery is
+/// already queued.
 pub fn monitor(db: &Db, consumers: &[Arc<dyn Consumer>], instance: &str) -> Monitor {
+    if let Err(error) = crate::check_names(consumers) {
+        panic!("{error}");
+    }
     let mut monitor = Monitor::new().shutdown_timeout(Duration::from_secs(20));
     for consumer in consumers {
-        assert!(
-            SqlLiteral::name(consumer.name()).is_some(),
-            "consumer name {:?} must be a plain name",
-            consumer.name()
-        );
         let runner = Runner {
             db: db.clone(),
             consumer: consumer.clone(),

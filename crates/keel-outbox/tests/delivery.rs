@@ -132,44 +132,137 @@ async fn a_delivery_hands_the_consumer_the_event_as_stored() {
     let test = keel_testing::test_db().await;
     let recorder = Arc::new(Recorder::default());
     let consumers: Vec<Arc<dyn Consumer>> = vec![recorder.clone()];
-    let aggregate = Uuid::now_v7();
-    emit(&test.db, "thing.created", aggregate, 7).await;
-    // A whole second (Postgres writes it without a fraction) and a
-    // payload with some shape.
+    // A whole second (Postgres writes it without a fraction), the last
+    // microsecond of a second, and a payload with some shape.
+    let times = [
+        (
+            "2024-01-01 00:00:00+00",
+            time::macros::datetime!(2024-01-01 0:00 UTC),
+        ),
+        (
+            "1999-12-31 23:59:59.999999+00",
+            time::macros::datetime!(1999-12-31 23:59:59.999_999 UTC),
+        ),
+    ];
+    let mut admin = test.admin().await;
+    for (version, (stored, _)) in (7..).zip(times) {
+        let aggregate = Uuid::now_v7();
+        emit(&test.db, "thing.created", aggregate, version).await;
+        sqlx::query(
+            "UPDATE outbox SET created_at = $2::timestamptz,
+                               payload = '{\"n\": 1, \"s\": \"it''s\"}'
+             WHERE aggregate_id = $1",
+        )
+        .bind(aggregate)
+        .bind(stored)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    }
+    relay::drain(&test.db, &consumers).await.unwrap();
+    let jobs = queued(&test.db).await;
+    assert_eq!(jobs.len(), times.len());
+    for job in &jobs {
+        worker::run_delivery(&test.db, recorder.as_ref(), job)
+            .await
+            .unwrap();
+    }
+    let events = recorder.events.lock().unwrap().clone();
+    assert_eq!(events.len(), times.len());
+    for ((event, job), (version, (_, created_at))) in events.iter().zip(&jobs).zip((7..).zip(times))
+    {
+        assert_eq!(event.id, job.event_id);
+        assert_eq!(
+            (event.event_type.as_str(), event.aggregate_version),
+            ("thing.created", version)
+        );
+        assert_eq!(event.payload, serde_json::json!({ "n": 1, "s": "it's" }));
+        assert_eq!(event.request_id, "test");
+        assert_eq!(event.created_at, created_at);
+    }
+    assert!(queued(&test.db).await.is_empty(), "the deliveries are done");
+}
+
+/// Marks the recorder's queued delivery's apalis job as apalis marks a job
+/// whose run returned an error (with one attempt allowed), and ages the
+/// delivery by a minute.
+async fn strand(test: &keel_testing::TestDb, status: &str) {
     let mut admin = test.admin().await;
     sqlx::query(
-        "UPDATE outbox SET created_at = '2024-01-01 00:00:00+00',
-                           payload = '{\"n\": 1, \"s\": \"it''s\"}'
-         WHERE aggregate_id = $1",
+        "UPDATE apalis.jobs SET status = $1, attempts = 1, done_at = now() WHERE job_type = 'recorder'",
     )
-    .bind(aggregate)
+    .bind(status)
     .execute(&mut admin)
     .await
     .unwrap();
+    sqlx::query(
+        "UPDATE outbox_deliveries SET updated_at = now() - interval '1 minute' WHERE status = 'queued'",
+    )
+    .execute(&mut admin)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_delivery_whose_run_could_not_record_its_outcome_is_released_again() {
+    let test = keel_testing::test_db().await;
+    let recorder = Arc::new(Recorder::default());
+    let consumers: Vec<Arc<dyn Consumer>> = vec![recorder.clone()];
+    let aggregate = Uuid::now_v7();
+    emit(&test.db, "thing.created", aggregate, 1).await;
+    emit(&test.db, "thing.updated", aggregate, 2).await;
     relay::drain(&test.db, &consumers).await.unwrap();
-    let job = queued(&test.db).await.remove(0);
-    worker::run_delivery(&test.db, recorder.as_ref(), &job)
+    let first = queued(&test.db).await;
+    assert_eq!(first.len(), 1);
+
+    // Its job still to run (or running): left alone, however old.
+    strand(&test, "Running").await;
+    assert_eq!(relay::requeue_stranded(&test.db).await.unwrap(), 0);
+    // Recently queued: left alone even though its job has ended.
+    let mut admin = test.admin().await;
+    sqlx::query("UPDATE apalis.jobs SET status = 'Failed' WHERE job_type = 'recorder'")
+        .execute(&mut admin)
         .await
         .unwrap();
-    let events = recorder.events.lock().unwrap().clone();
-    assert_eq!(events.len(), 1);
-    let event = &events[0];
-    assert_eq!(event.id, job.event_id);
+    sqlx::query("UPDATE outbox_deliveries SET updated_at = now()")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(relay::requeue_stranded(&test.db).await.unwrap(), 0);
+
+    // The job ended (the run's own bookkeeping failed) and the delivery is
+    // still queued a minute later: handed back, one attempt more.
+    strand(&test, "Failed").await;
+    assert_eq!(relay::requeue_stranded(&test.db).await.unwrap(), 1);
+    let (status, attempts, error): (String, i32, Option<String>) = sqlx::query_as(
+        "SELECT status, attempts, last_error FROM outbox_deliveries WHERE event_id = $1",
+    )
+    .bind(first[0].event_id)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), attempts), ("pending", 1));
+    assert!(error.is_some());
+    assert_eq!(relay::requeue_stranded(&test.db).await.unwrap(), 0, "once");
+
+    // Released again as a new job, and the aggregate's next event follows.
+    relay::drain(&test.db, &consumers).await.unwrap();
+    let again = queued(&test.db).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].event_id, first[0].event_id);
+    worker::run_delivery(&test.db, recorder.as_ref(), &again[0])
+        .await
+        .unwrap();
+    relay::drain(&test.db, &consumers).await.unwrap();
+    let next = queued(&test.db).await;
+    assert_eq!(next.len(), 1);
+    worker::run_delivery(&test.db, recorder.as_ref(), &next[0])
+        .await
+        .unwrap();
     assert_eq!(
-        (
-            event.event_type.as_str(),
-            event.aggregate_id,
-            event.aggregate_version
-        ),
-        ("thing.created", aggregate, 7)
+        recorder.seen.lock().unwrap().clone(),
+        [(aggregate, 1), (aggregate, 2)]
     );
-    assert_eq!(event.payload, serde_json::json!({ "n": 1, "s": "it's" }));
-    assert_eq!(event.request_id, "test");
-    assert_eq!(
-        event.created_at,
-        time::macros::datetime!(2024-01-01 0:00 UTC)
-    );
-    assert!(queued(&test.db).await.is_empty(), "the delivery is done");
 }
 
 #[tokio::test]
