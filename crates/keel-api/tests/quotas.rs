@@ -6,10 +6,33 @@
 
 mod common;
 
-use axum::http::{Method, StatusCode};
+use axum::http::{Method, StatusCode, header};
 use common::TestApp;
 use keel_auth::authz::PlatformRole;
 use serde_json::json;
+
+/// A request with an `If-Match` header.
+async fn with_if_match(
+    app: &TestApp,
+    method: Method,
+    uri: &str,
+    token: &str,
+    if_match: &str,
+    body: Option<serde_json::Value>,
+) -> common::TestResponse {
+    let builder = axum::http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(header::IF_MATCH, if_match);
+    let request = match body {
+        Some(body) => builder
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(axum::body::Body::from(body.to_string())),
+        None => builder.body(axum::body::Body::empty()),
+    };
+    app.send(request.unwrap()).await
+}
 
 fn allocations(project: &str) -> String {
     format!("/v1/projects/{project}/allocations")
@@ -208,6 +231,161 @@ async fn operators_alone_set_quotas_and_nonsense_is_refused() {
         )
         .await;
     assert_eq!(admin_view.body["source"], "default");
+}
+
+#[tokio::test]
+async fn a_quota_change_based_on_a_stale_etag_changes_nothing() {
+    let app = TestApp::spawn().await;
+    let (_, operator) = app.operator(PlatformRole::Operator).await;
+    let tenant = app.tenant("acme").await;
+    let limits = json!({"allocations": 4, "vcpus": 4, "memory_mib": 4096, "gpus": 0});
+    let changes = || async {
+        (
+            app.count("SELECT count(*) FROM audit_log WHERE action LIKE 'quota.%'")
+                .await,
+            app.count("SELECT count(*) FROM outbox WHERE event_type LIKE 'quota.%'")
+                .await,
+        )
+    };
+
+    // The defaults carry their version; a change based on another is
+    // refused, one based on it goes through and moves it on.
+    let defaults = app.get("/v1/admin/quota-defaults", Some(&operator)).await;
+    assert_eq!(defaults.headers[header::ETAG], "\"1\"");
+    let before = changes().await;
+    with_if_match(
+        &app,
+        Method::PUT,
+        "/v1/admin/quota-defaults",
+        &operator,
+        "\"7\"",
+        Some(limits.clone()),
+    )
+    .await
+    .assert_error(StatusCode::PRECONDITION_FAILED, "precondition_failed");
+    assert_eq!(changes().await, before);
+    assert_eq!(
+        app.get("/v1/admin/quota-defaults", Some(&operator))
+            .await
+            .body["vcpus"],
+        128
+    );
+    let changed = with_if_match(
+        &app,
+        Method::PUT,
+        "/v1/admin/quota-defaults",
+        &operator,
+        "\"1\"",
+        Some(limits.clone()),
+    )
+    .await;
+    assert_eq!(changed.status, StatusCode::OK, "{:?}", changed.body);
+    assert_eq!(changed.headers[header::ETAG], "\"2\"");
+
+    // A tenant on the defaults has no limits of its own, so no version to
+    // match: an If-Match is refused, a plain PUT creates them.
+    let path = format!("/v1/admin/tenants/{}/quota", tenant.tenant_id);
+    let read = app.get(&path, Some(&operator)).await;
+    assert_eq!(read.body["source"], "default");
+    assert!(read.headers.get(header::ETAG).is_none());
+    let before = changes().await;
+    with_if_match(
+        &app,
+        Method::PUT,
+        &path,
+        &operator,
+        "\"1\"",
+        Some(limits.clone()),
+    )
+    .await
+    .assert_error(StatusCode::PRECONDITION_FAILED, "precondition_failed");
+    assert_eq!(changes().await, before);
+    assert_eq!(app.count("SELECT count(*) FROM quotas").await, 0);
+    let set = app
+        .request(Method::PUT, &path, Some(&operator), Some(limits.clone()))
+        .await;
+    assert_eq!(set.headers[header::ETAG], "\"1\"");
+    let read = app.get(&path, Some(&operator)).await;
+    assert_eq!(read.body["source"], "tenant");
+    assert_eq!(read.headers[header::ETAG], "\"1\"");
+    let again = with_if_match(
+        &app,
+        Method::PUT,
+        &path,
+        &operator,
+        "\"1\"",
+        Some(json!({"allocations": 5, "vcpus": 4, "memory_mib": 4096, "gpus": 0})),
+    )
+    .await;
+    assert_eq!(again.headers[header::ETAG], "\"2\"");
+    let before = changes().await;
+    with_if_match(
+        &app,
+        Method::PUT,
+        &path,
+        &operator,
+        "\"1\"",
+        Some(limits.clone()),
+    )
+    .await
+    .assert_error(StatusCode::PRECONDITION_FAILED, "precondition_failed");
+    assert_eq!(changes().await, before);
+    assert_eq!(
+        app.get(&path, Some(&operator)).await.body["limits"]["allocations"],
+        5
+    );
+
+    // A project's limits: removing them on a stale version keeps them.
+    let project_path = format!(
+        "/v1/admin/tenants/{}/projects/{}/quota",
+        tenant.tenant_id, tenant.project_id
+    );
+    let set = app
+        .request(
+            Method::PUT,
+            &project_path,
+            Some(&operator),
+            Some(limits.clone()),
+        )
+        .await;
+    assert_eq!(set.headers[header::ETAG], "\"1\"");
+    let before = changes().await;
+    with_if_match(
+        &app,
+        Method::DELETE,
+        &project_path,
+        &operator,
+        "\"2\"",
+        None,
+    )
+    .await
+    .assert_error(StatusCode::PRECONDITION_FAILED, "precondition_failed");
+    assert_eq!(changes().await, before);
+    assert_eq!(
+        app.count("SELECT count(*) FROM quotas WHERE project_id IS NOT NULL")
+            .await,
+        1
+    );
+    let removed = with_if_match(
+        &app,
+        Method::DELETE,
+        &project_path,
+        &operator,
+        "\"1\"",
+        None,
+    )
+    .await;
+    assert_eq!(removed.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        app.count("SELECT count(*) FROM quotas WHERE project_id IS NOT NULL")
+            .await,
+        0
+    );
+
+    // A malformed If-Match is a bad header, not a mismatch.
+    with_if_match(&app, Method::PUT, &path, &operator, "seven", Some(limits))
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "invalid_header");
 }
 
 #[tokio::test]

@@ -5,12 +5,13 @@ use std::sync::Arc;
 
 use axum::extract::{FromRef, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use keel_auth::TokenKeys;
 use keel_auth::admin::{OperatorCtx, authorize_platform};
 use keel_auth::authz::Action;
 use keel_core::ids::{ProjectId, TenantId};
 use keel_db::{Audit, Db};
-use keel_http::{ApiError, ErrorBody, Json, Path};
+use keel_http::{ApiError, ErrorBody, IfMatch, Json, Path, Tagged};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -64,7 +65,9 @@ async fn admin_reconcile(
     Ok(Json(report))
 }
 
-/// A tenant's quota and usage.
+/// A tenant's quota and usage. While the tenant has its own limits, the
+/// `ETag` is their version (for `If-Match` on a change); while the
+/// defaults apply there is none.
 #[utoipa::path(
     get,
     path = "/v1/admin/tenants/{tenant_id}/quota",
@@ -73,7 +76,8 @@ async fn admin_reconcile(
     params(("tenant_id" = TenantId, Path, description = "The tenant")),
     security(("operator" = [])),
     responses(
-        (status = 200, description = "Limits and usage", body = TenantQuota),
+        (status = 200, description = "Limits and usage", body = TenantQuota,
+         headers(("ETag" = String, description = "The version of the tenant's own limits, if it has any"))),
         (status = 401, description = "`unauthenticated`", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
     )
@@ -81,17 +85,10 @@ async fn admin_reconcile(
 async fn admin_tenant_quota_get(
     ctx: OperatorCtx,
     Path(tenant_id): Path<TenantId>,
-) -> Result<Json<TenantQuota>, ApiError> {
+) -> Result<Response, ApiError> {
     let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
     authorize_platform(tx.conn(), &ctx.principal, Action::AdminQuotaRead).await?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT FROM tenants WHERE id = $1)")
-        .bind(tenant_id)
-        .fetch_one(tx.conn())
-        .await
-        .map_err(ProvisioningError::from)?;
-    if !exists {
-        return Err(ProvisioningError::NotFound.into());
-    }
+    quota::scope_exists(tx.conn(), tenant_id, None).await?;
     let quota = quota::tenant_quota(tx.conn(), tenant_id).await?;
     tx.commit(Audit::new(
         "admin.quota_read",
@@ -100,39 +97,51 @@ async fn admin_tenant_quota_get(
     ))
     .await
     .map_err(ProvisioningError::from)?;
-    Ok(Json(quota))
+    Ok(match quota.version {
+        Some(version) => Tagged(version, quota).into_response(),
+        None => Json(quota).into_response(),
+    })
 }
 
 /// Set a tenant's quota. Lowering it below what is in use stops new
-/// launches only.
+/// launches only. With `If-Match`, only if the tenant's own limits are
+/// still at that version (a tenant on the defaults has none).
 #[utoipa::path(
     put,
     path = "/v1/admin/tenants/{tenant_id}/quota",
     operation_id = "admin_tenant_quota_set",
     tag = "admin",
-    params(("tenant_id" = TenantId, Path, description = "The tenant")),
+    params(
+        ("tenant_id" = TenantId, Path, description = "The tenant"),
+        ("If-Match" = Option<String>, Header, description = "The `ETag` the change is based on"),
+    ),
     request_body = QuotaLimits,
     security(("operator" = [])),
     responses(
-        (status = 200, description = "The limits now", body = QuotaLimits),
+        (status = 200, description = "The limits now", body = QuotaLimits,
+         headers(("ETag" = String, description = "Their version"))),
         (status = 401, description = "`unauthenticated`", body = ErrorBody),
         (status = 403, description = "`forbidden`: read-only operators", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 412, description = "`precondition_failed`: it changed since that `ETag`", body = ErrorBody),
         (status = 422, description = "`validation_failed` or `invalid_body`", body = ErrorBody),
     )
 )]
 async fn admin_tenant_quota_set(
     ctx: OperatorCtx,
     Path(tenant_id): Path<TenantId>,
+    IfMatch(expected): IfMatch,
     Json(limits): Json<QuotaLimits>,
-) -> Result<Json<QuotaLimits>, ApiError> {
+) -> Result<Tagged<QuotaLimits>, ApiError> {
     let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
     authorize_platform(tx.conn(), &ctx.principal, Action::AdminQuotaManage).await?;
-    Ok(Json(quota::quota_set(tx, tenant_id, None, limits).await?))
+    let (limits, version) = quota::quota_set(tx, tenant_id, None, limits, expected).await?;
+    Ok(Tagged(version, limits))
 }
 
 /// Set a project's own quota (a second, narrower limit inside its
-/// tenant's).
+/// tenant's). With `If-Match`, only if its limits are still at that
+/// version.
 #[utoipa::path(
     put,
     path = "/v1/admin/tenants/{tenant_id}/projects/{project_id}/quota",
@@ -141,30 +150,35 @@ async fn admin_tenant_quota_set(
     params(
         ("tenant_id" = TenantId, Path, description = "The tenant"),
         ("project_id" = ProjectId, Path, description = "The project"),
+        ("If-Match" = Option<String>, Header, description = "The `ETag` the change is based on"),
     ),
     request_body = QuotaLimits,
     security(("operator" = [])),
     responses(
-        (status = 200, description = "The limits now", body = QuotaLimits),
+        (status = 200, description = "The limits now", body = QuotaLimits,
+         headers(("ETag" = String, description = "Their version"))),
         (status = 401, description = "`unauthenticated`", body = ErrorBody),
         (status = 403, description = "`forbidden`: read-only operators", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 412, description = "`precondition_failed`: it changed since that `ETag`", body = ErrorBody),
         (status = 422, description = "`validation_failed` or `invalid_body`", body = ErrorBody),
     )
 )]
 async fn admin_project_quota_set(
     ctx: OperatorCtx,
     Path((tenant_id, project_id)): Path<(TenantId, ProjectId)>,
+    IfMatch(expected): IfMatch,
     Json(limits): Json<QuotaLimits>,
-) -> Result<Json<QuotaLimits>, ApiError> {
+) -> Result<Tagged<QuotaLimits>, ApiError> {
     let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
     authorize_platform(tx.conn(), &ctx.principal, Action::AdminQuotaManage).await?;
-    Ok(Json(
-        quota::quota_set(tx, tenant_id, Some(project_id), limits).await?,
-    ))
+    let (limits, version) =
+        quota::quota_set(tx, tenant_id, Some(project_id), limits, expected).await?;
+    Ok(Tagged(version, limits))
 }
 
-/// Remove a project's own quota (its tenant's still applies).
+/// Remove a project's own quota (its tenant's still applies). With
+/// `If-Match`, only if its limits are still at that version.
 #[utoipa::path(
     delete,
     path = "/v1/admin/tenants/{tenant_id}/projects/{project_id}/quota",
@@ -173,6 +187,7 @@ async fn admin_project_quota_set(
     params(
         ("tenant_id" = TenantId, Path, description = "The tenant"),
         ("project_id" = ProjectId, Path, description = "The project"),
+        ("If-Match" = Option<String>, Header, description = "The `ETag` the change is based on"),
     ),
     security(("operator" = [])),
     responses(
@@ -180,15 +195,17 @@ async fn admin_project_quota_set(
         (status = 401, description = "`unauthenticated`", body = ErrorBody),
         (status = 403, description = "`forbidden`: read-only operators", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 412, description = "`precondition_failed`: it changed since that `ETag`", body = ErrorBody),
     )
 )]
 async fn admin_project_quota_remove(
     ctx: OperatorCtx,
     Path((tenant_id, project_id)): Path<(TenantId, ProjectId)>,
+    IfMatch(expected): IfMatch,
 ) -> Result<StatusCode, ApiError> {
     let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
     authorize_platform(tx.conn(), &ctx.principal, Action::AdminQuotaManage).await?;
-    quota::project_quota_remove(tx, tenant_id, project_id).await?;
+    quota::project_quota_remove(tx, tenant_id, project_id, expected).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -200,14 +217,15 @@ async fn admin_project_quota_remove(
     tag = "admin",
     security(("operator" = [])),
     responses(
-        (status = 200, description = "The default limits", body = QuotaLimits),
+        (status = 200, description = "The default limits", body = QuotaLimits,
+         headers(("ETag" = String, description = "Their version"))),
         (status = 401, description = "`unauthenticated`", body = ErrorBody),
     )
 )]
-async fn admin_quota_defaults_get(ctx: OperatorCtx) -> Result<Json<QuotaLimits>, ApiError> {
+async fn admin_quota_defaults_get(ctx: OperatorCtx) -> Result<Tagged<QuotaLimits>, ApiError> {
     let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
     authorize_platform(tx.conn(), &ctx.principal, Action::AdminQuotaRead).await?;
-    let limits = quota::defaults(tx.conn()).await?;
+    let (limits, version) = quota::defaults(tx.conn()).await?;
     tx.commit(Audit::new(
         "admin.quota_defaults_read",
         None,
@@ -215,29 +233,35 @@ async fn admin_quota_defaults_get(ctx: OperatorCtx) -> Result<Json<QuotaLimits>,
     ))
     .await
     .map_err(ProvisioningError::from)?;
-    Ok(Json(limits))
+    Ok(Tagged(version, limits))
 }
 
-/// Change the quota of every tenant without its own.
+/// Change the quota of every tenant without its own. With `If-Match`,
+/// only if the defaults are still at that version.
 #[utoipa::path(
     put,
     path = "/v1/admin/quota-defaults",
     operation_id = "admin_quota_defaults_set",
     tag = "admin",
+    params(("If-Match" = Option<String>, Header, description = "The `ETag` the change is based on")),
     request_body = QuotaLimits,
     security(("operator" = [])),
     responses(
-        (status = 200, description = "The default limits now", body = QuotaLimits),
+        (status = 200, description = "The default limits now", body = QuotaLimits,
+         headers(("ETag" = String, description = "Their version"))),
         (status = 401, description = "`unauthenticated`", body = ErrorBody),
         (status = 403, description = "`forbidden`: read-only operators", body = ErrorBody),
+        (status = 412, description = "`precondition_failed`: it changed since that `ETag`", body = ErrorBody),
         (status = 422, description = "`validation_failed` or `invalid_body`", body = ErrorBody),
     )
 )]
 async fn admin_quota_defaults_set(
     ctx: OperatorCtx,
+    IfMatch(expected): IfMatch,
     Json(limits): Json<QuotaLimits>,
-) -> Result<Json<QuotaLimits>, ApiError> {
+) -> Result<Tagged<QuotaLimits>, ApiError> {
     let mut tx = ctx.begin().await.map_err(ProvisioningError::from)?;
     authorize_platform(tx.conn(), &ctx.principal, Action::AdminQuotaManage).await?;
-    Ok(Json(quota::defaults_set(tx, limits).await?))
+    let (limits, version) = quota::defaults_set(tx, limits, expected).await?;
+    Ok(Tagged(version, limits))
 }

@@ -73,6 +73,18 @@ pub struct TenantQuota {
     /// `tenant` (set by an operator for this tenant) or `default`.
     pub source: &'static str,
     pub usage: QuotaUsage,
+    /// The version of the tenant's own limits (its `ETag` for operators);
+    /// `None` while the defaults apply.
+    #[serde(skip)]
+    pub version: Option<i64>,
+}
+
+/// Limits with the version of the row they come from.
+#[derive(Clone, Copy, Debug, sqlx::FromRow)]
+struct Versioned {
+    #[sqlx(flatten)]
+    limits: QuotaLimits,
+    version: i64,
 }
 
 /// A project's quota: its own limits, if an operator set any (the tenant's
@@ -104,13 +116,14 @@ async fn usage(
     .await
 }
 
-/// The platform defaults.
-pub async fn defaults(conn: &mut PgConnection) -> Result<QuotaLimits, ProvisioningError> {
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {LIMIT_COLUMNS} FROM quota_defaults"
+/// The platform defaults and their version.
+pub async fn defaults(conn: &mut PgConnection) -> Result<(QuotaLimits, i64), ProvisioningError> {
+    let row: Versioned = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {LIMIT_COLUMNS}, version FROM quota_defaults"
     )))
     .fetch_one(conn)
-    .await?)
+    .await?;
+    Ok((row.limits, row.version))
 }
 
 /// A tenant's limits (its own or the defaults), their source and usage.
@@ -118,20 +131,21 @@ pub async fn tenant_quota(
     conn: &mut PgConnection,
     tenant: TenantId,
 ) -> Result<TenantQuota, ProvisioningError> {
-    let own: Option<QuotaLimits> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {LIMIT_COLUMNS} FROM quotas WHERE tenant_id = $1 AND project_id IS NULL"
+    let own: Option<Versioned> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {LIMIT_COLUMNS}, version FROM quotas WHERE tenant_id = $1 AND project_id IS NULL"
     )))
     .bind(tenant)
     .fetch_optional(&mut *conn)
     .await?;
-    let (limits, source) = match own {
-        Some(limits) => (limits, "tenant"),
-        None => (defaults(conn).await?, "default"),
+    let (limits, source, version) = match own {
+        Some(own) => (own.limits, "tenant", Some(own.version)),
+        None => (defaults(conn).await?.0, "default", None),
     };
     Ok(TenantQuota {
         limits,
         source,
         usage: usage(conn, tenant, None).await?,
+        version,
     })
 }
 
@@ -340,18 +354,50 @@ struct Standing {
     project_used_gpus: i64,
 }
 
-/// Sets a tenant's limits, or one project's (operators; `quota.updated`).
+/// Refuses a change made against a version that is not the current one
+/// (`expected` from `If-Match`; `None` asks for no check). A quota that
+/// does not exist has no version, so any expected one fails. Locks the row
+/// until the change commits.
+async fn expect_version(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    project: Option<ProjectId>,
+    expected: Option<i64>,
+) -> Result<(), ProvisioningError> {
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    let current: Option<i64> = sqlx::query_scalar(
+        "SELECT version FROM quotas
+         WHERE tenant_id = $1 AND project_id IS NOT DISTINCT FROM $2 FOR UPDATE",
+    )
+    .bind(tenant)
+    .bind(project)
+    .fetch_optional(conn)
+    .await?;
+    if current == Some(expected) {
+        Ok(())
+    } else {
+        Err(ProvisioningError::PreconditionFailed)
+    }
+}
+
+/// Sets a tenant's limits, or one project's (operators; `quota.updated`),
+/// if `expected` (from `If-Match`) is absent or the current version.
+/// Returns the limits and their new version.
 pub async fn quota_set(
     mut tx: WriteTx,
     tenant: TenantId,
     project: Option<ProjectId>,
     limits: QuotaLimits,
-) -> Result<QuotaLimits, ProvisioningError> {
+    expected: Option<i64>,
+) -> Result<(QuotaLimits, i64), ProvisioningError> {
     let errors = limits.validate();
     if !errors.is_empty() {
         return Err(ProvisioningError::Validation(errors));
     }
     scope_exists(tx.conn(), tenant, project).await?;
+    expect_version(tx.conn(), tenant, project, expected).await?;
     let version: i64 = sqlx::query_scalar(
         "INSERT INTO quotas (tenant_id, project_id, allocations, vcpus, memory_mib, gpus)
          VALUES ($1, $2, $3, $4, $5, $6)
@@ -384,16 +430,19 @@ pub async fn quota_set(
             .with_details(serde_json::json!({ "limits": limits })),
     )
     .await?;
-    Ok(limits)
+    Ok((limits, version))
 }
 
-/// Removes a project's own limits (the tenant's still apply).
+/// Removes a project's own limits (the tenant's still apply), if
+/// `expected` (from `If-Match`) is absent or the current version.
 pub async fn project_quota_remove(
     mut tx: WriteTx,
     tenant: TenantId,
     project: ProjectId,
+    expected: Option<i64>,
 ) -> Result<(), ProvisioningError> {
     scope_exists(tx.conn(), tenant, Some(project)).await?;
+    expect_version(tx.conn(), tenant, Some(project), expected).await?;
     let removed: Option<i64> = sqlx::query_scalar(
         "DELETE FROM quotas WHERE tenant_id = $1 AND project_id = $2 RETURNING version",
     )
@@ -420,26 +469,34 @@ pub async fn project_quota_remove(
     Ok(())
 }
 
-/// Changes the platform defaults (operators; `quota.defaults_updated`).
+/// Changes the platform defaults (operators; `quota.defaults_updated`),
+/// if `expected` (from `If-Match`) is absent or the current version.
+/// Returns the limits and their new version.
 pub async fn defaults_set(
     mut tx: WriteTx,
     limits: QuotaLimits,
-) -> Result<QuotaLimits, ProvisioningError> {
+    expected: Option<i64>,
+) -> Result<(QuotaLimits, i64), ProvisioningError> {
     let errors = limits.validate();
     if !errors.is_empty() {
         return Err(ProvisioningError::Validation(errors));
     }
-    let version: i64 = sqlx::query_scalar(
+    let version: Option<i64> = sqlx::query_scalar(
         "UPDATE quota_defaults SET allocations = $1, vcpus = $2, memory_mib = $3, gpus = $4,
                 updated_at = now(), version = version + 1
+         WHERE $5::bigint IS NULL OR version = $5
          RETURNING version",
     )
     .bind(limits.allocations)
     .bind(limits.vcpus)
     .bind(limits.memory_mib)
     .bind(limits.gpus)
-    .fetch_one(tx.conn())
+    .bind(expected)
+    .fetch_optional(tx.conn())
     .await?;
+    let Some(version) = version else {
+        return Err(ProvisioningError::PreconditionFailed);
+    };
     let resource = keel_core::ResourceName::new(None, None, None, "platform", "quota-defaults");
     tx.emit(NewEvent::new(
         "quota.defaults_updated",
@@ -455,11 +512,11 @@ pub async fn defaults_set(
             .with_details(serde_json::json!({ "limits": limits })),
     )
     .await?;
-    Ok(limits)
+    Ok((limits, version))
 }
 
 /// 404 unless the tenant (and the project, in it) exist.
-async fn scope_exists(
+pub(crate) async fn scope_exists(
     conn: &mut PgConnection,
     tenant: TenantId,
     project: Option<ProjectId>,

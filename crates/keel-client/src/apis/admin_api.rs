@@ -148,6 +148,7 @@ pub enum AdminProjectQuotaRemoveError {
     Status401(models::ErrorBody),
     Status403(models::ErrorBody),
     Status404(models::ErrorBody),
+    Status412(models::ErrorBody),
     UnknownValue(serde_json::Value),
 }
 
@@ -158,6 +159,7 @@ pub enum AdminProjectQuotaSetError {
     Status401(models::ErrorBody),
     Status403(models::ErrorBody),
     Status404(models::ErrorBody),
+    Status412(models::ErrorBody),
     Status422(models::ErrorBody),
     UnknownValue(serde_json::Value),
 }
@@ -176,6 +178,7 @@ pub enum AdminQuotaDefaultsGetError {
 pub enum AdminQuotaDefaultsSetError {
     Status401(models::ErrorBody),
     Status403(models::ErrorBody),
+    Status412(models::ErrorBody),
     Status422(models::ErrorBody),
     UnknownValue(serde_json::Value),
 }
@@ -225,6 +228,7 @@ pub enum AdminTenantQuotaSetError {
     Status401(models::ErrorBody),
     Status403(models::ErrorBody),
     Status404(models::ErrorBody),
+    Status412(models::ErrorBody),
     Status422(models::ErrorBody),
     UnknownValue(serde_json::Value),
 }
@@ -882,10 +886,12 @@ pub async fn admin_project_quota_remove(
     configuration: &configuration::Configuration,
     tenant_id: &str,
     project_id: &str,
+    if_match: Option<&str>,
 ) -> Result<(), Error<AdminProjectQuotaRemoveError>> {
     // add a prefix to parameters to efficiently prevent name collisions
     let p_path_tenant_id = tenant_id;
     let p_path_project_id = project_id;
+    let p_header_if_match = if_match;
 
     let uri_str = format!(
         "{}/v1/admin/tenants/{tenant_id}/projects/{project_id}/quota",
@@ -899,6 +905,9 @@ pub async fn admin_project_quota_remove(
 
     if let Some(ref user_agent) = configuration.user_agent {
         req_builder = req_builder.header(reqwest::header::USER_AGENT, user_agent.clone());
+    }
+    if let Some(param_value) = p_header_if_match {
+        req_builder = req_builder.header("If-Match", param_value.to_string());
     }
     if let Some(ref token) = configuration.bearer_access_token {
         req_builder = req_builder.bearer_auth(token.to_owned());
@@ -927,11 +936,13 @@ pub async fn admin_project_quota_set(
     tenant_id: &str,
     project_id: &str,
     quota_limits: models::QuotaLimits,
+    if_match: Option<&str>,
 ) -> Result<models::QuotaLimits, Error<AdminProjectQuotaSetError>> {
     // add a prefix to parameters to efficiently prevent name collisions
     let p_path_tenant_id = tenant_id;
     let p_path_project_id = project_id;
     let p_body_quota_limits = quota_limits;
+    let p_header_if_match = if_match;
 
     let uri_str = format!(
         "{}/v1/admin/tenants/{tenant_id}/projects/{project_id}/quota",
@@ -943,6 +954,9 @@ pub async fn admin_project_quota_set(
 
     if let Some(ref user_agent) = configuration.user_agent {
         req_builder = req_builder.header(reqwest::header::USER_AGENT, user_agent.clone());
+    }
+    if let Some(param_value) = p_header_if_match {
+        req_builder = req_builder.header("If-Match", param_value.to_string());
     }
     if let Some(ref token) = configuration.bearer_access_token {
         req_builder = req_builder.bearer_auth(token.to_owned());
@@ -1023,15 +1037,20 @@ pub async fn admin_quota_defaults_get(
 pub async fn admin_quota_defaults_set(
     configuration: &configuration::Configuration,
     quota_limits: models::QuotaLimits,
+    if_match: Option<&str>,
 ) -> Result<models::QuotaLimits, Error<AdminQuotaDefaultsSetError>> {
     // add a prefix to parameters to efficiently prevent name collisions
     let p_body_quota_limits = quota_limits;
+    let p_header_if_match = if_match;
 
     let uri_str = format!("{}/v1/admin/quota-defaults", configuration.base_path);
     let mut req_builder = configuration.client.request(reqwest::Method::PUT, &uri_str);
 
     if let Some(ref user_agent) = configuration.user_agent {
         req_builder = req_builder.header(reqwest::header::USER_AGENT, user_agent.clone());
+    }
+    if let Some(param_value) = p_header_if_match {
+        req_builder = req_builder.header("If-Match", param_value.to_string());
     }
     if let Some(ref token) = configuration.bearer_access_token {
         req_builder = req_builder.bearer_auth(token.to_owned());
@@ -1268,10 +1287,12 @@ pub async fn admin_tenant_quota_set(
     configuration: &configuration::Configuration,
     tenant_id: &str,
     quota_limits: models::QuotaLimits,
+    if_match: Option<&str>,
 ) -> Result<models::QuotaLimits, Error<AdminTenantQuotaSetError>> {
     // add a prefix to parameters to efficiently prevent name collisions
     let p_path_tenant_id = tenant_id;
     let p_body_quota_limits = quota_limits;
+    let p_header_if_match = if_match;
 
     let uri_str = format!(
         "{}/v1/admin/tenants/{tenant_id}/quota",
@@ -1282,6 +1303,9 @@ pub async fn admin_tenant_quota_set(
 
     if let Some(ref user_agent) = configuration.user_agent {
         req_builder = req_builder.header(reqwest::header::USER_AGENT, user_agent.clone());
+    }
+    if let Some(param_value) = p_header_if_match {
+        req_builder = req_builder.header("If-Match", param_value.to_string());
     }
     if let Some(ref token) = configuration.bearer_access_token {
         req_builder = req_builder.bearer_auth(token.to_owned());

@@ -207,6 +207,10 @@ export interface AdminProjectQuotaRemoveRequest {
      * The project
      */
     projectId: string;
+    /**
+     * The `ETag` the change is based on
+     */
+    ifMatch?: string | null;
 }
 
 export interface AdminProjectQuotaSetRequest {
@@ -222,6 +226,10 @@ export interface AdminProjectQuotaSetRequest {
      * 
      */
     quotaLimits: QuotaLimits;
+    /**
+     * The `ETag` the change is based on
+     */
+    ifMatch?: string | null;
 }
 
 export interface AdminQuotaDefaultsSetRequest {
@@ -229,6 +237,10 @@ export interface AdminQuotaDefaultsSetRequest {
      * 
      */
     quotaLimits: QuotaLimits;
+    /**
+     * The `ETag` the change is based on
+     */
+    ifMatch?: string | null;
 }
 
 export interface AdminRegionCreateRequest {
@@ -265,6 +277,10 @@ export interface AdminTenantQuotaSetRequest {
      * 
      */
     quotaLimits: QuotaLimits;
+    /**
+     * The `ETag` the change is based on
+     */
+    ifMatch?: string | null;
 }
 
 /**
@@ -583,6 +599,7 @@ export interface AdminApiInterface {
      * Creates request options for adminProjectQuotaRemove without sending the request
      * @param {string} tenantId The tenant
      * @param {string} projectId The project
+     * @param {string} [ifMatch] The &#x60;ETag&#x60; the change is based on
      * @throws {RequiredError}
      * @memberof AdminApiInterface
      */
@@ -590,9 +607,10 @@ export interface AdminApiInterface {
 
     /**
      * 
-     * @summary Remove a project\'s own quota (its tenant\'s still applies).
+     * @summary Remove a project\'s own quota (its tenant\'s still applies). With `If-Match`, only if its limits are still at that version.
      * @param {string} tenantId The tenant
      * @param {string} projectId The project
+     * @param {string} [ifMatch] The &#x60;ETag&#x60; the change is based on
      * @param {*} [options] Override http request option.
      * @throws {RequiredError}
      * @memberof AdminApiInterface
@@ -600,7 +618,7 @@ export interface AdminApiInterface {
     adminProjectQuotaRemoveRaw(requestParameters: AdminProjectQuotaRemoveRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<void>>;
 
     /**
-     * Remove a project\'s own quota (its tenant\'s still applies).
+     * Remove a project\'s own quota (its tenant\'s still applies). With `If-Match`, only if its limits are still at that version.
      */
     adminProjectQuotaRemove(requestParameters: AdminProjectQuotaRemoveRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<void>;
 
@@ -609,6 +627,7 @@ export interface AdminApiInterface {
      * @param {string} tenantId The tenant
      * @param {string} projectId The project
      * @param {QuotaLimits} quotaLimits 
+     * @param {string} [ifMatch] The &#x60;ETag&#x60; the change is based on
      * @throws {RequiredError}
      * @memberof AdminApiInterface
      */
@@ -616,10 +635,11 @@ export interface AdminApiInterface {
 
     /**
      * 
-     * @summary Set a project\'s own quota (a second, narrower limit inside its tenant\'s).
+     * @summary Set a project\'s own quota (a second, narrower limit inside its tenant\'s). With `If-Match`, only if its limits are still at that version.
      * @param {string} tenantId The tenant
      * @param {string} projectId The project
      * @param {QuotaLimits} quotaLimits 
+     * @param {string} [ifMatch] The &#x60;ETag&#x60; the change is based on
      * @param {*} [options] Override http request option.
      * @throws {RequiredError}
      * @memberof AdminApiInterface
@@ -627,7 +647,7 @@ export interface AdminApiInterface {
     adminProjectQuotaSetRaw(requestParameters: AdminProjectQuotaSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<QuotaLimits>>;
 
     /**
-     * Set a project\'s own quota (a second, narrower limit inside its tenant\'s).
+     * Set a project\'s own quota (a second, narrower limit inside its tenant\'s). With `If-Match`, only if its limits are still at that version.
      */
     adminProjectQuotaSet(requestParameters: AdminProjectQuotaSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<QuotaLimits>;
 
@@ -655,6 +675,7 @@ export interface AdminApiInterface {
     /**
      * Creates request options for adminQuotaDefaultsSet without sending the request
      * @param {QuotaLimits} quotaLimits 
+     * @param {string} [ifMatch] The &#x60;ETag&#x60; the change is based on
      * @throws {RequiredError}
      * @memberof AdminApiInterface
      */
@@ -662,8 +683,9 @@ export interface AdminApiInterface {
 
     /**
      * 
-     * @summary Change the quota of every tenant without its own.
+     * @summary Change the quota of every tenant without its own. With `If-Match`, only if the defaults are still at that version.
      * @param {QuotaLimits} quotaLimits 
+     * @param {string} [ifMatch] The &#x60;ETag&#x60; the change is based on
      * @param {*} [options] Override http request option.
      * @throws {RequiredError}
      * @memberof AdminApiInterface
@@ -671,7 +693,7 @@ export interface AdminApiInterface {
     adminQuotaDefaultsSetRaw(requestParameters: AdminQuotaDefaultsSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<QuotaLimits>>;
 
     /**
-     * Change the quota of every tenant without its own.
+     * Change the quota of every tenant without its own. With `If-Match`, only if the defaults are still at that version.
      */
     adminQuotaDefaultsSet(requestParameters: AdminQuotaDefaultsSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<QuotaLimits>;
 
@@ -754,7 +776,7 @@ export interface AdminApiInterface {
 
     /**
      * 
-     * @summary A tenant\'s quota and usage.
+     * @summary A tenant\'s quota and usage. While the tenant has its own limits, the `ETag` is their version (for `If-Match` on a change); while the defaults apply there is none.
      * @param {string} tenantId The tenant
      * @param {*} [options] Override http request option.
      * @throws {RequiredError}
@@ -763,7 +785,7 @@ export interface AdminApiInterface {
     adminTenantQuotaGetRaw(requestParameters: AdminTenantQuotaGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<TenantQuota>>;
 
     /**
-     * A tenant\'s quota and usage.
+     * A tenant\'s quota and usage. While the tenant has its own limits, the `ETag` is their version (for `If-Match` on a change); while the defaults apply there is none.
      */
     adminTenantQuotaGet(requestParameters: AdminTenantQuotaGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<TenantQuota>;
 
@@ -771,6 +793,7 @@ export interface AdminApiInterface {
      * Creates request options for adminTenantQuotaSet without sending the request
      * @param {string} tenantId The tenant
      * @param {QuotaLimits} quotaLimits 
+     * @param {string} [ifMatch] The &#x60;ETag&#x60; the change is based on
      * @throws {RequiredError}
      * @memberof AdminApiInterface
      */
@@ -778,9 +801,10 @@ export interface AdminApiInterface {
 
     /**
      * 
-     * @summary Set a tenant\'s quota. Lowering it below what is in use stops new launches only.
+     * @summary Set a tenant\'s quota. Lowering it below what is in use stops new launches only. With `If-Match`, only if the tenant\'s own limits are still at that version (a tenant on the defaults has none).
      * @param {string} tenantId The tenant
      * @param {QuotaLimits} quotaLimits 
+     * @param {string} [ifMatch] The &#x60;ETag&#x60; the change is based on
      * @param {*} [options] Override http request option.
      * @throws {RequiredError}
      * @memberof AdminApiInterface
@@ -788,7 +812,7 @@ export interface AdminApiInterface {
     adminTenantQuotaSetRaw(requestParameters: AdminTenantQuotaSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<QuotaLimits>>;
 
     /**
-     * Set a tenant\'s quota. Lowering it below what is in use stops new launches only.
+     * Set a tenant\'s quota. Lowering it below what is in use stops new launches only. With `If-Match`, only if the tenant\'s own limits are still at that version (a tenant on the defaults has none).
      */
     adminTenantQuotaSet(requestParameters: AdminTenantQuotaSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<QuotaLimits>;
 
@@ -1499,6 +1523,10 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
 
         const headerParameters: runtime.HTTPHeaders = {};
 
+        if (requestParameters['ifMatch'] != null) {
+            headerParameters['If-Match'] = String(requestParameters['ifMatch']);
+        }
+
         if (this.configuration && this.configuration.accessToken) {
             const token = this.configuration.accessToken;
             const tokenString = await token("operator", []);
@@ -1521,7 +1549,7 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
     }
 
     /**
-     * Remove a project\'s own quota (its tenant\'s still applies).
+     * Remove a project\'s own quota (its tenant\'s still applies). With `If-Match`, only if its limits are still at that version.
      */
     async adminProjectQuotaRemoveRaw(requestParameters: AdminProjectQuotaRemoveRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<void>> {
         const requestOptions = await this.adminProjectQuotaRemoveRequestOpts(requestParameters);
@@ -1531,7 +1559,7 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
     }
 
     /**
-     * Remove a project\'s own quota (its tenant\'s still applies).
+     * Remove a project\'s own quota (its tenant\'s still applies). With `If-Match`, only if its limits are still at that version.
      */
     async adminProjectQuotaRemove(requestParameters: AdminProjectQuotaRemoveRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<void> {
         await this.adminProjectQuotaRemoveRaw(requestParameters, initOverrides);
@@ -1568,6 +1596,10 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
 
         headerParameters['Content-Type'] = 'application/json';
 
+        if (requestParameters['ifMatch'] != null) {
+            headerParameters['If-Match'] = String(requestParameters['ifMatch']);
+        }
+
         if (this.configuration && this.configuration.accessToken) {
             const token = this.configuration.accessToken;
             const tokenString = await token("operator", []);
@@ -1591,7 +1623,7 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
     }
 
     /**
-     * Set a project\'s own quota (a second, narrower limit inside its tenant\'s).
+     * Set a project\'s own quota (a second, narrower limit inside its tenant\'s). With `If-Match`, only if its limits are still at that version.
      */
     async adminProjectQuotaSetRaw(requestParameters: AdminProjectQuotaSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<QuotaLimits>> {
         const requestOptions = await this.adminProjectQuotaSetRequestOpts(requestParameters);
@@ -1601,7 +1633,7 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
     }
 
     /**
-     * Set a project\'s own quota (a second, narrower limit inside its tenant\'s).
+     * Set a project\'s own quota (a second, narrower limit inside its tenant\'s). With `If-Match`, only if its limits are still at that version.
      */
     async adminProjectQuotaSet(requestParameters: AdminProjectQuotaSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<QuotaLimits> {
         const response = await this.adminProjectQuotaSetRaw(requestParameters, initOverrides);
@@ -1670,6 +1702,10 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
 
         headerParameters['Content-Type'] = 'application/json';
 
+        if (requestParameters['ifMatch'] != null) {
+            headerParameters['If-Match'] = String(requestParameters['ifMatch']);
+        }
+
         if (this.configuration && this.configuration.accessToken) {
             const token = this.configuration.accessToken;
             const tokenString = await token("operator", []);
@@ -1691,7 +1727,7 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
     }
 
     /**
-     * Change the quota of every tenant without its own.
+     * Change the quota of every tenant without its own. With `If-Match`, only if the defaults are still at that version.
      */
     async adminQuotaDefaultsSetRaw(requestParameters: AdminQuotaDefaultsSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<QuotaLimits>> {
         const requestOptions = await this.adminQuotaDefaultsSetRequestOpts(requestParameters);
@@ -1701,7 +1737,7 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
     }
 
     /**
-     * Change the quota of every tenant without its own.
+     * Change the quota of every tenant without its own. With `If-Match`, only if the defaults are still at that version.
      */
     async adminQuotaDefaultsSet(requestParameters: AdminQuotaDefaultsSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<QuotaLimits> {
         const response = await this.adminQuotaDefaultsSetRaw(requestParameters, initOverrides);
@@ -1897,7 +1933,7 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
     }
 
     /**
-     * A tenant\'s quota and usage.
+     * A tenant\'s quota and usage. While the tenant has its own limits, the `ETag` is their version (for `If-Match` on a change); while the defaults apply there is none.
      */
     async adminTenantQuotaGetRaw(requestParameters: AdminTenantQuotaGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<TenantQuota>> {
         const requestOptions = await this.adminTenantQuotaGetRequestOpts(requestParameters);
@@ -1907,7 +1943,7 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
     }
 
     /**
-     * A tenant\'s quota and usage.
+     * A tenant\'s quota and usage. While the tenant has its own limits, the `ETag` is their version (for `If-Match` on a change); while the defaults apply there is none.
      */
     async adminTenantQuotaGet(requestParameters: AdminTenantQuotaGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<TenantQuota> {
         const response = await this.adminTenantQuotaGetRaw(requestParameters, initOverrides);
@@ -1938,6 +1974,10 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
 
         headerParameters['Content-Type'] = 'application/json';
 
+        if (requestParameters['ifMatch'] != null) {
+            headerParameters['If-Match'] = String(requestParameters['ifMatch']);
+        }
+
         if (this.configuration && this.configuration.accessToken) {
             const token = this.configuration.accessToken;
             const tokenString = await token("operator", []);
@@ -1960,7 +2000,7 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
     }
 
     /**
-     * Set a tenant\'s quota. Lowering it below what is in use stops new launches only.
+     * Set a tenant\'s quota. Lowering it below what is in use stops new launches only. With `If-Match`, only if the tenant\'s own limits are still at that version (a tenant on the defaults has none).
      */
     async adminTenantQuotaSetRaw(requestParameters: AdminTenantQuotaSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<QuotaLimits>> {
         const requestOptions = await this.adminTenantQuotaSetRequestOpts(requestParameters);
@@ -1970,7 +2010,7 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
     }
 
     /**
-     * Set a tenant\'s quota. Lowering it below what is in use stops new launches only.
+     * Set a tenant\'s quota. Lowering it below what is in use stops new launches only. With `If-Match`, only if the tenant\'s own limits are still at that version (a tenant on the defaults has none).
      */
     async adminTenantQuotaSet(requestParameters: AdminTenantQuotaSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<QuotaLimits> {
         const response = await this.adminTenantQuotaSetRaw(requestParameters, initOverrides);
