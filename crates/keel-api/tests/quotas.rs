@@ -34,6 +34,31 @@ async fn with_if_match(
     app.send(request.unwrap()).await
 }
 
+/// Sends a change with a stale `If-Match` and checks it is refused with
+/// `412` and writes no audit row and no event.
+async fn assert_stale(
+    app: &TestApp,
+    method: Method,
+    uri: &str,
+    token: &str,
+    if_match: &str,
+    body: Option<serde_json::Value>,
+) {
+    let changes = || async {
+        (
+            app.count("SELECT count(*) FROM audit_log WHERE action LIKE 'quota.%'")
+                .await,
+            app.count("SELECT count(*) FROM outbox WHERE event_type LIKE 'quota.%'")
+                .await,
+        )
+    };
+    let before = changes().await;
+    with_if_match(app, method, uri, token, if_match, body)
+        .await
+        .assert_error(StatusCode::PRECONDITION_FAILED, "precondition_failed");
+    assert_eq!(changes().await, before, "a refused change wrote nothing");
+}
+
 fn allocations(project: &str) -> String {
     format!("/v1/projects/{project}/allocations")
 }
@@ -239,21 +264,11 @@ async fn a_quota_change_based_on_a_stale_etag_changes_nothing() {
     let (_, operator) = app.operator(PlatformRole::Operator).await;
     let tenant = app.tenant("acme").await;
     let limits = json!({"allocations": 4, "vcpus": 4, "memory_mib": 4096, "gpus": 0});
-    let changes = || async {
-        (
-            app.count("SELECT count(*) FROM audit_log WHERE action LIKE 'quota.%'")
-                .await,
-            app.count("SELECT count(*) FROM outbox WHERE event_type LIKE 'quota.%'")
-                .await,
-        )
-    };
-
     // The defaults carry their version; a change based on another is
     // refused, one based on it goes through and moves it on.
     let defaults = app.get("/v1/admin/quota-defaults", Some(&operator)).await;
     assert_eq!(defaults.headers[header::ETAG], "\"1\"");
-    let before = changes().await;
-    with_if_match(
+    assert_stale(
         &app,
         Method::PUT,
         "/v1/admin/quota-defaults",
@@ -261,9 +276,7 @@ async fn a_quota_change_based_on_a_stale_etag_changes_nothing() {
         "\"7\"",
         Some(limits.clone()),
     )
-    .await
-    .assert_error(StatusCode::PRECONDITION_FAILED, "precondition_failed");
-    assert_eq!(changes().await, before);
+    .await;
     assert_eq!(
         app.get("/v1/admin/quota-defaults", Some(&operator))
             .await
@@ -288,8 +301,7 @@ async fn a_quota_change_based_on_a_stale_etag_changes_nothing() {
     let read = app.get(&path, Some(&operator)).await;
     assert_eq!(read.body["source"], "default");
     assert!(read.headers.get(header::ETAG).is_none());
-    let before = changes().await;
-    with_if_match(
+    assert_stale(
         &app,
         Method::PUT,
         &path,
@@ -297,9 +309,7 @@ async fn a_quota_change_based_on_a_stale_etag_changes_nothing() {
         "\"1\"",
         Some(limits.clone()),
     )
-    .await
-    .assert_error(StatusCode::PRECONDITION_FAILED, "precondition_failed");
-    assert_eq!(changes().await, before);
+    .await;
     assert_eq!(app.count("SELECT count(*) FROM quotas").await, 0);
     let set = app
         .request(Method::PUT, &path, Some(&operator), Some(limits.clone()))
@@ -318,8 +328,7 @@ async fn a_quota_change_based_on_a_stale_etag_changes_nothing() {
     )
     .await;
     assert_eq!(again.headers[header::ETAG], "\"2\"");
-    let before = changes().await;
-    with_if_match(
+    assert_stale(
         &app,
         Method::PUT,
         &path,
@@ -327,9 +336,7 @@ async fn a_quota_change_based_on_a_stale_etag_changes_nothing() {
         "\"1\"",
         Some(limits.clone()),
     )
-    .await
-    .assert_error(StatusCode::PRECONDITION_FAILED, "precondition_failed");
-    assert_eq!(changes().await, before);
+    .await;
     assert_eq!(
         app.get(&path, Some(&operator)).await.body["limits"]["allocations"],
         5
@@ -349,8 +356,7 @@ async fn a_quota_change_based_on_a_stale_etag_changes_nothing() {
         )
         .await;
     assert_eq!(set.headers[header::ETAG], "\"1\"");
-    let before = changes().await;
-    with_if_match(
+    assert_stale(
         &app,
         Method::DELETE,
         &project_path,
@@ -358,9 +364,7 @@ async fn a_quota_change_based_on_a_stale_etag_changes_nothing() {
         "\"2\"",
         None,
     )
-    .await
-    .assert_error(StatusCode::PRECONDITION_FAILED, "precondition_failed");
-    assert_eq!(changes().await, before);
+    .await;
     assert_eq!(
         app.count("SELECT count(*) FROM quotas WHERE project_id IS NOT NULL")
             .await,
