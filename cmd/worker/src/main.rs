@@ -72,7 +72,7 @@ async fn run() -> anyhow::Result<()> {
         consumers.clone(),
         stopped,
     ));
-    let purge = tokio::spawn(purge_idempotency_keys(
+    let purge = tokio::spawn(purge_expired(
         db.clone(),
         config.idempotency.clone(),
         stop.subscribe(),
@@ -120,7 +120,7 @@ async fn run() -> anyhow::Result<()> {
         .await;
     let _ = stop.send(true);
     relay.await.context("relay task")?.context("relay")?;
-    purge.await.context("idempotency purge task")?;
+    purge.await.context("purge task")?;
     sealer.await.context("audit sealer task")?;
     liveness.await.context("host liveness task")?;
     reissuer.await.context("certificate re-issuer")?;
@@ -136,10 +136,11 @@ async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Deletes idempotency keys past their retention, every
-/// `idempotency.purge_interval_secs`, until stopped. A failed round is
-/// logged and retried at the next tick.
-async fn purge_idempotency_keys(
+/// Every `idempotency.purge_interval_secs`, until stopped: deletes
+/// idempotency keys past their retention, and what the outbox no longer
+/// needs (`keel_outbox::retention`). A failed round is logged and retried
+/// at the next tick.
+async fn purge_expired(
     db: keel_db::Db,
     config: keel_auth::idempotency::IdempotencyConfig,
     mut stopped: tokio::sync::watch::Receiver<bool>,
@@ -155,6 +156,11 @@ async fn purge_idempotency_keys(
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, "purged expired idempotency keys"),
             Err(error) => tracing::warn!(error = %error, "purging idempotency keys failed"),
+        }
+        match keel_outbox::retention::purge(&db).await {
+            Ok(purged) if purged == keel_outbox::retention::Purged::default() => {}
+            Ok(purged) => tracing::info!(?purged, "purged delivered events and finished jobs"),
+            Err(error) => tracing::warn!(error = %error, "purging the outbox failed"),
         }
     }
 }

@@ -23,12 +23,16 @@
 //!    outcome at all leaves the delivery `queued` behind an ended job; the
 //!    relay's sweep ([`relay::requeue_stranded`]) hands it back.
 //!
+//! The worker purges what is no longer needed ([`retention`]): finished
+//! apalis jobs after an hour, fully delivered events after a week.
+//!
 //! The relay sleeps on `LISTEN keel_outbox` (committed changes and finished
 //! deliveries NOTIFY it), with a polling fallback. A new consumer is one
 //! more [`Consumer`] implementation registered in `cmd/worker`: nothing
 //! else changes.
 
 pub mod relay;
+pub mod retention;
 pub mod worker;
 
 use futures::future::BoxFuture;

@@ -12,7 +12,7 @@ use keel_core::ResourceName;
 use keel_core::ids::TenantId;
 use keel_db::{Audit, Db, NewEvent, RequestMeta};
 use keel_outbox::{
-    Consumer, DeliveredEvent, DeliveryJob, HandlerError, MAX_ATTEMPTS, relay, worker,
+    Consumer, DeliveredEvent, DeliveryJob, HandlerError, MAX_ATTEMPTS, relay, retention, worker,
 };
 use uuid::Uuid;
 
@@ -262,6 +262,81 @@ async fn a_delivery_whose_run_could_not_record_its_outcome_is_released_again() {
     assert_eq!(
         recorder.seen.lock().unwrap().clone(),
         [(aggregate, 1), (aggregate, 2)]
+    );
+}
+
+#[tokio::test]
+async fn delivered_events_and_finished_jobs_are_purged_after_their_retention() {
+    let test = keel_testing::test_db().await;
+    let recorder = Arc::new(Recorder::default());
+    let consumers: Vec<Arc<dyn Consumer>> = vec![recorder.clone()];
+    let (delivered, dead, unwanted, recent) = (
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+    );
+    emit(&test.db, "thing.created", delivered, 1).await;
+    emit(&test.db, "thing.created", dead, 1).await;
+    emit(&test.db, "other.ignored", unwanted, 1).await;
+    emit(&test.db, "thing.created", recent, 1).await;
+    relay::drain(&test.db, &consumers).await.unwrap();
+    let mut admin = test.admin().await;
+    sqlx::query("UPDATE outbox_deliveries SET status = 'dead' WHERE aggregate_id = $1")
+        .bind(dead)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    for job in queued(&test.db).await {
+        worker::run_delivery(&test.db, recorder.as_ref(), &job)
+            .await
+            .unwrap();
+    }
+    for statement in [
+        // Every event but the recent one fanned out eight days ago.
+        "UPDATE outbox SET fanned_out_at = now() - interval '8 days' WHERE aggregate_id <> $2",
+        // apalis finished the delivered event's job two hours ago, the
+        // recent one's just now; the dead one's never ran.
+        "UPDATE apalis.jobs SET status = 'Done', done_at = now() - interval '2 hours'
+         WHERE idempotency_key = (SELECT id::text || ':0' FROM outbox WHERE aggregate_id = $1)",
+        "UPDATE apalis.jobs SET status = 'Done', done_at = now()
+         WHERE idempotency_key = (SELECT id::text || ':0' FROM outbox WHERE aggregate_id = $2)",
+    ] {
+        sqlx::query(statement)
+            .bind(delivered)
+            .bind(recent)
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+
+    let purged = retention::purge(&test.db).await.unwrap();
+    assert_eq!(purged, retention::Purged { jobs: 1, events: 2 });
+    let left: Vec<Uuid> = sqlx::query_scalar("SELECT aggregate_id FROM outbox ORDER BY seq")
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        left,
+        [dead, recent],
+        "a dead letter and a recent event stay"
+    );
+    let (deliveries, inbox, jobs): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM outbox_deliveries), (SELECT count(*) FROM consumer_inbox),
+                (SELECT count(*) FROM apalis.jobs)",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        (deliveries, inbox, jobs),
+        (2, 1, 2),
+        "the dead letter has no inbox row"
+    );
+    assert_eq!(
+        retention::purge(&test.db).await.unwrap(),
+        retention::Purged::default(),
+        "nothing more to purge"
     );
 }
 
