@@ -81,6 +81,11 @@ async fn purge_batch(
     retention: Duration,
 ) -> Result<u64, RelayError> {
     let mut tx = db.begin_bookkeeping().await?;
+    // A batch that takes this long is cut short (and retried at the next
+    // purge) rather than holding its locks.
+    sqlx::query("SELECT set_config('statement_timeout', '60s', true)")
+        .execute(&mut *tx)
+        .await?;
     let deleted = sqlx::query(statement)
         .bind(retention.as_secs_f64())
         .bind(BATCH)
