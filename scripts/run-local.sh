@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Local mode. Without DATABASE_URL it runs a private Postgres from the
 # system's binaries under ./.keel/ (data kept between runs), applies the
-# migrations, creates the api's runtime role, and starts the api, a worker
-# and one local node agent (enrolled with a join token on first run).
-# Ctrl-C stops everything it started.
+# migrations, creates the api's runtime role, builds the web console, and
+# starts the api (serving the console at /), a worker and one local node
+# agent (enrolled with a join token on first run). Ctrl-C (or SIGTERM)
+# stops everything it started.
+#
+# KEEL_LOCAL_STATE moves the state directory (the console's browser tests
+# run a throw-away Keel this way), KEEL_CONSOLE_BUILD=0 serves the console
+# as already built.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-state="$root/.keel"
+state="${KEEL_LOCAL_STATE:-$root/.keel}"
 mkdir -p "$state"
 cd "$root"
 
@@ -70,6 +75,19 @@ fi
 export KEEL_AUTH__SIGNING_KEYS="[\"$(cat "$state/token-signing-key")\"]"
 
 cargo build --quiet -p keel-api-bin -p keel-worker-bin -p keel-agent
+if [ "${KEEL_CONSOLE_BUILD:-1}" != 0 ]; then
+    command -v npm >/dev/null 2>&1 || { echo "run-local: the console needs Node.js 20.19+ and npm (apt-get install nodejs npm)" >&2; exit 1; }
+    # Install again when the lock file changed since the last install.
+    if [ ! -f ui/node_modules/.package-lock.json ] || [ ui/package-lock.json -nt ui/node_modules/.package-lock.json ]; then
+        (cd ui && npm ci --no-audit --no-fund --loglevel=error)
+    fi
+    if ! (cd ui && npm run --silent build) >"$state/console-build.log" 2>&1; then
+        cat "$state/console-build.log" >&2
+        echo "run-local: building the console failed (above)" >&2
+        exit 1
+    fi
+fi
+export KEEL_CONSOLE__DIR="$root/ui/dist"
 ./target/debug/api migrate
 if [ -n "$pg_started" ]; then
     # The runtime role: a member of keel_app and keel_system (created by the
@@ -121,6 +139,7 @@ pids+=($!)
 cat <<MSG
 
 Keel is running at http://$listen  (Ctrl-C stops it)
+  console:  http://$listen/
   register: curl -s http://$listen/v1/auth/register -H 'content-type: application/json' \\
               -d '{"email":"you@example.com","password":"a long password","tenant_name":"Acme"}'
   log in:   curl -s http://$listen/v1/auth/login -H 'content-type: application/json' \\

@@ -31,3 +31,9 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --no-fail-fast "$@"
 fi
+
+# The console: install from the lock file, type-check and build it, its
+# unit tests (vitest), then its browser tests in Chromium against a real
+# local Keel (scripts/ui-e2e.sh).
+(cd ui && npm ci --no-audit --no-fund --loglevel=error && npm run build && npm test)
+bash scripts/ui-e2e.sh

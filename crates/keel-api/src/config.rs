@@ -53,6 +53,17 @@ pub struct Config {
     /// Terminal sessions into workloads.
     #[serde(default)]
     pub terminal: keel_provisioning::terminal::TerminalConfig,
+    /// The web console the api serves at `/`.
+    #[serde(default)]
+    pub console: ConsoleConfig,
+}
+
+/// The web console: a directory holding the built console (`ui/dist`).
+/// Unset, the api serves only the API.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    pub dir: Option<std::path::PathBuf>,
 }
 
 /// Prometheus `/metrics` listeners, each off unless set. Keep them on
@@ -146,6 +157,7 @@ const SECTIONS: &[&str] = &[
     "lifecycle",
     "metrics",
     "terminal",
+    "console",
 ];
 
 fn yes() -> bool {

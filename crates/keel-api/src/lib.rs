@@ -7,6 +7,7 @@
 //! transaction (change + audit + outbox) → JSON response.
 
 pub mod config;
+pub mod console;
 mod health;
 pub mod keys;
 pub mod openapi;
@@ -33,11 +34,12 @@ use crate::keys::ControlPlaneKeys;
 pub use config::Config;
 pub use state::AppState;
 
-/// Builds the whole router and the OpenAPI document from the state.
+/// Builds the whole router and the OpenAPI document from the state; paths
+/// no route matches go to the console when one is configured.
 pub fn app(state: AppState) -> Router {
     let (router, document) = openapi::router_and_document();
     let document = Arc::new(document);
-    router
+    let router = router
         .route(
             "/v1/openapi.json",
             axum::routing::get(move || {
@@ -48,8 +50,12 @@ pub fn app(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),
             keel_http::metrics::http_layer,
-        ))
-        .fallback(keel_http::route_not_found)
+        ));
+    let router = match state.console.clone() {
+        Some(console) => router.fallback(move |request| console.serve(request)),
+        None => router.fallback(keel_http::route_not_found),
+    };
+    router
         .with_state(state.clone())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -117,6 +123,7 @@ pub fn state_from_config(
         deadlines: config.lifecycle,
         metrics: keel_http::metrics::HttpMetrics::default(),
         terminals,
+        console: config.console.dir.as_deref().map(console::Console::new),
     })
 }
 

@@ -20,6 +20,8 @@ pub struct AppState {
     pub metrics: keel_http::metrics::HttpMetrics,
     /// Signing keys and the client identity terminal sessions use.
     pub terminals: Arc<keel_provisioning::terminal::Terminals>,
+    /// The web console served at `/` (`[console] dir`), if any.
+    pub console: Option<crate::console::Console>,
 }
 
 impl std::fmt::Debug for AppState {

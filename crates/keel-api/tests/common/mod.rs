@@ -50,6 +50,7 @@ pub fn test_config(database: &TestDb) -> keel_api::Config {
         lifecycle: Default::default(),
         metrics: Default::default(),
         terminal: Default::default(),
+        console: Default::default(),
     }
 }
 
@@ -118,6 +119,7 @@ impl TestApp {
             deadlines: config.lifecycle,
             metrics: keel_http::metrics::HttpMetrics::default(),
             terminals,
+            console: None,
         };
         Self {
             database,
