@@ -45,6 +45,7 @@ env -u DATABASE_URL \
     KEEL_METRICS__WORKER_LISTEN="127.0.0.1:$(free_port)" \
     KEEL_AGENT_METRICS_LISTEN="127.0.0.1:$(free_port)" \
     KEEL_AGENT_HEARTBEAT_SECS=1 \
+    KEEL_RATE_LIMIT__AUTH_PER_MINUTE=600 KEEL_RATE_LIMIT__AUTH_BURST=100 \
     bash scripts/run-local.sh >"$state/keel.log" 2>&1 &
 keel=$!
 
@@ -61,5 +62,16 @@ for _ in $(seq 1 600); do
 done
 [ -n "$ready" ] || { echo "ui-e2e: Keel did not become ready" >&2; exit 1; }
 
+# An operator for the operator console's tests (as an operator would make
+# one: `api operator create`).
+operator_email="ops-$(date +%s)@keel.test"
+operator_password=$(head -c 18 /dev/urandom | base64)
+env -u DATABASE_URL KEEL_DATABASE__URL="postgres://keel_api@127.0.0.1:$pg_port/keel" \
+    KEEL_AUTH__SIGNING_KEYS="[\"$(cat "$state/token-signing-key")\"]" \
+    KEEL_OPERATOR_PASSWORD="$operator_password" \
+    ./target/debug/api operator create --email "$operator_email" >/dev/null
+
 cd ui
-KEEL_CONSOLE_URL="http://$listen" KEEL_CHROMIUM="$chromium" npx playwright test "$@"
+KEEL_CONSOLE_URL="http://$listen" KEEL_CHROMIUM="$chromium" \
+    KEEL_E2E_OPERATOR_EMAIL="$operator_email" KEEL_E2E_OPERATOR_PASSWORD="$operator_password" \
+    npx playwright test "$@"

@@ -1,16 +1,23 @@
 import { QueryClientProvider } from "@tanstack/react-query";
-import { Suspense, lazy, useEffect, useSyncExternalStore, type ReactNode } from "react";
-import { BrowserRouter, Navigate, Route, Routes, useLocation, useNavigate } from "react-router";
-import { getSession, onSignedOut, subscribe } from "./api";
+import { Suspense, lazy, useSyncExternalStore, type ReactNode } from "react";
+import { BrowserRouter, Navigate, Route, Routes, useLocation } from "react-router";
+import { getSession, sessionEndReason, subscribe, type Session } from "./api";
 import { queryClient } from "./queryClient";
 import { Layout } from "./components/Layout";
 import { AllocationDetailPage } from "./pages/AllocationDetail";
 import { AllocationsPage } from "./pages/Allocations";
+import { AuditPage } from "./pages/Audit";
 import { FlavorsPage } from "./pages/Flavors";
 import { HomePage } from "./pages/Home";
 import { LaunchPage } from "./pages/Launch";
 import { LoginPage } from "./pages/Login";
+import { MembersPage } from "./pages/Members";
 import { NotFoundPage } from "./pages/NotFound";
+import { HostsPage } from "./pages/operator/Hosts";
+import { OperatorLayout } from "./pages/operator/OperatorLayout";
+import { OperatorLoginPage } from "./pages/operator/OperatorLogin";
+import { TenantsPage } from "./pages/operator/Tenants";
+import { ServiceAccountsPage } from "./pages/ServiceAccounts";
 import { SignupPage } from "./pages/Signup";
 import { Loading } from "./components/Loading";
 
@@ -21,44 +28,45 @@ export function useSession() {
   return useSyncExternalStore(subscribe, getSession);
 }
 
-/** Pages behind sign-in: without a session, to the login page and back. */
-function RequireSession({ children }: { children: ReactNode }) {
+/** Pages behind sign-in: without a session of the right kind (a tenant
+ * user's or an operator's), to that login page and back, told when the
+ * session ended by itself. */
+function RequireSession({ audience, children }: { audience: Session["audience"]; children: ReactNode }) {
   const session = useSession();
   const location = useLocation();
-  if (!session) {
+  if (session?.audience !== audience) {
     const next = encodeURIComponent(location.pathname + location.search);
-    return <Navigate to={`/login?next=${next}`} replace />;
+    const login = audience === "operator" ? "/operator/login" : "/login";
+    const expired = !session && sessionEndReason() === "expired" ? "&expired=1" : "";
+    return <Navigate to={`${login}?next=${next}${expired}`} replace />;
   }
   return children;
-}
-
-/** A session that ended by itself sends the user to log in, keeping the page. */
-function SignedOutRedirect() {
-  const navigate = useNavigate();
-  const location = useLocation();
-  useEffect(
-    () =>
-      onSignedOut(() => {
-        queryClient.clear();
-        const next = encodeURIComponent(location.pathname + location.search);
-        navigate(`/login?next=${next}&expired=1`, { replace: true });
-      }),
-    [navigate, location],
-  );
-  return null;
 }
 
 export function App() {
   return (
     <QueryClientProvider client={queryClient}>
       <BrowserRouter>
-        <SignedOutRedirect />
         <Routes>
           <Route path="/login" element={<LoginPage />} />
           <Route path="/signup" element={<SignupPage />} />
+          <Route path="/operator/login" element={<OperatorLoginPage />} />
+          <Route
+            path="/operator"
+            element={
+              <RequireSession audience="operator">
+                <OperatorLayout />
+              </RequireSession>
+            }
+          >
+            <Route index element={<Navigate to="/operator/hosts" replace />} />
+            <Route path="hosts" element={<HostsPage />} />
+            <Route path="tenants" element={<TenantsPage />} />
+            <Route path="*" element={<NotFoundPage />} />
+          </Route>
           <Route
             element={
-              <RequireSession>
+              <RequireSession audience="tenant">
                 <Layout />
               </RequireSession>
             }
@@ -74,6 +82,9 @@ export function App() {
               }
             />
             <Route path="projects/:projectId/flavors" element={<FlavorsPage />} />
+            <Route path="projects/:projectId/service-accounts" element={<ServiceAccountsPage />} />
+            <Route path="members" element={<MembersPage />} />
+            <Route path="audit" element={<AuditPage />} />
             <Route path="*" element={<NotFoundPage />} />
           </Route>
         </Routes>

@@ -51,6 +51,12 @@ fn sample_body(operation_id: &str) -> Option<Value> {
             "token": "kit_0190a0a0a0a0a0a0a0a0a0a0a0a0a0a0_0190a0a0a0a0a0a0a0a0a0a0a0a0a0a0_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
         })),
         "auth_account_delete" => Some(json!({"current_password": "a long enough password"})),
+        // Some tenant and token; the cross-tenant sweep sends the owner's
+        // tenant and the intruder's own refresh token.
+        "auth_switch" => Some(json!({
+            "tenant_id": "0190a0a0-a0a0-7a0a-8a0a-a0a0a0a0a0a0",
+            "refresh_token": "krt_0190a0a0a0a0a0a0a0a0a0a0a0a0a0a0_0190a0a0a0a0a0a0a0a0a0a0a0a0a0a0_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+        })),
         "auth_password_change" => Some(
             json!({"current_password": "a long enough password", "new_password": "a long enough password"}),
         ),
@@ -224,12 +230,6 @@ async fn every_tenant_resource_is_a_404_for_another_tenant_and_nothing_changes()
         .filter(|operation| operation.secured)
     {
         let method = Method::from_bytes(operation.method.to_uppercase().as_bytes()).unwrap();
-        let body = sample_body(&operation.operation_id);
-        assert!(
-            !operation.has_body || body.is_some(),
-            "add a sample body for {} to the sweep",
-            operation.operation_id
-        );
         let uri = fill(&operation.path, &ids);
         // A fresh session each time: logout and password change end
         // sessions of the caller's own.
@@ -237,6 +237,18 @@ async fn every_tenant_resource_is_a_404_for_another_tenant_and_nothing_changes()
             .login(&intruder.email, "a long enough password", None)
             .await;
         let token = login.body["access_token"].as_str().unwrap();
+        let body = if operation.operation_id == "auth_switch" {
+            Some(
+                json!({"tenant_id": owner.tenant_id, "refresh_token": login.body["refresh_token"]}),
+            )
+        } else {
+            sample_body(&operation.operation_id)
+        };
+        assert!(
+            !operation.has_body || body.is_some(),
+            "add a sample body for {} to the sweep",
+            operation.operation_id
+        );
         let response = app.request(method, &uri, Some(token), body).await;
         if operation.path.starts_with("/v1/admin/") {
             // A tenant token is no operator token.
@@ -245,6 +257,9 @@ async fn every_tenant_resource_is_a_404_for_another_tenant_and_nothing_changes()
             // The intruder's own account, which it cannot delete while it
             // is the only owner of its own tenant.
             response.assert_error(StatusCode::CONFLICT, "last_owner");
+        } else if operation.operation_id == "auth_switch" {
+            // Into the owner's tenant, where the intruder is no member.
+            response.assert_error(StatusCode::NOT_FOUND, "not_found");
         } else if operation.operation_id == "invitation_accept" {
             // Tenant-wide, but the sample token names no invitation.
             response.assert_error(StatusCode::NOT_FOUND, "not_found");

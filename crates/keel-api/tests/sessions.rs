@@ -445,3 +445,213 @@ async fn two_co_owners_deleting_their_accounts_at_once_leave_one_owner() {
     );
     assert_eq!(app.count("SELECT count(*) FROM users").await, 1);
 }
+
+#[tokio::test]
+async fn the_session_names_the_user_its_tenant_and_every_tenant_they_belong_to() {
+    let app = TestApp::spawn().await;
+    let owner = app.tenant("Acme").await;
+    // A user of their own tenant who also joins Acme as a viewer.
+    let viewer = app.member(&owner, "viewer").await;
+    let session = app.get("/v1/auth/session", Some(&viewer.token)).await;
+    assert_eq!(session.status, StatusCode::OK, "{:?}", session.body);
+    assert_eq!(field(&session.body, "email"), viewer.email);
+    assert_eq!(field(&session.body, "tenant_id"), owner.tenant_id);
+    assert_eq!(field(&session.body, "tenant_name"), "Acme");
+    assert_eq!(field(&session.body, "role"), "viewer");
+    let tenants = session.body["tenants"].as_array().unwrap();
+    let names: Vec<(&str, &str)> = tenants
+        .iter()
+        .map(|t| (field(t, "name"), field(t, "role")))
+        .collect();
+    assert_eq!(names, [("viewer-home", "owner"), ("Acme", "viewer")]);
+
+    // The owner sees only their own tenant: nobody else's name leaks.
+    let own = app.get("/v1/auth/session", Some(&owner.token)).await;
+    assert_eq!(own.body["tenants"].as_array().unwrap().len(), 1);
+
+    // Not for a service account's or an API token's caller.
+    let minted = app
+        .post(
+            "/v1/auth/api-tokens",
+            Some(&owner.token),
+            json!({"name": "ci", "expires_in_days": 1}),
+        )
+        .await;
+    assert_eq!(minted.status, StatusCode::CREATED, "{:?}", minted.body);
+    let exchanged = app
+        .post(
+            "/v1/auth/token",
+            None,
+            json!({"secret": minted.body["secret"]}),
+        )
+        .await;
+    assert_eq!(exchanged.status, StatusCode::OK, "{:?}", exchanged.body);
+    let by_token = app
+        .get(
+            "/v1/auth/session",
+            Some(field(&exchanged.body, "access_token")),
+        )
+        .await;
+    assert_eq!(
+        by_token.status,
+        StatusCode::FORBIDDEN,
+        "{:?}",
+        by_token.body
+    );
+}
+
+#[tokio::test]
+async fn switching_tenants_starts_a_session_there_that_ends_no_later_than_this_one() {
+    let app = TestApp::spawn().await;
+    let owner = app.tenant("Acme").await;
+    let member = app.member(&owner, "member").await;
+    let home =
+        app.get("/v1/auth/session", Some(&member.token)).await.body["tenants"][0]["tenant_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    assert_ne!(home, owner.tenant_id);
+
+    // Not with another session's refresh token.
+    let other_session = app.login(&member.email, PASSWORD, None).await;
+    let wrong = app
+        .post(
+            "/v1/auth/switch",
+            Some(&member.token),
+            json!({"tenant_id": home, "refresh_token": other_session.body["refresh_token"]}),
+        )
+        .await;
+    wrong.assert_error(StatusCode::UNAUTHORIZED, "invalid_refresh_token");
+
+    let switched = app
+        .post(
+            "/v1/auth/switch",
+            Some(&member.token),
+            json!({"tenant_id": home, "refresh_token": member.refresh_token}),
+        )
+        .await;
+    assert_eq!(switched.status, StatusCode::OK, "{:?}", switched.body);
+    assert_eq!(field(&switched.body, "tenant_id"), home);
+    let token = field(&switched.body, "access_token");
+    let there = app.get("/v1/auth/session", Some(token)).await;
+    assert_eq!(field(&there.body, "tenant_id"), home);
+    assert_eq!(field(&there.body, "role"), "owner");
+    // Its projects are the home tenant's, not Acme's.
+    let projects = app.get("/v1/projects", Some(token)).await;
+    assert_eq!(projects.status, StatusCode::OK);
+    assert!(
+        projects.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| field(p, "tenant_id") == home)
+    );
+    // The new session's refresh token works, and the session it belongs
+    // to ends when the one it was switched from would.
+    let refreshed = app
+        .post(
+            "/v1/auth/refresh",
+            None,
+            json!({"refresh_token": switched.body["refresh_token"]}),
+        )
+        .await;
+    assert_eq!(refreshed.status, StatusCode::OK, "{:?}", refreshed.body);
+    // The refresh token it was switched with is used up: presented again,
+    // it is reuse, and the old session is revoked.
+    let again = app
+        .post(
+            "/v1/auth/refresh",
+            None,
+            json!({"refresh_token": member.refresh_token}),
+        )
+        .await;
+    again.assert_error(StatusCode::UNAUTHORIZED, "refresh_token_reused");
+    let mut admin = app.database.admin().await;
+    let (from, to): (time::OffsetDateTime, time::OffsetDateTime) = sqlx::query_as(
+        "SELECT (SELECT expires_at FROM sessions WHERE tenant_id = $1 AND user_id = $3
+                 ORDER BY created_at LIMIT 1),
+                (SELECT expires_at FROM sessions WHERE tenant_id = $2 AND user_id = $3 ORDER BY created_at DESC LIMIT 1)",
+    )
+    .bind(uuid::Uuid::parse_str(&owner.tenant_id).unwrap())
+    .bind(uuid::Uuid::parse_str(&home).unwrap())
+    .bind(uuid::Uuid::parse_str(&member.user_id).unwrap())
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(from, to);
+    // Audited in the tenant switched to, without naming the one left.
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE action = 'session.create' AND tenant_id = $1
+           AND details ->> 'via' = 'switch' AND NOT details::text LIKE '%' || $2 || '%'",
+    )
+    .bind(uuid::Uuid::parse_str(&home).unwrap())
+    .bind(&owner.tenant_id)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(audited, 1);
+}
+
+#[tokio::test]
+async fn switching_into_a_tenant_one_does_not_belong_to_changes_nothing() {
+    let app = TestApp::spawn().await;
+    let acme = app.tenant("Acme").await;
+    let other = app.tenant("Other").await;
+    let sessions = app.count("SELECT count(*) FROM sessions").await;
+    let refused = app
+        .post(
+            "/v1/auth/switch",
+            Some(&acme.token),
+            json!({"tenant_id": other.tenant_id, "refresh_token": acme.refresh_token}),
+        )
+        .await;
+    refused.assert_error(StatusCode::NOT_FOUND, "not_found");
+    // An access token alone moves nothing.
+    let tokenless = app
+        .post(
+            "/v1/auth/switch",
+            Some(&acme.token),
+            json!({"tenant_id": acme.tenant_id}),
+        )
+        .await;
+    assert_eq!(tokenless.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let malformed = app
+        .post(
+            "/v1/auth/switch",
+            Some(&acme.token),
+            json!({"tenant_id": "not-a-uuid", "refresh_token": acme.refresh_token}),
+        )
+        .await;
+    assert_eq!(malformed.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let anonymous = app
+        .post(
+            "/v1/auth/switch",
+            None,
+            json!({"tenant_id": acme.tenant_id, "refresh_token": acme.refresh_token}),
+        )
+        .await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(app.count("SELECT count(*) FROM sessions").await, sessions);
+    // The refused switches used nothing up: the refresh token still works.
+    let refreshed = app
+        .post(
+            "/v1/auth/refresh",
+            None,
+            json!({"refresh_token": acme.refresh_token}),
+        )
+        .await;
+    assert_eq!(refreshed.status, StatusCode::OK, "{:?}", refreshed.body);
+    // A logged-out session cannot switch.
+    let logout = app
+        .post("/v1/auth/logout", Some(&acme.token), json!({}))
+        .await;
+    assert_eq!(logout.status, StatusCode::NO_CONTENT);
+    let after = app
+        .post(
+            "/v1/auth/switch",
+            Some(&acme.token),
+            json!({"tenant_id": acme.tenant_id, "refresh_token": refreshed.body["refresh_token"]}),
+        )
+        .await;
+    assert_eq!(after.status, StatusCode::UNAUTHORIZED);
+}

@@ -169,6 +169,10 @@ macro_rules! actions {
 }
 
 actions! {
+    /// Who the caller is, where they act, and their other tenants.
+    SessionRead,
+    /// A new session in another of the caller's tenants.
+    SessionSwitch,
     SessionEnd,
     PasswordChange,
     /// Deleting one's own user account (every membership with it).
@@ -251,6 +255,8 @@ impl Action {
             | Action::AdminQuotaManage
             | Action::AdminReconcile => self,
             Action::QuotaRead => Action::ProjectRead,
+            Action::SessionRead => Action::SessionRead,
+            Action::SessionSwitch => Action::SessionSwitch,
             Action::SessionEnd => Action::SessionEnd,
             Action::PasswordChange => Action::PasswordChange,
             Action::AccountDelete => Action::AccountDelete,
@@ -316,6 +322,8 @@ pub fn matrix() -> String {
 /// What every member may do, viewers included: read, and manage
 /// themselves.
 const VIEWER: &[Action] = &[
+    Action::SessionRead,
+    Action::SessionSwitch,
     Action::SessionEnd,
     Action::PasswordChange,
     Action::AccountDelete,

@@ -20,7 +20,8 @@ use crate::limits::{ClientIp, Limits};
 use crate::model::MAX_EMAIL_LEN;
 use crate::model::{
     AccountDeleteRequest, LoginRequest, PasswordChangeRequest, Project, ProjectRequest,
-    ProjectView, RefreshRequest, RegisterRequest, RegisterResponse, TokenResponse,
+    ProjectView, RefreshRequest, RegisterRequest, RegisterResponse, SessionView, SwitchRequest,
+    TokenResponse,
 };
 use crate::{AuthError, Ctx, TokenKeys, service, session};
 use axum::Extension;
@@ -38,6 +39,8 @@ where
         .routes(routes!(auth_login))
         .routes(routes!(auth_refresh))
         .routes(routes!(auth_logout))
+        .routes(routes!(auth_session_get))
+        .routes(routes!(auth_switch))
         .routes(routes!(auth_password_change))
         .routes(routes!(auth_account_delete))
         .routes(routes!(project_list, project_create))
@@ -150,6 +153,59 @@ async fn auth_refresh(
             &request.refresh_token,
         )
         .await?,
+    ))
+}
+
+/// Who the caller is: their user, the tenant this session acts in and
+/// their role there, and every tenant they belong to.
+#[utoipa::path(
+    get,
+    path = "/v1/auth/session",
+    operation_id = "auth_session_get",
+    tag = "auth",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The caller's session", body = SessionView),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: an API token or service account, not a signed-in user", body = ErrorBody),
+    )
+)]
+async fn auth_session_get(ctx: Ctx) -> Result<Json<SessionView>, ApiError> {
+    let mut tx = ctx.begin().await.map_err(AuthError::from)?;
+    let tenant = authorize_tenant(tx.conn(), &ctx.principal, Action::SessionRead).await?;
+    Ok(Json(
+        session::describe(tx.conn(), &tenant, &ctx.principal).await?,
+    ))
+}
+
+/// Switch tenants: the caller's session moves to another of their
+/// tenants, without the password. The current refresh token is used up (as
+/// by a refresh); the new session ends when the current one would.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/switch",
+    operation_id = "auth_switch",
+    tag = "auth",
+    request_body = SwitchRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A session in the other tenant", body = TokenResponse),
+        (status = 401, description = "`unauthenticated`, `invalid_refresh_token` (not this session's, used, or expired) or `refresh_token_reused` (the session is revoked)", body = ErrorBody),
+        (status = 403, description = "`forbidden`: an API token or service account, not a signed-in user", body = ErrorBody),
+        (status = 404, description = "`not_found`: the caller is no member of that tenant", body = ErrorBody),
+        (status = 422, description = "`invalid_body`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: see `Retry-After`", body = ErrorBody),
+    )
+)]
+async fn auth_switch(
+    ctx: Ctx,
+    State(keys): State<Arc<TokenKeys>>,
+    Json(request): Json<SwitchRequest>,
+) -> Result<Json<TokenResponse>, ApiError> {
+    let mut tx = ctx.begin().await.map_err(AuthError::from)?;
+    authorize_tenant(tx.conn(), &ctx.principal, Action::SessionSwitch).await?;
+    Ok(Json(
+        session::switch(tx, &keys, &ctx.principal, request).await?,
     ))
 }
 

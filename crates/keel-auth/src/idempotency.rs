@@ -58,15 +58,17 @@ pub struct ShownOnce;
 const SHOWN_ONCE_HEADER: &str = "keel-shown-once";
 
 /// Routes the layer leaves alone: they take no `Ctx` transaction (login,
-/// refresh, token exchange, registration), or commit through a second
-/// transaction (invitation acceptance), or through a system transaction
-/// of their own (account deletion), or are the operators' (no tenant).
+/// refresh, token exchange, registration), or hand out tokens that use up
+/// the one presented (tenant switch), or commit through a second
+/// transaction (invitation acceptance), or through a system transaction of
+/// their own (account deletion), or are the operators' (no tenant).
 fn exempt(path: &str) -> bool {
     matches!(
         path,
         "/v1/auth/login"
             | "/v1/auth/register"
             | "/v1/auth/refresh"
+            | "/v1/auth/switch"
             | "/v1/auth/token"
             | "/v1/invitations/accept"
             | "/v1/auth/delete-account"

@@ -292,6 +292,7 @@ fn is_auth_endpoint(request: &Request) -> bool {
             "/v1/auth/login"
                 | "/v1/auth/register"
                 | "/v1/auth/refresh"
+                | "/v1/auth/switch"
                 | "/v1/auth/token"
                 | "/v1/auth/password"
                 | "/v1/auth/delete-account"

@@ -180,6 +180,49 @@ impl std::fmt::Debug for TokenResponse {
     }
 }
 
+/// `GET /v1/auth/session`: who the caller is, where they act, and where
+/// else they could (a console's tenant switcher).
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct SessionView {
+    pub user_id: UserId,
+    pub email: String,
+    /// The tenant this session acts in.
+    pub tenant_id: TenantId,
+    pub tenant_name: String,
+    /// The caller's role in it.
+    pub role: Role,
+    /// Every tenant the user belongs to, this one included, oldest
+    /// membership first.
+    pub tenants: Vec<TenantMembership>,
+}
+
+/// One of the user's tenants.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct TenantMembership {
+    pub tenant_id: TenantId,
+    pub name: String,
+    pub role: Role,
+}
+
+/// `POST /v1/auth/switch`
+#[derive(Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchRequest {
+    /// One of the caller's tenants (`GET /v1/auth/session` lists them).
+    pub tenant_id: TenantId,
+    /// The current session's refresh token: used up by the switch, as by
+    /// a refresh.
+    pub refresh_token: String,
+}
+
+impl std::fmt::Debug for SwitchRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SwitchRequest")
+            .field("tenant_id", &self.tenant_id)
+            .finish_non_exhaustive()
+    }
+}
+
 /// `POST /v1/auth/refresh`
 #[derive(Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -14,8 +14,13 @@ use keel_core::{Actor, ResourceName};
 use keel_db::{Audit, Db, NewEvent, RequestMeta, Scope, WriteTx};
 use time::OffsetDateTime;
 
+use crate::Role;
+use crate::authz::TenantHandle;
 use crate::members::member_name;
-use crate::model::{AccountDeleteRequest, LoginRequest, PasswordChangeRequest, TokenResponse};
+use crate::model::{
+    AccountDeleteRequest, LoginRequest, PasswordChangeRequest, SessionView, SwitchRequest,
+    TenantMembership, TokenResponse,
+};
 use crate::{AuthError, Principal, TokenKeys, password, secret};
 
 const REFRESH_PREFIX: &str = "krt";
@@ -48,6 +53,46 @@ async fn new_refresh_token(
     .execute(tx.conn())
     .await?;
     Ok((made.token, expires_at))
+}
+
+async fn insert_session(
+    tx: &mut WriteTx,
+    session_id: SessionId,
+    user_id: UserId,
+    tenant_id: TenantId,
+    expires_at: OffsetDateTime,
+) -> Result<(), AuthError> {
+    sqlx::query(
+        "INSERT INTO sessions (id, user_id, tenant_id, expires_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(session_id)
+    .bind(user_id)
+    .bind(tenant_id)
+    .bind(expires_at)
+    .execute(tx.conn())
+    .await?;
+    Ok(())
+}
+
+/// A refresh token of `user_id` with its session, both locked: concurrent
+/// refreshes (and switches) of one token serialise, the second sees it
+/// used.
+async fn lock_refresh_token(
+    tx: &mut WriteTx,
+    token_id: RefreshTokenId,
+    user_id: UserId,
+) -> Result<Option<PresentedRow>, AuthError> {
+    Ok(sqlx::query_as(
+        "SELECT r.session_id, r.secret_sha256, r.expires_at, r.used_at,
+                s.tenant_id, s.revoked_at, s.expires_at AS session_expires_at
+         FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id
+         WHERE r.id = $1 AND r.user_id = $2
+         FOR UPDATE OF r, s",
+    )
+    .bind(token_id)
+    .bind(user_id)
+    .fetch_optional(tx.conn())
+    .await?)
 }
 
 fn token_response(
@@ -113,15 +158,7 @@ pub async fn login(
     tx.set_actor(Actor::User { user_id, tenant_id });
     let session_id = SessionId::new();
     let session_expires_at = OffsetDateTime::now_utc() + keys.session_max_age();
-    sqlx::query(
-        "INSERT INTO sessions (id, user_id, tenant_id, expires_at) VALUES ($1, $2, $3, $4)",
-    )
-    .bind(session_id)
-    .bind(user_id)
-    .bind(tenant_id)
-    .bind(session_expires_at)
-    .execute(tx.conn())
-    .await?;
+    insert_session(&mut tx, session_id, user_id, tenant_id, session_expires_at).await?;
     let refresh = new_refresh_token(&mut tx, keys, user_id, session_id, session_expires_at).await?;
     let response = token_response(keys, user_id, tenant_id, session_id, refresh)?;
     tx.commit(Audit::new(
@@ -129,6 +166,130 @@ pub async fn login(
         Some(tenant_id),
         session_name(tenant_id, session_id),
     ))
+    .await?;
+    Ok(response)
+}
+
+/// The caller's session: who they are, the tenant they act in with their
+/// role, and every tenant they belong to. Read in the caller's tenant
+/// transaction, as the user (the names of the user's other tenants are
+/// visible to them: migration 0022).
+pub async fn describe(
+    conn: &mut sqlx::PgConnection,
+    tenant: &TenantHandle,
+    principal: &Principal,
+) -> Result<SessionView, AuthError> {
+    let user = principal.user_session()?;
+    let email: String = sqlx::query_scalar("SELECT email FROM users WHERE id = $1")
+        .bind(user.user_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    let rows: Vec<(TenantId, String, String)> = sqlx::query_as(
+        "SELECT m.tenant_id, t.name, m.role FROM memberships m JOIN tenants t ON t.id = m.tenant_id
+         WHERE m.user_id = $1 ORDER BY m.created_at, m.tenant_id",
+    )
+    .bind(user.user_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let tenants = rows
+        .into_iter()
+        .filter_map(|(tenant_id, name, role)| {
+            Role::parse(&role).map(|role| TenantMembership {
+                tenant_id,
+                name,
+                role,
+            })
+        })
+        .collect::<Vec<_>>();
+    let current = tenants
+        .iter()
+        .find(|membership| membership.tenant_id == tenant.tenant_id)
+        .ok_or(AuthError::Unauthenticated("the session has ended"))?;
+    Ok(SessionView {
+        user_id: user.user_id,
+        email,
+        tenant_id: current.tenant_id,
+        tenant_name: current.name.clone(),
+        role: current.role,
+        tenants,
+    })
+}
+
+/// Moves the signed-in caller's session to another of their tenants: a
+/// refresh that lands elsewhere. The caller presents the session's current
+/// refresh token, which is used up as by a refresh (the session it belongs
+/// to can no longer be renewed; its access token lapses within minutes),
+/// and gets a new session in `request.tenant_id` that ends when the old one
+/// would. So an access token alone never becomes a longer session, and
+/// switching never extends one. `tx` is the caller's authorised
+/// transaction; the new session's audit row is the target tenant's.
+pub async fn switch(
+    mut tx: WriteTx,
+    keys: &TokenKeys,
+    principal: &Principal,
+    request: SwitchRequest,
+) -> Result<TokenResponse, AuthError> {
+    let user = principal.user_session()?;
+    let user_id = user.user_id;
+    let presented = secret::parse::<2>(REFRESH_PREFIX, &request.refresh_token)
+        .ok_or(AuthError::RefreshTokenInvalid)?;
+    let token_id = RefreshTokenId::from(presented.ids[1]);
+    // A refresh and a switch with one token cannot both succeed.
+    let row = lock_refresh_token(&mut tx, token_id, user_id).await?;
+    // Only this session's own refresh token moves it.
+    let row = row
+        .filter(|row| row.session_id == user.session_id && presented.matches(&row.secret_sha256))
+        .ok_or(AuthError::RefreshTokenInvalid)?;
+    let now = OffsetDateTime::now_utc();
+    if row.revoked_at.is_some() || row.expires_at <= now || row.session_expires_at <= now {
+        return Err(AuthError::RefreshTokenInvalid);
+    }
+    if row.used_at.is_some() {
+        tracing::warn!(session_id = %row.session_id, "refresh token reused in a switch; revoking the session");
+        revoke_and_commit(
+            tx,
+            user_id,
+            row.tenant_id,
+            row.session_id,
+            "refresh_token_reused",
+        )
+        .await?;
+        return Err(AuthError::RefreshTokenReused);
+    }
+    let target = request.tenant_id;
+    let member: Option<TenantId> = sqlx::query_scalar(
+        "SELECT tenant_id FROM memberships WHERE user_id = $1 AND tenant_id = $2",
+    )
+    .bind(user_id)
+    .bind(target)
+    .fetch_optional(tx.conn())
+    .await?;
+    if member.is_none() {
+        return Err(AuthError::NotFound("tenant"));
+    }
+    sqlx::query("UPDATE refresh_tokens SET used_at = now() WHERE id = $1")
+        .bind(token_id)
+        .execute(tx.conn())
+        .await?;
+    tx.enter_tenant(target, Some(user_id)).await?;
+    tx.set_actor(Actor::User {
+        user_id,
+        tenant_id: target,
+    });
+    let session_id = SessionId::new();
+    insert_session(&mut tx, session_id, user_id, target, row.session_expires_at).await?;
+    let refresh =
+        new_refresh_token(&mut tx, keys, user_id, session_id, row.session_expires_at).await?;
+    let response = token_response(keys, user_id, target, session_id, refresh)?;
+    // Which tenant the user came from is theirs, not this tenant's admins'.
+    tx.commit(
+        Audit::new(
+            "session.create",
+            Some(target),
+            session_name(target, session_id),
+        )
+        .with_details(serde_json::json!({ "via": "switch" })),
+    )
     .await?;
     Ok(response)
 }
@@ -186,19 +347,7 @@ pub async fn refresh(
     let user_id = UserId::from(presented.ids[0]);
     let token_id = RefreshTokenId::from(presented.ids[1]);
     let mut tx = db.begin_tenant(meta, Scope::User { user_id }).await?;
-    // Row locks serialise concurrent refreshes of one token: the second
-    // sees it used.
-    let row: Option<PresentedRow> = sqlx::query_as(
-        "SELECT r.session_id, r.secret_sha256, r.expires_at, r.used_at,
-                s.tenant_id, s.revoked_at, s.expires_at AS session_expires_at
-         FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id
-         WHERE r.id = $1 AND r.user_id = $2
-         FOR UPDATE OF r, s",
-    )
-    .bind(token_id)
-    .bind(user_id)
-    .fetch_optional(tx.conn())
-    .await?;
+    let row = lock_refresh_token(&mut tx, token_id, user_id).await?;
     let row = row
         .filter(|row| presented.matches(&row.secret_sha256))
         .ok_or(AuthError::RefreshTokenInvalid)?;

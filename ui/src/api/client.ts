@@ -3,6 +3,7 @@
 // turned into an ApiError (errors.ts).
 
 import {
+  AdminApi,
   AllocationsApi,
   AuditApi,
   AuthApi,
@@ -21,15 +22,6 @@ import { getSession, reloadSession, setSession, type Session } from "./session";
 /** Paths whose 401 means "wrong credentials", not "session expired". */
 const CREDENTIAL_PATHS = ["/v1/auth/login", "/v1/auth/register", "/v1/auth/refresh", "/v1/admin/auth/login"];
 const RETRIED = "x-keel-retried";
-
-type Listener = (reason: "expired") => void;
-const signedOutListeners = new Set<Listener>();
-
-/** Called when the session ended by itself (refresh refused). */
-export function onSignedOut(listener: Listener): () => void {
-  signedOutListeners.add(listener);
-  return () => signedOutListeners.delete(listener);
-}
 
 function withHeader(init: RequestInit, name: string, value: string | null): RequestInit {
   const headers = new Headers(init.headers);
@@ -118,8 +110,9 @@ const middleware: Middleware = {
       }
     }
     if (expired && getSession()) {
-      setSession(null);
-      signedOutListeners.forEach((listener) => listener("expired"));
+      // The pages behind sign-in see it gone and send the user to log in,
+      // saying why.
+      setSession(null, "expired");
     }
     throw await ApiError.fromResponse(response);
   },
@@ -131,6 +124,7 @@ const middleware: Middleware = {
 const configuration = new Configuration({ basePath: "", middleware: [middleware] });
 
 export const api = {
+  admin: new AdminApi(configuration),
   auth: new AuthApi(configuration),
   allocations: new AllocationsApi(configuration),
   audit: new AuditApi(configuration),
@@ -163,10 +157,49 @@ export async function signUp(email: string, password: string, tenantName: string
   return logIn(email, password);
 }
 
+/** Moves to another of the user's tenants: the session's refresh token is
+ * exchanged for a session there (no password needed), which becomes this
+ * console's; then the old session, which can no longer be renewed, is
+ * logged out with its own access token. */
+export async function switchTenant(tenantId: string): Promise<Session> {
+  const old = getSession();
+  if (!old?.refreshToken) {
+    throw new ApiError(401, "unauthenticated", "Log in again to switch organisations.", null);
+  }
+  const tokens = await api.auth.authSwitch({ switchRequest: { tenantId, refreshToken: old.refreshToken } });
+  const session = sessionFrom(tokens);
+  setSession(session);
+  try {
+    await new AuthApi(new Configuration({ basePath: "", accessToken: old.accessToken })).authLogout();
+  } catch {
+    // It ends by itself within minutes: its refresh token is used up.
+  }
+  return session;
+}
+
+/** Signs an operator in to the operator console (no refresh token: an
+ * operator session lasts one access token, then they log in again). */
+export async function operatorLogIn(email: string, password: string): Promise<Session> {
+  const tokens = await api.admin.adminLogin({ operatorLoginRequest: { email, password } });
+  const session: Session = {
+    accessToken: tokens.accessToken,
+    refreshToken: null,
+    tenantId: null,
+    audience: "operator",
+    operatorRole: tokens.role,
+  };
+  setSession(session);
+  return session;
+}
+
 /** Ends the session on the server (best effort) and here. */
 export async function logOut(): Promise<void> {
   try {
-    await api.auth.authLogout();
+    if (getSession()?.audience === "operator") {
+      await api.admin.adminLogout();
+    } else {
+      await api.auth.authLogout();
+    }
   } catch {
     // Already expired or unreachable: forgetting it here is what matters.
   }

@@ -2,15 +2,28 @@
 // the generated client or talks to the network (src/api/access-path.test.ts
 // fails otherwise).
 
-export { api, logIn, logOut, newIdempotencyKey, onSignedOut, signUp } from "./client";
+export {
+  api,
+  logIn,
+  logOut,
+  newIdempotencyKey,
+  operatorLogIn,
+  signUp,
+  switchTenant,
+} from "./client";
 export { ApiError, toApiError, type FieldProblem } from "./errors";
-export { getSession, setSession, subscribe, type Session } from "./session";
+export { getSession, sessionEndReason, setSession, subscribe, type Session } from "./session";
 export { openTerminal, type TerminalConnection } from "./terminal";
 export type {
   AllocationState,
+  HostView,
   AllocationView,
   Availability,
   FlavorView,
   ProjectView,
+  InvitationView,
+  MemberView,
   RegionView,
+  Role,
+  SessionView,
 } from "./generated/src";

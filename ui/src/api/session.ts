@@ -11,11 +11,15 @@ export interface Session {
   tenantId: string | null;
   /** "tenant" for tenant users, "operator" for the operator console. */
   audience: "tenant" | "operator";
+  /** An operator's platform role (`operator` or `read_only_operator`). */
+  operatorRole?: string;
 }
 
 const STORAGE_KEY = "keel.session";
 const listeners = new Set<() => void>();
 let current: Session | null = load();
+/** Why the last session ended: the login page says so after an expiry. */
+let endReason: "logout" | "expired" | null = null;
 
 function load(): Session | null {
   try {
@@ -53,8 +57,10 @@ export function reloadSession(): Session | null {
   return current;
 }
 
-export function setSession(session: Session | null): void {
+/** Keeps `session`, or forgets it (`reason`: why it ended). */
+export function setSession(session: Session | null, reason: "logout" | "expired" = "logout"): void {
   current = session;
+  endReason = session ? null : reason;
   try {
     if (session) {
       globalThis.localStorage?.setItem(STORAGE_KEY, JSON.stringify(session));
@@ -65,6 +71,10 @@ export function setSession(session: Session | null): void {
     // Storage refused (private mode): the session lives in this tab only.
   }
   notify();
+}
+
+export function sessionEndReason(): "logout" | "expired" | null {
+  return endReason;
 }
 
 export function subscribe(listener: () => void): () => void {

@@ -3,13 +3,17 @@ import { useRef, type ReactNode } from "react";
 /** A button that asks before it acts, in a modal dialog. */
 export function ConfirmButton({
   label,
+  text,
   question,
   confirmLabel,
   onConfirm,
   disabled,
   danger,
 }: {
+  /** The accessible name of the button and of its dialog. */
   label: string;
+  /** What the button shows, when shorter than `label` (a row's "Revoke"). */
+  text?: string;
   question: ReactNode;
   confirmLabel: string;
   onConfirm: () => void;
@@ -23,9 +27,10 @@ export function ConfirmButton({
         type="button"
         className={danger ? "button danger" : "button"}
         disabled={disabled}
+        aria-label={text ? label : undefined}
         onClick={() => dialog.current?.showModal()}
       >
-        {label}
+        {text ?? label}
       </button>
       <dialog ref={dialog} aria-label={label}>
         <form method="dialog">

@@ -1,7 +1,8 @@
 import { useState } from "react";
 import { toApiError } from "../api";
 
-/** The API's message and a copyable request id, for any failure. */
+/** The API's message and a copyable request id, for any failure; a
+ * failure to reach the API at all says so, whatever was being done. */
 export function ErrorNotice({ error, title }: { error: unknown; title?: string }) {
   const problem = toApiError(error);
   const [copied, setCopied] = useState(false);
@@ -14,7 +15,7 @@ export function ErrorNotice({ error, title }: { error: unknown; title?: string }
   return (
     <div className="notice notice-error" role="alert">
       <p>
-        <strong>{title ?? (problem.status === 0 ? "Keel is unreachable" : "Something went wrong")}</strong>
+        <strong>{problem.status === 0 ? "Keel is unreachable" : (title ?? "Something went wrong")}</strong>
         {": "}
         {problem.message}
       </p>

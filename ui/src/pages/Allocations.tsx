@@ -2,6 +2,7 @@ import { useQuery } from "@tanstack/react-query";
 import { Link, useParams } from "react-router";
 import { api } from "../api";
 import { ErrorNotice } from "../components/ErrorNotice";
+import { TableWrap } from "../components/TableWrap";
 import { Loading } from "../components/Loading";
 import { PageHeading } from "../components/PageHeading";
 import { StateBadge } from "../components/StateBadge";
@@ -34,7 +35,7 @@ export function AllocationsPage() {
         </div>
       )}
       {items.length > 0 && (
-        <div className="table-wrap">
+        <TableWrap label="Allocations table">
           <table>
             <caption className="visually-hidden">Allocations of this project</caption>
             <thead>
@@ -64,7 +65,7 @@ export function AllocationsPage() {
               ))}
             </tbody>
           </table>
-        </div>
+        </TableWrap>
       )}
       {allocations.data?.nextCursor && (
         <p className="hint">Showing the first {items.length} allocations.</p>

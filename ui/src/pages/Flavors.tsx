@@ -2,6 +2,7 @@ import { useQuery } from "@tanstack/react-query";
 import { Link, useParams } from "react-router";
 import { api } from "../api";
 import { ErrorNotice } from "../components/ErrorNotice";
+import { TableWrap } from "../components/TableWrap";
 import { Loading } from "../components/Loading";
 import { PageHeading } from "../components/PageHeading";
 import { UpdatedAt } from "../components/UpdatedAt";
@@ -32,7 +33,7 @@ export function FlavorsPage() {
       {availability.error && <ErrorNotice error={availability.error} title="Availability could not be loaded" />}
       {flavors.data && flavors.data.items.length === 0 && <p className="empty">No flavors are offered yet.</p>}
       {flavors.data && flavors.data.items.length > 0 && (
-        <div className="table-wrap">
+        <TableWrap label="Flavors table">
           <table>
             <caption className="visually-hidden">Flavors, and how many of each can launch now per region</caption>
             <thead>
@@ -58,7 +59,7 @@ export function FlavorsPage() {
               ))}
             </tbody>
           </table>
-        </div>
+        </TableWrap>
       )}
     </>
   );

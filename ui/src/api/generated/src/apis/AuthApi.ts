@@ -69,6 +69,16 @@ import {
     RegisterResponseToJSON,
 } from '../models/RegisterResponse';
 import {
+    type SessionView,
+    SessionViewFromJSON,
+    SessionViewToJSON,
+} from '../models/SessionView';
+import {
+    type SwitchRequest,
+    SwitchRequestFromJSON,
+    SwitchRequestToJSON,
+} from '../models/SwitchRequest';
+import {
     type TokenExchangeRequest,
     TokenExchangeRequestFromJSON,
     TokenExchangeRequestToJSON,
@@ -130,6 +140,13 @@ export interface AuthRegisterRequest {
      * 
      */
     registerRequest: RegisterRequest;
+}
+
+export interface AuthSwitchRequest {
+    /**
+     * 
+     */
+    switchRequest: SwitchRequest;
 }
 
 export interface AuthTokenExchangeRequest {
@@ -350,6 +367,50 @@ export interface AuthApiInterface {
      * Create an account: a user, their tenant, and a default project.
      */
     authRegister(requestParameters: AuthRegisterRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<RegisterResponse>;
+
+    /**
+     * Creates request options for authSessionGet without sending the request
+     * @throws {RequiredError}
+     * @memberof AuthApiInterface
+     */
+    authSessionGetRequestOpts(): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Who the caller is: their user, the tenant this session acts in and their role there, and every tenant they belong to.
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AuthApiInterface
+     */
+    authSessionGetRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<SessionView>>;
+
+    /**
+     * Who the caller is: their user, the tenant this session acts in and their role there, and every tenant they belong to.
+     */
+    authSessionGet(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<SessionView>;
+
+    /**
+     * Creates request options for authSwitch without sending the request
+     * @param {SwitchRequest} switchRequest 
+     * @throws {RequiredError}
+     * @memberof AuthApiInterface
+     */
+    authSwitchRequestOpts(requestParameters: AuthSwitchRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Switch tenants: the caller\'s session moves to another of their tenants, without the password. The current refresh token is used up (as by a refresh); the new session ends when the current one would.
+     * @param {SwitchRequest} switchRequest 
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AuthApiInterface
+     */
+    authSwitchRaw(requestParameters: AuthSwitchRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<TokenResponse>>;
+
+    /**
+     * Switch tenants: the caller\'s session moves to another of their tenants, without the password. The current refresh token is used up (as by a refresh); the new session ends when the current one would.
+     */
+    authSwitch(requestParameters: AuthSwitchRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<TokenResponse>;
 
     /**
      * Creates request options for authTokenExchange without sending the request
@@ -827,6 +888,106 @@ export class AuthApi extends runtime.BaseAPI implements AuthApiInterface {
      */
     async authRegister(requestParameters: AuthRegisterRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<RegisterResponse> {
         const response = await this.authRegisterRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for authSessionGet without sending the request
+     */
+    async authSessionGetRequestOpts(): Promise<runtime.RequestOpts> {
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/auth/session`;
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Who the caller is: their user, the tenant this session acts in and their role there, and every tenant they belong to.
+     */
+    async authSessionGetRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<SessionView>> {
+        const requestOptions = await this.authSessionGetRequestOpts();
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => SessionViewFromJSON(jsonValue));
+    }
+
+    /**
+     * Who the caller is: their user, the tenant this session acts in and their role there, and every tenant they belong to.
+     */
+    async authSessionGet(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<SessionView> {
+        const response = await this.authSessionGetRaw(initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for authSwitch without sending the request
+     */
+    async authSwitchRequestOpts(requestParameters: AuthSwitchRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['switchRequest'] == null) {
+            throw new runtime.RequiredError(
+                'switchRequest',
+                'Required parameter "switchRequest" was null or undefined when calling authSwitch().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/auth/switch`;
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+            body: SwitchRequestToJSON(requestParameters['switchRequest']),
+        };
+    }
+
+    /**
+     * Switch tenants: the caller\'s session moves to another of their tenants, without the password. The current refresh token is used up (as by a refresh); the new session ends when the current one would.
+     */
+    async authSwitchRaw(requestParameters: AuthSwitchRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<TokenResponse>> {
+        const requestOptions = await this.authSwitchRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => TokenResponseFromJSON(jsonValue));
+    }
+
+    /**
+     * Switch tenants: the caller\'s session moves to another of their tenants, without the password. The current refresh token is used up (as by a refresh); the new session ends when the current one would.
+     */
+    async authSwitch(requestParameters: AuthSwitchRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<TokenResponse> {
+        const response = await this.authSwitchRaw(requestParameters, initOverrides);
         return await response.value();
     }
 
