@@ -63,7 +63,11 @@ async fn run() -> anyhow::Result<()> {
             identity: Arc::clone(&identity),
         },
     );
-    let consumers: Vec<Arc<dyn Consumer>> = vec![Arc::new(provisioning)];
+    // Provisioning and billing read the same events and share nothing else.
+    let consumers: Vec<Arc<dyn Consumer>> = vec![
+        Arc::new(provisioning),
+        Arc::new(keel_billing::meter::MeteringConsumer::new(db.clone())),
+    ];
     keel_outbox::check_names(&consumers).map_err(anyhow::Error::msg)?;
 
     let instance = format!("{}-{}", hostname(), std::process::id());

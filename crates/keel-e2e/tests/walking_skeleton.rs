@@ -474,6 +474,69 @@ async fn an_allocation_runs_a_real_process_on_the_host_and_terminating_it_remove
         "scheduled, stopping, starting and terminating, each once"
     );
 
+    // The billing worker metered both runs (launch → stop, start →
+    // terminate) from the same events, each bounded by its events' times.
+    let runs_metered = || async {
+        let mut admin = database.admin().await;
+        let closed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM meter_runs WHERE allocation_id = $1::uuid AND ended_at IS NOT NULL",
+        )
+        .bind(&id)
+        .fetch_one(&mut admin)
+        .await
+        .ok()?;
+        (closed == 2).then_some(())
+    };
+    eventually("the billing worker to meter both runs", &logs, runs_metered).await;
+    // Each run starts at a `running` event's time and ends at the time of
+    // the stop or the terminate that followed it; the records add up to
+    // the runs.
+    let times: Vec<(String, time::OffsetDateTime)> = sqlx::query_as(
+        "SELECT event_type, (payload ->> 'at')::timestamptz FROM outbox
+         WHERE aggregate_id = $1::uuid
+           AND event_type IN ('allocation.running', 'allocation.stopping', 'allocation.terminating')
+         ORDER BY seq",
+    )
+    .bind(&id)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    let at = |wanted: &str| -> Vec<time::OffsetDateTime> {
+        times
+            .iter()
+            .filter(|(event_type, _)| event_type == wanted)
+            .map(|(_, at)| *at)
+            .collect()
+    };
+    let (started, stopped, terminated) = (
+        at("allocation.running"),
+        at("allocation.stopping"),
+        at("allocation.terminating"),
+    );
+    let runs: Vec<(time::OffsetDateTime, time::OffsetDateTime)> = sqlx::query_as(
+        "SELECT started_at, ended_at FROM meter_runs WHERE allocation_id = $1::uuid ORDER BY started_at",
+    )
+    .bind(&id)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        runs,
+        [(started[0], stopped[0]), (started[1], terminated[0])]
+    );
+    let metered: i64 = sqlx::query_scalar(
+        "SELECT sum(quantity)::bigint FROM usage_records WHERE allocation_id = $1::uuid",
+    )
+    .bind(&id)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    let run_time: i128 = runs
+        .iter()
+        .map(|(start, end)| (*end - *start).whole_microseconds())
+        .sum();
+    assert_eq!(i128::from(metered), run_time);
+
     // The worker seals every audit entry into its chain, and the chains
     // verify (`api audit verify` exits 0).
     eventually("the audit log to be sealed", &logs, || async {
