@@ -19,8 +19,17 @@ import {
 import { ApiError } from "./errors";
 import { getSession, reloadSession, setSession, type Session } from "./session";
 
-/** Paths whose 401 means "wrong credentials", not "session expired". */
-const CREDENTIAL_PATHS = ["/v1/auth/login", "/v1/auth/register", "/v1/auth/refresh", "/v1/admin/auth/login"];
+/** Paths whose 401 means "wrong credentials", not "session expired": never
+ * refreshed and repeated. (A switch carries the refresh token in its body:
+ * repeated after a refresh, it would present a used token, which the API
+ * takes for theft.) */
+const CREDENTIAL_PATHS = [
+  "/v1/auth/login",
+  "/v1/auth/register",
+  "/v1/auth/refresh",
+  "/v1/auth/switch",
+  "/v1/admin/auth/login",
+];
 const RETRIED = "x-keel-retried";
 
 function withHeader(init: RequestInit, name: string, value: string | null): RequestInit {
@@ -162,6 +171,9 @@ export async function signUp(email: string, password: string, tenantName: string
  * console's; then the old session, which can no longer be renewed, is
  * logged out with its own access token. */
 export async function switchTenant(tenantId: string): Promise<Session> {
+  // Renews an expired access token first: the switch itself is never
+  // repeated after a refresh (see CREDENTIAL_PATHS).
+  await api.auth.authSessionGet();
   const old = getSession();
   if (!old?.refreshToken) {
     throw new ApiError(401, "unauthenticated", "Log in again to switch organisations.", null);
