@@ -24,6 +24,10 @@
 //! api [--config FILE] operator create --email EMAIL [--role operator|read_only_operator]
 //!                               create a platform operator; the password is
 //!                               read from KEEL_OPERATOR_PASSWORD or stdin
+//! api [--config FILE] billing reconcile [--tenant UUID]
+//!                               check that every invoice adds up (total =
+//!                               subtotal - credits + tax = its rated usage);
+//!                               exits 1 on a discrepancy
 //! api openapi                   print the OpenAPI document (used by make codegen)
 //! ```
 
@@ -54,6 +58,9 @@ enum Command {
     OperatorCreate {
         email: Option<String>,
         role: PlatformRole,
+    },
+    BillingReconcile {
+        tenant: Option<uuid::Uuid>,
     },
 }
 
@@ -102,6 +109,16 @@ fn parse_args() -> anyhow::Result<(Command, Option<PathBuf>)> {
             "audit" if command.is_none() => match args.next().as_deref() {
                 Some("verify") => command = Some(Command::AuditVerify { chain: None }),
                 _ => bail!("usage: api audit verify [--chain UUID]"),
+            },
+            "billing" if command.is_none() => match args.next().as_deref() {
+                Some("reconcile") => command = Some(Command::BillingReconcile { tenant: None }),
+                _ => bail!("usage: api billing reconcile [--tenant UUID]"),
+            },
+            "--tenant" => match (&mut command, args.next().map(|v| v.parse::<uuid::Uuid>())) {
+                (Some(Command::BillingReconcile { tenant }), Some(Ok(value))) => {
+                    *tenant = Some(value)
+                }
+                _ => bail!("--tenant follows `billing reconcile` and takes a tenant id"),
             },
             "operator" if command.is_none() => match args.next().as_deref() {
                 Some("create") => {
@@ -234,6 +251,7 @@ async fn run() -> anyhow::Result<()> {
             let email = email.context("operator create needs --email")?;
             operator_create(&config, email, role).await
         }
+        Command::BillingReconcile { tenant } => billing_reconcile(&config, tenant).await,
         Command::Serve | Command::Openapi => keel_api::serve(config).await,
     }
 }
@@ -309,6 +327,29 @@ async fn audit_verify(config: &Config, chain: Option<uuid::Uuid>) -> anyhow::Res
     }
     if broken > 0 {
         bail!("{broken} audit chain(s) broken");
+    }
+    Ok(())
+}
+
+/// The billing reconciliation (`keel_billing::invoice::reconcile`): prints
+/// one JSON line per discrepancy and a summary; fails if there is any.
+async fn billing_reconcile(config: &Config, tenant: Option<uuid::Uuid>) -> anyhow::Result<()> {
+    let db = connect(config).await?;
+    // Every invoice, line and ledger entry as of one instant.
+    let mut snapshot = db.begin_snapshot().await?;
+    let (checked, discrepancies) =
+        keel_billing::invoice::reconcile(&mut snapshot, tenant.map(keel_core::ids::TenantId))
+            .await
+            .context("reconciling invoices")?;
+    for discrepancy in &discrepancies {
+        println!("{}", serde_json::to_string(discrepancy)?);
+    }
+    println!(
+        "{}",
+        serde_json::json!({ "checked": checked, "discrepancies": discrepancies.len() })
+    );
+    if !discrepancies.is_empty() {
+        bail!("{} invoice discrepancies", discrepancies.len());
     }
     Ok(())
 }

@@ -82,6 +82,12 @@ async fn run() -> anyhow::Result<()> {
         stop.subscribe(),
     ));
     let sealer = tokio::spawn(seal_audit_chains(db.clone(), stop.subscribe()));
+    config.billing.validate().map_err(anyhow::Error::msg)?;
+    let invoicer = tokio::spawn(run_invoices(
+        db.clone(),
+        config.billing.clone(),
+        stop.subscribe(),
+    ));
     let reissuer = tokio::spawn(keel_api::keys::reissue_periodically(
         Arc::clone(&keys),
         identity,
@@ -126,6 +132,7 @@ async fn run() -> anyhow::Result<()> {
     relay.await.context("relay task")?.context("relay")?;
     purge.await.context("purge task")?;
     sealer.await.context("audit sealer task")?;
+    invoicer.await.context("invoice task")?;
     liveness.await.context("host liveness task")?;
     reissuer.await.context("certificate re-issuer")?;
     if let Some(server) = metrics_server {
@@ -165,6 +172,30 @@ async fn purge_expired(
             Ok(purged) if purged == keel_outbox::retention::Purged::default() => {}
             Ok(purged) => tracing::info!(?purged, "purged delivered events and finished jobs"),
             Err(error) => tracing::warn!(error = %error, "purging the outbox failed"),
+        }
+    }
+}
+
+/// Every `billing.invoice_interval_secs`, until stopped: the invoice run
+/// (`keel_billing::runs`) — due drafts finalized, last month's drafted.
+async fn run_invoices(
+    db: keel_db::Db,
+    config: keel_billing::BillingConfig,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let period = std::time::Duration::from_secs(u64::from(config.invoice_interval_secs.max(1)));
+    let finalize_after = time::Duration::seconds(i64::from(config.finalize_after_secs));
+    let policy = keel_billing::invoice::Policy::from(&config);
+    let mut ticks = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        match keel_billing::runs::invoice_run(&db, policy, finalize_after).await {
+            Ok(report) if report == keel_billing::runs::RunReport::default() => {}
+            Ok(report) => tracing::info!(?report, "invoice run"),
+            Err(error) => tracing::warn!(error = %error, "the invoice run failed"),
         }
     }
 }

@@ -56,6 +56,9 @@ pub struct Config {
     /// The web console the api serves at `/`.
     #[serde(default)]
     pub console: ConsoleConfig,
+    /// The billing currency, tax and invoice timing (api and worker).
+    #[serde(default)]
+    pub billing: keel_billing::BillingConfig,
 }
 
 /// The web console: a directory holding the built console (`ui/dist`).
@@ -143,6 +146,7 @@ impl AgentListenerConfig {
 
 /// The top-level keys of [`Config`].
 const SECTIONS: &[&str] = &[
+    "billing",
     "server",
     "log",
     "tracing",

@@ -115,6 +115,7 @@ pub fn state_from_config(
     terminals: Arc<Terminals>,
 ) -> anyhow::Result<AppState> {
     let tokens = TokenKeys::new(&config.auth).context("invalid auth settings")?;
+    config.billing.validate().map_err(anyhow::Error::msg)?;
     Ok(AppState {
         db,
         tokens: Arc::new(tokens),
@@ -124,6 +125,7 @@ pub fn state_from_config(
         metrics: keel_http::metrics::HttpMetrics::default(),
         terminals,
         console: config.console.dir.as_deref().map(console::Console::new),
+        billing: Arc::new(config.billing.clone()),
     })
 }
 

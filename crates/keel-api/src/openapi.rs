@@ -63,6 +63,8 @@ pub fn router_and_document() -> (Router<AppState>, Document) {
         .merge(keel_inventory::admin_http::router())
         .merge(keel_provisioning::http::router())
         .merge(keel_provisioning::admin_http::router())
+        .merge(keel_billing::http::router())
+        .merge(keel_billing::admin_http::router())
         .split_for_parts()
 }
 

@@ -22,6 +22,8 @@ pub struct AppState {
     pub terminals: Arc<keel_provisioning::terminal::Terminals>,
     /// The web console served at `/` (`[console] dir`), if any.
     pub console: Option<crate::console::Console>,
+    /// The billing currency and tax (`[billing]`).
+    pub billing: Arc<keel_billing::BillingConfig>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -36,6 +38,12 @@ impl std::fmt::Debug for AppState {
 impl FromRef<AppState> for Db {
     fn from_ref(state: &AppState) -> Self {
         state.db.clone()
+    }
+}
+
+impl FromRef<AppState> for Arc<keel_billing::BillingConfig> {
+    fn from_ref(state: &AppState) -> Self {
+        state.billing.clone()
     }
 }
 

@@ -46,6 +46,13 @@ fn sample_body(operation_id: &str) -> Option<Value> {
             Some(json!({"allocations": 0, "vcpus": 0, "memory_mib": 0, "gpus": 0}))
         }
         "project_grant_set" => Some(json!({"role": "viewer"})),
+        "admin_rate_card_create" => Some(json!({
+            "flavor": "cpu.small", "region": "local-1", "currency": "USD", "unit": "hour", "unit_price": 1
+        })),
+        "admin_invoice_generate" => Some(json!({"period": "2026-01"})),
+        "admin_invoice_void" => Some(json!({"reason": "sweep"})),
+        "admin_invoice_mark_paid" => Some(json!({"reference": "sweep"})),
+        "admin_credit_grant" => Some(json!({"amount": 1, "currency": "USD"})),
         // Well formed, but for no invitation: refused as not found.
         "invitation_accept" => Some(json!({
             "token": "kit_0190a0a0a0a0a0a0a0a0a0a0a0a0a0a0_0190a0a0a0a0a0a0a0a0a0a0a0a0a0a0_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
@@ -115,6 +122,8 @@ fn fill(path: &str, ids: &Ids<'_>) -> String {
         .replace("{service_account_id}", ids.account)
         .replace("{key_id}", ids.key)
         .replace("{token_id}", ids.token)
+        // No invoice in the sweep: another resource's id is no invoice.
+        .replace("{invoice_id}", ids.allocation)
 }
 
 #[tokio::test]

@@ -213,6 +213,10 @@ actions! {
     AllocationStart,
     /// Open a terminal into a running allocation's workload.
     AllocationTerminal,
+    /// The prices (rate cards) in effect and scheduled.
+    PriceList,
+    /// The tenant's invoices, usage and credit.
+    BillingRead,
     AdminSessionEnd,
     AdminOperatorList,
     AdminOperatorCreate,
@@ -232,6 +236,11 @@ actions! {
     AdminQuotaManage,
     /// Run the allocation reconciler now.
     AdminReconcile,
+    /// Rate cards, invoices, credit and the billing reconciliation.
+    AdminBillingRead,
+    /// Add rate cards; draft, finalize, void and mark invoices paid; grant
+    /// credit.
+    AdminBillingManage,
 }
 
 impl Action {
@@ -239,7 +248,11 @@ impl Action {
     /// all (for the 404-versus-403 choice).
     fn read_action(self) -> Action {
         match self {
-            Action::FlavorList | Action::RegionList | Action::AvailabilityRead => self,
+            Action::FlavorList
+            | Action::RegionList
+            | Action::AvailabilityRead
+            | Action::PriceList
+            | Action::BillingRead => self,
             Action::AdminSessionEnd
             | Action::AdminOperatorList
             | Action::AdminOperatorCreate
@@ -253,7 +266,9 @@ impl Action {
             | Action::AdminRegionManage
             | Action::AdminQuotaRead
             | Action::AdminQuotaManage
-            | Action::AdminReconcile => self,
+            | Action::AdminReconcile
+            | Action::AdminBillingRead
+            | Action::AdminBillingManage => self,
             Action::QuotaRead => Action::ProjectRead,
             Action::SessionRead => Action::SessionRead,
             Action::SessionSwitch => Action::SessionSwitch,
@@ -330,6 +345,7 @@ const VIEWER: &[Action] = &[
     Action::FlavorList,
     Action::RegionList,
     Action::AvailabilityRead,
+    Action::PriceList,
     Action::QuotaRead,
     Action::ProjectList,
     Action::ProjectRead,
@@ -354,6 +370,7 @@ const MEMBER: &[Action] = &[
 /// Admins administer the tenant, except for the owner role.
 const ADMIN: &[Action] = &[
     Action::AuditRead,
+    Action::BillingRead,
     Action::ProjectCreate,
     Action::ProjectUpdate,
     Action::ProjectDelete,
@@ -374,6 +391,7 @@ const DELEGABLE: &[Action] = &[
     Action::FlavorList,
     Action::RegionList,
     Action::AvailabilityRead,
+    Action::PriceList,
     Action::QuotaRead,
     Action::ProjectList,
     Action::ProjectRead,
@@ -400,6 +418,7 @@ const READ_ONLY_OPERATOR: &[Action] = &[
     Action::AdminHostList,
     Action::AdminFlavorList,
     Action::AdminQuotaRead,
+    Action::AdminBillingRead,
 ];
 
 /// Operators also manage the platform.
@@ -411,6 +430,7 @@ const OPERATOR: &[Action] = &[
     Action::AdminRegionManage,
     Action::AdminQuotaManage,
     Action::AdminReconcile,
+    Action::AdminBillingManage,
 ];
 
 /// The decision: may `subject` (a tenant role or a platform role) do

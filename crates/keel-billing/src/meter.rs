@@ -128,10 +128,10 @@ async fn close_run(
     event_id: Uuid,
     event: &AllocationEvent,
 ) -> Result<(), HandlerError> {
-    let open: Option<(Uuid, OffsetDateTime)> = sqlx::query_as(
-        "SELECT opened_by, started_at FROM meter_runs
-         WHERE allocation_id = $1 AND ended_at IS NULL FOR UPDATE",
-    )
+    let open: Option<OpenRun> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {RUN_COLUMNS} FROM meter_runs
+         WHERE allocation_id = $1 AND ended_at IS NULL FOR UPDATE"
+    )))
     .bind(event.allocation_id)
     .fetch_optional(&mut **tx)
     .await
@@ -144,8 +144,8 @@ async fn close_run(
             .fetch_one(&mut **tx)
             .await
             .map_err(HandlerError::new)?;
-    let open = open.filter(|(_, started_at)| *started_at <= event.at);
-    let (Some((opened_by, started_at)), false) = (open, closed_already) else {
+    let open = open.filter(|run| run.started_at <= event.at);
+    let (Some(run), false) = (open, closed_already) else {
         // This event closed its run already (a redelivery); or the open run
         // began after this event (a late copy of an older close); or the run
         // began before billing was deployed: nothing to meter.
@@ -153,17 +153,58 @@ async fn close_run(
     };
     let ended_at = event.at;
     sqlx::query("UPDATE meter_runs SET ended_at = $2, closed_by = $3 WHERE opened_by = $1")
-        .bind(opened_by)
+        .bind(run.opened_by)
         .bind(ended_at)
         .bind(event_id)
         .execute(&mut **tx)
         .await
         .map_err(HandlerError::new)?;
-    let pieces = period::split(started_at, ended_at);
+    let from = run.billed_until.unwrap_or(run.started_at);
+    if ended_at < from {
+        // The run was cut at a period end it never reached: `cut_open_runs`
+        // waits for billing to have every event of the allocation, so only
+        // an event that was dead when the cut ran gets here.
+        tracing::warn!(
+            allocation_id = %event.allocation_id,
+            billed_until = %from,
+            %ended_at,
+            "a run ended before the period end it was billed until"
+        );
+        return Ok(());
+    }
+    insert_pieces(tx, &run, event_id, &period::split(from, ended_at))
+        .await
+        .map_err(HandlerError::new)
+}
+
+/// An open run as the meter reads it.
+#[derive(Debug, sqlx::FromRow)]
+struct OpenRun {
+    opened_by: Uuid,
+    allocation_id: Uuid,
+    tenant_id: Uuid,
+    project_id: Uuid,
+    flavor: String,
+    region: String,
+    started_at: OffsetDateTime,
+    billed_until: Option<OffsetDateTime>,
+}
+
+const RUN_COLUMNS: &str =
+    "opened_by, allocation_id, tenant_id, project_id, flavor, region, started_at, billed_until";
+
+/// Writes a run's pieces as usage records made by `source_event_id`; a
+/// piece recorded already (same event, same period) is left alone.
+async fn insert_pieces(
+    conn: &mut sqlx::PgConnection,
+    run: &OpenRun,
+    source_event_id: Uuid,
+    pieces: &[period::Piece],
+) -> Result<(), sqlx::Error> {
     let mut ids = Vec::with_capacity(pieces.len());
     let (mut periods, mut starts, mut ends, mut quantities) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for piece in &pieces {
+    for piece in pieces {
         ids.push(Uuid::now_v7());
         periods.push(piece.period);
         starts.push(piece.start);
@@ -180,21 +221,76 @@ async fn close_run(
          ON CONFLICT (source_event_id, period_start) DO NOTHING",
     )
     .bind(&ids)
-    .bind(event.tenant_id)
-    .bind(event.project_id)
-    .bind(event.allocation_id)
+    .bind(run.tenant_id)
+    .bind(run.project_id)
+    .bind(run.allocation_id)
     .bind(RUN_METER)
-    .bind(&event.flavor)
-    .bind(&event.region)
-    .bind(event_id)
+    .bind(&run.flavor)
+    .bind(&run.region)
+    .bind(source_event_id)
     .bind(&periods)
     .bind(&starts)
     .bind(&ends)
     .bind(&quantities)
-    .execute(&mut **tx)
-    .await
-    .map_err(HandlerError::new)?;
+    .execute(conn)
+    .await?;
     Ok(())
+}
+
+/// How long after a period end its open runs may be cut: an event whose
+/// change happened before the end is committed and fanned out by then.
+pub const CUT_GRACE: time::Duration = time::Duration::minutes(5);
+
+/// Cuts a tenant's open runs at the end of `period` (at least
+/// [`CUT_GRACE`] ago): the time each ran before it becomes usage records
+/// (made by the run's opening event), and the run goes on from there, so
+/// an invoice sees a run that spans its period end. A run is cut only when
+/// billing has every event of its allocation (none waiting to be fanned
+/// out, queued or dead): otherwise the change that ended it may be among
+/// them, and the cut would bill time after it. Such a run is cut by a
+/// later call, or metered whole when its close arrives (as late usage on
+/// the next invoice). Returns how many runs were cut.
+pub async fn cut_open_runs(
+    db: &Db,
+    tenant_id: Uuid,
+    period: period::Period,
+) -> Result<u64, crate::BillingError> {
+    let boundary = period.end();
+    let mut tx = db.begin_bookkeeping().await?;
+    let now: OffsetDateTime = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut *tx)
+        .await?;
+    if boundary > now - CUT_GRACE {
+        return Err(crate::BillingError::PeriodNotEnded);
+    }
+    let runs: Vec<OpenRun> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {RUN_COLUMNS} FROM meter_runs r
+          WHERE r.tenant_id = $1 AND r.ended_at IS NULL
+            AND coalesce(r.billed_until, r.started_at) < $2
+            AND NOT EXISTS (SELECT FROM outbox_deliveries d
+                             WHERE d.consumer = $3 AND d.aggregate_id = r.allocation_id
+                               AND d.status IN ('pending', 'queued', 'dead'))
+            AND NOT EXISTS (SELECT FROM outbox o
+                             WHERE o.fanned_out_at IS NULL AND o.aggregate_id = r.allocation_id)
+          ORDER BY r.opened_by
+          FOR UPDATE OF r"
+    )))
+    .bind(tenant_id)
+    .bind(boundary)
+    .bind(CONSUMER)
+    .fetch_all(&mut *tx)
+    .await?;
+    for run in &runs {
+        let from = run.billed_until.unwrap_or(run.started_at);
+        insert_pieces(&mut tx, run, run.opened_by, &period::split(from, boundary)).await?;
+        sqlx::query("UPDATE meter_runs SET billed_until = $2 WHERE opened_by = $1")
+            .bind(run.opened_by)
+            .bind(boundary)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(runs.len() as u64)
 }
 
 impl Consumer for MeteringConsumer {

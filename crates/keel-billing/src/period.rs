@@ -11,6 +11,11 @@ pub fn period_of(at: OffsetDateTime) -> Date {
     Date::from_calendar_date(at.year(), at.month(), 1).unwrap_or(at.date())
 }
 
+/// The first instant of `period`.
+pub fn period_start(period: Date) -> OffsetDateTime {
+    period.with_time(Time::MIDNIGHT).assume_utc()
+}
+
 /// The first instant of the month after `period` (for the last month
 /// `time` can name, the last instant it can).
 pub fn period_end(period: Date) -> OffsetDateTime {
@@ -49,6 +54,54 @@ pub fn split(start: OffsetDateTime, end: OffsetDateTime) -> Vec<Piece> {
         from = until;
     }
     pieces
+}
+
+/// The years a [`Period`] may name.
+pub const FIRST_YEAR: i32 = 2000;
+pub const LAST_YEAR: i32 = 9998;
+
+/// A billing period as the API names it: `YYYY-MM`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Period(pub Date);
+
+impl Period {
+    pub fn parse(text: &str) -> Option<Self> {
+        let (year, month) = text.split_once('-')?;
+        if year.len() != 4 || month.len() != 2 {
+            return None;
+        }
+        let year: i32 = year.parse().ok()?;
+        // Keel bills real months: far-away years are typing errors (and the
+        // end of the last month `time` can name would overflow).
+        if !(FIRST_YEAR..=LAST_YEAR).contains(&year) {
+            return None;
+        }
+        let month: u8 = month.parse().ok()?;
+        let month = time::Month::try_from(month).ok()?;
+        Date::from_calendar_date(year, month, 1).ok().map(Self)
+    }
+
+    /// The period before the one `at` lies in.
+    pub fn before(at: OffsetDateTime) -> Self {
+        let this = period_of(at);
+        Self(period_of(period_start(this) - time::Duration::days(1)))
+    }
+
+    pub fn start(self) -> OffsetDateTime {
+        period_start(self.0)
+    }
+
+    pub fn end(self) -> OffsetDateTime {
+        period_end(self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Period {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(deserializer)?;
+        Period::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom("a period is a month written YYYY-MM"))
+    }
 }
 
 #[cfg(test)]

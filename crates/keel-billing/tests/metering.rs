@@ -6,86 +6,18 @@
 
 use std::sync::Arc;
 
-use keel_billing::meter::{MeteringConsumer, RUN_METER};
+use keel_billing::meter::MeteringConsumer;
 use keel_core::ResourceName;
-use keel_core::ids::{EventId, TenantId};
+use keel_core::ids::TenantId;
 use keel_db::{Audit, NewEvent, RequestMeta};
-use keel_outbox::{Consumer, DeliveredEvent, relay, worker};
+use keel_outbox::{Consumer, relay, worker};
 use serde_json::json;
 use time::OffsetDateTime;
 use time::macros::datetime;
 use uuid::Uuid;
 
-/// One allocation's identity, as its events carry it.
-#[derive(Clone, Copy)]
-struct Allocation {
-    id: Uuid,
-    tenant: Uuid,
-    project: Uuid,
-}
-
-impl Allocation {
-    fn new() -> Self {
-        Self {
-            id: Uuid::now_v7(),
-            tenant: Uuid::now_v7(),
-            project: Uuid::now_v7(),
-        }
-    }
-
-    fn payload(
-        &self,
-        state: &str,
-        previous: Option<&str>,
-        at: OffsetDateTime,
-    ) -> serde_json::Value {
-        json!({
-            "allocation_id": self.id,
-            "tenant_id": self.tenant,
-            "project_id": self.project,
-            "state": state,
-            "previous_state": previous,
-            "host_id": Uuid::now_v7(),
-            "flavor": "cpu.small",
-            "region": "local-1",
-            "failure_reason": null,
-            "at": at.format(&time::format_description::well_known::Rfc3339).unwrap(),
-        })
-    }
-
-    /// An event as a delivery hands it to the consumer.
-    fn event(&self, state: &str, previous: Option<&str>, at: OffsetDateTime) -> DeliveredEvent {
-        DeliveredEvent {
-            id: EventId::new(),
-            tenant_id: Some(TenantId::from(self.tenant)),
-            event_type: format!("allocation.{state}"),
-            aggregate_type: "allocation".into(),
-            aggregate_id: self.id,
-            aggregate_version: 1,
-            resource: "krn:keel:test".into(),
-            payload: self.payload(state, previous, at),
-            traceparent: None,
-            request_id: "test".into(),
-            created_at: at,
-        }
-    }
-}
-
-/// (period, started_at, ended_at, quantity) of the allocation's records.
-async fn records(
-    test: &keel_testing::TestDb,
-    allocation: Uuid,
-) -> Vec<(time::Date, OffsetDateTime, OffsetDateTime, i64)> {
-    sqlx::query_as(
-        "SELECT period_start, started_at, ended_at, quantity FROM usage_records
-         WHERE allocation_id = $1 AND meter = $2 ORDER BY started_at",
-    )
-    .bind(allocation)
-    .bind(RUN_METER)
-    .fetch_all(&mut test.admin().await)
-    .await
-    .unwrap()
-}
+mod common;
+use common::{Allocation, records};
 
 const HOUR_US: i64 = 3_600_000_000;
 

@@ -122,3 +122,15 @@ typed_id!(
     /// One login of an operator.
     OperatorSessionId
 );
+typed_id!(
+    /// A price for one flavor in one region over a span of time.
+    RateCardId
+);
+typed_id!(
+    /// A tenant's invoice for one billing period.
+    InvoiceId
+);
+typed_id!(
+    /// One entry of a tenant's prepaid credit ledger.
+    CreditEntryId
+);

@@ -102,6 +102,22 @@ impl Db {
         Ok(tx)
     }
 
+    /// A read-only system transaction on one snapshot (`REPEATABLE READ`):
+    /// checks that read many rows across tenants (the billing
+    /// reconciliation) see them as of one instant, not half before and
+    /// half after a concurrent change.
+    pub async fn begin_snapshot(&self) -> Result<PgTransaction, DbError> {
+        let mut tx = tx::begin_detached(
+            &self.pool,
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY".to_owned(),
+        )
+        .await?;
+        sqlx::query("SET LOCAL ROLE keel_system")
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+
     /// One bookkeeping statement as the system role in one round trip: a
     /// simple query holding `SET LOCAL ROLE keel_system` and `statement`,
     /// which Postgres runs as one implicit transaction and rolls back by

@@ -51,6 +51,7 @@ pub fn test_config(database: &TestDb) -> keel_api::Config {
         metrics: Default::default(),
         terminal: Default::default(),
         console: Default::default(),
+        billing: Default::default(),
     }
 }
 
@@ -120,6 +121,7 @@ impl TestApp {
             metrics: keel_http::metrics::HttpMetrics::default(),
             terminals,
             console: None,
+            billing: Arc::new(config.billing.clone()),
         };
         Self {
             database,

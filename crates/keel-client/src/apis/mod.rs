@@ -117,6 +117,7 @@ pub mod admin_api;
 pub mod allocations_api;
 pub mod audit_api;
 pub mod auth_api;
+pub mod billing_api;
 pub mod health_api;
 pub mod inventory_api;
 pub mod members_api;

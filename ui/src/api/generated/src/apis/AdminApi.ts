@@ -29,6 +29,16 @@ import {
     ChainVerificationToJSON,
 } from '../models/ChainVerification';
 import {
+    type CreditEntryView,
+    CreditEntryViewFromJSON,
+    CreditEntryViewToJSON,
+} from '../models/CreditEntryView';
+import {
+    type CreditView,
+    CreditViewFromJSON,
+    CreditViewToJSON,
+} from '../models/CreditView';
+import {
     type ErrorBody,
     ErrorBodyFromJSON,
     ErrorBodyToJSON,
@@ -39,10 +49,35 @@ import {
     HostViewToJSON,
 } from '../models/HostView';
 import {
+    type InvoiceDetail,
+    InvoiceDetailFromJSON,
+    InvoiceDetailToJSON,
+} from '../models/InvoiceDetail';
+import {
+    type InvoiceRequest,
+    InvoiceRequestFromJSON,
+    InvoiceRequestToJSON,
+} from '../models/InvoiceRequest';
+import {
+    type MarkPaidRequest,
+    MarkPaidRequestFromJSON,
+    MarkPaidRequestToJSON,
+} from '../models/MarkPaidRequest';
+import {
     type NewFlavor,
     NewFlavorFromJSON,
     NewFlavorToJSON,
 } from '../models/NewFlavor';
+import {
+    type NewGrant,
+    NewGrantFromJSON,
+    NewGrantToJSON,
+} from '../models/NewGrant';
+import {
+    type NewRateCard,
+    NewRateCardFromJSON,
+    NewRateCardToJSON,
+} from '../models/NewRateCard';
 import {
     type NewRegion,
     NewRegionFromJSON,
@@ -74,6 +109,11 @@ import {
     PaginatedHostViewToJSON,
 } from '../models/PaginatedHostView';
 import {
+    type PaginatedInvoiceView,
+    PaginatedInvoiceViewFromJSON,
+    PaginatedInvoiceViewToJSON,
+} from '../models/PaginatedInvoiceView';
+import {
     type PaginatedOperatorView,
     PaginatedOperatorViewFromJSON,
     PaginatedOperatorViewToJSON,
@@ -89,10 +129,20 @@ import {
     QuotaLimitsToJSON,
 } from '../models/QuotaLimits';
 import {
+    type RateCardView,
+    RateCardViewFromJSON,
+    RateCardViewToJSON,
+} from '../models/RateCardView';
+import {
     type ReconcileReport,
     ReconcileReportFromJSON,
     ReconcileReportToJSON,
 } from '../models/ReconcileReport';
+import {
+    type ReconciliationReport,
+    ReconciliationReportFromJSON,
+    ReconciliationReportToJSON,
+} from '../models/ReconciliationReport';
 import {
     type RegionView,
     RegionViewFromJSON,
@@ -103,6 +153,37 @@ import {
     TenantQuotaFromJSON,
     TenantQuotaToJSON,
 } from '../models/TenantQuota';
+import {
+    type VoidRequest,
+    VoidRequestFromJSON,
+    VoidRequestToJSON,
+} from '../models/VoidRequest';
+
+export interface AdminCreditGetRequest {
+    /**
+     * The tenant
+     */
+    tenantId: string;
+    /**
+     * How many items to return (1–200, default 50).
+     */
+    limit?: number;
+    /**
+     * The `next_cursor` of the previous page.
+     */
+    cursor?: string;
+}
+
+export interface AdminCreditGrantRequest {
+    /**
+     * The tenant
+     */
+    tenantId: string;
+    /**
+     * 
+     */
+    newGrant: NewGrant;
+}
 
 export interface AdminFlavorCreateRequest {
     /**
@@ -171,6 +252,72 @@ export interface AdminHostUncordonRequest {
      * The host's `ETag`
      */
     ifMatch?: string | null;
+}
+
+export interface AdminInvoiceFinalizeRequest {
+    /**
+     * The invoice
+     */
+    invoiceId: string;
+}
+
+export interface AdminInvoiceGenerateRequest {
+    /**
+     * The tenant
+     */
+    tenantId: string;
+    /**
+     * 
+     */
+    invoiceRequest: InvoiceRequest;
+}
+
+export interface AdminInvoiceGetRequest {
+    /**
+     * The invoice
+     */
+    invoiceId: string;
+}
+
+export interface AdminInvoiceListRequest {
+    /**
+     * 
+     */
+    tenantId?: string;
+    /**
+     * `draft`, `finalized`, `paid` or `void`.
+     */
+    state?: string;
+    /**
+     * 
+     */
+    limit?: number;
+    /**
+     * 
+     */
+    cursor?: string;
+}
+
+export interface AdminInvoiceMarkPaidRequest {
+    /**
+     * The invoice
+     */
+    invoiceId: string;
+    /**
+     * 
+     */
+    markPaidRequest: MarkPaidRequest;
+}
+
+export interface AdminInvoiceVoidRequest {
+    /**
+     * The invoice
+     */
+    invoiceId: string;
+    /**
+     * 
+     */
+    voidRequest: VoidRequest;
 }
 
 export interface AdminLoginRequest {
@@ -243,6 +390,24 @@ export interface AdminQuotaDefaultsSetRequest {
     ifMatch?: string | null;
 }
 
+export interface AdminRateCardCreateRequest {
+    /**
+     * 
+     */
+    newRateCard: NewRateCard;
+}
+
+export interface AdminRateCardListRequest {
+    /**
+     * 
+     */
+    flavor?: string;
+    /**
+     * 
+     */
+    region?: string;
+}
+
 export interface AdminRegionCreateRequest {
     /**
      * 
@@ -310,6 +475,79 @@ export interface AdminApiInterface {
      * Verify every audit hash chain (every tenant\'s and the platform\'s).
      */
     adminAuditVerify(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<Array<ChainVerification>>;
+
+    /**
+     * Creates request options for adminBillingReconcile without sending the request
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminBillingReconcileRequestOpts(): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Check that every invoice adds up: total = subtotal − credits + tax, subtotal = the sum of the lines, each line its quantity at its price, credits = the ledger\'s draw, and a finalized invoice\'s lines = its usage rated again. Also `api billing reconcile`.
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminBillingReconcileRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<ReconciliationReport>>;
+
+    /**
+     * Check that every invoice adds up: total = subtotal − credits + tax, subtotal = the sum of the lines, each line its quantity at its price, credits = the ledger\'s draw, and a finalized invoice\'s lines = its usage rated again. Also `api billing reconcile`.
+     */
+    adminBillingReconcile(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<ReconciliationReport>;
+
+    /**
+     * Creates request options for adminCreditGet without sending the request
+     * @param {string} tenantId The tenant
+     * @param {number} [limit] How many items to return (1–200, default 50).
+     * @param {string} [cursor] The &#x60;next_cursor&#x60; of the previous page.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminCreditGetRequestOpts(requestParameters: AdminCreditGetRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary A tenant\'s credit balance and ledger.
+     * @param {string} tenantId The tenant
+     * @param {number} [limit] How many items to return (1–200, default 50).
+     * @param {string} [cursor] The &#x60;next_cursor&#x60; of the previous page.
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminCreditGetRaw(requestParameters: AdminCreditGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<CreditView>>;
+
+    /**
+     * A tenant\'s credit balance and ledger.
+     */
+    adminCreditGet(requestParameters: AdminCreditGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<CreditView>;
+
+    /**
+     * Creates request options for adminCreditGrant without sending the request
+     * @param {string} tenantId The tenant
+     * @param {NewGrant} newGrant 
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminCreditGrantRequestOpts(requestParameters: AdminCreditGrantRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Grant a tenant credit: a gift, a contract\'s prepayment, or a payment received out of band (the manual payment provider). A grant with a reference is made once.
+     * @param {string} tenantId The tenant
+     * @param {NewGrant} newGrant 
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminCreditGrantRaw(requestParameters: AdminCreditGrantRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<CreditEntryView>>;
+
+    /**
+     * Grant a tenant credit: a gift, a contract\'s prepayment, or a payment received out of band (the manual payment provider). A grant with a reference is made once.
+     */
+    adminCreditGrant(requestParameters: AdminCreditGrantRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<CreditEntryView>;
 
     /**
      * Creates request options for adminFlavorCreate without sending the request
@@ -502,6 +740,156 @@ export interface AdminApiInterface {
      * Uncordon a host: it takes new allocations again (also ends a drain).
      */
     adminHostUncordon(requestParameters: AdminHostUncordonRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<HostView>;
+
+    /**
+     * Creates request options for adminInvoiceFinalize without sending the request
+     * @param {string} invoiceId The invoice
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminInvoiceFinalizeRequestOpts(requestParameters: AdminInvoiceFinalizeRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Finalize a draft now: its usage is claimed, credit drawn, numbers fixed. An invoice credit covers entirely is paid at once.
+     * @param {string} invoiceId The invoice
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminInvoiceFinalizeRaw(requestParameters: AdminInvoiceFinalizeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<InvoiceDetail>>;
+
+    /**
+     * Finalize a draft now: its usage is claimed, credit drawn, numbers fixed. An invoice credit covers entirely is paid at once.
+     */
+    adminInvoiceFinalize(requestParameters: AdminInvoiceFinalizeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<InvoiceDetail>;
+
+    /**
+     * Creates request options for adminInvoiceGenerate without sending the request
+     * @param {string} tenantId The tenant
+     * @param {InvoiceRequest} invoiceRequest 
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminInvoiceGenerateRequestOpts(requestParameters: AdminInvoiceGenerateRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Draft (or recompute) a tenant\'s invoice for an ended period now, rather than waiting for the worker\'s run; an invoice past draft is returned as it is. A tenant without usage gets an empty draft.
+     * @param {string} tenantId The tenant
+     * @param {InvoiceRequest} invoiceRequest 
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminInvoiceGenerateRaw(requestParameters: AdminInvoiceGenerateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<InvoiceDetail>>;
+
+    /**
+     * Draft (or recompute) a tenant\'s invoice for an ended period now, rather than waiting for the worker\'s run; an invoice past draft is returned as it is. A tenant without usage gets an empty draft.
+     */
+    adminInvoiceGenerate(requestParameters: AdminInvoiceGenerateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<InvoiceDetail>;
+
+    /**
+     * Creates request options for adminInvoiceGet without sending the request
+     * @param {string} invoiceId The invoice
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminInvoiceGetRequestOpts(requestParameters: AdminInvoiceGetRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary One invoice with its lines.
+     * @param {string} invoiceId The invoice
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminInvoiceGetRaw(requestParameters: AdminInvoiceGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<InvoiceDetail>>;
+
+    /**
+     * One invoice with its lines.
+     */
+    adminInvoiceGet(requestParameters: AdminInvoiceGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<InvoiceDetail>;
+
+    /**
+     * Creates request options for adminInvoiceList without sending the request
+     * @param {string} [tenantId] 
+     * @param {string} [state] &#x60;draft&#x60;, &#x60;finalized&#x60;, &#x60;paid&#x60; or &#x60;void&#x60;.
+     * @param {number} [limit] 
+     * @param {string} [cursor] 
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminInvoiceListRequestOpts(requestParameters: AdminInvoiceListRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Invoices of every tenant (or one), oldest first.
+     * @param {string} [tenantId] 
+     * @param {string} [state] &#x60;draft&#x60;, &#x60;finalized&#x60;, &#x60;paid&#x60; or &#x60;void&#x60;.
+     * @param {number} [limit] 
+     * @param {string} [cursor] 
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminInvoiceListRaw(requestParameters: AdminInvoiceListRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<PaginatedInvoiceView>>;
+
+    /**
+     * Invoices of every tenant (or one), oldest first.
+     */
+    adminInvoiceList(requestParameters: AdminInvoiceListRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<PaginatedInvoiceView>;
+
+    /**
+     * Creates request options for adminInvoiceMarkPaid without sending the request
+     * @param {string} invoiceId The invoice
+     * @param {MarkPaidRequest} markPaidRequest 
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminInvoiceMarkPaidRequestOpts(requestParameters: AdminInvoiceMarkPaidRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Record that a finalized invoice was paid outside Keel (the manual payment provider). Repeating it with the same reference changes nothing.
+     * @param {string} invoiceId The invoice
+     * @param {MarkPaidRequest} markPaidRequest 
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminInvoiceMarkPaidRaw(requestParameters: AdminInvoiceMarkPaidRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<InvoiceDetail>>;
+
+    /**
+     * Record that a finalized invoice was paid outside Keel (the manual payment provider). Repeating it with the same reference changes nothing.
+     */
+    adminInvoiceMarkPaid(requestParameters: AdminInvoiceMarkPaidRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<InvoiceDetail>;
+
+    /**
+     * Creates request options for adminInvoiceVoid without sending the request
+     * @param {string} invoiceId The invoice
+     * @param {VoidRequest} voidRequest 
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminInvoiceVoidRequestOpts(requestParameters: AdminInvoiceVoidRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Void an unpaid invoice: its usage is never billed; credit it drew is given back.
+     * @param {string} invoiceId The invoice
+     * @param {VoidRequest} voidRequest 
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminInvoiceVoidRaw(requestParameters: AdminInvoiceVoidRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<InvoiceDetail>>;
+
+    /**
+     * Void an unpaid invoice: its usage is never billed; credit it drew is given back.
+     */
+    adminInvoiceVoid(requestParameters: AdminInvoiceVoidRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<InvoiceDetail>;
 
     /**
      * Creates request options for adminLogin without sending the request
@@ -698,6 +1086,54 @@ export interface AdminApiInterface {
     adminQuotaDefaultsSet(requestParameters: AdminQuotaDefaultsSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<QuotaLimits>;
 
     /**
+     * Creates request options for adminRateCardCreate without sending the request
+     * @param {NewRateCard} newRateCard 
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminRateCardCreateRequestOpts(requestParameters: AdminRateCardCreateRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Add a price for a flavor in a region, from now or a later time. The latest card of the pair, if it began earlier, ends where this one begins; any other overlap is refused.
+     * @param {NewRateCard} newRateCard 
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminRateCardCreateRaw(requestParameters: AdminRateCardCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<RateCardView>>;
+
+    /**
+     * Add a price for a flavor in a region, from now or a later time. The latest card of the pair, if it began earlier, ends where this one begins; any other overlap is refused.
+     */
+    adminRateCardCreate(requestParameters: AdminRateCardCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<RateCardView>;
+
+    /**
+     * Creates request options for adminRateCardList without sending the request
+     * @param {string} [flavor] 
+     * @param {string} [region] 
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminRateCardListRequestOpts(requestParameters: AdminRateCardListRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Every rate card, past ones too.
+     * @param {string} [flavor] 
+     * @param {string} [region] 
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminRateCardListRaw(requestParameters: AdminRateCardListRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<Array<RateCardView>>>;
+
+    /**
+     * Every rate card, past ones too.
+     */
+    adminRateCardList(requestParameters: AdminRateCardListRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<Array<RateCardView>>;
+
+    /**
      * Creates request options for adminReconcile without sending the request
      * @throws {RequiredError}
      * @memberof AdminApiInterface
@@ -865,6 +1301,175 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
      */
     async adminAuditVerify(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<Array<ChainVerification>> {
         const response = await this.adminAuditVerifyRaw(initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminBillingReconcile without sending the request
+     */
+    async adminBillingReconcileRequestOpts(): Promise<runtime.RequestOpts> {
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/billing/reconcile`;
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Check that every invoice adds up: total = subtotal − credits + tax, subtotal = the sum of the lines, each line its quantity at its price, credits = the ledger\'s draw, and a finalized invoice\'s lines = its usage rated again. Also `api billing reconcile`.
+     */
+    async adminBillingReconcileRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<ReconciliationReport>> {
+        const requestOptions = await this.adminBillingReconcileRequestOpts();
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => ReconciliationReportFromJSON(jsonValue));
+    }
+
+    /**
+     * Check that every invoice adds up: total = subtotal − credits + tax, subtotal = the sum of the lines, each line its quantity at its price, credits = the ledger\'s draw, and a finalized invoice\'s lines = its usage rated again. Also `api billing reconcile`.
+     */
+    async adminBillingReconcile(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<ReconciliationReport> {
+        const response = await this.adminBillingReconcileRaw(initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminCreditGet without sending the request
+     */
+    async adminCreditGetRequestOpts(requestParameters: AdminCreditGetRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['tenantId'] == null) {
+            throw new runtime.RequiredError(
+                'tenantId',
+                'Required parameter "tenantId" was null or undefined when calling adminCreditGet().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        if (requestParameters['limit'] != null) {
+            queryParameters['limit'] = requestParameters['limit'];
+        }
+
+        if (requestParameters['cursor'] != null) {
+            queryParameters['cursor'] = requestParameters['cursor'];
+        }
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/tenants/{tenant_id}/credit`;
+        urlPath = urlPath.replace('{tenant_id}', encodeURIComponent(String(requestParameters['tenantId'])));
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * A tenant\'s credit balance and ledger.
+     */
+    async adminCreditGetRaw(requestParameters: AdminCreditGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<CreditView>> {
+        const requestOptions = await this.adminCreditGetRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => CreditViewFromJSON(jsonValue));
+    }
+
+    /**
+     * A tenant\'s credit balance and ledger.
+     */
+    async adminCreditGet(requestParameters: AdminCreditGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<CreditView> {
+        const response = await this.adminCreditGetRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminCreditGrant without sending the request
+     */
+    async adminCreditGrantRequestOpts(requestParameters: AdminCreditGrantRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['tenantId'] == null) {
+            throw new runtime.RequiredError(
+                'tenantId',
+                'Required parameter "tenantId" was null or undefined when calling adminCreditGrant().'
+            );
+        }
+
+        if (requestParameters['newGrant'] == null) {
+            throw new runtime.RequiredError(
+                'newGrant',
+                'Required parameter "newGrant" was null or undefined when calling adminCreditGrant().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/tenants/{tenant_id}/credit`;
+        urlPath = urlPath.replace('{tenant_id}', encodeURIComponent(String(requestParameters['tenantId'])));
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+            body: NewGrantToJSON(requestParameters['newGrant']),
+        };
+    }
+
+    /**
+     * Grant a tenant credit: a gift, a contract\'s prepayment, or a payment received out of band (the manual payment provider). A grant with a reference is made once.
+     */
+    async adminCreditGrantRaw(requestParameters: AdminCreditGrantRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<CreditEntryView>> {
+        const requestOptions = await this.adminCreditGrantRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => CreditEntryViewFromJSON(jsonValue));
+    }
+
+    /**
+     * Grant a tenant credit: a gift, a contract\'s prepayment, or a payment received out of band (the manual payment provider). A grant with a reference is made once.
+     */
+    async adminCreditGrant(requestParameters: AdminCreditGrantRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<CreditEntryView> {
+        const response = await this.adminCreditGrantRaw(requestParameters, initOverrides);
         return await response.value();
     }
 
@@ -1299,6 +1904,362 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
      */
     async adminHostUncordon(requestParameters: AdminHostUncordonRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<HostView> {
         const response = await this.adminHostUncordonRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminInvoiceFinalize without sending the request
+     */
+    async adminInvoiceFinalizeRequestOpts(requestParameters: AdminInvoiceFinalizeRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['invoiceId'] == null) {
+            throw new runtime.RequiredError(
+                'invoiceId',
+                'Required parameter "invoiceId" was null or undefined when calling adminInvoiceFinalize().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/invoices/{invoice_id}/finalize`;
+        urlPath = urlPath.replace('{invoice_id}', encodeURIComponent(String(requestParameters['invoiceId'])));
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Finalize a draft now: its usage is claimed, credit drawn, numbers fixed. An invoice credit covers entirely is paid at once.
+     */
+    async adminInvoiceFinalizeRaw(requestParameters: AdminInvoiceFinalizeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<InvoiceDetail>> {
+        const requestOptions = await this.adminInvoiceFinalizeRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => InvoiceDetailFromJSON(jsonValue));
+    }
+
+    /**
+     * Finalize a draft now: its usage is claimed, credit drawn, numbers fixed. An invoice credit covers entirely is paid at once.
+     */
+    async adminInvoiceFinalize(requestParameters: AdminInvoiceFinalizeRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<InvoiceDetail> {
+        const response = await this.adminInvoiceFinalizeRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminInvoiceGenerate without sending the request
+     */
+    async adminInvoiceGenerateRequestOpts(requestParameters: AdminInvoiceGenerateRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['tenantId'] == null) {
+            throw new runtime.RequiredError(
+                'tenantId',
+                'Required parameter "tenantId" was null or undefined when calling adminInvoiceGenerate().'
+            );
+        }
+
+        if (requestParameters['invoiceRequest'] == null) {
+            throw new runtime.RequiredError(
+                'invoiceRequest',
+                'Required parameter "invoiceRequest" was null or undefined when calling adminInvoiceGenerate().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/tenants/{tenant_id}/invoices`;
+        urlPath = urlPath.replace('{tenant_id}', encodeURIComponent(String(requestParameters['tenantId'])));
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+            body: InvoiceRequestToJSON(requestParameters['invoiceRequest']),
+        };
+    }
+
+    /**
+     * Draft (or recompute) a tenant\'s invoice for an ended period now, rather than waiting for the worker\'s run; an invoice past draft is returned as it is. A tenant without usage gets an empty draft.
+     */
+    async adminInvoiceGenerateRaw(requestParameters: AdminInvoiceGenerateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<InvoiceDetail>> {
+        const requestOptions = await this.adminInvoiceGenerateRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => InvoiceDetailFromJSON(jsonValue));
+    }
+
+    /**
+     * Draft (or recompute) a tenant\'s invoice for an ended period now, rather than waiting for the worker\'s run; an invoice past draft is returned as it is. A tenant without usage gets an empty draft.
+     */
+    async adminInvoiceGenerate(requestParameters: AdminInvoiceGenerateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<InvoiceDetail> {
+        const response = await this.adminInvoiceGenerateRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminInvoiceGet without sending the request
+     */
+    async adminInvoiceGetRequestOpts(requestParameters: AdminInvoiceGetRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['invoiceId'] == null) {
+            throw new runtime.RequiredError(
+                'invoiceId',
+                'Required parameter "invoiceId" was null or undefined when calling adminInvoiceGet().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/invoices/{invoice_id}`;
+        urlPath = urlPath.replace('{invoice_id}', encodeURIComponent(String(requestParameters['invoiceId'])));
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * One invoice with its lines.
+     */
+    async adminInvoiceGetRaw(requestParameters: AdminInvoiceGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<InvoiceDetail>> {
+        const requestOptions = await this.adminInvoiceGetRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => InvoiceDetailFromJSON(jsonValue));
+    }
+
+    /**
+     * One invoice with its lines.
+     */
+    async adminInvoiceGet(requestParameters: AdminInvoiceGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<InvoiceDetail> {
+        const response = await this.adminInvoiceGetRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminInvoiceList without sending the request
+     */
+    async adminInvoiceListRequestOpts(requestParameters: AdminInvoiceListRequest): Promise<runtime.RequestOpts> {
+        const queryParameters: any = {};
+
+        if (requestParameters['tenantId'] != null) {
+            queryParameters['tenant_id'] = requestParameters['tenantId'];
+        }
+
+        if (requestParameters['state'] != null) {
+            queryParameters['state'] = requestParameters['state'];
+        }
+
+        if (requestParameters['limit'] != null) {
+            queryParameters['limit'] = requestParameters['limit'];
+        }
+
+        if (requestParameters['cursor'] != null) {
+            queryParameters['cursor'] = requestParameters['cursor'];
+        }
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/invoices`;
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Invoices of every tenant (or one), oldest first.
+     */
+    async adminInvoiceListRaw(requestParameters: AdminInvoiceListRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<PaginatedInvoiceView>> {
+        const requestOptions = await this.adminInvoiceListRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => PaginatedInvoiceViewFromJSON(jsonValue));
+    }
+
+    /**
+     * Invoices of every tenant (or one), oldest first.
+     */
+    async adminInvoiceList(requestParameters: AdminInvoiceListRequest = {}, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<PaginatedInvoiceView> {
+        const response = await this.adminInvoiceListRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminInvoiceMarkPaid without sending the request
+     */
+    async adminInvoiceMarkPaidRequestOpts(requestParameters: AdminInvoiceMarkPaidRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['invoiceId'] == null) {
+            throw new runtime.RequiredError(
+                'invoiceId',
+                'Required parameter "invoiceId" was null or undefined when calling adminInvoiceMarkPaid().'
+            );
+        }
+
+        if (requestParameters['markPaidRequest'] == null) {
+            throw new runtime.RequiredError(
+                'markPaidRequest',
+                'Required parameter "markPaidRequest" was null or undefined when calling adminInvoiceMarkPaid().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/invoices/{invoice_id}/mark-paid`;
+        urlPath = urlPath.replace('{invoice_id}', encodeURIComponent(String(requestParameters['invoiceId'])));
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+            body: MarkPaidRequestToJSON(requestParameters['markPaidRequest']),
+        };
+    }
+
+    /**
+     * Record that a finalized invoice was paid outside Keel (the manual payment provider). Repeating it with the same reference changes nothing.
+     */
+    async adminInvoiceMarkPaidRaw(requestParameters: AdminInvoiceMarkPaidRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<InvoiceDetail>> {
+        const requestOptions = await this.adminInvoiceMarkPaidRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => InvoiceDetailFromJSON(jsonValue));
+    }
+
+    /**
+     * Record that a finalized invoice was paid outside Keel (the manual payment provider). Repeating it with the same reference changes nothing.
+     */
+    async adminInvoiceMarkPaid(requestParameters: AdminInvoiceMarkPaidRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<InvoiceDetail> {
+        const response = await this.adminInvoiceMarkPaidRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminInvoiceVoid without sending the request
+     */
+    async adminInvoiceVoidRequestOpts(requestParameters: AdminInvoiceVoidRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['invoiceId'] == null) {
+            throw new runtime.RequiredError(
+                'invoiceId',
+                'Required parameter "invoiceId" was null or undefined when calling adminInvoiceVoid().'
+            );
+        }
+
+        if (requestParameters['voidRequest'] == null) {
+            throw new runtime.RequiredError(
+                'voidRequest',
+                'Required parameter "voidRequest" was null or undefined when calling adminInvoiceVoid().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/invoices/{invoice_id}/void`;
+        urlPath = urlPath.replace('{invoice_id}', encodeURIComponent(String(requestParameters['invoiceId'])));
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+            body: VoidRequestToJSON(requestParameters['voidRequest']),
+        };
+    }
+
+    /**
+     * Void an unpaid invoice: its usage is never billed; credit it drew is given back.
+     */
+    async adminInvoiceVoidRaw(requestParameters: AdminInvoiceVoidRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<InvoiceDetail>> {
+        const requestOptions = await this.adminInvoiceVoidRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => InvoiceDetailFromJSON(jsonValue));
+    }
+
+    /**
+     * Void an unpaid invoice: its usage is never billed; credit it drew is given back.
+     */
+    async adminInvoiceVoid(requestParameters: AdminInvoiceVoidRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<InvoiceDetail> {
+        const response = await this.adminInvoiceVoidRaw(requestParameters, initOverrides);
         return await response.value();
     }
 
@@ -1741,6 +2702,114 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
      */
     async adminQuotaDefaultsSet(requestParameters: AdminQuotaDefaultsSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<QuotaLimits> {
         const response = await this.adminQuotaDefaultsSetRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminRateCardCreate without sending the request
+     */
+    async adminRateCardCreateRequestOpts(requestParameters: AdminRateCardCreateRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['newRateCard'] == null) {
+            throw new runtime.RequiredError(
+                'newRateCard',
+                'Required parameter "newRateCard" was null or undefined when calling adminRateCardCreate().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/rate-cards`;
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+            body: NewRateCardToJSON(requestParameters['newRateCard']),
+        };
+    }
+
+    /**
+     * Add a price for a flavor in a region, from now or a later time. The latest card of the pair, if it began earlier, ends where this one begins; any other overlap is refused.
+     */
+    async adminRateCardCreateRaw(requestParameters: AdminRateCardCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<RateCardView>> {
+        const requestOptions = await this.adminRateCardCreateRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => RateCardViewFromJSON(jsonValue));
+    }
+
+    /**
+     * Add a price for a flavor in a region, from now or a later time. The latest card of the pair, if it began earlier, ends where this one begins; any other overlap is refused.
+     */
+    async adminRateCardCreate(requestParameters: AdminRateCardCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<RateCardView> {
+        const response = await this.adminRateCardCreateRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminRateCardList without sending the request
+     */
+    async adminRateCardListRequestOpts(requestParameters: AdminRateCardListRequest): Promise<runtime.RequestOpts> {
+        const queryParameters: any = {};
+
+        if (requestParameters['flavor'] != null) {
+            queryParameters['flavor'] = requestParameters['flavor'];
+        }
+
+        if (requestParameters['region'] != null) {
+            queryParameters['region'] = requestParameters['region'];
+        }
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/rate-cards`;
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Every rate card, past ones too.
+     */
+    async adminRateCardListRaw(requestParameters: AdminRateCardListRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<Array<RateCardView>>> {
+        const requestOptions = await this.adminRateCardListRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => jsonValue.map(RateCardViewFromJSON));
+    }
+
+    /**
+     * Every rate card, past ones too.
+     */
+    async adminRateCardList(requestParameters: AdminRateCardListRequest = {}, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<Array<RateCardView>> {
+        const response = await this.adminRateCardListRaw(requestParameters, initOverrides);
         return await response.value();
     }
 

@@ -4,6 +4,7 @@ export * from './AdminApi';
 export * from './AllocationsApi';
 export * from './AuditApi';
 export * from './AuthApi';
+export * from './BillingApi';
 export * from './HealthApi';
 export * from './InventoryApi';
 export * from './MembersApi';

@@ -1,0 +1,284 @@
+//! Billing over HTTP: operators price, invoice and grant credit; tenants
+//! read prices, their own invoices and credit, and nobody else's; bad input
+//! is refused with its code and changes nothing.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::TestApp;
+use keel_auth::authz::PlatformRole;
+use serde_json::json;
+
+fn rate_card(effective_from: Option<String>) -> serde_json::Value {
+    let mut card = json!({
+        "flavor": "cpu.medium", "region": "local-1", "currency": "USD",
+        "unit": "hour", "unit_price": 120
+    });
+    if let Some(from) = effective_from {
+        card["effective_from"] = json!(from);
+    }
+    card
+}
+
+fn rfc3339(at: time::OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn operators_manage_rate_cards_and_tenants_read_prices() {
+    let app = TestApp::spawn().await;
+    let acme = app.tenant("acme").await;
+    let (_, operator) = app.operator(PlatformRole::Operator).await;
+    let (_, reader) = app.operator(PlatformRole::ReadOnlyOperator).await;
+
+    let created = app
+        .post("/v1/admin/rate-cards", Some(&operator), rate_card(None))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
+    assert_eq!(created.body["unit_price"], 120);
+    assert!(created.body["effective_until"].is_null());
+
+    app.post("/v1/admin/rate-cards", Some(&reader), rate_card(None))
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    app.post("/v1/admin/rate-cards", Some(&acme.token), rate_card(None))
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+
+    let now = time::OffsetDateTime::now_utc();
+    let scheduled = app
+        .post(
+            "/v1/admin/rate-cards",
+            Some(&operator),
+            rate_card(Some(rfc3339(now + time::Duration::days(30)))),
+        )
+        .await;
+    assert_eq!(
+        scheduled.status,
+        StatusCode::CREATED,
+        "{:?}",
+        scheduled.body
+    );
+    app.post(
+        "/v1/admin/rate-cards",
+        Some(&operator),
+        rate_card(Some(rfc3339(now + time::Duration::days(10)))),
+    )
+    .await
+    .assert_error(StatusCode::CONFLICT, "rate_card_overlap");
+    app.post(
+        "/v1/admin/rate-cards",
+        Some(&operator),
+        rate_card(Some(rfc3339(now - time::Duration::days(1)))),
+    )
+    .await
+    .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "effective_from_in_past");
+    let mut euros = rate_card(None);
+    euros["currency"] = json!("EUR");
+    app.post("/v1/admin/rate-cards", Some(&operator), euros)
+        .await
+        .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "currency_mismatch");
+    let mut negative = rate_card(None);
+    negative["unit_price"] = json!(-5);
+    app.post("/v1/admin/rate-cards", Some(&operator), negative)
+        .await
+        .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    let mut fractional = rate_card(None);
+    fractional["unit_price"] = json!(1.5);
+    app.post("/v1/admin/rate-cards", Some(&operator), fractional)
+        .await
+        .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+
+    // The operator's list has both; tenants see the prices in effect and
+    // scheduled.
+    let listed = app.get("/v1/admin/rate-cards", Some(&reader)).await;
+    assert_eq!(listed.body.as_array().unwrap().len(), 2);
+    let prices = app.get("/v1/prices", Some(&acme.token)).await;
+    assert_eq!(prices.status, StatusCode::OK);
+    let prices = prices.body.as_array().unwrap();
+    assert_eq!(prices.len(), 2);
+    assert_eq!(
+        prices[0]["effective_until"],
+        scheduled.body["effective_from"]
+    );
+}
+
+#[tokio::test]
+async fn invoices_and_credit_are_the_tenants_own_and_follow_their_states() {
+    let app = TestApp::spawn().await;
+    let acme = app.tenant("acme").await;
+    let other = app.tenant("other").await;
+    let viewer = app.member(&acme, "viewer").await;
+    let (_, operator) = app.operator(PlatformRole::Operator).await;
+    // Two hours of January usage at 150 an hour (a past price: set-up).
+    let mut admin = app.database.admin().await;
+    sqlx::query(
+        "INSERT INTO rate_cards (id, flavor, region, currency, unit, unit_price, effective_from)
+         VALUES ($1, 'cpu.small', 'local-1', 'USD', 'hour', 150, '2026-01-01T00:00:00Z')",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO usage_records (id, tenant_id, project_id, allocation_id, meter, flavor, region,
+                                    period_start, started_at, ended_at, quantity, source_event_id)
+         VALUES ($1, $2::uuid, $3::uuid, $1, 'allocation.run', 'cpu.small', 'local-1', '2026-01-01',
+                 '2026-01-05T10:00:00Z', '2026-01-05T12:00:00Z', 7200000000, $1)",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .bind(&acme.tenant_id)
+    .bind(&acme.project_id)
+    .execute(&mut admin)
+    .await
+    .unwrap();
+
+    let path = format!("/v1/admin/tenants/{}/invoices", acme.tenant_id);
+    for (period, status, code) in [
+        ("2026-13", StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
+        (
+            "2099-01",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "period_not_ended",
+        ),
+    ] {
+        app.post(&path, Some(&operator), json!({"period": period}))
+            .await
+            .assert_error(status, code);
+    }
+    app.post(
+        &format!("/v1/admin/tenants/{}/invoices", uuid::Uuid::now_v7()),
+        Some(&operator),
+        json!({"period": "2026-01"}),
+    )
+    .await
+    .assert_error(StatusCode::NOT_FOUND, "not_found");
+    let draft = app
+        .post(&path, Some(&operator), json!({"period": "2026-01"}))
+        .await;
+    assert_eq!(draft.status, StatusCode::OK, "{:?}", draft.body);
+    assert_eq!(draft.body["state"], "draft");
+    assert_eq!(draft.body["subtotal"], 300);
+    assert_eq!(draft.body["period_start"], "2026-01-01");
+    assert_eq!(draft.body["lines"][0]["quantity"], 7_200_000_000_i64);
+    let invoice_id = draft.body["id"].as_str().unwrap().to_owned();
+
+    // The tenant's owner reads it; a viewer may not; another tenant cannot
+    // see it at all.
+    let listed = app.get("/v1/billing/invoices", Some(&acme.token)).await;
+    assert_eq!(listed.body["items"].as_array().unwrap().len(), 1);
+    let mine = app
+        .get(
+            &format!("/v1/billing/invoices/{invoice_id}"),
+            Some(&acme.token),
+        )
+        .await;
+    assert_eq!(mine.status, StatusCode::OK);
+    assert_eq!(mine.body["lines"][0]["amount"], 300);
+    app.get("/v1/billing/invoices", Some(&viewer.token))
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    app.get(
+        &format!("/v1/billing/invoices/{invoice_id}"),
+        Some(&other.token),
+    )
+    .await
+    .assert_error(StatusCode::NOT_FOUND, "not_found");
+    let theirs = app.get("/v1/billing/invoices", Some(&other.token)).await;
+    assert_eq!(theirs.body["items"].as_array().unwrap().len(), 0);
+    app.get("/v1/billing/invoices?state=unpaid", Some(&acme.token))
+        .await
+        .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+
+    // Credit: granted by an operator, drawn at finalization.
+    let credit = format!("/v1/admin/tenants/{}/credit", acme.tenant_id);
+    for (body, status, code) in [
+        (
+            json!({"amount": 0, "currency": "USD"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+        ),
+        (
+            json!({"amount": 100, "currency": "EUR"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "currency_mismatch",
+        ),
+    ] {
+        app.post(&credit, Some(&operator), body)
+            .await
+            .assert_error(status, code);
+    }
+    let granted = app
+        .post(
+            &credit,
+            Some(&operator),
+            json!({"amount": 100, "currency": "USD", "reference": "promo-1", "note": "welcome"}),
+        )
+        .await;
+    assert_eq!(granted.status, StatusCode::CREATED, "{:?}", granted.body);
+    let finalized = app
+        .post(
+            &format!("/v1/admin/invoices/{invoice_id}/finalize"),
+            Some(&operator),
+            json!({}),
+        )
+        .await;
+    assert_eq!(finalized.status, StatusCode::OK, "{:?}", finalized.body);
+    assert_eq!(
+        (
+            &finalized.body["state"],
+            &finalized.body["credits"],
+            &finalized.body["total"]
+        ),
+        (&json!("finalized"), &json!(100), &json!(200))
+    );
+    let balance = app.get("/v1/billing/credit", Some(&acme.token)).await;
+    assert_eq!(balance.body["balance"], 0);
+    let kinds: Vec<&str> = balance.body["entries"]["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["grant", "draw"]);
+    let their_credit = app.get("/v1/billing/credit", Some(&other.token)).await;
+    assert_eq!(their_credit.body["balance"], 0);
+    assert_eq!(
+        their_credit.body["entries"]["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+
+    // Paid out of band, once; a paid invoice is not voided.
+    let paid_path = format!("/v1/admin/invoices/{invoice_id}/mark-paid");
+    let paid = app
+        .post(&paid_path, Some(&operator), json!({"reference": "wire 42"}))
+        .await;
+    assert_eq!(paid.body["state"], "paid", "{:?}", paid.body);
+    app.post(&paid_path, Some(&operator), json!({"reference": "wire 43"}))
+        .await
+        .assert_error(StatusCode::CONFLICT, "invoice_state");
+    app.post(
+        &format!("/v1/admin/invoices/{invoice_id}/void"),
+        Some(&operator),
+        json!({"reason": "changed my mind"}),
+    )
+    .await
+    .assert_error(StatusCode::CONFLICT, "invoice_state");
+
+    let report = app
+        .get("/v1/admin/billing/reconcile", Some(&operator))
+        .await;
+    assert_eq!(report.status, StatusCode::OK);
+    assert_eq!(report.body["checked"], 1);
+    assert_eq!(report.body["discrepancies"], json!([]));
+    let audited = app
+        .count("SELECT count(*) FROM audit_log WHERE action IN ('invoice.create', 'invoice.finalize', 'invoice.mark_paid', 'credit.grant', 'credit.draw')")
+        .await;
+    assert_eq!(audited, 5);
+}
