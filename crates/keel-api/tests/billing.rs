@@ -271,6 +271,52 @@ async fn invoices_and_credit_are_the_tenants_own_and_follow_their_states() {
     .await
     .assert_error(StatusCode::CONFLICT, "invoice_state");
 
+    // Usage so far, and the exports.
+    let usage = app
+        .get("/v1/billing/usage?period=2026-01", Some(&acme.token))
+        .await;
+    assert_eq!(usage.status, StatusCode::OK, "{:?}", usage.body);
+    assert_eq!(usage.body["subtotal"], 300);
+    assert_eq!(
+        usage.body["by_project"][0]["project_id"],
+        json!(acme.project_id)
+    );
+    let current = app.get("/v1/billing/usage", Some(&acme.token)).await;
+    assert_eq!(current.status, StatusCode::OK);
+    assert_eq!(current.body["subtotal"], 0);
+    app.get("/v1/billing/usage?period=2099-01", Some(&acme.token))
+        .await
+        .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "period_in_future");
+    app.get("/v1/billing/usage?period=january", Some(&acme.token))
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "invalid_query");
+    app.get("/v1/billing/usage", Some(&viewer.token))
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    let csv = app
+        .get("/v1/billing/usage.csv?period=2026-01", Some(&acme.token))
+        .await;
+    assert_eq!(csv.status, StatusCode::OK);
+    assert_eq!(csv.headers["content-type"], "text/csv; charset=utf-8");
+    let text = csv.body.as_str().unwrap();
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(text.contains(",7200000000,billed,"), "{text}");
+    let csv = app.get("/v1/billing/invoices.csv", Some(&acme.token)).await;
+    let text = csv.body.as_str().unwrap();
+    assert!(text.starts_with("invoice_id,period,state,"), "{text}");
+    assert!(
+        text.contains(&format!("{invoice_id},2026-01,paid,USD,300,100,0,200,")),
+        "{text}"
+    );
+    let theirs = app
+        .get("/v1/billing/invoices.csv", Some(&other.token))
+        .await;
+    assert_eq!(
+        theirs.body.as_str().unwrap().lines().count(),
+        1,
+        "the header only"
+    );
+
     let report = app
         .get("/v1/admin/billing/reconcile", Some(&operator))
         .await;

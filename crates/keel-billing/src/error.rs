@@ -33,6 +33,10 @@ pub enum BillingError {
     Overflow,
     #[error("it changed since the version in If-Match")]
     VersionMismatch,
+    #[error("a period that has not begun has no usage")]
+    PeriodInFuture,
+    #[error("writing the export failed: {0}")]
+    Export(String),
     #[error("database error")]
     Database(#[from] sqlx::Error),
     #[error("database error")]
@@ -46,7 +50,9 @@ impl From<BillingError> for ApiError {
         match error {
             BillingError::Validation(fields) => ApiError::validation(fields),
             BillingError::Auth(auth) => auth.into(),
-            BillingError::Database(_) | BillingError::Db(_) => ApiError::internal(error),
+            BillingError::Database(_) | BillingError::Db(_) | BillingError::Export(_) => {
+                ApiError::internal(error)
+            }
             other => ApiError::new(other.status(), other.code(), other.to_string()),
         }
     }
@@ -62,15 +68,17 @@ impl BillingError {
             | BillingError::CurrencyMismatch { .. }
             | BillingError::EffectiveFromInPast
             | BillingError::PeriodNotEnded
+            | BillingError::PeriodInFuture
             | BillingError::Overflow => StatusCode::UNPROCESSABLE_ENTITY,
             BillingError::RateCardOverlap
             | BillingError::EarlierInvoiceOpen
             | BillingError::InvoiceState(_)
             | BillingError::ReferenceUsed(_) => StatusCode::CONFLICT,
             BillingError::VersionMismatch => StatusCode::PRECONDITION_FAILED,
-            BillingError::Database(_) | BillingError::Db(_) | BillingError::Auth(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            BillingError::Database(_)
+            | BillingError::Db(_)
+            | BillingError::Auth(_)
+            | BillingError::Export(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -85,12 +93,16 @@ impl BillingError {
             BillingError::RateCardOverlap => "rate_card_overlap",
             BillingError::EffectiveFromInPast => "effective_from_in_past",
             BillingError::PeriodNotEnded => "period_not_ended",
+            BillingError::PeriodInFuture => "period_in_future",
             BillingError::EarlierInvoiceOpen => "earlier_invoice_open",
             BillingError::InvoiceState(_) => "invoice_state",
             BillingError::ReferenceUsed(_) => "reference_used",
             BillingError::Overflow => "amount_out_of_range",
             BillingError::VersionMismatch => "precondition_failed",
-            BillingError::Database(_) | BillingError::Db(_) | BillingError::Auth(_) => "internal",
+            BillingError::Database(_)
+            | BillingError::Db(_)
+            | BillingError::Auth(_)
+            | BillingError::Export(_) => "internal",
         }
     }
 }

@@ -12,9 +12,13 @@ use std::sync::Arc;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::invoice::{self, InvoiceDetail, InvoiceView};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+
+use crate::invoice::{self, InvoiceDetail, InvoiceView, Period, Policy};
 use crate::ledger::{self, CreditView};
 use crate::rates::{self, RateCardView};
+use crate::usage::{self, UsageSoFar};
 use crate::{BillingConfig, BillingError};
 
 pub fn router<S>() -> OpenApiRouter<S>
@@ -29,6 +33,139 @@ where
         .routes(routes!(invoice_list))
         .routes(routes!(invoice_get))
         .routes(routes!(credit_get))
+        .routes(routes!(usage_get))
+        .routes(routes!(usage_csv))
+        .routes(routes!(invoices_csv))
+}
+
+/// `GET /v1/billing/usage`
+#[derive(Clone, Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct UsageQuery {
+    /// The month, `YYYY-MM`; the current one if left out.
+    #[param(value_type = Option<String>, example = "2026-12")]
+    pub period: Option<Period>,
+}
+
+/// The period asked for (the current one by default), refused if it has
+/// not begun.
+async fn period_asked(
+    conn: &mut sqlx::PgConnection,
+    query: &UsageQuery,
+) -> Result<(Period, time::OffsetDateTime), BillingError> {
+    let now = usage::db_now(conn).await?;
+    let period = query
+        .period
+        .unwrap_or(Period(crate::period::period_of(now)));
+    if period.start() > now {
+        return Err(BillingError::PeriodInFuture);
+    }
+    Ok((period, now))
+}
+
+/// The tenant's usage in a period so far: run time with the open runs
+/// counted up to now, priced as its invoice would be (before tax and
+/// credit), and per project.
+#[utoipa::path(
+    get,
+    path = "/v1/billing/usage",
+    operation_id = "usage_get",
+    tag = "billing",
+    params(UsageQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Usage so far", body = UsageSoFar),
+        (status = 400, description = "`invalid_query`", body = ErrorBody),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: members and viewers", body = ErrorBody),
+        (status = 422, description = "`period_in_future`", body = ErrorBody),
+    )
+)]
+async fn usage_get(
+    ctx: Ctx,
+    State(config): State<Arc<BillingConfig>>,
+    Query(query): Query<UsageQuery>,
+) -> Result<Json<UsageSoFar>, ApiError> {
+    let mut tx = ctx.begin().await.map_err(BillingError::from)?;
+    let tenant = authorize_tenant(tx.conn(), &ctx.principal, Action::BillingRead).await?;
+    let (period, now) = period_asked(tx.conn(), &query).await?;
+    Ok(Json(
+        usage::so_far(
+            tx.conn(),
+            tenant.tenant_id,
+            period,
+            now,
+            Policy::from(&*config),
+        )
+        .await?,
+    ))
+}
+
+fn csv_response(filename: &str, body: String) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{filename}\""),
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// The period's usage as CSV: one row per piece of run time (`billed`,
+/// `unbilled`, or `open`: a run still going, up to now).
+#[utoipa::path(
+    get,
+    path = "/v1/billing/usage.csv",
+    operation_id = "usage_csv",
+    tag = "billing",
+    params(UsageQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "RFC 4180 CSV with a header line", content_type = "text/csv", body = String),
+        (status = 400, description = "`invalid_query`", body = ErrorBody),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: members and viewers", body = ErrorBody),
+        (status = 422, description = "`period_in_future`", body = ErrorBody),
+    )
+)]
+async fn usage_csv(ctx: Ctx, Query(query): Query<UsageQuery>) -> Result<Response, ApiError> {
+    let mut tx = ctx.begin().await.map_err(BillingError::from)?;
+    let tenant = authorize_tenant(tx.conn(), &ctx.principal, Action::BillingRead).await?;
+    let (period, now) = period_asked(tx.conn(), &query).await?;
+    let body = usage::usage_csv(tx.conn(), tenant.tenant_id, period, now).await?;
+    Ok(csv_response(
+        &format!(
+            "usage-{}-{:02}.csv",
+            period.0.year(),
+            u8::from(period.0.month())
+        ),
+        body,
+    ))
+}
+
+/// Every invoice as CSV, one row per line with the invoice's totals.
+#[utoipa::path(
+    get,
+    path = "/v1/billing/invoices.csv",
+    operation_id = "invoices_csv",
+    tag = "billing",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "RFC 4180 CSV with a header line", content_type = "text/csv", body = String),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: members and viewers", body = ErrorBody),
+    )
+)]
+async fn invoices_csv(ctx: Ctx) -> Result<Response, ApiError> {
+    let mut tx = ctx.begin().await.map_err(BillingError::from)?;
+    let tenant = authorize_tenant(tx.conn(), &ctx.principal, Action::BillingRead).await?;
+    let body = usage::invoices_csv(tx.conn(), tenant.tenant_id).await?;
+    Ok(csv_response("invoices.csv", body))
 }
 
 /// The prices in effect now and those scheduled to take effect, per flavor

@@ -117,7 +117,7 @@ pub struct InvoiceDetail {
 }
 
 /// `YYYY-MM-DD`, as the API writes dates.
-pub(crate) mod iso_date {
+pub mod iso_date {
     use serde::Serializer;
     use time::Date;
     use time::macros::format_description;
@@ -153,18 +153,89 @@ pub(crate) async fn lock_tenant(
     Ok(())
 }
 
-/// Which usage records a computation rates.
+/// Which usage a computation rates.
 #[derive(Clone, Copy, Debug)]
-enum Usage {
+pub(crate) enum Usage {
     /// Not billed yet, from periods up to and including this one.
     Unbilled { tenant_id: TenantId, through: Date },
     /// Billed by this invoice.
     Billed(InvoiceId),
+    /// Everything metered in a period so far, billed or not, with the
+    /// open runs' time in it up to `now`: the tenant's usage so far.
+    SoFar {
+        tenant_id: TenantId,
+        period: Period,
+        now: OffsetDateTime,
+    },
+}
+
+impl Usage {
+    /// The `u` common table expression: the usage as (project_id, flavor,
+    /// region, started_at, ended_at, quantity), from the parameters `$1`
+    /// meter, `$2` tenant, `$3` period (date), `$4` invoice, `$5` period
+    /// start, `$6` period end and `$7` now.
+    pub(crate) fn cte(self) -> &'static str {
+        match self {
+            Usage::Unbilled { .. } => {
+                "u AS (SELECT project_id, flavor, region, started_at, ended_at, quantity
+                         FROM usage_records
+                        WHERE tenant_id = $2 AND invoice_id IS NULL AND period_start <= $3
+                          AND meter = $1)"
+            }
+            Usage::Billed(_) => {
+                "u AS (SELECT project_id, flavor, region, started_at, ended_at, quantity
+                         FROM usage_records WHERE invoice_id = $4 AND meter = $1)"
+            }
+            Usage::SoFar { .. } => {
+                "u AS (SELECT project_id, flavor, region, started_at, ended_at, quantity
+                         FROM usage_records
+                        WHERE tenant_id = $2 AND period_start = $3 AND meter = $1
+                       UNION ALL
+                       SELECT r.project_id, r.flavor, r.region, o.started_at, o.ended_at,
+                              ((extract(epoch FROM o.ended_at) - extract(epoch FROM o.started_at))
+                               * 1000000)::bigint
+                         FROM meter_runs r
+                        CROSS JOIN LATERAL (
+                              SELECT greatest(coalesce(r.billed_until, r.started_at), $5) AS started_at,
+                                     least($6, $7) AS ended_at) o
+                        WHERE r.tenant_id = $2 AND r.ended_at IS NULL
+                          AND o.started_at < o.ended_at)"
+            }
+        }
+    }
+
+    pub(crate) fn bind<'q, O>(
+        self,
+        query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        let (tenant_id, date, invoice_id, window) = match self {
+            Usage::Unbilled { tenant_id, through } => (Some(tenant_id), Some(through), None, None),
+            Usage::Billed(invoice_id) => (None, None, Some(invoice_id), None),
+            Usage::SoFar {
+                tenant_id,
+                period,
+                now,
+            } => (
+                Some(tenant_id),
+                Some(period.0),
+                None,
+                Some((period.start(), period.end(), now)),
+            ),
+        };
+        query
+            .bind(RUN_METER)
+            .bind(tenant_id)
+            .bind(date)
+            .bind(invoice_id)
+            .bind(window.map(|w| w.0))
+            .bind(window.map(|w| w.1))
+            .bind(window.map(|w| w.2))
+    }
 }
 
 /// A line before it is numbered and stored.
 #[derive(Debug, sqlx::FromRow)]
-struct RatedQuantity {
+pub(crate) struct RatedQuantity {
     flavor: String,
     region: String,
     rate_card_id: Option<RateCardId>,
@@ -176,32 +247,23 @@ struct RatedQuantity {
 
 /// Rated lines and their sums.
 #[derive(Debug, PartialEq)]
-struct Rated {
-    lines: Vec<InvoiceLineView>,
-    subtotal: i64,
-    tax: i64,
+pub(crate) struct Rated {
+    pub lines: Vec<InvoiceLineView>,
+    pub subtotal: i64,
+    pub tax: i64,
 }
 
 /// Rates usage: each record's time is split among the cards in effect while
 /// it ran (cards of a pair never overlap); time no card covers is a line at
 /// price 0, so the lines' quantities always add up to the usage.
-async fn rate(
+pub(crate) async fn rate(
     conn: &mut PgConnection,
     usage: Usage,
     policy: Policy,
 ) -> Result<Rated, BillingError> {
-    let (tenant_id, through, invoice_id) = match usage {
-        Usage::Unbilled { tenant_id, through } => (Some(tenant_id), Some(through), None),
-        Usage::Billed(invoice_id) => (None, None, Some(invoice_id)),
-    };
-    let rows: Vec<RatedQuantity> = sqlx::query_as(
-        "WITH u AS (
-            SELECT flavor, region, started_at, ended_at, quantity FROM usage_records
-             WHERE meter = $1
-               AND CASE WHEN $4::uuid IS NULL
-                        THEN tenant_id = $2 AND invoice_id IS NULL AND period_start <= $3
-                        ELSE invoice_id = $4 END
-         ), priced AS (
+    let sql = format!(
+        "WITH {},
+         priced AS (
             SELECT u.flavor, u.region, c.id AS rate_card_id, c.unit, c.unit_price, c.currency,
                    c.effective_from,
                    sum((extract(epoch FROM least(u.ended_at, coalesce(c.effective_until, 'infinity')))
@@ -225,13 +287,12 @@ async fn rate(
                  SELECT flavor, region, NULL, 'hour', 0, NULL, quantity, NULL
                    FROM unpriced WHERE quantity > 0) lines
           ORDER BY flavor, region, effective_from NULLS LAST",
-    )
-    .bind(RUN_METER)
-    .bind(tenant_id)
-    .bind(through)
-    .bind(invoice_id)
-    .fetch_all(conn)
-    .await?;
+        usage.cte()
+    );
+    let rows: Vec<RatedQuantity> = usage
+        .bind(sqlx::query_as(sqlx::AssertSqlSafe(sql)))
+        .fetch_all(conn)
+        .await?;
     let mut lines = Vec::with_capacity(rows.len());
     let mut subtotal: i64 = 0;
     for (row, line_no) in rows.into_iter().zip(1..) {

@@ -15,6 +15,7 @@ pub mod money;
 pub mod period;
 pub mod rates;
 pub mod runs;
+pub mod usage;
 
 pub use config::BillingConfig;
 pub use error::BillingError;

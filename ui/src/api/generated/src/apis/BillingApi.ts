@@ -38,6 +38,11 @@ import {
     RateCardViewFromJSON,
     RateCardViewToJSON,
 } from '../models/RateCardView';
+import {
+    type UsageSoFar,
+    UsageSoFarFromJSON,
+    UsageSoFarToJSON,
+} from '../models/UsageSoFar';
 
 export interface CreditGetRequest {
     /**
@@ -70,6 +75,20 @@ export interface InvoiceListRequest {
      * 
      */
     cursor?: string;
+}
+
+export interface UsageCsvRequest {
+    /**
+     * The month, `YYYY-MM`; the current one if left out.
+     */
+    period?: string;
+}
+
+export interface UsageGetRequest {
+    /**
+     * The month, `YYYY-MM`; the current one if left out.
+     */
+    period?: string;
 }
 
 /**
@@ -155,6 +174,27 @@ export interface BillingApiInterface {
     invoiceList(requestParameters: InvoiceListRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<PaginatedInvoiceView>;
 
     /**
+     * Creates request options for invoicesCsv without sending the request
+     * @throws {RequiredError}
+     * @memberof BillingApiInterface
+     */
+    invoicesCsvRequestOpts(): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Every invoice as CSV, one row per line with the invoice\'s totals.
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof BillingApiInterface
+     */
+    invoicesCsvRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<string>>;
+
+    /**
+     * Every invoice as CSV, one row per line with the invoice\'s totals.
+     */
+    invoicesCsv(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<string>;
+
+    /**
      * Creates request options for priceList without sending the request
      * @throws {RequiredError}
      * @memberof BillingApiInterface
@@ -174,6 +214,52 @@ export interface BillingApiInterface {
      * The prices in effect now and those scheduled to take effect, per flavor and region.
      */
     priceList(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<Array<RateCardView>>;
+
+    /**
+     * Creates request options for usageCsv without sending the request
+     * @param {string} [period] The month, &#x60;YYYY-MM&#x60;; the current one if left out.
+     * @throws {RequiredError}
+     * @memberof BillingApiInterface
+     */
+    usageCsvRequestOpts(requestParameters: UsageCsvRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary The period\'s usage as CSV: one row per piece of run time (`billed`, `unbilled`, or `open`: a run still going, up to now).
+     * @param {string} [period] The month, &#x60;YYYY-MM&#x60;; the current one if left out.
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof BillingApiInterface
+     */
+    usageCsvRaw(requestParameters: UsageCsvRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<string>>;
+
+    /**
+     * The period\'s usage as CSV: one row per piece of run time (`billed`, `unbilled`, or `open`: a run still going, up to now).
+     */
+    usageCsv(requestParameters: UsageCsvRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<string>;
+
+    /**
+     * Creates request options for usageGet without sending the request
+     * @param {string} [period] The month, &#x60;YYYY-MM&#x60;; the current one if left out.
+     * @throws {RequiredError}
+     * @memberof BillingApiInterface
+     */
+    usageGetRequestOpts(requestParameters: UsageGetRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary The tenant\'s usage in a period so far: run time with the open runs counted up to now, priced as its invoice would be (before tax and credit), and per project.
+     * @param {string} [period] The month, &#x60;YYYY-MM&#x60;; the current one if left out.
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof BillingApiInterface
+     */
+    usageGetRaw(requestParameters: UsageGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<UsageSoFar>>;
+
+    /**
+     * The tenant\'s usage in a period so far: run time with the open runs counted up to now, priced as its invoice would be (before tax and credit), and per project.
+     */
+    usageGet(requestParameters: UsageGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<UsageSoFar>;
 
 }
 
@@ -346,6 +432,55 @@ export class BillingApi extends runtime.BaseAPI implements BillingApiInterface {
     }
 
     /**
+     * Creates request options for invoicesCsv without sending the request
+     */
+    async invoicesCsvRequestOpts(): Promise<runtime.RequestOpts> {
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/billing/invoices.csv`;
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Every invoice as CSV, one row per line with the invoice\'s totals.
+     */
+    async invoicesCsvRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<string>> {
+        const requestOptions = await this.invoicesCsvRequestOpts();
+        const response = await this.request(requestOptions, initOverrides);
+
+        if (this.isJsonMime(response.headers.get('content-type'))) {
+            return new runtime.JSONApiResponse<string>(response);
+        } else {
+            return new runtime.TextApiResponse(response) as any;
+        }
+    }
+
+    /**
+     * Every invoice as CSV, one row per line with the invoice\'s totals.
+     */
+    async invoicesCsv(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<string> {
+        const response = await this.invoicesCsvRaw(initOverrides);
+        return await response.value();
+    }
+
+    /**
      * Creates request options for priceList without sending the request
      */
     async priceListRequestOpts(): Promise<runtime.RequestOpts> {
@@ -387,6 +522,108 @@ export class BillingApi extends runtime.BaseAPI implements BillingApiInterface {
      */
     async priceList(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<Array<RateCardView>> {
         const response = await this.priceListRaw(initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for usageCsv without sending the request
+     */
+    async usageCsvRequestOpts(requestParameters: UsageCsvRequest): Promise<runtime.RequestOpts> {
+        const queryParameters: any = {};
+
+        if (requestParameters['period'] != null) {
+            queryParameters['period'] = requestParameters['period'];
+        }
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/billing/usage.csv`;
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * The period\'s usage as CSV: one row per piece of run time (`billed`, `unbilled`, or `open`: a run still going, up to now).
+     */
+    async usageCsvRaw(requestParameters: UsageCsvRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<string>> {
+        const requestOptions = await this.usageCsvRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        if (this.isJsonMime(response.headers.get('content-type'))) {
+            return new runtime.JSONApiResponse<string>(response);
+        } else {
+            return new runtime.TextApiResponse(response) as any;
+        }
+    }
+
+    /**
+     * The period\'s usage as CSV: one row per piece of run time (`billed`, `unbilled`, or `open`: a run still going, up to now).
+     */
+    async usageCsv(requestParameters: UsageCsvRequest = {}, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<string> {
+        const response = await this.usageCsvRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for usageGet without sending the request
+     */
+    async usageGetRequestOpts(requestParameters: UsageGetRequest): Promise<runtime.RequestOpts> {
+        const queryParameters: any = {};
+
+        if (requestParameters['period'] != null) {
+            queryParameters['period'] = requestParameters['period'];
+        }
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/billing/usage`;
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * The tenant\'s usage in a period so far: run time with the open runs counted up to now, priced as its invoice would be (before tax and credit), and per project.
+     */
+    async usageGetRaw(requestParameters: UsageGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<UsageSoFar>> {
+        const requestOptions = await this.usageGetRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => UsageSoFarFromJSON(jsonValue));
+    }
+
+    /**
+     * The tenant\'s usage in a period so far: run time with the open runs counted up to now, priced as its invoice would be (before tax and credit), and per project.
+     */
+    async usageGet(requestParameters: UsageGetRequest = {}, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<UsageSoFar> {
+        const response = await this.usageGetRaw(requestParameters, initOverrides);
         return await response.value();
     }
 
