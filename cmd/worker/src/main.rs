@@ -176,8 +176,10 @@ async fn purge_expired(
     }
 }
 
-/// Every `billing.invoice_interval_secs`, until stopped: the invoice run
-/// (`keel_billing::runs`) — due drafts finalized, last month's drafted.
+/// Until stopped: every `billing.invoice_interval_secs` the invoice run
+/// (`keel_billing::runs`: due drafts finalized, last month's drafted), and
+/// every `billing.standing_interval_secs` the prepaid credit policy
+/// (`keel_billing::standing`).
 async fn run_invoices(
     db: keel_db::Db,
     config: keel_billing::BillingConfig,
@@ -186,16 +188,28 @@ async fn run_invoices(
     let period = std::time::Duration::from_secs(u64::from(config.invoice_interval_secs.max(1)));
     let finalize_after = time::Duration::seconds(i64::from(config.finalize_after_secs));
     let policy = keel_billing::invoice::Policy::from(&config);
-    let mut ticks = tokio::time::interval(period);
+    let mut invoice_ticks = tokio::time::interval(period);
+    let mut standing_ticks = tokio::time::interval(std::time::Duration::from_secs(u64::from(
+        config.standing_interval_secs.max(1),
+    )));
     loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
+        let invoices = tokio::select! {
+            _ = invoice_ticks.tick() => true,
+            _ = standing_ticks.tick() => false,
             _ = stopped.wait_for(|stop| *stop) => return,
-        }
-        match keel_billing::runs::invoice_run(&db, policy, finalize_after).await {
-            Ok(report) if report == keel_billing::runs::RunReport::default() => {}
-            Ok(report) => tracing::info!(?report, "invoice run"),
-            Err(error) => tracing::warn!(error = %error, "the invoice run failed"),
+        };
+        if invoices {
+            match keel_billing::runs::invoice_run(&db, policy, finalize_after).await {
+                Ok(report) if report == keel_billing::runs::RunReport::default() => {}
+                Ok(report) => tracing::info!(?report, "invoice run"),
+                Err(error) => tracing::warn!(error = %error, "the invoice run failed"),
+            }
+        } else {
+            match keel_billing::standing::standing_run(&db, &config).await {
+                Ok(0) => {}
+                Ok(changed) => tracing::info!(changed, "prepaid credit checked"),
+                Err(error) => tracing::warn!(error = %error, "the credit check failed"),
+            }
         }
     }
 }

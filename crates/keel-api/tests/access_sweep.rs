@@ -53,6 +53,7 @@ fn sample_body(operation_id: &str) -> Option<Value> {
         "admin_invoice_void" => Some(json!({"reason": "sweep"})),
         "admin_invoice_mark_paid" => Some(json!({"reference": "sweep"})),
         "admin_credit_grant" => Some(json!({"amount": 1, "currency": "USD"})),
+        "admin_billing_account_set" => Some(json!({"mode": "invoiced"})),
         // Well formed, but for no invitation: refused as not found.
         "invitation_accept" => Some(json!({
             "token": "kit_0190a0a0a0a0a0a0a0a0a0a0a0a0a0a0_0190a0a0a0a0a0a0a0a0a0a0a0a0a0a0_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"

@@ -328,3 +328,165 @@ async fn invoices_and_credit_are_the_tenants_own_and_follow_their_states() {
         .await;
     assert_eq!(audited, 5);
 }
+
+/// Runs the provisioning consumer over what the outbox holds of billing's
+/// events (fanned out and released by the real relay, delivered by the
+/// real delivery path), until none is left.
+async fn deliver_billing_events(app: &TestApp) {
+    use keel_outbox::{Consumer, DeliveryJob, relay, worker};
+    use std::sync::Arc;
+    let db = &app.state.db;
+    let signers = keel_provisioning::signing::SignerRing::load(db, &app.kms)
+        .await
+        .unwrap();
+    let consumer: Arc<dyn Consumer> =
+        Arc::new(keel_provisioning::consumer::ProvisioningConsumer::new(
+            db.clone(),
+            keel_provisioning::consumer::WorkerCredentials {
+                signers: Arc::new(signers),
+                node_ca_pem: app.keys.node_ca.cert_pem().to_owned(),
+                identity: app.keys.hot_service_identity("worker", &[]).unwrap(),
+            },
+        ));
+    loop {
+        relay::drain(db, std::slice::from_ref(&consumer))
+            .await
+            .unwrap();
+        let queued: Vec<uuid::Uuid> = sqlx::query_scalar(
+            "SELECT d.event_id FROM outbox_deliveries d JOIN outbox o ON o.id = d.event_id
+              WHERE d.consumer = 'provisioning' AND d.status = 'queued'
+                AND o.event_type LIKE 'billing.%' ORDER BY d.seq",
+        )
+        .fetch_all(&mut app.database.admin().await)
+        .await
+        .unwrap();
+        if queued.is_empty() {
+            return;
+        }
+        for event_id in queued {
+            let job = DeliveryJob {
+                consumer: "provisioning".into(),
+                event_id: event_id.into(),
+            };
+            worker::run_delivery(db, consumer.as_ref(), &job)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_prepaid_tenant_out_of_credit_loses_launches_then_its_running_allocations() {
+    let app = TestApp::spawn().await;
+    let acme = app.tenant("acme").await;
+    let (_, operator) = app.operator(PlatformRole::Operator).await;
+    app.add_host(64, 262_144).await;
+    let account_path = format!("/v1/admin/tenants/{}/billing-account", acme.tenant_id);
+    let set = app
+        .request(
+            axum::http::Method::PUT,
+            &account_path,
+            Some(&operator),
+            Some(json!({"mode": "prepaid"})),
+        )
+        .await;
+    assert_eq!(set.status, StatusCode::OK, "{:?}", set.body);
+    assert_eq!(set.body["standing"], "active");
+    app.request(
+        axum::http::Method::PUT,
+        &account_path,
+        Some(&operator),
+        Some(json!({"mode": "postpaid"})),
+    )
+    .await
+    .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+
+    let launches = format!("/v1/projects/{}/allocations", acme.project_id);
+    let launched = app
+        .post(
+            &launches,
+            Some(&acme.token),
+            json!({"name": "web", "flavor": "cpu.small"}),
+        )
+        .await;
+    assert_eq!(launched.status, StatusCode::ACCEPTED, "{:?}", launched.body);
+    let allocation = launched.body["id"].as_str().unwrap().to_owned();
+    // Set-up: the workload runs (no agent in this test).
+    sqlx::query("UPDATE allocations SET state = 'running' WHERE id = $1::uuid")
+        .bind(&allocation)
+        .execute(&mut app.database.admin().await)
+        .await
+        .unwrap();
+
+    // No credit: warned, then (an hour on) launches stop, then (a day on)
+    // what runs stops. The worker's check, at chosen times.
+    let config = keel_billing::BillingConfig::default();
+    let tenant = keel_core::ids::TenantId(acme.tenant_id.parse().unwrap());
+    let now = time::OffsetDateTime::now_utc();
+    for hours in [0, 2, 27] {
+        let change = keel_billing::standing::evaluate(
+            &app.state.db,
+            &config,
+            tenant,
+            now + time::Duration::hours(hours),
+        )
+        .await
+        .unwrap();
+        assert_eq!(change, keel_billing::standing::Change::Stepped, "{hours} h");
+    }
+    deliver_billing_events(&app).await;
+
+    app.post(
+        &launches,
+        Some(&acme.token),
+        json!({"name": "more", "flavor": "cpu.small"}),
+    )
+    .await
+    .assert_error(StatusCode::PAYMENT_REQUIRED, "credit_exhausted");
+    let stopped = app
+        .get(&format!("{launches}/{allocation}"), Some(&acme.token))
+        .await;
+    assert_eq!(stopped.body["state"], "stopping");
+    app.post(
+        &format!("{launches}/{allocation}/start"),
+        Some(&acme.token),
+        json!({}),
+    )
+    .await
+    .assert_error(StatusCode::PAYMENT_REQUIRED, "credit_exhausted");
+    let account = app.get("/v1/billing/account", Some(&acme.token)).await;
+    assert_eq!(account.body["standing"], "suspended");
+    assert_eq!(account.body["mode"], "prepaid");
+
+    // Credit bought back: launches resume.
+    let granted = app
+        .post(
+            &format!("/v1/admin/tenants/{}/credit", acme.tenant_id),
+            Some(&operator),
+            json!({"amount": 5000, "currency": "USD"}),
+        )
+        .await;
+    assert_eq!(granted.status, StatusCode::CREATED);
+    let change = keel_billing::standing::evaluate(
+        &app.state.db,
+        &config,
+        tenant,
+        now + time::Duration::hours(28),
+    )
+    .await
+    .unwrap();
+    assert_eq!(change, keel_billing::standing::Change::Stepped);
+    deliver_billing_events(&app).await;
+    let again = app
+        .post(
+            &launches,
+            Some(&acme.token),
+            json!({"name": "again", "flavor": "cpu.small"}),
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::ACCEPTED, "{:?}", again.body);
+    let audited = app
+        .count("SELECT count(*) FROM audit_log WHERE action IN ('tenant.launches_hold', 'tenant.suspend_settle', 'tenant.launches_resume')")
+        .await;
+    assert_eq!(audited, 3);
+}

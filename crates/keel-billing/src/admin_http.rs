@@ -21,6 +21,7 @@ use utoipa_axum::routes;
 use crate::invoice::{self, Discrepancy, InvoiceDetail, InvoiceView, Period, Policy};
 use crate::ledger::{self, CreditEntryView, CreditView, NewGrant};
 use crate::rates::{self, NewRateCard, RateCardFilter, RateCardView};
+use crate::standing::{self, AccountUpdate, AccountView};
 use crate::{BillingConfig, BillingError, meter};
 
 pub fn router<S>() -> OpenApiRouter<S>
@@ -40,6 +41,83 @@ where
         .routes(routes!(admin_invoice_mark_paid))
         .routes(routes!(admin_credit_get, admin_credit_grant))
         .routes(routes!(admin_billing_reconcile))
+        .routes(routes!(
+            admin_billing_account_get,
+            admin_billing_account_set
+        ))
+}
+
+/// A tenant's billing account: mode, balance, outstanding, standing.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/tenants/{tenant_id}/billing-account",
+    operation_id = "admin_billing_account_get",
+    tag = "admin",
+    params(("tenant_id" = TenantId, Path, description = "The tenant")),
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "The account", body = AccountView),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+    )
+)]
+async fn admin_billing_account_get(
+    ctx: OperatorCtx,
+    State(config): State<Arc<BillingConfig>>,
+    Path(tenant_id): Path<TenantId>,
+) -> Result<Json<AccountView>, ApiError> {
+    let mut tx = ctx.begin().await.map_err(BillingError::from)?;
+    authorize_platform(tx.conn(), &ctx.principal, Action::AdminBillingRead).await?;
+    let known: bool = sqlx::query_scalar("SELECT EXISTS (SELECT FROM tenants WHERE id = $1)")
+        .bind(tenant_id)
+        .fetch_one(tx.conn())
+        .await
+        .map_err(BillingError::from)?;
+    if !known {
+        return Err(BillingError::UnknownTenant.into());
+    }
+    let now = crate::usage::db_now(tx.conn()).await?;
+    let view = standing::account(tx.conn(), &config, tenant_id, now).await?;
+    tx.commit(Audit::new(
+        "admin.billing_account_read",
+        Some(tenant_id),
+        ResourceName::new(None, Some(tenant_id), None, "billing-account", tenant_id),
+    ))
+    .await
+    .map_err(BillingError::from)?;
+    Ok(Json(view))
+}
+
+/// Set how a tenant pays: `prepaid` (usage draws on credit; running out
+/// stops launches, then running allocations) or `invoiced`. Leaving
+/// prepaid lifts any hold.
+#[utoipa::path(
+    put,
+    path = "/v1/admin/tenants/{tenant_id}/billing-account",
+    operation_id = "admin_billing_account_set",
+    tag = "admin",
+    params(("tenant_id" = TenantId, Path, description = "The tenant")),
+    request_body = AccountUpdate,
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "The account", body = AccountView),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: read-only operators", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 422, description = "`invalid_body`", body = ErrorBody),
+    )
+)]
+async fn admin_billing_account_set(
+    ctx: OperatorCtx,
+    State(config): State<Arc<BillingConfig>>,
+    Path(tenant_id): Path<TenantId>,
+    Json(update): Json<AccountUpdate>,
+) -> Result<Json<AccountView>, ApiError> {
+    let mut tx = ctx.begin().await.map_err(BillingError::from)?;
+    authorize_platform(tx.conn(), &ctx.principal, Action::AdminBillingManage).await?;
+    Ok(Json(
+        standing::set_mode(tx, &config, tenant_id, update).await?,
+    ))
 }
 
 /// Every rate card, past ones too.

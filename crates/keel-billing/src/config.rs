@@ -20,6 +20,41 @@ pub struct BillingConfig {
     pub finalize_after_secs: u32,
     /// How often the worker looks for periods to invoice.
     pub invoice_interval_secs: u32,
+    /// How a tenant without its own setting is billed: `invoiced` (pays
+    /// its invoices; never suspended for credit) or `prepaid` (usage draws
+    /// on credit; the credit policy applies).
+    pub default_mode: BillingMode,
+    /// Low-balance events when a prepaid tenant's available credit falls
+    /// below each of these (minor units).
+    pub low_balance_thresholds: Vec<i64>,
+    /// How long a prepaid tenant whose credit ran out is only warned
+    /// before its launches stop.
+    pub stop_launches_after_secs: u32,
+    /// How long after its launches stopped its running allocations stop
+    /// (the grace period).
+    pub suspend_after_secs: u32,
+    /// How often the worker checks prepaid tenants' credit.
+    pub standing_interval_secs: u32,
+}
+
+/// How a tenant pays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BillingMode {
+    /// Usage draws on prepaid credit; running out stops launches and then
+    /// running allocations.
+    Prepaid,
+    /// Usage is invoiced after the month and paid when due.
+    Invoiced,
+}
+
+impl BillingMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BillingMode::Prepaid => "prepaid",
+            BillingMode::Invoiced => "invoiced",
+        }
+    }
 }
 
 impl Default for BillingConfig {
@@ -29,6 +64,11 @@ impl Default for BillingConfig {
             tax_rate_bp: 0,
             finalize_after_secs: 86_400,
             invoice_interval_secs: 300,
+            default_mode: BillingMode::Invoiced,
+            low_balance_thresholds: vec![1_000],
+            stop_launches_after_secs: 3_600,
+            suspend_after_secs: 86_400,
+            standing_interval_secs: 60,
         }
     }
 }
@@ -47,8 +87,18 @@ impl BillingConfig {
                 "billing.finalize_after_secs must be at least {grace}"
             ));
         }
-        if self.invoice_interval_secs == 0 {
-            return Err("billing.invoice_interval_secs must be at least 1".into());
+        if self.invoice_interval_secs == 0 || self.standing_interval_secs == 0 {
+            return Err("billing's intervals must be at least 1 second".into());
+        }
+        if self
+            .low_balance_thresholds
+            .iter()
+            .any(|t| !(0..=crate::money::MAX_AMOUNT).contains(t))
+        {
+            return Err(format!(
+                "billing.low_balance_thresholds must be between 0 and {}",
+                crate::money::MAX_AMOUNT
+            ));
         }
         Ok(())
     }

@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use crate::invoice::{self, InvoiceDetail, InvoiceView, Period, Policy};
 use crate::ledger::{self, CreditView};
 use crate::rates::{self, RateCardView};
+use crate::standing::{self, AccountView};
 use crate::usage::{self, UsageSoFar};
 use crate::{BillingConfig, BillingError};
 
@@ -36,6 +37,35 @@ where
         .routes(routes!(usage_get))
         .routes(routes!(usage_csv))
         .routes(routes!(invoices_csv))
+        .routes(routes!(account_get))
+}
+
+/// The tenant's billing account: how it pays, its credit balance, what it
+/// owes and has not paid, and — for prepaid tenants — its standing
+/// (whether launches or running allocations are stopped for lack of
+/// credit).
+#[utoipa::path(
+    get,
+    path = "/v1/billing/account",
+    operation_id = "billing_account_get",
+    tag = "billing",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The account", body = AccountView),
+        (status = 401, description = "`unauthenticated`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: members and viewers", body = ErrorBody),
+    )
+)]
+async fn account_get(
+    ctx: Ctx,
+    State(config): State<Arc<BillingConfig>>,
+) -> Result<Json<AccountView>, ApiError> {
+    let mut tx = ctx.begin().await.map_err(BillingError::from)?;
+    let tenant = authorize_tenant(tx.conn(), &ctx.principal, Action::BillingRead).await?;
+    let now = usage::db_now(tx.conn()).await?;
+    Ok(Json(
+        standing::account(tx.conn(), &config, tenant.tenant_id, now).await?,
+    ))
 }
 
 /// `GET /v1/billing/usage`

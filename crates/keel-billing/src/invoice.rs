@@ -167,6 +167,13 @@ pub(crate) enum Usage {
         period: Period,
         now: OffsetDateTime,
     },
+    /// Everything not yet on a finalized invoice: unbilled records of any
+    /// period and the open runs up to `now` (what prepaid credit must still
+    /// cover).
+    Outstanding {
+        tenant_id: TenantId,
+        now: OffsetDateTime,
+    },
 }
 
 impl Usage {
@@ -201,6 +208,18 @@ impl Usage {
                         WHERE r.tenant_id = $2 AND r.ended_at IS NULL
                           AND o.started_at < o.ended_at)"
             }
+            Usage::Outstanding { .. } => {
+                "u AS (SELECT project_id, flavor, region, started_at, ended_at, quantity
+                         FROM usage_records
+                        WHERE tenant_id = $2 AND invoice_id IS NULL AND meter = $1
+                       UNION ALL
+                       SELECT project_id, flavor, region, coalesce(billed_until, started_at), $7,
+                              ((extract(epoch FROM $7::timestamptz)
+                                - extract(epoch FROM coalesce(billed_until, started_at))) * 1000000)::bigint
+                         FROM meter_runs
+                        WHERE tenant_id = $2 AND ended_at IS NULL
+                          AND coalesce(billed_until, started_at) < $7)"
+            }
         }
     }
 
@@ -221,6 +240,9 @@ impl Usage {
                 None,
                 Some((period.start(), period.end(), now)),
             ),
+            Usage::Outstanding { tenant_id, now } => {
+                (Some(tenant_id), None, None, Some((now, now, now)))
+            }
         };
         query
             .bind(RUN_METER)

@@ -15,6 +15,7 @@ pub mod money;
 pub mod period;
 pub mod rates;
 pub mod runs;
+pub mod standing;
 pub mod usage;
 
 pub use config::BillingConfig;

@@ -112,6 +112,9 @@ impl ProvisioningConsumer {
         if event.event_type == "host.revoked" {
             return self.on_host_revoked(event).await;
         }
+        if let Some(step) = BillingStep::of(&event.event_type) {
+            return self.on_billing_step(event, step).await;
+        }
         let mut attempt = 1;
         loop {
             let outcome = if event.event_type == ORPHAN_EVENT {
@@ -371,7 +374,83 @@ pub struct OrphanWorkload {
     pub allocation_id: AllocationId,
 }
 
+/// Billing's events about a prepaid tenant whose credit ran out.
+pub const LAUNCHES_STOPPED: &str = "billing.launches_stopped";
+pub const LAUNCHES_RESUMED: &str = "billing.launches_resumed";
+pub const TENANT_SUSPENDED: &str = "billing.tenant_suspended";
+
+#[derive(Clone, Copy, Debug)]
+enum BillingStep {
+    HoldLaunches,
+    ResumeLaunches,
+    StopRunning,
+}
+
+impl BillingStep {
+    fn of(event_type: &str) -> Option<Self> {
+        match event_type {
+            LAUNCHES_STOPPED => Some(BillingStep::HoldLaunches),
+            LAUNCHES_RESUMED => Some(BillingStep::ResumeLaunches),
+            TENANT_SUSPENDED => Some(BillingStep::StopRunning),
+            _ => None,
+        }
+    }
+}
+
 impl ProvisioningConsumer {
+    /// Billing's steps when a prepaid tenant's credit runs out (events of
+    /// the tenant's billing account, delivered in order): hold launches
+    /// (and starts), lift the hold, stop what runs (the hold stays). Each
+    /// is idempotent, as a redelivery needs.
+    async fn on_billing_step(
+        &self,
+        event: &DeliveredEvent,
+        step: BillingStep,
+    ) -> Result<(), HandlerError> {
+        let tenant = event
+            .tenant_id
+            .ok_or_else(|| HandlerError("a billing event names no tenant".to_owned()))?;
+        let mut tx = self
+            .db
+            .begin_system(worker_meta(event))
+            .await
+            .map_err(HandlerError::new)?;
+        let resource = keel_core::ResourceName::tenant(tenant);
+        let audit = match step {
+            BillingStep::HoldLaunches | BillingStep::StopRunning => {
+                sqlx::query(
+                    "INSERT INTO launch_holds (tenant_id, reason, source_event_id)
+                     VALUES ($1, 'prepaid credit exhausted', $2)
+                     ON CONFLICT (tenant_id) DO NOTHING",
+                )
+                .bind(tenant)
+                .bind(event.id.as_uuid())
+                .execute(tx.conn())
+                .await
+                .map_err(HandlerError::new)?;
+                if let BillingStep::StopRunning = step {
+                    let stopped =
+                        crate::service::stop_running_allocations_of_tenant(&mut tx, tenant)
+                            .await
+                            .map_err(HandlerError::new)?;
+                    Audit::new("tenant.suspend_settle", Some(tenant), resource)
+                        .with_details(serde_json::json!({ "allocations_stopped": stopped }))
+                } else {
+                    Audit::new("tenant.launches_hold", Some(tenant), resource)
+                }
+            }
+            BillingStep::ResumeLaunches => {
+                sqlx::query("DELETE FROM launch_holds WHERE tenant_id = $1")
+                    .bind(tenant)
+                    .execute(tx.conn())
+                    .await
+                    .map_err(HandlerError::new)?;
+                Audit::new("tenant.launches_resume", Some(tenant), resource)
+            }
+        };
+        tx.commit(audit).await.map_err(HandlerError::new)
+    }
+
     /// A revoked host runs nothing more for anyone: its allocations fail,
     /// which releases what they held.
     async fn on_host_revoked(&self, event: &DeliveredEvent) -> Result<(), HandlerError> {
@@ -429,6 +508,9 @@ impl Consumer for ProvisioningConsumer {
                 | RETRY_EVENT
                 | ORPHAN_EVENT
                 | "host.revoked"
+                | LAUNCHES_STOPPED
+                | LAUNCHES_RESUMED
+                | TENANT_SUSPENDED
         )
     }
 

@@ -23,6 +23,9 @@ pub enum ProvisioningError {
         "the allocation's host is being drained: nothing starts there again; terminate it and launch a new one"
     )]
     HostDraining,
+    /// The tenant's prepaid credit ran out (billing's launch hold).
+    #[error("the tenant's prepaid credit has run out: {0}; add credit to launch or start again")]
+    LaunchesHeld(String),
     #[error("an allocation that is {from} cannot be {action}")]
     InvalidTransition {
         from: AllocationState,
@@ -72,6 +75,11 @@ impl From<ProvisioningError> for ApiError {
             ProvisioningError::HostDraining => {
                 ApiError::conflict("host_draining", error.to_string())
             }
+            ProvisioningError::LaunchesHeld(_) => ApiError::new(
+                axum::http::StatusCode::PAYMENT_REQUIRED,
+                "credit_exhausted",
+                error.to_string(),
+            ),
             ProvisioningError::InvalidTransition { .. } => {
                 ApiError::conflict("invalid_state_transition", error.to_string())
             }

@@ -145,6 +145,7 @@ pub async fn allocation_create(
     if !errors.is_empty() {
         return Err(ProvisioningError::Validation(errors));
     }
+    refuse_if_held(&mut tx, project.tenant_id).await?;
     let flavor = inventory::flavor_get(tx.conn(), &new.flavor)
         .await?
         .ok_or_else(|| ProvisioningError::UnknownFlavor(new.flavor.clone()))?;
@@ -344,6 +345,7 @@ pub async fn allocation_start(
         return Ok(current);
     }
     // A drain waits for this host to empty: nothing starts there again.
+    refuse_if_held(&mut tx, project.tenant_id).await?;
     let draining: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT FROM hosts WHERE id = $1
                          AND (state = 'draining' OR state_before_offline = 'draining'))",
@@ -362,6 +364,46 @@ pub async fn allocation_start(
     ))
     .await?;
     Ok(starting)
+}
+
+/// Launching and starting wait while billing holds the tenant's launches
+/// (its prepaid credit ran out; `launch_holds`, kept by the consumer from
+/// billing's events).
+async fn refuse_if_held(
+    tx: &mut WriteTx,
+    tenant_id: keel_core::ids::TenantId,
+) -> Result<(), ProvisioningError> {
+    let reason: Option<String> =
+        sqlx::query_scalar("SELECT reason FROM launch_holds WHERE tenant_id = $1")
+            .bind(tenant_id)
+            .fetch_optional(tx.conn())
+            .await?;
+    match reason {
+        Some(reason) => Err(ProvisioningError::LaunchesHeld(reason)),
+        None => Ok(()),
+    }
+}
+
+/// Stops the tenant's running allocations (billing asked: the tenant's
+/// credit ran out past its grace). One that is still starting is stopped
+/// when billing asks again, once it runs (billing repeats the request
+/// while a suspended tenant has a run open).
+pub async fn stop_running_allocations_of_tenant(
+    tx: &mut WriteTx,
+    tenant_id: keel_core::ids::TenantId,
+) -> Result<usize, ProvisioningError> {
+    let allocations: Vec<Allocation> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM allocations
+          WHERE tenant_id = $1 AND state = 'running'
+          ORDER BY id FOR UPDATE"
+    )))
+    .bind(tenant_id)
+    .fetch_all(tx.conn())
+    .await?;
+    for allocation in &allocations {
+        transition(tx, allocation, AllocationState::Stopping, None).await?;
+    }
+    Ok(allocations.len())
 }
 
 /// The allocation, locked, after the tenant check and the `If-Match`.

@@ -21,6 +21,26 @@ pub enum AdminAuditVerifyError {
     UnknownValue(serde_json::Value),
 }
 
+/// struct for typed errors of method [`admin_billing_account_get`]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AdminBillingAccountGetError {
+    Status401(models::ErrorBody),
+    Status404(models::ErrorBody),
+    UnknownValue(serde_json::Value),
+}
+
+/// struct for typed errors of method [`admin_billing_account_set`]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AdminBillingAccountSetError {
+    Status401(models::ErrorBody),
+    Status403(models::ErrorBody),
+    Status404(models::ErrorBody),
+    Status422(models::ErrorBody),
+    UnknownValue(serde_json::Value),
+}
+
 /// struct for typed errors of method [`admin_billing_reconcile`]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -384,6 +404,109 @@ pub async fn admin_audit_verify(
     } else {
         let content = resp.text().await?;
         let entity: Option<AdminAuditVerifyError> = serde_json::from_str(&content).ok();
+        Err(Error::ResponseError(ResponseContent {
+            status,
+            content,
+            entity,
+        }))
+    }
+}
+
+pub async fn admin_billing_account_get(
+    configuration: &configuration::Configuration,
+    tenant_id: &str,
+) -> Result<models::AccountView, Error<AdminBillingAccountGetError>> {
+    // add a prefix to parameters to efficiently prevent name collisions
+    let p_path_tenant_id = tenant_id;
+
+    let uri_str = format!(
+        "{}/v1/admin/tenants/{tenant_id}/billing-account",
+        configuration.base_path,
+        tenant_id = crate::apis::urlencode(p_path_tenant_id)
+    );
+    let mut req_builder = configuration.client.request(reqwest::Method::GET, &uri_str);
+
+    if let Some(ref user_agent) = configuration.user_agent {
+        req_builder = req_builder.header(reqwest::header::USER_AGENT, user_agent.clone());
+    }
+    if let Some(ref token) = configuration.bearer_access_token {
+        req_builder = req_builder.bearer_auth(token.to_owned());
+    };
+
+    let req = req_builder.build()?;
+    let resp = configuration.client.execute(req).await?;
+
+    let status = resp.status();
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/octet-stream");
+    let content_type = super::ContentType::from(content_type);
+
+    if !status.is_client_error() && !status.is_server_error() {
+        let content = resp.text().await?;
+        match content_type {
+            ContentType::Json => serde_json::from_str(&content).map_err(Error::from),
+            ContentType::Text => return Err(Error::from(serde_json::Error::custom("Received `text/plain` content type response that cannot be converted to `models::AccountView`"))),
+            ContentType::Unsupported(unknown_type) => return Err(Error::from(serde_json::Error::custom(format!("Received `{unknown_type}` content type response that cannot be converted to `models::AccountView`")))),
+        }
+    } else {
+        let content = resp.text().await?;
+        let entity: Option<AdminBillingAccountGetError> = serde_json::from_str(&content).ok();
+        Err(Error::ResponseError(ResponseContent {
+            status,
+            content,
+            entity,
+        }))
+    }
+}
+
+pub async fn admin_billing_account_set(
+    configuration: &configuration::Configuration,
+    tenant_id: &str,
+    account_update: models::AccountUpdate,
+) -> Result<models::AccountView, Error<AdminBillingAccountSetError>> {
+    // add a prefix to parameters to efficiently prevent name collisions
+    let p_path_tenant_id = tenant_id;
+    let p_body_account_update = account_update;
+
+    let uri_str = format!(
+        "{}/v1/admin/tenants/{tenant_id}/billing-account",
+        configuration.base_path,
+        tenant_id = crate::apis::urlencode(p_path_tenant_id)
+    );
+    let mut req_builder = configuration.client.request(reqwest::Method::PUT, &uri_str);
+
+    if let Some(ref user_agent) = configuration.user_agent {
+        req_builder = req_builder.header(reqwest::header::USER_AGENT, user_agent.clone());
+    }
+    if let Some(ref token) = configuration.bearer_access_token {
+        req_builder = req_builder.bearer_auth(token.to_owned());
+    };
+    req_builder = req_builder.json(&p_body_account_update);
+
+    let req = req_builder.build()?;
+    let resp = configuration.client.execute(req).await?;
+
+    let status = resp.status();
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/octet-stream");
+    let content_type = super::ContentType::from(content_type);
+
+    if !status.is_client_error() && !status.is_server_error() {
+        let content = resp.text().await?;
+        match content_type {
+            ContentType::Json => serde_json::from_str(&content).map_err(Error::from),
+            ContentType::Text => return Err(Error::from(serde_json::Error::custom("Received `text/plain` content type response that cannot be converted to `models::AccountView`"))),
+            ContentType::Unsupported(unknown_type) => return Err(Error::from(serde_json::Error::custom(format!("Received `{unknown_type}` content type response that cannot be converted to `models::AccountView`")))),
+        }
+    } else {
+        let content = resp.text().await?;
+        let entity: Option<AdminBillingAccountSetError> = serde_json::from_str(&content).ok();
         Err(Error::ResponseError(ResponseContent {
             status,
             content,

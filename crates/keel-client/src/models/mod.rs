@@ -1,5 +1,9 @@
 pub mod account_delete_request;
 pub use self::account_delete_request::AccountDeleteRequest;
+pub mod account_update;
+pub use self::account_update::AccountUpdate;
+pub mod account_view;
+pub use self::account_view::AccountView;
 pub mod admin_flavor_list;
 pub use self::admin_flavor_list::AdminFlavorList;
 pub mod admin_flavor_view;
@@ -20,6 +24,8 @@ pub mod availability;
 pub use self::availability::Availability;
 pub mod availability_list;
 pub use self::availability_list::AvailabilityList;
+pub mod billing_mode;
+pub use self::billing_mode::BillingMode;
 pub mod broken_link;
 pub use self::broken_link::BrokenLink;
 pub mod chain_verification;

@@ -14,6 +14,16 @@
 
 import * as runtime from '../runtime';
 import {
+    type AccountUpdate,
+    AccountUpdateFromJSON,
+    AccountUpdateToJSON,
+} from '../models/AccountUpdate';
+import {
+    type AccountView,
+    AccountViewFromJSON,
+    AccountViewToJSON,
+} from '../models/AccountView';
+import {
     type AdminFlavorList,
     AdminFlavorListFromJSON,
     AdminFlavorListToJSON,
@@ -158,6 +168,24 @@ import {
     VoidRequestFromJSON,
     VoidRequestToJSON,
 } from '../models/VoidRequest';
+
+export interface AdminBillingAccountGetRequest {
+    /**
+     * The tenant
+     */
+    tenantId: string;
+}
+
+export interface AdminBillingAccountSetRequest {
+    /**
+     * The tenant
+     */
+    tenantId: string;
+    /**
+     * 
+     */
+    accountUpdate: AccountUpdate;
+}
 
 export interface AdminCreditGetRequest {
     /**
@@ -475,6 +503,54 @@ export interface AdminApiInterface {
      * Verify every audit hash chain (every tenant\'s and the platform\'s).
      */
     adminAuditVerify(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<Array<ChainVerification>>;
+
+    /**
+     * Creates request options for adminBillingAccountGet without sending the request
+     * @param {string} tenantId The tenant
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminBillingAccountGetRequestOpts(requestParameters: AdminBillingAccountGetRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary A tenant\'s billing account: mode, balance, outstanding, standing.
+     * @param {string} tenantId The tenant
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminBillingAccountGetRaw(requestParameters: AdminBillingAccountGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<AccountView>>;
+
+    /**
+     * A tenant\'s billing account: mode, balance, outstanding, standing.
+     */
+    adminBillingAccountGet(requestParameters: AdminBillingAccountGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AccountView>;
+
+    /**
+     * Creates request options for adminBillingAccountSet without sending the request
+     * @param {string} tenantId The tenant
+     * @param {AccountUpdate} accountUpdate 
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminBillingAccountSetRequestOpts(requestParameters: AdminBillingAccountSetRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Set how a tenant pays: `prepaid` (usage draws on credit; running out stops launches, then running allocations) or `invoiced`. Leaving prepaid lifts any hold.
+     * @param {string} tenantId The tenant
+     * @param {AccountUpdate} accountUpdate 
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof AdminApiInterface
+     */
+    adminBillingAccountSetRaw(requestParameters: AdminBillingAccountSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<AccountView>>;
+
+    /**
+     * Set how a tenant pays: `prepaid` (usage draws on credit; running out stops launches, then running allocations) or `invoiced`. Leaving prepaid lifts any hold.
+     */
+    adminBillingAccountSet(requestParameters: AdminBillingAccountSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AccountView>;
 
     /**
      * Creates request options for adminBillingReconcile without sending the request
@@ -1301,6 +1377,122 @@ export class AdminApi extends runtime.BaseAPI implements AdminApiInterface {
      */
     async adminAuditVerify(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<Array<ChainVerification>> {
         const response = await this.adminAuditVerifyRaw(initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminBillingAccountGet without sending the request
+     */
+    async adminBillingAccountGetRequestOpts(requestParameters: AdminBillingAccountGetRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['tenantId'] == null) {
+            throw new runtime.RequiredError(
+                'tenantId',
+                'Required parameter "tenantId" was null or undefined when calling adminBillingAccountGet().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/tenants/{tenant_id}/billing-account`;
+        urlPath = urlPath.replace('{tenant_id}', encodeURIComponent(String(requestParameters['tenantId'])));
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * A tenant\'s billing account: mode, balance, outstanding, standing.
+     */
+    async adminBillingAccountGetRaw(requestParameters: AdminBillingAccountGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<AccountView>> {
+        const requestOptions = await this.adminBillingAccountGetRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => AccountViewFromJSON(jsonValue));
+    }
+
+    /**
+     * A tenant\'s billing account: mode, balance, outstanding, standing.
+     */
+    async adminBillingAccountGet(requestParameters: AdminBillingAccountGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AccountView> {
+        const response = await this.adminBillingAccountGetRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for adminBillingAccountSet without sending the request
+     */
+    async adminBillingAccountSetRequestOpts(requestParameters: AdminBillingAccountSetRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['tenantId'] == null) {
+            throw new runtime.RequiredError(
+                'tenantId',
+                'Required parameter "tenantId" was null or undefined when calling adminBillingAccountSet().'
+            );
+        }
+
+        if (requestParameters['accountUpdate'] == null) {
+            throw new runtime.RequiredError(
+                'accountUpdate',
+                'Required parameter "accountUpdate" was null or undefined when calling adminBillingAccountSet().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("operator", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/admin/tenants/{tenant_id}/billing-account`;
+        urlPath = urlPath.replace('{tenant_id}', encodeURIComponent(String(requestParameters['tenantId'])));
+
+        return {
+            path: urlPath,
+            method: 'PUT',
+            headers: headerParameters,
+            query: queryParameters,
+            body: AccountUpdateToJSON(requestParameters['accountUpdate']),
+        };
+    }
+
+    /**
+     * Set how a tenant pays: `prepaid` (usage draws on credit; running out stops launches, then running allocations) or `invoiced`. Leaving prepaid lifts any hold.
+     */
+    async adminBillingAccountSetRaw(requestParameters: AdminBillingAccountSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<AccountView>> {
+        const requestOptions = await this.adminBillingAccountSetRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => AccountViewFromJSON(jsonValue));
+    }
+
+    /**
+     * Set how a tenant pays: `prepaid` (usage draws on credit; running out stops launches, then running allocations) or `invoiced`. Leaving prepaid lifts any hold.
+     */
+    async adminBillingAccountSet(requestParameters: AdminBillingAccountSetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AccountView> {
+        const response = await this.adminBillingAccountSetRaw(requestParameters, initOverrides);
         return await response.value();
     }
 

@@ -14,6 +14,11 @@
 
 import * as runtime from '../runtime';
 import {
+    type AccountView,
+    AccountViewFromJSON,
+    AccountViewToJSON,
+} from '../models/AccountView';
+import {
     type CreditView,
     CreditViewFromJSON,
     CreditViewToJSON,
@@ -98,6 +103,27 @@ export interface UsageGetRequest {
  * @interface BillingApiInterface
  */
 export interface BillingApiInterface {
+    /**
+     * Creates request options for billingAccountGet without sending the request
+     * @throws {RequiredError}
+     * @memberof BillingApiInterface
+     */
+    billingAccountGetRequestOpts(): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary The tenant\'s billing account: how it pays, its credit balance, what it owes and has not paid, and — for prepaid tenants — its standing (whether launches or running allocations are stopped for lack of credit).
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof BillingApiInterface
+     */
+    billingAccountGetRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<AccountView>>;
+
+    /**
+     * The tenant\'s billing account: how it pays, its credit balance, what it owes and has not paid, and — for prepaid tenants — its standing (whether launches or running allocations are stopped for lack of credit).
+     */
+    billingAccountGet(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AccountView>;
+
     /**
      * Creates request options for creditGet without sending the request
      * @param {number} [limit] How many items to return (1–200, default 50).
@@ -267,6 +293,51 @@ export interface BillingApiInterface {
  * 
  */
 export class BillingApi extends runtime.BaseAPI implements BillingApiInterface {
+
+    /**
+     * Creates request options for billingAccountGet without sending the request
+     */
+    async billingAccountGetRequestOpts(): Promise<runtime.RequestOpts> {
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/billing/account`;
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * The tenant\'s billing account: how it pays, its credit balance, what it owes and has not paid, and — for prepaid tenants — its standing (whether launches or running allocations are stopped for lack of credit).
+     */
+    async billingAccountGetRaw(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<AccountView>> {
+        const requestOptions = await this.billingAccountGetRequestOpts();
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => AccountViewFromJSON(jsonValue));
+    }
+
+    /**
+     * The tenant\'s billing account: how it pays, its credit balance, what it owes and has not paid, and — for prepaid tenants — its standing (whether launches or running allocations are stopped for lack of credit).
+     */
+    async billingAccountGet(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AccountView> {
+        const response = await this.billingAccountGetRaw(initOverrides);
+        return await response.value();
+    }
 
     /**
      * Creates request options for creditGet without sending the request

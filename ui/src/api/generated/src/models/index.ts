@@ -1,6 +1,8 @@
 /* tslint:disable */
 /* eslint-disable */
 export * from './AccountDeleteRequest';
+export * from './AccountUpdate';
+export * from './AccountView';
 export * from './AdminFlavorList';
 export * from './AdminFlavorView';
 export * from './AllocationState';
@@ -11,6 +13,7 @@ export * from './ApiTokenView';
 export * from './AuditEntryView';
 export * from './Availability';
 export * from './AvailabilityList';
+export * from './BillingMode';
 export * from './BrokenLink';
 export * from './ChainVerification';
 export * from './CreditEntryView';
