@@ -7,16 +7,22 @@
 
 CREATE TABLE billing_accounts (
     tenant_id        uuid PRIMARY KEY REFERENCES tenants (id),
-    mode             text NOT NULL CHECK (mode IN ('prepaid', 'invoiced')),
+    -- Set by operators; NULL follows `[billing] default_mode`.
+    mode             text CHECK (mode IN ('prepaid', 'invoiced')),
     standing         text NOT NULL DEFAULT 'active'
                      CHECK (standing IN ('active', 'warned', 'launches_stopped', 'suspended')),
     standing_since   timestamptz NOT NULL DEFAULT now(),
     -- The lowest low-balance threshold the available credit went below
     -- (an event was sent for it); NULL while above every threshold.
     low_balance_below bigint,
+    -- The time of the last check that changed the account: a check that
+    -- ran as of an earlier time (a slower worker) changes nothing.
+    checked_at       timestamptz NOT NULL DEFAULT now(),
+    -- When billing last asked provisioning to stop the tenant's running
+    -- allocations (it asks again only for runs that opened after).
+    stop_requested_at timestamptz,
     version          bigint NOT NULL DEFAULT 1,
-    updated_at       timestamptz NOT NULL DEFAULT now(),
-    CHECK (mode = 'prepaid' OR standing = 'active')
+    updated_at       timestamptz NOT NULL DEFAULT now()
 );
 ALTER TABLE billing_accounts ENABLE ROW LEVEL SECURITY;
 ALTER TABLE billing_accounts FORCE ROW LEVEL SECURITY;

@@ -447,6 +447,13 @@ async fn a_prepaid_tenant_out_of_credit_loses_launches_then_its_running_allocati
         .get(&format!("{launches}/{allocation}"), Some(&acme.token))
         .await;
     assert_eq!(stopped.body["state"], "stopping");
+    // Set-up: its host reported it stopped. Starting it is held; a start
+    // the state forbids is refused as such.
+    sqlx::query("UPDATE allocations SET state = 'stopped' WHERE id = $1::uuid")
+        .bind(&allocation)
+        .execute(&mut app.database.admin().await)
+        .await
+        .unwrap();
     app.post(
         &format!("{launches}/{allocation}/start"),
         Some(&acme.token),

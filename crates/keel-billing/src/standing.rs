@@ -34,6 +34,7 @@ use crate::invoice::{Policy, Usage, balance, lock_tenant, rate};
 #[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct AccountView {
     pub tenant_id: TenantId,
+    /// How the tenant pays (its own setting, or the platform's default).
     pub mode: BillingMode,
     /// `active`, `warned`, `launches_stopped` or `suspended` (prepaid
     /// tenants whose credit ran out).
@@ -55,10 +56,23 @@ pub struct AccountView {
 
 #[derive(Clone, Debug, sqlx::FromRow)]
 struct AccountRow {
-    mode: String,
+    /// The tenant's own setting; `None` follows the default.
+    mode: Option<String>,
     standing: String,
     standing_since: OffsetDateTime,
     low_balance_below: Option<i64>,
+    checked_at: OffsetDateTime,
+    stop_requested_at: Option<OffsetDateTime>,
+}
+
+impl AccountRow {
+    fn mode(row: Option<&Self>, config: &BillingConfig) -> BillingMode {
+        match row.and_then(|row| row.mode.as_deref()) {
+            Some("prepaid") => BillingMode::Prepaid,
+            Some(_) => BillingMode::Invoiced,
+            None => config.default_mode,
+        }
+    }
 }
 
 /// `PUT /v1/admin/tenants/{tenant_id}/billing-account`
@@ -68,22 +82,21 @@ pub struct AccountUpdate {
     pub mode: BillingMode,
 }
 
+const ROW_COLUMNS: &str =
+    "mode, standing, standing_since, low_balance_below, checked_at, stop_requested_at";
+
 async fn row(
     conn: &mut PgConnection,
     tenant_id: TenantId,
     lock: bool,
 ) -> Result<Option<AccountRow>, BillingError> {
-    let sql = if lock {
-        "SELECT mode, standing, standing_since, low_balance_below
-           FROM billing_accounts WHERE tenant_id = $1 FOR UPDATE"
-    } else {
-        "SELECT mode, standing, standing_since, low_balance_below
-           FROM billing_accounts WHERE tenant_id = $1"
-    };
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(tenant_id)
-        .fetch_optional(conn)
-        .await?)
+    let lock = if lock { " FOR UPDATE" } else { "" };
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {ROW_COLUMNS} FROM billing_accounts WHERE tenant_id = $1{lock}"
+    )))
+    .bind(tenant_id)
+    .fetch_optional(conn)
+    .await?)
 }
 
 /// What the tenant owes and has not paid, at `now`.
@@ -109,9 +122,21 @@ async fn outstanding(
         .ok_or(BillingError::Overflow)
 }
 
-/// The tenant's account as of `now` (a tenant without its own row is in
-/// the default mode, active).
+/// The tenant's account as of `now`. Its figures are read under the
+/// tenant's billing lock (shared), so a finalization that moves usage onto
+/// an invoice and draws credit is seen entirely or not at all.
 pub async fn account(
+    conn: &mut PgConnection,
+    config: &BillingConfig,
+    tenant_id: TenantId,
+    now: OffsetDateTime,
+) -> Result<AccountView, BillingError> {
+    lock_tenant_shared(&mut *conn, tenant_id).await?;
+    figures(conn, config, tenant_id, now).await
+}
+
+/// The account's figures; the caller holds the tenant's billing lock.
+async fn figures(
     conn: &mut PgConnection,
     config: &BillingConfig,
     tenant_id: TenantId,
@@ -121,14 +146,9 @@ pub async fn account(
     let row = row(&mut *conn, tenant_id, false).await?;
     let balance = balance(&mut *conn, tenant_id, config.currency).await?;
     let outstanding = outstanding(&mut *conn, tenant_id, now, policy).await?;
-    let mode = match row.as_ref().map(|row| row.mode.as_str()) {
-        Some("prepaid") => BillingMode::Prepaid,
-        Some(_) => BillingMode::Invoiced,
-        None => config.default_mode,
-    };
     Ok(AccountView {
         tenant_id,
-        mode,
+        mode: AccountRow::mode(row.as_ref(), config),
         standing: row
             .as_ref()
             .map_or_else(|| "active".to_owned(), |row| row.standing.clone()),
@@ -140,52 +160,82 @@ pub async fn account(
     })
 }
 
+async fn lock_tenant_shared(
+    conn: &mut PgConnection,
+    tenant_id: TenantId,
+) -> Result<(), BillingError> {
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock_shared(hashtextextended('keel.billing:' || $1::text, 0))",
+    )
+    .bind(tenant_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 fn account_resource(tenant_id: TenantId) -> ResourceName {
     ResourceName::new(None, Some(tenant_id), None, "billing-account", tenant_id)
 }
 
-/// Writes the account's new standing (and low-balance mark), with its event
-/// if there is one, in `tx`. Returns the account's new version.
-#[allow(clippy::too_many_arguments)] // One step: every part of it.
-async fn step(
+/// The account's new state, written by [`write`].
+struct NewState<'a> {
+    standing: &'a str,
+    low_balance_below: Option<i64>,
+    stop_requested: bool,
+}
+
+/// Writes the account's new state as of `now` (the tenant's own mode is
+/// left as it is) and returns its new version.
+async fn write(
     tx: &mut WriteTx,
     tenant_id: TenantId,
-    mode: BillingMode,
-    standing: &str,
-    low_balance_below: Option<i64>,
-    event: Option<(&'static str, &serde_json::Value)>,
+    state: &NewState<'_>,
     now: OffsetDateTime,
 ) -> Result<i64, BillingError> {
-    let version: i64 = sqlx::query_scalar(
-        "INSERT INTO billing_accounts (tenant_id, mode, standing, standing_since, low_balance_below)
-         VALUES ($1, $2, $3, $5, $4)
+    Ok(sqlx::query_scalar(
+        "INSERT INTO billing_accounts (tenant_id, standing, standing_since, low_balance_below,
+                                       checked_at, stop_requested_at)
+         VALUES ($1, $2, $4, $3, $4, CASE WHEN $5 THEN $4 END)
          ON CONFLICT (tenant_id) DO UPDATE
-            SET mode = $2, low_balance_below = $4,
-                standing_since = CASE WHEN billing_accounts.standing = $3
-                                      THEN billing_accounts.standing_since ELSE $5 END,
-                standing = $3, version = billing_accounts.version + 1, updated_at = now()
+            SET low_balance_below = $3,
+                standing_since = CASE WHEN billing_accounts.standing = $2
+                                      THEN billing_accounts.standing_since ELSE $4 END,
+                standing = $2, checked_at = $4,
+                stop_requested_at = CASE WHEN $5 THEN $4
+                                         ELSE billing_accounts.stop_requested_at END,
+                version = billing_accounts.version + 1, updated_at = now()
          RETURNING version",
     )
     .bind(tenant_id)
-    .bind(mode.as_str())
-    .bind(standing)
-    .bind(low_balance_below)
+    .bind(state.standing)
+    .bind(state.low_balance_below)
     .bind(now)
+    .bind(state.stop_requested)
     .fetch_one(tx.conn())
-    .await?;
-    if let Some((event, payload)) = event {
-        emit(tx, tenant_id, event, version, payload);
-    }
-    Ok(version)
+    .await?)
 }
 
-fn emit(
+/// Queues an event on the tenant's billing account. Each event has its own
+/// version: a later one bumps the account's.
+async fn emit(
     tx: &mut WriteTx,
     tenant_id: TenantId,
     event: &'static str,
-    version: i64,
+    version: Option<i64>,
     payload: &serde_json::Value,
-) {
+) -> Result<(), BillingError> {
+    let version = match version {
+        Some(version) => version,
+        None => {
+            sqlx::query_scalar(
+                "UPDATE billing_accounts SET version = version + 1 WHERE tenant_id = $1
+                 RETURNING version",
+            )
+            .bind(tenant_id)
+            .fetch_one(tx.conn())
+            .await?
+        }
+    };
     tx.emit(NewEvent::new(
         event,
         "billing_account",
@@ -195,6 +245,7 @@ fn emit(
         account_resource(tenant_id),
         payload,
     ));
+    Ok(())
 }
 
 /// Sets how a tenant is billed (operators). Leaving prepaid ends any step
@@ -215,29 +266,48 @@ pub async fn set_mode(
     }
     let current = row(tx.conn(), tenant_id, true).await?;
     let held = current.as_ref().is_some_and(|row| row.standing != "active");
-    let (standing, event) = match (update.mode, held) {
-        (BillingMode::Invoiced, true) => ("active", Some("billing.launches_resumed")),
-        (_, _) => (
-            current
-                .as_ref()
-                .map_or("active", |row| row.standing.as_str()),
-            None,
-        ),
+    let resume = update.mode == BillingMode::Invoiced && held;
+    let standing = if resume {
+        "active".to_owned()
+    } else {
+        current
+            .as_ref()
+            .map_or_else(|| "active".to_owned(), |row| row.standing.clone())
     };
-    let standing = standing.to_owned();
-    let payload = serde_json::json!({ "mode": update.mode, "standing": standing });
     let now = crate::usage::db_now(tx.conn()).await?;
-    step(
-        &mut tx,
-        tenant_id,
-        update.mode,
-        &standing,
-        current.as_ref().and_then(|row| row.low_balance_below),
-        event.map(|event| (event, &payload)),
-        now,
+    sqlx::query(
+        "INSERT INTO billing_accounts (tenant_id, mode, standing_since, checked_at)
+         VALUES ($1, $2, $3, 'epoch')
+         ON CONFLICT (tenant_id) DO UPDATE SET mode = $2, updated_at = now()",
     )
+    .bind(tenant_id)
+    .bind(update.mode.as_str())
+    .bind(now)
+    .execute(tx.conn())
     .await?;
-    let view = account(tx.conn(), config, tenant_id, now).await?;
+    let payload = serde_json::json!({ "mode": update.mode, "standing": standing });
+    if resume {
+        let version = write(
+            &mut tx,
+            tenant_id,
+            &NewState {
+                standing: "active",
+                low_balance_below: current.as_ref().and_then(|row| row.low_balance_below),
+                stop_requested: false,
+            },
+            now.max(current.as_ref().map_or(now, |row| row.checked_at)),
+        )
+        .await?;
+        emit(
+            &mut tx,
+            tenant_id,
+            "billing.launches_resumed",
+            Some(version),
+            &payload,
+        )
+        .await?;
+    }
+    let view = figures(tx.conn(), config, tenant_id, now).await?;
     tx.commit(
         Audit::new(
             "billing.account_update",
@@ -258,9 +328,12 @@ pub enum Change {
     Stepped,
 }
 
-/// Applies the credit policy to one prepaid tenant at `now`: at most one
-/// step of its standing, and a low-balance event if the available credit
-/// fell below another threshold. Nothing is written when nothing changes.
+/// Applies the credit policy to one tenant as of `now`: at most one step
+/// of its standing, and a low-balance event for each threshold its
+/// available credit fell below. A tenant that is not prepaid (any more)
+/// and still held is made active. Nothing is written when nothing changes,
+/// nor by a check as of an earlier time than the last one that changed
+/// the account (two workers: the slower one's figures are older).
 pub async fn evaluate(
     db: &Db,
     config: &BillingConfig,
@@ -275,36 +348,73 @@ pub async fn evaluate(
         .await?;
     lock_tenant(tx.conn(), tenant_id).await?;
     let current = row(tx.conn(), tenant_id, true).await?;
-    let mode = match current.as_ref().map(|row| row.mode.as_str()) {
-        Some("prepaid") => BillingMode::Prepaid,
-        Some(_) => BillingMode::Invoiced,
-        None => config.default_mode,
-    };
-    if mode != BillingMode::Prepaid {
+    if current.as_ref().is_some_and(|row| row.checked_at > now) {
         return Ok(Change::None);
     }
-    let view = account(tx.conn(), config, tenant_id, now).await?;
-    let available = view.available;
-    let (standing, since, marked) = match &current {
+    let mode = AccountRow::mode(current.as_ref(), config);
+    let (standing, since, marked, stop_requested_at) = match &current {
         Some(row) => (
             row.standing.as_str(),
             row.standing_since,
             row.low_balance_below,
+            row.stop_requested_at,
         ),
-        None => ("active", now, None),
+        None => ("active", now, None, None),
     };
-    // The lowest threshold still above the available credit.
+    if mode != BillingMode::Prepaid {
+        if standing == "active" {
+            return Ok(Change::None);
+        }
+        // No longer prepaid (the default changed) but still held.
+        let payload = serde_json::json!({ "from": standing, "mode": mode });
+        let version = write(
+            &mut tx,
+            tenant_id,
+            &NewState {
+                standing: "active",
+                low_balance_below: marked,
+                stop_requested: false,
+            },
+            now,
+        )
+        .await?;
+        emit(
+            &mut tx,
+            tenant_id,
+            "billing.launches_resumed",
+            Some(version),
+            &payload,
+        )
+        .await?;
+        tx.commit(
+            Audit::new(
+                "billing.reactivate",
+                Some(tenant_id),
+                account_resource(tenant_id),
+            )
+            .with_details(payload),
+        )
+        .await?;
+        return Ok(Change::Stepped);
+    }
+    let view = figures(tx.conn(), config, tenant_id, now).await?;
+    let available = view.available;
+    // The lowest threshold still above the available credit, and the
+    // thresholds crossed since the last mark.
     let below = config
         .low_balance_thresholds
         .iter()
         .copied()
         .filter(|threshold| available < *threshold)
         .min();
-    let newly_low = match (below, marked) {
-        (Some(now_below), Some(was)) => now_below < was,
-        (Some(_), None) => true,
-        (None, _) => false,
-    };
+    let mut crossed: Vec<i64> = config
+        .low_balance_thresholds
+        .iter()
+        .copied()
+        .filter(|threshold| available < *threshold && marked.is_none_or(|mark| *threshold < mark))
+        .collect();
+    crossed.sort_unstable_by(|a, b| b.cmp(a));
+    crossed.dedup();
     let waited = |secs: u32| now - since >= time::Duration::seconds(i64::from(secs));
     let next: Option<(&str, &'static str, &'static str)> = if available > 0 {
         (standing != "active").then_some((
@@ -326,15 +436,15 @@ pub async fn evaluate(
             _ => None,
         }
     };
-    // A suspended tenant whose allocation started running again (it was
-    // starting when the stop went out) is asked to stop again.
+    // A suspended tenant with a run that opened after the last stop request
+    // (it was starting then) is asked to stop again — once per such run.
     let again = next.is_none() && standing == "suspended" && {
         let reopened: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT FROM meter_runs
                              WHERE tenant_id = $1 AND ended_at IS NULL AND started_at > $2)",
         )
         .bind(tenant_id)
-        .bind(since)
+        .bind(stop_requested_at.unwrap_or(since))
         .fetch_one(tx.conn())
         .await?;
         reopened
@@ -347,43 +457,44 @@ pub async fn evaluate(
         "available": available, "balance": view.balance, "outstanding": view.outstanding,
         "currency": view.currency, "from": standing,
     });
-    let (new_standing, stepped) = match next {
-        Some((to, event, audit)) => (to, Some((event, audit))),
-        None if again => (
-            standing,
-            Some(("billing.tenant_suspended", "billing.suspend")),
-        ),
-        None => (standing, None),
+    let stepped = match next {
+        Some((to, event, audit)) => Some((to, event, audit)),
+        None if again => Some((standing, "billing.tenant_suspended", "billing.suspend")),
+        None => None,
     };
-    let new_standing = new_standing.to_owned();
-    let version = step(
+    let new_standing = stepped.map_or(standing, |(to, _, _)| to).to_owned();
+    let version = write(
         &mut tx,
         tenant_id,
-        mode,
-        &new_standing,
-        below,
-        stepped.map(|(event, _)| (event, &details)),
+        &NewState {
+            standing: &new_standing,
+            low_balance_below: below,
+            stop_requested: stepped
+                .is_some_and(|(_, event, _)| event == "billing.tenant_suspended"),
+        },
         now,
     )
     .await?;
     let resource = account_resource(tenant_id);
     let mut audits = Vec::new();
-    if let Some((_, action)) = stepped {
+    if let Some((_, event, action)) = stepped {
+        emit(&mut tx, tenant_id, event, Some(version), &details).await?;
         audits.push(Audit::new(action, Some(tenant_id), resource.clone()).with_details(&details));
     }
-    if newly_low && let Some(threshold) = below {
+    for threshold in &crossed {
         let low = serde_json::json!({
             "threshold": threshold, "available": available, "currency": view.currency,
         });
-        emit(&mut tx, tenant_id, "credit.low_balance", version, &low);
+        let version = (stepped.is_none() && audits.is_empty()).then_some(version);
+        emit(&mut tx, tenant_id, "credit.low_balance", version, &low).await?;
         audits.push(
             Audit::new("credit.low_balance", Some(tenant_id), resource.clone()).with_details(low),
         );
     }
-    let changed = match (stepped, newly_low) {
+    let changed = match (stepped, crossed.is_empty()) {
         (Some(_), _) => Change::Stepped,
-        (None, true) => Change::LowBalance,
-        (None, false) => Change::None,
+        (None, false) => Change::LowBalance,
+        (None, true) => Change::None,
     };
     // Only the low-balance mark moved (re-armed above a threshold).
     let last = audits.pop().unwrap_or_else(|| {
@@ -397,16 +508,14 @@ pub async fn evaluate(
     Ok(changed)
 }
 
-/// Every prepaid tenant, checked at the database's `now` (the worker's
+/// Every tenant the policy applies to — prepaid ones, and any still held
+/// whose mode changed — checked at the database's `now` (the worker's
 /// loop). Returns how many changed.
 pub async fn standing_run(db: &Db, config: &BillingConfig) -> Result<u32, BillingError> {
     let mut reads = db.begin_bookkeeping().await?;
-    let now: OffsetDateTime = sqlx::query_scalar("SELECT now()")
-        .fetch_one(&mut *reads)
-        .await?;
     let tenants: Vec<TenantId> = sqlx::query_scalar(
         "SELECT t.id FROM tenants t LEFT JOIN billing_accounts a ON a.tenant_id = t.id
-          WHERE coalesce(a.mode, $1) = 'prepaid' ORDER BY t.id",
+          WHERE coalesce(a.mode, $1) = 'prepaid' OR a.standing <> 'active' ORDER BY t.id",
     )
     .bind(config.default_mode.as_str())
     .fetch_all(&mut *reads)
@@ -414,6 +523,11 @@ pub async fn standing_run(db: &Db, config: &BillingConfig) -> Result<u32, Billin
     reads.commit().await?;
     let mut changed = 0;
     for tenant_id in tenants {
+        // Each check reads the clock when it runs: a long loop does not
+        // judge its last tenants by its first moment.
+        let now: OffsetDateTime = sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(db.pool())
+            .await?;
         match evaluate(db, config, tenant_id, now).await {
             Ok(Change::None) => {}
             Ok(_) => changed += 1,

@@ -207,6 +207,7 @@ async fn invoiced_tenants_are_never_held_and_leaving_prepaid_lifts_a_hold() {
         "the default mode is invoiced"
     );
     set(&test, &config, id, BillingMode::Prepaid).await;
+    // Both thresholds crossed at once: one event each.
     assert_eq!(
         standing::evaluate(&test.db, &config, id, now)
             .await
@@ -229,6 +230,7 @@ async fn invoiced_tenants_are_never_held_and_leaving_prepaid_lifts_a_hold() {
         events(&test, tenant).await,
         [
             "billing.credit_exhausted",
+            "credit.low_balance",
             "credit.low_balance",
             "billing.launches_stopped",
             "billing.launches_resumed",
@@ -256,4 +258,127 @@ async fn set(
     standing::set_mode(tx, config, id, AccountUpdate { mode })
         .await
         .unwrap()
+}
+
+#[tokio::test]
+async fn owed_money_counts_once_through_a_draft_and_a_finalization() {
+    use keel_billing::invoice::{self, Period};
+    let test = keel_testing::test_db().await;
+    let config = config();
+    let meter = MeteringConsumer::new(test.db.clone());
+    let tenant = tenant(&test).await;
+    let id = TenantId::from(tenant);
+    sqlx::query(
+        "INSERT INTO rate_cards (id, flavor, region, currency, unit, unit_price, effective_from)
+         VALUES ($1, 'cpu.small', 'local-1', 'USD', 'hour', 100, '2026-01-01T00:00:00Z')",
+    )
+    .bind(Uuid::now_v7())
+    .execute(&mut test.admin().await)
+    .await
+    .unwrap();
+    common::run(
+        &meter,
+        &Allocation::of(tenant, "cpu.small"),
+        datetime!(2026-01-05 00:00 UTC),
+        datetime!(2026-01-05 03:00 UTC),
+    )
+    .await;
+    grant(&test, tenant, 100).await;
+    let figures = || async {
+        let mut tx = test
+            .db
+            .begin_system(RequestMeta::system("test", "test"))
+            .await
+            .unwrap();
+        let account = standing::account(tx.conn(), &config, id, datetime!(2026-02-10 00:00 UTC))
+            .await
+            .unwrap();
+        (account.balance, account.outstanding, account.available)
+    };
+    assert_eq!(figures().await, (100, 300, -200), "unbilled usage");
+    let policy = invoice::Policy::from(&config);
+    let system = || async {
+        test.db
+            .begin_system(RequestMeta::system("test", "test"))
+            .await
+            .unwrap()
+    };
+    let january = Period::parse("2026-01").unwrap();
+    let (draft, _) = invoice::generate(system().await, policy, id, january, false)
+        .await
+        .unwrap();
+    assert_eq!(figures().await, (100, 300, -200), "a draft claims nothing");
+    invoice::finalize(system().await, policy, draft.unwrap().invoice.id)
+        .await
+        .unwrap();
+    assert_eq!(
+        figures().await,
+        (0, 200, -200),
+        "finalized: credit drawn, the rest due"
+    );
+}
+
+#[tokio::test]
+async fn marks_re_arm_stale_checks_change_nothing_and_a_reopened_run_is_stopped_once() {
+    let test = keel_testing::test_db().await;
+    let config = BillingConfig {
+        stop_launches_after_secs: 300,
+        suspend_after_secs: 300,
+        ..config()
+    };
+    let meter = MeteringConsumer::new(test.db.clone());
+    let tenant = tenant(&test).await;
+    let id = TenantId::from(tenant);
+    set(&test, &config, id, BillingMode::Prepaid).await;
+    let start = datetime!(2026-03-01 00:00 UTC);
+    let at = |minutes: i64| start + time::Duration::minutes(minutes);
+    let check = |now| standing::evaluate(&test.db, &config, id, now);
+    assert_eq!(check(at(0)).await.unwrap(), Change::Stepped); // warned (0 available)
+    // A check as of an earlier moment (a slower worker) changes nothing.
+    grant(&test, tenant, 5_000).await;
+    assert_eq!(check(at(-1)).await.unwrap(), Change::None);
+    // Credit back: active, and the marks re-arm above the thresholds.
+    assert_eq!(check(at(1)).await.unwrap(), Change::Stepped);
+    let before = events(&test, tenant).await.len();
+    assert_eq!(check(at(2)).await.unwrap(), Change::None);
+    assert_eq!(events(&test, tenant).await.len(), before);
+
+    // Out again (a void-free way: a refund-like entry is not ours to make,
+    // so an open run at a price eats the credit).
+    sqlx::query(
+        "INSERT INTO rate_cards (id, flavor, region, currency, unit, unit_price, effective_from)
+         VALUES ($1, 'cpu.small', 'local-1', 'USD', 'hour', 100000, '2026-01-01T00:00:00Z')",
+    )
+    .bind(Uuid::now_v7())
+    .execute(&mut test.admin().await)
+    .await
+    .unwrap();
+    let allocation = Allocation::of(tenant, "cpu.small");
+    meter
+        .handle(&allocation.event("running", Some("provisioning"), at(2)))
+        .await
+        .unwrap();
+    assert_eq!(check(at(10)).await.unwrap(), Change::Stepped); // warned, below both marks again
+    assert_eq!(check(at(16)).await.unwrap(), Change::Stepped); // launches stopped
+    assert_eq!(check(at(22)).await.unwrap(), Change::Stepped); // suspended
+    assert_eq!(
+        check(at(23)).await.unwrap(),
+        Change::None,
+        "the run opened before the stop"
+    );
+    // A run that opens after the stop request is asked to stop, once.
+    let late = Allocation::of(tenant, "cpu.small");
+    meter
+        .handle(&late.event("running", Some("starting"), at(24)))
+        .await
+        .unwrap();
+    assert_eq!(check(at(25)).await.unwrap(), Change::Stepped);
+    assert_eq!(check(at(26)).await.unwrap(), Change::None);
+    let kinds = events(&test, tenant).await;
+    let suspensions = kinds
+        .iter()
+        .filter(|k| *k == "billing.tenant_suspended")
+        .count();
+    let lows = kinds.iter().filter(|k| *k == "credit.low_balance").count();
+    assert_eq!((suspensions, lows), (2, 4), "{kinds:?}");
 }

@@ -55,6 +55,7 @@ where
         (status = 401, description = "`unauthenticated`", body = ErrorBody),
         (status = 403, description = "`forbidden`", body = ErrorBody),
         (status = 404, description = "`not_found`: no such project", body = ErrorBody),
+        (status = 402, description = "`credit_exhausted`: the tenant's prepaid credit ran out; launches are held", body = ErrorBody),
         (status = 409, description = "`quota_exceeded`: the tenant's or the project's quota would be exceeded; nothing was created", body = ErrorBody),
         (status = 422, description = "`validation_failed`, `invalid_body`, `unknown_flavor`, `unknown_region`, or `flavor_unavailable` (no host of the region could run it); nothing was created", body = ErrorBody),
     )
@@ -295,6 +296,7 @@ async fn allocation_stop(
         (status = 401, description = "`unauthenticated`", body = ErrorBody),
         (status = 403, description = "`forbidden`", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 402, description = "`credit_exhausted`: the tenant's prepaid credit ran out; starts are held", body = ErrorBody),
         (status = 409, description = "`invalid_state_transition`: only a stopped allocation starts; `host_draining`: its host is being drained", body = ErrorBody),
         (status = 412, description = "`precondition_failed`: it changed since that `ETag`", body = ErrorBody),
     )

@@ -145,7 +145,6 @@ pub async fn allocation_create(
     if !errors.is_empty() {
         return Err(ProvisioningError::Validation(errors));
     }
-    refuse_if_held(&mut tx, project.tenant_id).await?;
     let flavor = inventory::flavor_get(tx.conn(), &new.flavor)
         .await?
         .ok_or_else(|| ProvisioningError::UnknownFlavor(new.flavor.clone()))?;
@@ -160,6 +159,7 @@ pub async fn allocation_create(
         }
         Some(true) => {}
     }
+    refuse_if_held(&mut tx, project.tenant_id).await?;
     let id = AllocationId::new();
     let requested: Allocation = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "INSERT INTO allocations (id, tenant_id, project_id, name, flavor, region, command, state)
@@ -345,7 +345,6 @@ pub async fn allocation_start(
         return Ok(current);
     }
     // A drain waits for this host to empty: nothing starts there again.
-    refuse_if_held(&mut tx, project.tenant_id).await?;
     let draining: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT FROM hosts WHERE id = $1
                          AND (state = 'draining' OR state_before_offline = 'draining'))",
@@ -355,6 +354,11 @@ pub async fn allocation_start(
     .await?;
     if draining && current.state() == AllocationState::Stopped {
         return Err(ProvisioningError::HostDraining);
+    }
+    // A start the state allows waits while billing holds the tenant's
+    // launches; one it does not allow is refused as such.
+    if current.state().can_become(AllocationState::Starting) {
+        refuse_if_held(&mut tx, project.tenant_id).await?;
     }
     let starting = transition(&mut tx, &current, AllocationState::Starting, None).await?;
     tx.commit(Audit::new(

@@ -19,6 +19,7 @@ use serde::{de::Error as _, Deserialize, Serialize};
 pub enum AllocationCreateError {
     Status400(models::ErrorBody),
     Status401(models::ErrorBody),
+    Status402(models::ErrorBody),
     Status403(models::ErrorBody),
     Status404(models::ErrorBody),
     Status409(models::ErrorBody),
@@ -52,6 +53,7 @@ pub enum AllocationListError {
 pub enum AllocationStartError {
     Status400(models::ErrorBody),
     Status401(models::ErrorBody),
+    Status402(models::ErrorBody),
     Status403(models::ErrorBody),
     Status404(models::ErrorBody),
     Status409(models::ErrorBody),

@@ -22,6 +22,7 @@ pub struct AccountView {
     pub balance: i64,
     #[serde(rename = "currency")]
     pub currency: String,
+    /// How the tenant pays (its own setting, or the platform's default).
     #[serde(rename = "mode")]
     pub mode: models::BillingMode,
     /// What is owed and not yet paid: usage not on a finalized invoice (open runs up to now), with tax, and finalized invoices due.

@@ -40,7 +40,7 @@ export interface AccountView {
      */
     currency: string;
     /**
-     * 
+     * How the tenant pays (its own setting, or the platform's default).
      */
     mode: BillingMode;
     /**
