@@ -389,3 +389,31 @@ test("an operator sees hosts and tenants and cordons a host", async ({ page }) =
   await expect(page.getByRole("rowheader", { name: "Curious Org" }).first()).toBeVisible();
   await audit(page, "operator-tenants");
 });
+
+test("an owner sees this month's usage, prices and account, and downloads it as CSV", async ({ page }) => {
+  await signUp(page, uniqueEmail("billing"), "Billing Org");
+  await launch(page, "metered");
+  await expect(page.getByText("Running", { exact: true })).toBeVisible();
+  await page.getByRole("link", { name: "Billing" }).click();
+  await expect(page.getByRole("heading", { name: "Billing" })).toBeFocused();
+  await expect(page.getByText("Pays by")).toBeVisible();
+  await expect(page.getByText("No invoices yet.")).toBeVisible();
+  // The billing worker meters the run within moments; the page counts it
+  // up to now (reloaded rather than waiting for its one-minute poll).
+  await expect(async () => {
+    await page.reload();
+    await expect(page.getByRole("row", { name: /cpu\.small/ }).first()).toBeVisible({ timeout: 2_000 });
+  }).toPass({ timeout: 30_000 });
+  await audit(page, "billing");
+  const download = page.waitForEvent("download");
+  await page.getByRole("button", { name: "Download usage (CSV)" }).click();
+  const file = await download;
+  expect(file.suggestedFilename()).toMatch(/^usage-\d{4}-\d{2}\.csv$/);
+  const path = await file.path();
+  const text = (await import("node:fs")).readFileSync(path, "utf8");
+  expect(text.split("\n")[0]).toBe(
+    "allocation_id,project_id,flavor,region,started_at,ended_at,quantity_us,status,invoice_id",
+  );
+  expect(text).toContain(",cpu.small,local-1,");
+  expect(text).toContain(",open,");
+});

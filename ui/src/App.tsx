@@ -7,6 +7,8 @@ import { Layout } from "./components/Layout";
 import { AllocationDetailPage } from "./pages/AllocationDetail";
 import { AllocationsPage } from "./pages/Allocations";
 import { AuditPage } from "./pages/Audit";
+import { BillingPage } from "./pages/Billing";
+import { InvoiceDetailPage } from "./pages/InvoiceDetail";
 import { FlavorsPage } from "./pages/Flavors";
 import { HomePage } from "./pages/Home";
 import { LaunchPage } from "./pages/Launch";
@@ -85,6 +87,8 @@ export function App() {
             <Route path="projects/:projectId/service-accounts" element={<ServiceAccountsPage />} />
             <Route path="members" element={<MembersPage />} />
             <Route path="audit" element={<AuditPage />} />
+            <Route path="billing" element={<BillingPage />} />
+            <Route path="billing/invoices/:invoiceId" element={<InvoiceDetailPage />} />
             <Route path="*" element={<NotFoundPage />} />
           </Route>
         </Routes>

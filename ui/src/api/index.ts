@@ -26,4 +26,10 @@ export type {
   RegionView,
   Role,
   SessionView,
+  AccountView,
+  CreditView,
+  InvoiceDetail,
+  InvoiceView,
+  RateCardView,
+  UsageSoFar,
 } from "./generated/src";

@@ -92,6 +92,7 @@ export function Layout() {
             <NavLink to={`/projects/${projectId}/service-accounts`}>Service accounts</NavLink>
             <NavLink to="/members">Members</NavLink>
             {canAdminister(session.data?.role) && <NavLink to="/audit">Audit log</NavLink>}
+            {canAdminister(session.data?.role) && <NavLink to="/billing">Billing</NavLink>}
           </nav>
         )}
         <div className="account">

@@ -7,7 +7,7 @@ import type { Role } from "../api";
 
 const RANK: Record<Role, number> = { viewer: 0, member: 1, admin: 2, owner: 3 };
 
-/** Members, invitations, service accounts, the audit log. */
+/** Members, invitations, service accounts, the audit log, billing. */
 export function canAdminister(role: Role | undefined): boolean {
   return role !== undefined && RANK[role] >= RANK.admin;
 }
