@@ -463,6 +463,7 @@ async fn a_prepaid_tenant_out_of_credit_loses_launches_then_its_running_allocati
     .assert_error(StatusCode::PAYMENT_REQUIRED, "credit_exhausted");
     let account = app.get("/v1/billing/account", Some(&acme.token)).await;
     assert_eq!(account.body["standing"], "suspended");
+    assert_eq!(account.body["currency_digits"], 2, "USD has cents");
     assert_eq!(account.body["mode"], "prepaid");
 
     // Credit bought back: launches resume.

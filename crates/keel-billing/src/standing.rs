@@ -43,8 +43,15 @@ pub struct AccountView {
     #[serde(with = "time::serde::rfc3339::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub standing_since: Option<OffsetDateTime>,
+    /// The billing currency: every amount here, and every invoice, price
+    /// and credit entry, is in it.
     #[schema(example = "USD")]
     pub currency: String,
+    /// How many of its minor units make one unit: the digits after the
+    /// decimal point (ISO 4217: 2 for USD, 0 for JPY, 3 for BHD). Show
+    /// amounts with these, not a client's own table.
+    #[schema(example = 2)]
+    pub currency_digits: u16,
     /// The sum of the credit ledger.
     pub balance: i64,
     /// What is owed and not yet paid: usage not on a finalized invoice
@@ -154,6 +161,7 @@ async fn figures(
             .map_or_else(|| "active".to_owned(), |row| row.standing.clone()),
         standing_since: row.as_ref().map(|row| row.standing_since),
         currency: config.currency.to_string(),
+        currency_digits: config.currency.exponent(),
         balance,
         outstanding,
         available: balance.saturating_sub(outstanding),

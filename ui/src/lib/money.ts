@@ -3,15 +3,6 @@
 // integers (BigInt) until the string, like the API's own rule of no
 // floating point for money.
 
-/** Digits after the decimal point of `currency` (2 for USD, 0 for JPY). */
-export function minorDigits(currency: string): number {
-  try {
-    return new Intl.NumberFormat("en", { style: "currency", currency }).resolvedOptions().maximumFractionDigits ?? 2;
-  } catch {
-    return 2;
-  }
-}
-
 /** `1234` USD → the decimal string "12.34" (exact). */
 export function decimal(minor: number, digits: number): string {
   const value = BigInt(minor);
@@ -26,12 +17,20 @@ export function decimal(minor: number, digits: number): string {
   return `${negative ? "-" : ""}${whole}.${fraction}`;
 }
 
-/** An amount for people: "$12.34", "¥500", "-€0.50". */
-export function formatMoney(minor: number, currency: string, locale?: string): string {
-  const text = decimal(minor, minorDigits(currency));
+/** An amount for people: "$12.34", "¥500", "-€0.50". `digits` is the
+ * currency's ISO 4217 exponent as the API states it (`currency_digits`):
+ * browsers' own tables (CLDR) differ from ISO for a few currencies, and
+ * minor units must be read the way the API counted them. */
+export function formatMoney(minor: number, currency: string, digits: number, locale?: string): string {
+  const text = decimal(minor, digits);
   try {
     // Intl formats a decimal string exactly (no float in between).
-    const format = new Intl.NumberFormat(locale, { style: "currency", currency }) as unknown as {
+    const format = new Intl.NumberFormat(locale, {
+      style: "currency",
+      currency,
+      minimumFractionDigits: digits,
+      maximumFractionDigits: digits,
+    }) as unknown as {
       format(value: string): string;
     };
     return format.format(text);
@@ -49,7 +48,15 @@ export function formatHours(micros: number): string {
   return `${decimal(Number(hundredths), 2)} h`;
 }
 
-/** A billing period's name from its first day (a UTC date): "2026-11". */
+/** A billing period's name from its first day: "2026-11". The API's dates
+ * (`YYYY-MM-DD`) arrive from the generated client as local midnight, so
+ * they are read in local time. */
 export function periodName(start: Date): string {
-  return `${start.getUTCFullYear()}-${String(start.getUTCMonth() + 1).padStart(2, "0")}`;
+  return `${start.getFullYear()}-${String(start.getMonth() + 1).padStart(2, "0")}`;
+}
+
+/** The month a `<input type="month">` holds, if it is a whole month from
+ * 2000 to `latest` (the API bills no other). */
+export function acceptedMonth(value: string, latest: string): string | undefined {
+  return /^\d{4}-\d{2}$/.test(value) && value >= "2000-01" && value <= latest ? value : undefined;
 }

@@ -7,7 +7,7 @@ import { Loading } from "../components/Loading";
 import { PageHeading } from "../components/PageHeading";
 import { TableWrap } from "../components/TableWrap";
 import { UpdatedAt } from "../components/UpdatedAt";
-import { formatHours, formatMoney, periodName } from "../lib/money";
+import { acceptedMonth, formatHours, formatMoney, periodName } from "../lib/money";
 
 /** Saves `text` as a file the browser downloads. */
 function saveFile(name: string, text: string) {
@@ -16,7 +16,14 @@ function saveFile(name: string, text: string) {
   link.href = url;
   link.download = name;
   link.click();
-  URL.revokeObjectURL(url);
+  // Some browsers read the blob after the click returns.
+  setTimeout(() => URL.revokeObjectURL(url), 60_000);
+}
+
+/** This month, as `<input type="month">` writes it. */
+function thisMonth(): string {
+  const now = new Date();
+  return `${now.getFullYear()}-${String(now.getMonth() + 1).padStart(2, "0")}`;
 }
 
 const STANDING: Record<string, string> = {
@@ -29,7 +36,9 @@ const STANDING: Record<string, string> = {
 /** The organisation's billing (owners and admins): its account and credit,
  * this month's usage so far, invoices, prices, and CSV exports. */
 export function BillingPage() {
+  // The month shown (empty: this month) and the one being typed.
   const [period, setPeriod] = useState<string>("");
+  const [typed, setTyped] = useState<string | undefined>(undefined);
   const account = useQuery({
     queryKey: ["billing", "account"],
     queryFn: () => api.billing.billingAccountGet(),
@@ -62,6 +71,9 @@ export function BillingPage() {
   });
   const invoiceItems = invoices.data?.pages.flatMap((page) => page.items) ?? [];
   const currency = account.data?.currency ?? usage.data?.currency ?? "USD";
+  // The currency's ISO digits as the API counts minor units.
+  const digits = account.data?.currencyDigits ?? 2;
+  const money = (minor: number) => formatMoney(minor, currency, digits);
 
   return (
     <>
@@ -75,13 +87,13 @@ export function BillingPage() {
             <dt>Pays by</dt>
             <dd>{account.data.mode === "prepaid" ? "Prepaid credit" : "Invoice"}</dd>
             <dt>Credit balance</dt>
-            <dd>{formatMoney(account.data.balance, currency)}</dd>
+            <dd>{money(account.data.balance)}</dd>
             <dt>Owed, not yet paid</dt>
-            <dd>{formatMoney(account.data.outstanding, currency)}</dd>
+            <dd>{money(account.data.outstanding)}</dd>
             {account.data.mode === "prepaid" && (
               <>
                 <dt>Available credit</dt>
-                <dd>{formatMoney(account.data.available, currency)}</dd>
+                <dd>{money(account.data.available)}</dd>
                 <dt>Standing</dt>
                 <dd>
                   <span className={account.data.standing === "active" ? "" : "warning"}>
@@ -102,8 +114,20 @@ export function BillingPage() {
             <input
               type="month"
               name="period"
-              value={shownPeriod}
-              onChange={(event) => setPeriod(event.target.value)}
+              min="2000-01"
+              max={thisMonth()}
+              value={typed ?? shownPeriod}
+              onChange={(event) => {
+                // Only a whole month the API bills is asked for; a part
+                // being typed stays in the field.
+                setTyped(event.target.value);
+                const month = acceptedMonth(event.target.value, thisMonth());
+                if (month) {
+                  setPeriod(month);
+                  setTyped(undefined);
+                }
+              }}
+              onBlur={() => setTyped(undefined)}
             />
           </label>
           <div className="actions">
@@ -144,10 +168,10 @@ export function BillingPage() {
                       <td>{formatHours(line.quantity)}</td>
                       <td>
                         {line.rateCardId
-                          ? `${formatMoney(line.unitPrice, usage.data.currency)} / ${line.unit}`
+                          ? `${money(line.unitPrice)} / ${line.unit}`
                           : "no price"}
                       </td>
-                      <td>{formatMoney(line.amount, usage.data.currency)}</td>
+                      <td>{money(line.amount)}</td>
                     </tr>
                   ))}
                 </tbody>
@@ -155,7 +179,7 @@ export function BillingPage() {
             </TableWrap>
             <p>
               Estimated so far, before tax and credit:{" "}
-              <strong>{formatMoney(usage.data.subtotal, usage.data.currency)}</strong>
+              <strong>{money(usage.data.subtotal)}</strong>
             </p>
           </>
         )}
@@ -197,7 +221,7 @@ export function BillingPage() {
                       <Link to={`/billing/invoices/${invoice.id}`}>{periodName(invoice.periodStart)}</Link>
                     </th>
                     <td>{invoice.state}</td>
-                    <td>{formatMoney(invoice.total, invoice.currency)}</td>
+                    <td>{money(invoice.total)}</td>
                   </tr>
                 ))}
               </tbody>
@@ -236,7 +260,7 @@ export function BillingPage() {
                       <time dateTime={entry.createdAt.toISOString()}>{entry.createdAt.toLocaleString()}</time>
                     </td>
                     <td>{entry.kind}</td>
-                    <td>{formatMoney(entry.amount, entry.currency)}</td>
+                    <td>{money(entry.amount)}</td>
                     <td>{entry.note}</td>
                   </tr>
                 ))}
@@ -269,7 +293,7 @@ export function BillingPage() {
                     <th scope="row">{card.flavor}</th>
                     <td>{card.region}</td>
                     <td>
-                      {formatMoney(card.unitPrice, card.currency)} / {card.unit}
+                      {money(card.unitPrice)} / {card.unit}
                     </td>
                     <td>{card.effectiveFrom.toLocaleString()}</td>
                     <td>{card.effectiveUntil ? card.effectiveUntil.toLocaleString() : "—"}</td>

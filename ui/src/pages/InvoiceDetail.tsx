@@ -14,7 +14,13 @@ export function InvoiceDetailPage() {
     queryKey: ["billing", "invoice", invoiceId],
     queryFn: () => api.billing.invoiceGet({ invoiceId }),
   });
+  const account = useQuery({
+    queryKey: ["billing", "account"],
+    queryFn: () => api.billing.billingAccountGet(),
+  });
   const data = invoice.data;
+  // The currency's ISO digits as the API counts minor units.
+  const digits = account.data?.currencyDigits ?? 2;
   return (
     <>
       <p>
@@ -51,8 +57,8 @@ export function InvoiceDetailPage() {
                     <th scope="row">{line.flavor}</th>
                     <td>{line.region}</td>
                     <td>{formatHours(line.quantity)}</td>
-                    <td>{line.rateCardId ? `${formatMoney(line.unitPrice, data.currency)} / ${line.unit}` : "no price"}</td>
-                    <td>{formatMoney(line.amount, data.currency)}</td>
+                    <td>{line.rateCardId ? `${formatMoney(line.unitPrice, data.currency, digits)} / ${line.unit}` : "no price"}</td>
+                    <td>{formatMoney(line.amount, data.currency, digits)}</td>
                   </tr>
                 ))}
               </tbody>
@@ -60,14 +66,14 @@ export function InvoiceDetailPage() {
           </TableWrap>
           <dl className="details">
             <dt>Subtotal</dt>
-            <dd>{formatMoney(data.subtotal, data.currency)}</dd>
+            <dd>{formatMoney(data.subtotal, data.currency, digits)}</dd>
             <dt>Credit applied</dt>
-            <dd>{formatMoney(-data.credits, data.currency)}</dd>
+            <dd>{formatMoney(-data.credits, data.currency, digits)}</dd>
             <dt>Tax ({decimal(data.taxRateBp, 2)} %)</dt>
-            <dd>{formatMoney(data.tax, data.currency)}</dd>
+            <dd>{formatMoney(data.tax, data.currency, digits)}</dd>
             <dt>Total due</dt>
             <dd>
-              <strong>{formatMoney(data.total, data.currency)}</strong>
+              <strong>{formatMoney(data.total, data.currency, digits)}</strong>
             </dd>
           </dl>
         </>

@@ -20,8 +20,12 @@ pub struct AccountView {
     /// The sum of the credit ledger.
     #[serde(rename = "balance")]
     pub balance: i64,
+    /// The billing currency: every amount here, and every invoice, price and credit entry, is in it.
     #[serde(rename = "currency")]
     pub currency: String,
+    /// How many of its minor units make one unit: the digits after the decimal point (ISO 4217: 2 for USD, 0 for JPY, 3 for BHD). Show amounts with these, not a client's own table.
+    #[serde(rename = "currency_digits")]
+    pub currency_digits: i32,
     /// How the tenant pays (its own setting, or the platform's default).
     #[serde(rename = "mode")]
     pub mode: models::BillingMode,
@@ -49,6 +53,7 @@ impl AccountView {
         available: i64,
         balance: i64,
         currency: String,
+        currency_digits: i32,
         mode: models::BillingMode,
         outstanding: i64,
         standing: String,
@@ -58,6 +63,7 @@ impl AccountView {
             available,
             balance,
             currency,
+            currency_digits,
             mode,
             outstanding,
             standing,

@@ -36,9 +36,16 @@ export interface AccountView {
      */
     balance: number;
     /**
-     * 
+     * The billing currency: every amount here, and every invoice, price
+     * and credit entry, is in it.
      */
     currency: string;
+    /**
+     * How many of its minor units make one unit: the digits after the
+     * decimal point (ISO 4217: 2 for USD, 0 for JPY, 3 for BHD). Show
+     * amounts with these, not a client's own table.
+     */
+    currencyDigits: number;
     /**
      * How the tenant pays (its own setting, or the platform's default).
      */
@@ -72,6 +79,7 @@ export function instanceOfAccountView(value: object): value is AccountView {
     if (!('available' in value) || value['available'] === undefined) return false;
     if (!('balance' in value) || value['balance'] === undefined) return false;
     if (!('currency' in value) || value['currency'] === undefined) return false;
+    if ((!('currencyDigits' in (value as Record<string, any>)) && !('currency_digits' in (value as Record<string, any>))) || ((value as Record<string, any>)['currencyDigits'] === undefined && (value as Record<string, any>)['currency_digits'] === undefined)) return false;
     if (!('mode' in value) || value['mode'] === undefined) return false;
     if (!('outstanding' in value) || value['outstanding'] === undefined) return false;
     if (!('standing' in value) || value['standing'] === undefined) return false;
@@ -92,6 +100,7 @@ export function AccountViewFromJSONTyped(json: any, ignoreDiscriminator: boolean
         'available': json['available'],
         'balance': json['balance'],
         'currency': json['currency'],
+        'currencyDigits': json['currency_digits'],
         'mode': BillingModeFromJSON(json['mode']),
         'outstanding': json['outstanding'],
         'standing': json['standing'],
@@ -114,6 +123,7 @@ export function AccountViewToJSONTyped(value?: AccountView | null, ignoreDiscrim
         'available': value['available'],
         'balance': value['balance'],
         'currency': value['currency'],
+        'currency_digits': value['currencyDigits'],
         'mode': BillingModeToJSON(value['mode']),
         'outstanding': value['outstanding'],
         'standing': value['standing'],
