@@ -7,10 +7,11 @@ run: ## Local mode: private Postgres, api (and, as they land, worker and agent)
 test: ## Every test: unit, database (fresh database per test), end-to-end
 	bash scripts/test.sh
 
-bench: ## The api against pgbench running the same SQL, the node agent's numbers, and the lifecycle (create -> running, placements, lists) (release build)
+bench: ## The api against pgbench running the same SQL, the node agent's numbers, the lifecycle (create -> running, placements, lists) and billing (metering rate, invoice time) (release build)
 	bash scripts/bench.sh
 	bash scripts/bench-agent.sh
 	bash scripts/bench-lifecycle.sh
+	bash scripts/bench-billing.sh
 
 build:
 	cargo build --workspace --all-targets

@@ -68,14 +68,7 @@ async fn admin_billing_account_get(
 ) -> Result<Json<AccountView>, ApiError> {
     let mut tx = ctx.begin().await.map_err(BillingError::from)?;
     authorize_platform(tx.conn(), &ctx.principal, Action::AdminBillingRead).await?;
-    let known: bool = sqlx::query_scalar("SELECT EXISTS (SELECT FROM tenants WHERE id = $1)")
-        .bind(tenant_id)
-        .fetch_one(tx.conn())
-        .await
-        .map_err(BillingError::from)?;
-    if !known {
-        return Err(BillingError::UnknownTenant.into());
-    }
+    invoice::tenant_known(tx.conn(), tenant_id).await?;
     let now = crate::usage::db_now(tx.conn()).await?;
     let view = standing::account(tx.conn(), &config, tenant_id, now).await?;
     tx.commit(Audit::new(
@@ -500,14 +493,7 @@ async fn admin_credit_get(
     let page = params.validate().map_err(keel_auth::http::page_error)?;
     let mut tx = ctx.begin().await.map_err(BillingError::from)?;
     authorize_platform(tx.conn(), &ctx.principal, Action::AdminBillingRead).await?;
-    let known: bool = sqlx::query_scalar("SELECT EXISTS (SELECT FROM tenants WHERE id = $1)")
-        .bind(tenant_id)
-        .fetch_one(tx.conn())
-        .await
-        .map_err(BillingError::from)?;
-    if !known {
-        return Err(BillingError::UnknownTenant.into());
-    }
+    invoice::tenant_known(tx.conn(), tenant_id).await?;
     let credit = ledger::credit(tx.conn(), tenant_id, config.currency, page).await?;
     tx.commit(Audit::new(
         "admin.credit_read",

@@ -153,6 +153,22 @@ pub(crate) async fn lock_tenant(
     Ok(())
 }
 
+/// The tenant exists (billing's operator calls name tenants by id).
+pub(crate) async fn tenant_known(
+    conn: &mut PgConnection,
+    tenant_id: TenantId,
+) -> Result<(), BillingError> {
+    let known: bool = sqlx::query_scalar("SELECT EXISTS (SELECT FROM tenants WHERE id = $1)")
+        .bind(tenant_id)
+        .fetch_one(conn)
+        .await?;
+    if known {
+        Ok(())
+    } else {
+        Err(BillingError::UnknownTenant)
+    }
+}
+
 /// Which usage a computation rates.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Usage {
@@ -474,13 +490,7 @@ pub async fn generate(
     even_if_empty: bool,
 ) -> Result<(Option<InvoiceDetail>, Generated), BillingError> {
     lock_tenant(tx.conn(), tenant_id).await?;
-    let known: bool = sqlx::query_scalar("SELECT EXISTS (SELECT FROM tenants WHERE id = $1)")
-        .bind(tenant_id)
-        .fetch_one(tx.conn())
-        .await?;
-    if !known {
-        return Err(BillingError::UnknownTenant);
-    }
+    tenant_known(tx.conn(), tenant_id).await?;
     if period.end() > db_now(tx.conn()).await? {
         return Err(BillingError::PeriodNotEnded);
     }

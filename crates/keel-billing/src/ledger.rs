@@ -148,13 +148,7 @@ pub async fn grant(
         });
     }
     lock_tenant(tx.conn(), tenant_id).await?;
-    let known: bool = sqlx::query_scalar("SELECT EXISTS (SELECT FROM tenants WHERE id = $1)")
-        .bind(tenant_id)
-        .fetch_one(tx.conn())
-        .await?;
-    if !known {
-        return Err(BillingError::UnknownTenant);
-    }
+    crate::invoice::tenant_known(tx.conn(), tenant_id).await?;
     // Grants have their own namespace of references (payments use the
     // provider's).
     let reference = new.reference.as_ref().map(|r| format!("grant:{r}"));

@@ -265,13 +265,7 @@ pub async fn set_mode(
     update: AccountUpdate,
 ) -> Result<AccountView, BillingError> {
     lock_tenant(tx.conn(), tenant_id).await?;
-    let known: bool = sqlx::query_scalar("SELECT EXISTS (SELECT FROM tenants WHERE id = $1)")
-        .bind(tenant_id)
-        .fetch_one(tx.conn())
-        .await?;
-    if !known {
-        return Err(BillingError::UnknownTenant);
-    }
+    crate::invoice::tenant_known(tx.conn(), tenant_id).await?;
     let current = row(tx.conn(), tenant_id, true).await?;
     let held = current.as_ref().is_some_and(|row| row.standing != "active");
     let resume = update.mode == BillingMode::Invoiced && held;
