@@ -59,6 +59,9 @@ pub struct Config {
     /// The billing currency, tax and invoice timing (api and worker).
     #[serde(default)]
     pub billing: keel_billing::BillingConfig,
+    /// How tenants pay: the manual provider or Stripe (api).
+    #[serde(default)]
+    pub payments: keel_payments::PaymentsConfig,
 }
 
 /// The web console: a directory holding the built console (`ui/dist`).
@@ -147,6 +150,7 @@ impl AgentListenerConfig {
 /// The top-level keys of [`Config`].
 const SECTIONS: &[&str] = &[
     "billing",
+    "payments",
     "server",
     "log",
     "tracing",

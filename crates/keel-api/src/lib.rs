@@ -126,6 +126,8 @@ pub fn state_from_config(
         terminals,
         console: config.console.dir.as_deref().map(console::Console::new),
         billing: Arc::new(config.billing.clone()),
+        payments: keel_payments::Payments::from_config(&config.payments)
+            .map_err(|error| anyhow::anyhow!("payments: {error}"))?,
     })
 }
 

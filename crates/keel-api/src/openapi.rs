@@ -65,6 +65,7 @@ pub fn router_and_document() -> (Router<AppState>, Document) {
         .merge(keel_provisioning::admin_http::router())
         .merge(keel_billing::http::router())
         .merge(keel_billing::admin_http::router())
+        .merge(keel_payments::http::router())
         .split_for_parts()
 }
 

@@ -24,6 +24,8 @@ pub struct AppState {
     pub console: Option<crate::console::Console>,
     /// The billing currency and tax (`[billing]`).
     pub billing: Arc<keel_billing::BillingConfig>,
+    /// The payment provider (`[payments]`).
+    pub payments: keel_payments::Payments,
 }
 
 impl std::fmt::Debug for AppState {
@@ -44,6 +46,12 @@ impl FromRef<AppState> for Db {
 impl FromRef<AppState> for Arc<keel_billing::BillingConfig> {
     fn from_ref(state: &AppState) -> Self {
         state.billing.clone()
+    }
+}
+
+impl FromRef<AppState> for keel_payments::Payments {
+    fn from_ref(state: &AppState) -> Self {
+        state.payments.clone()
     }
 }
 

@@ -21,6 +21,8 @@ const PUBLIC: &[(&str, &str)] = &[
     ("post", "/v1/admin/auth/login"),
     ("post", "/v1/auth/token"),
     ("post", "/v1/nodes/enrol"),
+    // Authenticated by Stripe's signature of the body instead.
+    ("post", "/v1/payments/stripe/webhook"),
 ];
 
 /// A valid body for each operation that takes one, so a refusal cannot be
@@ -54,6 +56,7 @@ fn sample_body(operation_id: &str) -> Option<Value> {
         "admin_invoice_mark_paid" => Some(json!({"reference": "sweep"})),
         "admin_credit_grant" => Some(json!({"amount": 1, "currency": "USD"})),
         "admin_billing_account_set" => Some(json!({"mode": "invoiced"})),
+        "checkout_create" => Some(json!({"purpose": "credit", "amount": 5000, "currency": "USD"})),
         // Well formed, but for no invitation: refused as not found.
         "invitation_accept" => Some(json!({
             "token": "kit_0190a0a0a0a0a0a0a0a0a0a0a0a0a0a0_0190a0a0a0a0a0a0a0a0a0a0a0a0a0a0_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
@@ -125,6 +128,7 @@ fn fill(path: &str, ids: &Ids<'_>) -> String {
         .replace("{token_id}", ids.token)
         // No invoice in the sweep: another resource's id is no invoice.
         .replace("{invoice_id}", ids.allocation)
+        .replace("{checkout_id}", ids.allocation)
 }
 
 #[tokio::test]

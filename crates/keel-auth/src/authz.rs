@@ -217,6 +217,8 @@ actions! {
     PriceList,
     /// The tenant's invoices, usage and credit.
     BillingRead,
+    /// Pay: buy credit or pay an invoice through the payment provider.
+    BillingPay,
     AdminSessionEnd,
     AdminOperatorList,
     AdminOperatorCreate,
@@ -253,6 +255,7 @@ impl Action {
             | Action::AvailabilityRead
             | Action::PriceList
             | Action::BillingRead => self,
+            Action::BillingPay => Action::BillingRead,
             Action::AdminSessionEnd
             | Action::AdminOperatorList
             | Action::AdminOperatorCreate
@@ -371,6 +374,7 @@ const MEMBER: &[Action] = &[
 const ADMIN: &[Action] = &[
     Action::AuditRead,
     Action::BillingRead,
+    Action::BillingPay,
     Action::ProjectCreate,
     Action::ProjectUpdate,
     Action::ProjectDelete,

@@ -11,13 +11,14 @@
 //! runs under that tenant's billing lock.
 
 use keel_core::ResourceName;
-use keel_core::ids::{CreditEntryId, InvoiceId, RateCardId, TenantId};
+use keel_core::ids::{InvoiceId, RateCardId, TenantId};
 use keel_db::{Audit, NewEvent, WriteTx};
 use serde::Serialize;
 use sqlx::PgConnection;
 use time::{Date, OffsetDateTime};
 
 use crate::BillingError;
+use crate::ledger::{self, EntryKind, NewEntry};
 use crate::meter::RUN_METER;
 use crate::money::{self, Currency, PriceUnit};
 use crate::period;
@@ -709,27 +710,27 @@ pub async fn finalize(
     let credits = available.clamp(0, due);
     let total = due - credits;
     if credits > 0 {
-        let entry = CreditEntryId::new();
-        sqlx::query(
-            "INSERT INTO credit_entries (id, tenant_id, kind, amount, currency, invoice_id, note)
-             VALUES ($1, $2, 'draw', $3, $4, $5, 'usage')",
+        let entry = ledger::append(
+            tx.conn(),
+            NewEntry {
+                tenant_id: draft.tenant_id,
+                kind: EntryKind::Draw,
+                amount: -credits,
+                currency,
+                invoice_id: Some(draft.id),
+                reference: None,
+                payment_reference: None,
+                note: "usage",
+            },
         )
-        .bind(entry)
-        .bind(draft.tenant_id)
-        .bind(-credits)
-        .bind(currency.code())
-        .bind(draft.id)
-        .execute(tx.conn())
         .await?;
         tx.audit(
             Audit::new(
                 "credit.draw",
                 Some(draft.tenant_id),
-                ResourceName::new(None, Some(draft.tenant_id), None, "credit-entry", entry),
+                ResourceName::new(None, Some(draft.tenant_id), None, "credit-entry", entry.id),
             )
-            .with_details(serde_json::json!({
-                "amount": -credits, "currency": currency, "invoice_id": draft.id,
-            })),
+            .with_details(&entry),
         );
     }
     // Nothing left to pay: paid now, by credit or because nothing was due.
@@ -821,17 +822,25 @@ pub async fn void(
         }
         _ => {
             if invoice.credits > 0 {
-                let entry = CreditEntryId::new();
-                sqlx::query(
-                    "INSERT INTO credit_entries (id, tenant_id, kind, amount, currency, invoice_id, note)
-                     VALUES ($1, $2, 'reversal', $3, $4, $5, 'invoice voided')",
+                let currency = Currency::parse(&invoice.currency).ok_or_else(|| {
+                    BillingError::CurrencyMismatch {
+                        given: invoice.currency.clone(),
+                        billing: policy.currency.to_string(),
+                    }
+                })?;
+                let entry = ledger::append(
+                    tx.conn(),
+                    NewEntry {
+                        tenant_id: invoice.tenant_id,
+                        kind: EntryKind::Reversal,
+                        amount: invoice.credits,
+                        currency,
+                        invoice_id: Some(invoice.id),
+                        reference: None,
+                        payment_reference: None,
+                        note: "invoice voided",
+                    },
                 )
-                .bind(entry)
-                .bind(invoice.tenant_id)
-                .bind(invoice.credits)
-                .bind(&invoice.currency)
-                .bind(invoice.id)
-                .execute(tx.conn())
                 .await?;
                 tx.audit(
                     Audit::new(
@@ -842,13 +851,10 @@ pub async fn void(
                             Some(invoice.tenant_id),
                             None,
                             "credit-entry",
-                            entry,
+                            entry.id,
                         ),
                     )
-                    .with_details(serde_json::json!({
-                        "amount": invoice.credits, "currency": invoice.currency,
-                        "invoice_id": invoice.id,
-                    })),
+                    .with_details(&entry),
                 );
             }
             lines_of(tx.conn(), invoice_id).await?
@@ -875,22 +881,38 @@ pub async fn void(
     })
 }
 
-/// Records that a finalized invoice was paid outside Keel (the manual
-/// payment provider). Marking it again with the same reference returns it
-/// unchanged.
-pub async fn mark_paid(
-    mut tx: WriteTx,
+/// What paying an invoice did.
+#[derive(Clone, Debug)]
+pub enum Paid {
+    /// The invoice is paid now.
+    Now(InvoiceView),
+    /// It was paid with this reference before; nothing changed.
+    Already(InvoiceView),
+}
+
+/// Pays a finalized invoice with money received, in the caller's
+/// transaction: the payment and its settlement in the ledger (they net to
+/// zero; a refund of the payment then shows as money owed) with their
+/// audit rows, and the invoice `paid` (`invoice.paid`); the caller audits
+/// the payment itself. `ledger_reference` is the
+/// provider's payment (`stripe:pi_…`), which refunds name; the manual
+/// provider has none. Paying again by the same method with the same
+/// reference changes nothing.
+pub async fn pay(
+    tx: &mut WriteTx,
     invoice_id: InvoiceId,
     method: &str,
     reference: &str,
-) -> Result<InvoiceDetail, BillingError> {
+    ledger_reference: Option<&str>,
+) -> Result<Paid, BillingError> {
     let invoice = invoice_for_update(tx.conn(), invoice_id).await?;
     match invoice.state.as_str() {
         "finalized" => {}
-        "paid" if invoice.payment_reference.as_deref() == Some(reference) => {
-            let lines = lines_of(tx.conn(), invoice_id).await?;
-            tx.rollback().await?;
-            return Ok(InvoiceDetail { invoice, lines });
+        "paid"
+            if invoice.payment_reference.as_deref() == Some(reference)
+                && invoice.payment_method.as_deref() == Some(method) =>
+        {
+            return Ok(Paid::Already(invoice));
         }
         "paid" => return Err(BillingError::InvoiceState("the invoice is paid already")),
         "draft" => {
@@ -899,6 +921,48 @@ pub async fn mark_paid(
             ));
         }
         _ => return Err(BillingError::InvoiceState("a void invoice is not paid")),
+    }
+    let currency = Currency::parse(&invoice.currency).ok_or(BillingError::CurrencyMismatch {
+        given: invoice.currency.clone(),
+        billing: invoice.currency.clone(),
+    })?;
+    lock_tenant(tx.conn(), invoice.tenant_id).await?;
+    for (kind, amount, reference) in [
+        (EntryKind::Payment, invoice.total, ledger_reference),
+        (EntryKind::Settlement, -invoice.total, None),
+    ] {
+        let entry = ledger::append(
+            tx.conn(),
+            NewEntry {
+                tenant_id: invoice.tenant_id,
+                kind,
+                amount,
+                currency,
+                invoice_id: Some(invoice.id),
+                reference,
+                payment_reference: None,
+                note: method,
+            },
+        )
+        .await?;
+        tx.audit(
+            Audit::new(
+                if kind == EntryKind::Payment {
+                    "credit.payment"
+                } else {
+                    "credit.settlement"
+                },
+                Some(invoice.tenant_id),
+                ResourceName::new(
+                    None,
+                    Some(invoice.tenant_id),
+                    None,
+                    "credit-entry",
+                    entry.id,
+                ),
+            )
+            .with_details(&entry),
+        );
     }
     let paid: InvoiceView = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "UPDATE invoices SET state = 'paid', paid_at = now(), payment_method = $2,
@@ -910,17 +974,40 @@ pub async fn mark_paid(
     .bind(reference)
     .fetch_one(tx.conn())
     .await?;
+    emit(tx, "invoice.paid", &paid);
+    Ok(Paid::Now(paid))
+}
+
+/// Records that a finalized invoice was paid outside Keel (the manual
+/// payment provider). Marking it again with the same reference returns it
+/// unchanged.
+pub async fn mark_paid(
+    mut tx: WriteTx,
+    invoice_id: InvoiceId,
+    method: &str,
+    reference: &str,
+) -> Result<InvoiceDetail, BillingError> {
+    let paid = pay(&mut tx, invoice_id, method, reference, None).await?;
     let lines = lines_of(tx.conn(), invoice_id).await?;
-    emit(&mut tx, "invoice.paid", &paid);
-    tx.commit(
-        Audit::new("invoice.mark_paid", Some(paid.tenant_id), resource(&paid))
-            .with_details(serde_json::json!({ "method": method, "reference": reference })),
-    )
-    .await?;
-    Ok(InvoiceDetail {
-        invoice: paid,
-        lines,
-    })
+    let invoice = match paid {
+        Paid::Already(invoice) => {
+            tx.rollback().await?;
+            invoice
+        }
+        Paid::Now(invoice) => {
+            tx.commit(
+                Audit::new(
+                    "invoice.mark_paid",
+                    Some(invoice.tenant_id),
+                    resource(&invoice),
+                )
+                .with_details(serde_json::json!({ "method": method, "reference": reference })),
+            )
+            .await?;
+            invoice
+        }
+    };
+    Ok(InvoiceDetail { invoice, lines })
 }
 
 /// One way an invoice fails to add up.
@@ -990,9 +1077,11 @@ pub async fn reconcile(
                 invoice.tax, invoice.tax_rate_bp, invoice.subtotal
             ));
         }
-        let (drawn, given_back): (i64, i64) = sqlx::query_as(
+        let (drawn, given_back, received, settled): (i64, i64, i64, i64) = sqlx::query_as(
             "SELECT coalesce(-sum(amount) FILTER (WHERE kind = 'draw'), 0)::bigint,
-                    coalesce(sum(amount) FILTER (WHERE kind = 'reversal'), 0)::bigint
+                    coalesce(sum(amount) FILTER (WHERE kind = 'reversal'), 0)::bigint,
+                    coalesce(sum(amount) FILTER (WHERE kind = 'payment'), 0)::bigint,
+                    coalesce(-sum(amount) FILTER (WHERE kind = 'settlement'), 0)::bigint
                FROM credit_entries WHERE invoice_id = $1",
         )
         .bind(invoice.id)
@@ -1008,6 +1097,18 @@ pub async fn reconcile(
         if given_back != expected_back {
             problem(format!(
                 "the ledger gave back {given_back} of its draw, expected {expected_back}"
+            ));
+        }
+        // Money paid for the invoice (not by credit) is one payment of its
+        // total, settled on it.
+        let expected_paid = if invoice.state == "paid" {
+            invoice.total
+        } else {
+            0
+        };
+        if received != expected_paid || settled != expected_paid {
+            problem(format!(
+                "the ledger received {received} and settled {settled} for it, expected {expected_paid}"
             ));
         }
         if invoice.state != "draft" {

@@ -1,6 +1,6 @@
 //! Money never touches floating point: no `f32`/`f64` and no float literal
-//! in the billing crate's code, and no floating-point column or cast in
-//! the billing migrations (doc/billing.md, "Money and rounding").
+//! in the billing and payments crates' code, and no floating-point column
+//! or cast in their migrations (doc/billing.md, "Money and rounding").
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
@@ -44,6 +44,9 @@ fn no_floats_in_money_paths() {
     let mut files = Vec::new();
     rust_files(&crate_dir.join("src"), &mut files);
     assert!(files.len() > 5, "the billing sources were found");
+    let before = files.len();
+    rust_files(&crate_dir.join("../keel-payments/src"), &mut files);
+    assert!(files.len() > before + 5, "the payments sources were found");
     let mut offences = Vec::new();
     for file in &files {
         let text = std::fs::read_to_string(file).unwrap();
@@ -59,7 +62,12 @@ fn no_floats_in_money_paths() {
         }
     }
     let migrations = crate_dir.join("../../migrations");
-    for name in ["0023_metering.sql", "0024_rates_invoices_credit.sql"] {
+    for name in [
+        "0023_metering.sql",
+        "0024_rates_invoices_credit.sql",
+        "0025_credit_standing.sql",
+        "0026_payments.sql",
+    ] {
         let text = std::fs::read_to_string(migrations.join(name)).unwrap();
         for (number, line) in text.lines().enumerate() {
             let sql = line.split("--").next().unwrap_or_default().to_lowercase();

@@ -134,3 +134,8 @@ typed_id!(
     /// One entry of a tenant's prepaid credit ledger.
     CreditEntryId
 );
+
+typed_id!(
+    /// A payment a tenant started at the payment provider (a Checkout).
+    CheckoutId
+);

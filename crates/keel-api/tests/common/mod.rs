@@ -52,6 +52,7 @@ pub fn test_config(database: &TestDb) -> keel_api::Config {
         terminal: Default::default(),
         console: Default::default(),
         billing: Default::default(),
+        payments: Default::default(),
     }
 }
 
@@ -122,6 +123,7 @@ impl TestApp {
             terminals,
             console: None,
             billing: Arc::new(config.billing.clone()),
+            payments: keel_payments::Payments::from_config(&config.payments).expect("payments"),
         };
         Self {
             database,

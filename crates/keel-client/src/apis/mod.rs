@@ -122,6 +122,7 @@ pub mod health_api;
 pub mod inventory_api;
 pub mod members_api;
 pub mod nodes_api;
+pub mod payments_api;
 pub mod projects_api;
 pub mod service_accounts_api;
 

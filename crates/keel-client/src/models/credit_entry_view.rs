@@ -24,7 +24,7 @@ pub struct CreditEntryView {
     /// One entry of a tenant's prepaid credit ledger.
     #[serde(rename = "id")]
     pub id: uuid::Uuid,
-    /// The invoice a draw paid or a reversal gave back.
+    /// The invoice a draw, payment or settlement paid, or a reversal gave back.
     #[serde(
         rename = "invoice_id",
         default,
@@ -32,11 +32,19 @@ pub struct CreditEntryView {
         skip_serializing_if = "Option::is_none"
     )]
     pub invoice_id: Option<Option<uuid::Uuid>>,
-    /// `grant`, `purchase`, `draw`, `reversal` or `refund`.
+    /// `grant`, `purchase`, `draw`, `reversal`, `payment`, `settlement`, `refund` or `refund_failed`.
     #[serde(rename = "kind")]
     pub kind: String,
     #[serde(rename = "note")]
     pub note: String,
+    /// For a refund: the reference of the payment it returns.
+    #[serde(
+        rename = "payment_reference",
+        default,
+        with = "::serde_with::rust::double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub payment_reference: Option<Option<String>>,
     /// The payment's or the operator's reference.
     #[serde(
         rename = "reference",
@@ -65,6 +73,7 @@ impl CreditEntryView {
             invoice_id: None,
             kind,
             note,
+            payment_reference: None,
             reference: None,
         }
     }

@@ -19,6 +19,11 @@ import {
     AccountViewToJSON,
 } from '../models/AccountView';
 import {
+    type CheckoutView,
+    CheckoutViewFromJSON,
+    CheckoutViewToJSON,
+} from '../models/CheckoutView';
+import {
     type CreditView,
     CreditViewFromJSON,
     CreditViewToJSON,
@@ -34,6 +39,11 @@ import {
     InvoiceDetailToJSON,
 } from '../models/InvoiceDetail';
 import {
+    type NewCheckout,
+    NewCheckoutFromJSON,
+    NewCheckoutToJSON,
+} from '../models/NewCheckout';
+import {
     type PaginatedInvoiceView,
     PaginatedInvoiceViewFromJSON,
     PaginatedInvoiceViewToJSON,
@@ -48,6 +58,20 @@ import {
     UsageSoFarFromJSON,
     UsageSoFarToJSON,
 } from '../models/UsageSoFar';
+
+export interface CheckoutCreateRequest {
+    /**
+     * 
+     */
+    newCheckout: NewCheckout;
+}
+
+export interface CheckoutGetRequest {
+    /**
+     * The checkout
+     */
+    checkoutId: string;
+}
 
 export interface CreditGetRequest {
     /**
@@ -123,6 +147,52 @@ export interface BillingApiInterface {
      * The tenant\'s billing account: how it pays, its credit balance, what it owes and has not paid, and — for prepaid tenants — its standing (whether launches or running allocations are stopped for lack of credit).
      */
     billingAccountGet(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AccountView>;
+
+    /**
+     * Creates request options for checkoutCreate without sending the request
+     * @param {NewCheckout} newCheckout 
+     * @throws {RequiredError}
+     * @memberof BillingApiInterface
+     */
+    checkoutCreateRequestOpts(requestParameters: CheckoutCreateRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary Pay: buy prepaid credit, or pay a finalized invoice. With Stripe, the answer carries the Checkout page to send the tenant to (an invoice that has an open checkout gets that one back, `200`); the ledger changes only when Stripe reports the payment. With the manual provider the answer says how to pay out of band (`200`).
+     * @param {NewCheckout} newCheckout 
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof BillingApiInterface
+     */
+    checkoutCreateRaw(requestParameters: CheckoutCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<CheckoutView>>;
+
+    /**
+     * Pay: buy prepaid credit, or pay a finalized invoice. With Stripe, the answer carries the Checkout page to send the tenant to (an invoice that has an open checkout gets that one back, `200`); the ledger changes only when Stripe reports the payment. With the manual provider the answer says how to pay out of band (`200`).
+     */
+    checkoutCreate(requestParameters: CheckoutCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<CheckoutView>;
+
+    /**
+     * Creates request options for checkoutGet without sending the request
+     * @param {string} checkoutId The checkout
+     * @throws {RequiredError}
+     * @memberof BillingApiInterface
+     */
+    checkoutGetRequestOpts(requestParameters: CheckoutGetRequest): Promise<runtime.RequestOpts>;
+
+    /**
+     * 
+     * @summary One of the tenant\'s checkouts: whether it was paid.
+     * @param {string} checkoutId The checkout
+     * @param {*} [options] Override http request option.
+     * @throws {RequiredError}
+     * @memberof BillingApiInterface
+     */
+    checkoutGetRaw(requestParameters: CheckoutGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<CheckoutView>>;
+
+    /**
+     * One of the tenant\'s checkouts: whether it was paid.
+     */
+    checkoutGet(requestParameters: CheckoutGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<CheckoutView>;
 
     /**
      * Creates request options for creditGet without sending the request
@@ -336,6 +406,114 @@ export class BillingApi extends runtime.BaseAPI implements BillingApiInterface {
      */
     async billingAccountGet(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<AccountView> {
         const response = await this.billingAccountGetRaw(initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for checkoutCreate without sending the request
+     */
+    async checkoutCreateRequestOpts(requestParameters: CheckoutCreateRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['newCheckout'] == null) {
+            throw new runtime.RequiredError(
+                'newCheckout',
+                'Required parameter "newCheckout" was null or undefined when calling checkoutCreate().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/billing/checkouts`;
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+            body: NewCheckoutToJSON(requestParameters['newCheckout']),
+        };
+    }
+
+    /**
+     * Pay: buy prepaid credit, or pay a finalized invoice. With Stripe, the answer carries the Checkout page to send the tenant to (an invoice that has an open checkout gets that one back, `200`); the ledger changes only when Stripe reports the payment. With the manual provider the answer says how to pay out of band (`200`).
+     */
+    async checkoutCreateRaw(requestParameters: CheckoutCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<CheckoutView>> {
+        const requestOptions = await this.checkoutCreateRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => CheckoutViewFromJSON(jsonValue));
+    }
+
+    /**
+     * Pay: buy prepaid credit, or pay a finalized invoice. With Stripe, the answer carries the Checkout page to send the tenant to (an invoice that has an open checkout gets that one back, `200`); the ledger changes only when Stripe reports the payment. With the manual provider the answer says how to pay out of band (`200`).
+     */
+    async checkoutCreate(requestParameters: CheckoutCreateRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<CheckoutView> {
+        const response = await this.checkoutCreateRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for checkoutGet without sending the request
+     */
+    async checkoutGetRequestOpts(requestParameters: CheckoutGetRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['checkoutId'] == null) {
+            throw new runtime.RequiredError(
+                'checkoutId',
+                'Required parameter "checkoutId" was null or undefined when calling checkoutGet().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("bearer", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/v1/billing/checkouts/{checkout_id}`;
+        urlPath = urlPath.replace('{checkout_id}', encodeURIComponent(String(requestParameters['checkoutId'])));
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * One of the tenant\'s checkouts: whether it was paid.
+     */
+    async checkoutGetRaw(requestParameters: CheckoutGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<CheckoutView>> {
+        const requestOptions = await this.checkoutGetRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => CheckoutViewFromJSON(jsonValue));
+    }
+
+    /**
+     * One of the tenant\'s checkouts: whether it was paid.
+     */
+    async checkoutGet(requestParameters: CheckoutGetRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<CheckoutView> {
+        const response = await this.checkoutGetRaw(requestParameters, initOverrides);
         return await response.value();
     }
 

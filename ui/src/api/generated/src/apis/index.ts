@@ -9,5 +9,6 @@ export * from './HealthApi';
 export * from './InventoryApi';
 export * from './MembersApi';
 export * from './NodesApi';
+export * from './PaymentsApi';
 export * from './ProjectsApi';
 export * from './ServiceAccountsApi';

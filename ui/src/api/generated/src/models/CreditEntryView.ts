@@ -36,17 +36,23 @@ export interface CreditEntryView {
      */
     id: string;
     /**
-     * The invoice a draw paid or a reversal gave back.
+     * The invoice a draw, payment or settlement paid, or a reversal gave
+     * back.
      */
     invoiceId?: string | null;
     /**
-     * `grant`, `purchase`, `draw`, `reversal` or `refund`.
+     * `grant`, `purchase`, `draw`, `reversal`, `payment`, `settlement`,
+     * `refund` or `refund_failed`.
      */
     kind: string;
     /**
      * 
      */
     note: string;
+    /**
+     * For a refund: the reference of the payment it returns.
+     */
+    paymentReference?: string | null;
     /**
      * The payment's or the operator's reference.
      */
@@ -83,6 +89,7 @@ export function CreditEntryViewFromJSONTyped(json: any, ignoreDiscriminator: boo
         'invoiceId': json['invoice_id'] === undefined ? undefined : json['invoice_id'] === null ? null : json['invoice_id'],
         'kind': json['kind'],
         'note': json['note'],
+        'paymentReference': json['payment_reference'] === undefined ? undefined : json['payment_reference'] === null ? null : json['payment_reference'],
         'reference': json['reference'] === undefined ? undefined : json['reference'] === null ? null : json['reference'],
     };
 }
@@ -105,6 +112,7 @@ export function CreditEntryViewToJSONTyped(value?: CreditEntryView | null, ignor
         'invoice_id': value['invoiceId'],
         'kind': value['kind'],
         'note': value['note'],
+        'payment_reference': value['paymentReference'],
         'reference': value['reference'],
     };
 }
