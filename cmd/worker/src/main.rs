@@ -35,6 +35,7 @@ fn config_file() -> anyhow::Result<Option<PathBuf>> {
 
 async fn run() -> anyhow::Result<()> {
     let config = Config::load(config_file()?.as_deref())?;
+    config.billing.validate().map_err(anyhow::Error::msg)?;
     // Held until `run` returns: dropping it sends the last spans.
     let _telemetry = telemetry::init("keel-worker", &config.log, &config.tracing)?;
     let db = keel_db::Db::connect(&config.database)
@@ -66,7 +67,10 @@ async fn run() -> anyhow::Result<()> {
     // Provisioning and billing read the same events and share nothing else.
     let consumers: Vec<Arc<dyn Consumer>> = vec![
         Arc::new(provisioning),
-        Arc::new(keel_billing::meter::MeteringConsumer::new(db.clone())),
+        Arc::new(
+            keel_billing::meter::MeteringConsumer::new(db.clone())
+                .in_batches_of(config.billing.meter_batch_size as usize),
+        ),
     ];
     keel_outbox::check_names(&consumers).map_err(anyhow::Error::msg)?;
 
@@ -82,7 +86,6 @@ async fn run() -> anyhow::Result<()> {
         stop.subscribe(),
     ));
     let sealer = tokio::spawn(seal_audit_chains(db.clone(), stop.subscribe()));
-    config.billing.validate().map_err(anyhow::Error::msg)?;
     let invoicer = tokio::spawn(run_invoices(
         db.clone(),
         config.billing.clone(),

@@ -367,6 +367,7 @@ async fn deliver_billing_events(app: &TestApp) {
             let job = DeliveryJob {
                 consumer: "provisioning".into(),
                 event_id: event_id.into(),
+                more: Vec::new(),
             };
             worker::run_delivery(db, consumer.as_ref(), &job)
                 .await

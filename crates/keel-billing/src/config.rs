@@ -35,6 +35,11 @@ pub struct BillingConfig {
     pub suspend_after_secs: u32,
     /// How often the worker checks prepaid tenants' credit.
     pub standing_interval_secs: u32,
+    /// How many events the meter takes per delivery job (1 to 1000; 1:
+    /// one at a time). Keep it 1 while workers older than batched delivery
+    /// still run (a rolling upgrade): they would run only the first event
+    /// of a batch (doc/billing.md, "In batches").
+    pub meter_batch_size: u32,
 }
 
 /// How a tenant pays.
@@ -69,6 +74,7 @@ impl Default for BillingConfig {
             stop_launches_after_secs: 3_600,
             suspend_after_secs: 86_400,
             standing_interval_secs: 60,
+            meter_batch_size: 1000,
         }
     }
 }
@@ -86,6 +92,9 @@ impl BillingConfig {
             return Err(format!(
                 "billing.finalize_after_secs must be at least {grace}"
             ));
+        }
+        if !(1..=1000).contains(&self.meter_batch_size) {
+            return Err("billing.meter_batch_size must be between 1 and 1000".into());
         }
         if self.invoice_interval_secs == 0 || self.standing_interval_secs == 0 {
             return Err("billing's intervals must be at least 1 second".into());

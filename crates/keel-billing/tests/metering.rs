@@ -191,6 +191,77 @@ async fn an_open_over_an_unclosed_run_fails_and_a_late_close_leaves_the_next_run
     assert_eq!(quantities, [HOUR_US]);
 }
 
+#[tokio::test]
+async fn a_batch_meters_what_one_by_one_would_and_a_bad_event_fails_alone() {
+    let test = keel_testing::test_db().await;
+    let meter = Arc::new(MeteringConsumer::new(test.db.clone()).in_batches_of(50));
+    assert_eq!(meter.batch_size(), 50);
+    let start = datetime!(2026-01-31 21:00:00.5 UTC);
+    let hours = |n: i64| time::Duration::hours(n);
+    // Five allocations metered in batches, five twins one by one, with the
+    // same times (some runs cross the month end).
+    let batched: Vec<Allocation> = (0..5).map(|_| Allocation::new()).collect();
+    let twins: Vec<Allocation> = (0..5).map(|_| Allocation::new()).collect();
+    let opens = |of: &[Allocation]| -> Vec<keel_outbox::DeliveredEvent> {
+        of.iter()
+            .map(|a| a.event("running", Some("provisioning"), start))
+            .collect()
+    };
+    let closes = |of: &[Allocation]| -> Vec<keel_outbox::DeliveredEvent> {
+        of.iter()
+            .enumerate()
+            .map(|(n, a)| a.event("terminating", Some("running"), start + hours(n as i64 + 1)))
+            .collect()
+    };
+    // With them: an open over a run no event closed, and a broken payload.
+    let blocked = Allocation::new();
+    meter
+        .handle(&blocked.event("running", Some("provisioning"), start))
+        .await
+        .unwrap();
+    let mut first = opens(&batched);
+    first.push(blocked.event("running", Some("starting"), start + hours(1)));
+    let mut broken = Allocation::new().event("running", None, start);
+    broken.payload = json!({"allocation_id": "not-a-uuid"});
+    first.push(broken);
+    for _ in 0..2 {
+        // Delivered twice: the same outcome, nothing twice.
+        let results = meter.handle_batch(&first).await;
+        assert_eq!(results.len(), 7);
+        assert!(results[..5].iter().all(Result::is_ok), "{results:?}");
+        let blocked_error = results[5].as_ref().unwrap_err();
+        assert!(blocked_error.0.contains("open run"), "{}", blocked_error.0);
+        assert!(results[6].is_err());
+    }
+    // The closes: two workers at once, then once more.
+    let second = closes(&batched);
+    let (a, b) = (Arc::clone(&meter), Arc::clone(&meter));
+    let (x, y) = tokio::join!(a.handle_batch(&second), b.handle_batch(&second));
+    assert!(x.iter().chain(y.iter()).all(Result::is_ok));
+    assert!(meter.handle_batch(&second).await.iter().all(Result::is_ok));
+    // All of it took the set-based path (a failed batch would have been
+    // metered one by one, to the same records).
+    assert_eq!(keel_billing::meter::batch_fallbacks(), 0);
+    for event in opens(&twins).iter().chain(closes(&twins).iter()) {
+        meter.handle(event).await.unwrap();
+    }
+    for (one, twin) in batched.iter().zip(&twins) {
+        let got = records(&test, one.id).await;
+        assert!(!got.is_empty());
+        assert_eq!(got, records(&test, twin.id).await);
+    }
+    // One allocation twice in a batch (never released so, but a redelivery
+    // could): metered in order, one by one.
+    let twice = Allocation::new();
+    let both = [
+        twice.event("running", Some("provisioning"), start),
+        twice.event("stopping", Some("running"), start + hours(2)),
+    ];
+    assert!(meter.handle_batch(&both).await.iter().all(Result::is_ok));
+    let got = records(&test, twice.id).await;
+    assert_eq!(got.iter().map(|record| record.3).sum::<i64>(), 2 * HOUR_US);
+}
+
 async fn emit(
     db: &keel_db::Db,
     allocation: &Allocation,
@@ -277,6 +348,7 @@ async fn through_the_outbox_a_delivery_run_again_after_a_lost_mark_meters_once()
             let job = keel_outbox::DeliveryJob {
                 consumer: "billing".into(),
                 event_id: event_id.into(),
+                more: Vec::new(),
             };
             worker::run_delivery(&test.db, meter.as_ref(), &job)
                 .await

@@ -8,7 +8,9 @@
 //! 2. **Release** ([`relay`]): a pending delivery whose predecessors for the
 //!    same aggregate and consumer are all finished becomes an apalis job
 //!    on the consumer's queue, in the same transaction (idempotency key =
-//!    delivery and attempt). Fan-out and release run as one pass, in one
+//!    delivery and attempt). A consumer that takes batches
+//!    ([`Consumer::batch_size`]) gets up to that many deliveries per job,
+//!    of distinct aggregates. Fan-out and release run as one pass, in one
 //!    transaction, under a lock that lets one relay at a time pass (every
 //!    worker process runs a relay; the others wait for the next
 //!    notification), so an aggregate's order never depends on another
@@ -17,7 +19,8 @@
 //!    worker processes side by side) runs the job: skips it if the
 //!    consumer's inbox already has the event, else calls the consumer;
 //!    success writes the inbox row and marks the delivery done in one
-//!    transaction; failure stores the error, the attempt count and the next
+//!    transaction (a batch: one call of [`Consumer::handle_batch`] and one
+//!    transaction for every outcome); failure stores the error, the attempt count and the next
 //!    attempt time (exponential backoff) in the delivery, and after
 //!    [`MAX_ATTEMPTS`] marks it dead. A run that could not record its
 //!    outcome at all leaves the delivery `queued` behind an ended job; the
@@ -79,6 +82,32 @@ pub trait Consumer: Send + Sync + 'static {
     /// Whether this consumer wants events of this type.
     fn wants(&self, event_type: &str) -> bool;
     fn handle<'a>(&'a self, event: &'a DeliveredEvent) -> BoxFuture<'a, Result<(), HandlerError>>;
+
+    /// How many deliveries one job may carry. With 1 (the default) each
+    /// delivery is a job of its own; with more, the relay puts up to this
+    /// many due deliveries of the consumer in one job, never two of one
+    /// aggregate, and the worker hands them to
+    /// [`Consumer::handle_batch`].
+    fn batch_size(&self) -> usize {
+        1
+    }
+
+    /// Handles events of distinct aggregates together: one result per
+    /// event, in their order (a missing result is a failure). As
+    /// idempotent as `handle`: a job can run more than once. The default
+    /// handles them one after the other.
+    fn handle_batch<'a>(
+        &'a self,
+        events: &'a [DeliveredEvent],
+    ) -> BoxFuture<'a, Vec<Result<(), HandlerError>>> {
+        Box::pin(async move {
+            let mut results = Vec::with_capacity(events.len());
+            for event in events {
+                results.push(self.handle(event).await);
+            }
+            results
+        })
+    }
 }
 
 /// Refuses a consumer whose name is not a plain name (ASCII letters,
@@ -97,11 +126,16 @@ pub fn check_names(consumers: &[std::sync::Arc<dyn Consumer>]) -> Result<(), Str
     }
 }
 
-/// The apalis job: which delivery to run.
+/// The apalis job: which delivery to run (and, for a batch consumer, which
+/// more after it).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DeliveryJob {
     pub consumer: String,
     pub event_id: EventId,
+    /// Further deliveries of the same job; absent in one-delivery jobs
+    /// (and in the jobs of versions before batches).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more: Vec<EventId>,
 }
 
 /// Backoff before attempt `attempts + 1`: 1 s, 2 s, 4 s … capped at 5 min.

@@ -14,7 +14,9 @@ use crate::{Consumer, DeliveryJob};
 /// How long the relay sleeps without a notification before it looks anyway
 /// (the fallback that also catches retries coming due).
 const POLL_FALLBACK: Duration = Duration::from_secs(2);
-const BATCH: i64 = 100;
+/// Events fanned out, and deliveries released, per pass (large: a batch
+/// consumer takes up to a thousand per job; doc/performance.md).
+const BATCH: i64 = 5000;
 /// How often the relay looks for stranded deliveries ([`requeue_stranded`]).
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// How long a delivery must have been `queued` before a sweep may judge it
@@ -85,8 +87,16 @@ async fn fan_out(
 
 /// Releases due deliveries whose predecessors (same consumer, same
 /// aggregate, earlier event) are all done or dead, as apalis jobs in the
-/// same transaction (`tx`). Returns how many were released.
-async fn release(tx: &mut keel_db::PgTransaction) -> Result<usize, RelayError> {
+/// same transaction (`tx`): one job per delivery, or, for a consumer that
+/// takes batches ([`Consumer::batch_size`]), up to that many deliveries
+/// per job (the ordering check lets at most one delivery of an aggregate
+/// through at a time, so a job never holds two of one aggregate). Each
+/// delivery records the key of its job (`job_key`), which the stranded
+/// sweep looks for. Returns how many were released.
+async fn release(
+    tx: &mut keel_db::PgTransaction,
+    consumers: &[Arc<dyn Consumer>],
+) -> Result<usize, RelayError> {
     let due: Vec<(String, Uuid, i32)> = sqlx::query_as(
         "SELECT d.consumer, d.event_id, d.attempts FROM outbox_deliveries d
          WHERE d.status = 'pending' AND d.available_at <= now()
@@ -109,30 +119,45 @@ async fn release(tx: &mut keel_db::PgTransaction) -> Result<usize, RelayError> {
             .push((*event_id, *attempts));
     }
     for (consumer, deliveries) in by_consumer {
-        let mut tasks = Vec::with_capacity(deliveries.len());
-        for (event_id, attempts) in &deliveries {
+        // A consumer this process does not know (another version's) gets
+        // one job per delivery, which every version runs.
+        let per_job = consumers
+            .iter()
+            .find(|known| known.name() == consumer)
+            .map_or(1, |known| known.batch_size().max(1));
+        let mut tasks = Vec::new();
+        let (mut released, mut keys) = (Vec::new(), Vec::new());
+        for chunk in deliveries.chunks(per_job) {
+            let (first, first_attempts) = chunk[0];
             let job = DeliveryJob {
                 consumer: consumer.to_owned(),
-                event_id: (*event_id).into(),
+                event_id: first.into(),
+                more: chunk[1..].iter().map(|(id, _)| (*id).into()).collect(),
             };
             // One job per attempt: a retry is a new job, not a re-run of a
             // finished one. apalis must not retry on its own: we do, with
             // backoff stored in the delivery.
+            let key = format!("{first}:{first_attempts}");
             tasks.push(
                 TaskBuilder::new(serde_json::to_vec(&job)?)
-                    .idempotency_key(format!("{event_id}:{attempts}"))
+                    .idempotency_key(key.clone())
                     .max_attempts(1)
                     .build(),
             );
+            for (event_id, _) in chunk {
+                released.push(*event_id);
+                keys.push(key.clone());
+            }
         }
         apalis_postgres::queries::push_tasks(&mut **tx, consumer, tasks).await?;
-        let released: Vec<Uuid> = deliveries.iter().map(|(id, _)| *id).collect();
         sqlx::query(
-            "UPDATE outbox_deliveries SET status = 'queued', updated_at = now()
-             WHERE consumer = $1 AND event_id = ANY($2)",
+            "UPDATE outbox_deliveries d SET status = 'queued', job_key = r.job_key, updated_at = now()
+               FROM unnest($2::uuid[], $3::text[]) AS r(event_id, job_key)
+              WHERE d.consumer = $1 AND d.event_id = r.event_id",
         )
         .bind(consumer)
         .bind(&released)
+        .bind(&keys)
         .execute(&mut **tx)
         .await?;
     }
@@ -168,7 +193,7 @@ pub async fn pass(db: &Db, consumers: &[Arc<dyn Consumer>]) -> Result<Pass, Rela
         });
     }
     let fanned = fan_out(&mut tx, consumers).await?;
-    let released = release(&mut tx).await?;
+    let released = release(&mut tx, consumers).await?;
     tx.commit().await?;
     Ok(Pass { fanned, released })
 }
@@ -213,7 +238,10 @@ pub async fn requeue_stranded(db: &Db) -> Result<usize, RelayError> {
                AND NOT EXISTS (
                    SELECT FROM apalis.jobs j
                    WHERE j.job_type = d.consumer
-                     AND j.idempotency_key = d.event_id::text || ':' || d.attempts
+                     -- The job it was released in (a batch's), or its
+                     -- own (a relay of a version before batches sets no
+                     -- job_key, and may leave an older one behind).
+                     AND j.idempotency_key IN (d.job_key, d.event_id::text || ':' || d.attempts)
                      -- A job that will still run, or is running.
                      AND (j.status IN ('Pending', 'Queued', 'Running')
                           OR (j.status = 'Failed' AND j.attempts < j.max_attempts)))

@@ -158,7 +158,10 @@ pub async fn run_delivery(
                  SET attempts = $3, last_error = $4, updated_at = now(),
                      status = CASE WHEN $3 >= $5 THEN 'dead' ELSE 'pending' END,
                      available_at = now() + make_interval(secs => $6)
-                 WHERE consumer = $1 AND event_id = $2",
+                 WHERE consumer = $1 AND event_id = $2
+                   -- Only as this run found it: another run that recorded
+                   -- first wins.
+                   AND status = 'queued' AND attempts = $3 - 1",
             )
             .bind(consumer.name())
             .bind(job.event_id)
@@ -179,10 +182,158 @@ pub async fn run_delivery(
     Ok(())
 }
 
+/// Runs a job of several deliveries (a batch consumer's): one read of the
+/// deliveries still queued and their events, one call of
+/// [`Consumer::handle_batch`], one transaction recording every outcome.
+pub async fn run_batch(
+    db: &Db,
+    consumer: &dyn Consumer,
+    job: &DeliveryJob,
+) -> Result<(), keel_db::DbError> {
+    let ids: Vec<Uuid> = std::iter::once(job.event_id)
+        .chain(job.more.iter().copied())
+        .map(|id| id.as_uuid())
+        .collect();
+    let mut tx = db.begin_bookkeeping().await?;
+    let queued: Vec<Queued> = sqlx::query_as(
+        "SELECT d.attempts,
+                EXISTS (SELECT FROM consumer_inbox i
+                        WHERE i.consumer = d.consumer AND i.event_id = d.event_id) AS processed,
+                o.id, o.tenant_id, o.event_type, o.aggregate_type, o.aggregate_id,
+                o.aggregate_version, o.resource, o.payload, o.traceparent, o.request_id,
+                (extract(epoch FROM o.created_at) * 1000000)::bigint AS created_at_us
+         FROM outbox_deliveries d JOIN outbox o ON o.id = d.event_id
+         WHERE d.consumer = $1 AND d.event_id = ANY($2) AND d.status = 'queued'
+         ORDER BY d.seq",
+    )
+    .bind(consumer.name())
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let mut done = Vec::new();
+    let mut attempts = Vec::new();
+    let mut events = Vec::new();
+    let mut handled = Vec::new();
+    // Per failed delivery: its id, the attempts read, the error, the delay.
+    let mut failed: (Vec<Uuid>, Vec<i32>, Vec<String>, Vec<f64>) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut fail = |id: Uuid, previous_attempts: i32, error: String| {
+        let attempts = previous_attempts + 1;
+        let delay = backoff_secs(previous_attempts);
+        if attempts >= MAX_ATTEMPTS {
+            tracing::error!(consumer = consumer.name(), event = %id, %error, attempts, "delivery is dead");
+        } else {
+            tracing::warn!(consumer = consumer.name(), event = %id, %error, attempts, retry_in_secs = delay, "delivery failed; will retry");
+        }
+        DELIVERY_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        failed.0.push(id);
+        failed.1.push(previous_attempts);
+        failed.2.push(error);
+        failed.3.push(delay as f64);
+    };
+    for queued in queued {
+        let (id, previous_attempts) = (queued.id.as_uuid(), queued.attempts);
+        if queued.processed {
+            done.push(id);
+            continue;
+        }
+        // An event that cannot be read fails alone.
+        match queued.event() {
+            Ok(event) => {
+                attempts.push(previous_attempts);
+                events.push(event);
+            }
+            Err(error) => fail(id, previous_attempts, format!("unreadable event: {error}")),
+        }
+    }
+    if !events.is_empty() {
+        let span = tracing::info_span!(
+            "deliver_batch",
+            otel.name = %format_args!("deliver {} events", events.len()),
+            consumer = consumer.name(),
+            events = events.len(),
+        );
+        let mut results = consumer.handle_batch(&events).instrument(span).await;
+        // A consumer that answers for fewer events failed the others.
+        results.resize_with(events.len(), || {
+            Err(crate::HandlerError(
+                "the consumer gave no result for it".into(),
+            ))
+        });
+        for ((event, previous_attempts), result) in events.iter().zip(attempts).zip(results) {
+            match result {
+                Ok(()) => handled.push(event.id.as_uuid()),
+                Err(error) => fail(event.id.as_uuid(), previous_attempts, error.to_string()),
+            }
+        }
+    }
+    done.extend_from_slice(&handled);
+    // Every outcome in one transaction. Each update applies only to a
+    // delivery still queued as this run read it: another run of the same
+    // job (apalis may run one twice) that recorded first wins, and none
+    // turns a finished delivery back. The rows are locked in one order
+    // first, so two such runs cannot deadlock.
+    let mut tx = db.begin_bookkeeping().await?;
+    sqlx::query(
+        "SELECT FROM outbox_deliveries WHERE consumer = $1 AND event_id = ANY($2)
+          ORDER BY event_id FOR UPDATE",
+    )
+    .bind(consumer.name())
+    .bind(&ids)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO consumer_inbox (consumer, event_id)
+         SELECT $1, id FROM unnest($2::uuid[]) AS handled(id) ON CONFLICT DO NOTHING",
+    )
+    .bind(consumer.name())
+    .bind(&handled)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE outbox_deliveries SET status = 'done', updated_at = now()
+          WHERE consumer = $1 AND event_id = ANY($2) AND status = 'queued'",
+    )
+    .bind(consumer.name())
+    .bind(&done)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE outbox_deliveries d
+            SET attempts = f.attempts + 1, last_error = f.error, updated_at = now(),
+                status = CASE WHEN f.attempts + 1 >= $2 THEN 'dead' ELSE 'pending' END,
+                available_at = now() + make_interval(secs => f.delay)
+           FROM unnest($3::uuid[], $4::int[], $5::text[], $6::float8[])
+                AS f(event_id, attempts, error, delay)
+          WHERE d.consumer = $1 AND d.event_id = f.event_id
+            AND d.status = 'queued' AND d.attempts = f.attempts",
+    )
+    .bind(consumer.name())
+    .bind(MAX_ATTEMPTS)
+    .bind(&failed.0)
+    .bind(&failed.1)
+    .bind(&failed.2)
+    .bind(&failed.3)
+    .execute(&mut *tx)
+    .await?;
+    // Wakes the relay: the next events of these aggregates may go.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_notify('{OUTBOX_CHANNEL}', '')"
+    )))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 async fn handle_job(job: DeliveryJob, runner: Data<Runner>) -> Result<(), BoxDynError> {
-    run_delivery(&runner.db, runner.consumer.as_ref(), &job)
-        .await
-        .map_err(|error| Box::new(error) as BoxDynError)
+    let ran = if job.more.is_empty() {
+        run_delivery(&runner.db, runner.consumer.as_ref(), &job).await
+    } else {
+        run_batch(&runner.db, runner.consumer.as_ref(), &job).await
+    };
+    ran.map_err(|error| Box::new(error) as BoxDynError)
 }
 
 /// Builds an apalis monitor with one worker per consumer.

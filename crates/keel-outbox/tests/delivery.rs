@@ -83,6 +83,7 @@ async fn queued(db: &Db) -> Vec<DeliveryJob> {
         .map(|(id,)| DeliveryJob {
             consumer: "recorder".into(),
             event_id: id.into(),
+            more: Vec::new(),
         })
         .collect()
 }
@@ -445,4 +446,262 @@ async fn the_relay_and_apalis_workers_deliver_an_event_without_polling_delays() 
     let _ = stop_monitor.send(());
     relay.await.unwrap().unwrap();
     monitor.await.unwrap().unwrap();
+}
+
+/// A consumer that takes batches of up to four; each aggregate in
+/// `fail_once` fails once.
+#[derive(Default)]
+struct Batcher {
+    seen: Mutex<Vec<(Uuid, i64)>>,
+    batches: Mutex<Vec<usize>>,
+    fail_once: Mutex<std::collections::HashSet<Uuid>>,
+}
+
+impl Consumer for Batcher {
+    fn name(&self) -> &'static str {
+        "batcher"
+    }
+
+    fn wants(&self, event_type: &str) -> bool {
+        event_type.starts_with("thing.")
+    }
+
+    fn handle<'a>(&'a self, event: &'a DeliveredEvent) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            if self.fail_once.lock().unwrap().remove(&event.aggregate_id) {
+                return Err(HandlerError::new("induced failure"));
+            }
+            self.seen
+                .lock()
+                .unwrap()
+                .push((event.aggregate_id, event.aggregate_version));
+            Ok(())
+        })
+    }
+
+    fn batch_size(&self) -> usize {
+        4
+    }
+
+    fn handle_batch<'a>(
+        &'a self,
+        events: &'a [DeliveredEvent],
+    ) -> BoxFuture<'a, Vec<Result<(), HandlerError>>> {
+        Box::pin(async move {
+            self.batches.lock().unwrap().push(events.len());
+            let mut results = Vec::new();
+            for event in events {
+                results.push(self.handle(event).await);
+            }
+            results
+        })
+    }
+}
+
+/// The batcher's queued deliveries, as the jobs they were released in.
+async fn queued_jobs(db: &Db) -> Vec<DeliveryJob> {
+    let rows: Vec<(Vec<Uuid>,)> = sqlx::query_as(
+        "SELECT array_agg(event_id ORDER BY seq) FROM outbox_deliveries
+          WHERE consumer = 'batcher' AND status = 'queued'
+          GROUP BY job_key ORDER BY min(seq)",
+    )
+    .fetch_all(&mut *db.begin_bookkeeping().await.unwrap())
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(ids,)| DeliveryJob {
+            consumer: "batcher".into(),
+            event_id: ids[0].into(),
+            more: ids[1..].iter().map(|id| (*id).into()).collect(),
+        })
+        .collect()
+}
+
+async fn aggregate_of(db: &Db, event_id: Uuid) -> Uuid {
+    sqlx::query_scalar("SELECT aggregate_id FROM outbox WHERE id = $1")
+        .bind(event_id)
+        .fetch_one(&mut *db.begin_bookkeeping().await.unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_batch_holds_distinct_aggregates_and_a_failure_fails_only_its_event() {
+    let test = keel_testing::test_db().await;
+    let batcher = Arc::new(Batcher::default());
+    let consumers: Vec<Arc<dyn Consumer>> = vec![batcher.clone()];
+    let aggregates: Vec<Uuid> = (0..6).map(|_| Uuid::now_v7()).collect();
+    for aggregate in &aggregates {
+        emit(&test.db, "thing.created", *aggregate, 1).await;
+        emit(&test.db, "thing.updated", *aggregate, 2).await;
+    }
+    let unlucky = aggregates[2];
+    batcher.fail_once.lock().unwrap().insert(unlucky);
+
+    relay::drain(&test.db, &consumers).await.unwrap();
+    let jobs = queued_jobs(&test.db).await;
+    let sizes: Vec<usize> = jobs.iter().map(|job| 1 + job.more.len()).collect();
+    assert_eq!(sizes, [4, 2], "each aggregate's first event, four to a job");
+    for job in &jobs {
+        let mut seen = std::collections::HashSet::new();
+        for id in std::iter::once(job.event_id).chain(job.more.iter().copied()) {
+            assert!(seen.insert(aggregate_of(&test.db, id.as_uuid()).await));
+        }
+        worker::run_batch(&test.db, batcher.as_ref(), job)
+            .await
+            .unwrap();
+    }
+    // Running a job again changes nothing.
+    worker::run_batch(&test.db, batcher.as_ref(), &jobs[0])
+        .await
+        .unwrap();
+    assert_eq!(
+        batcher.seen.lock().unwrap().len(),
+        5,
+        "all but the unlucky one"
+    );
+    let (status, attempts): (String, i32) = sqlx::query_as(
+        "SELECT d.status, d.attempts FROM outbox_deliveries d JOIN outbox o ON o.id = d.event_id
+          WHERE o.aggregate_id = $1 AND o.aggregate_version = 1",
+    )
+    .bind(unlucky)
+    .fetch_one(&mut test.admin().await)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), attempts), ("pending", 1));
+
+    // The others' second events go; the unlucky one's waits for its first
+    // (whose retry is put off, so that a slow machine does not release it).
+    sqlx::query(
+        "UPDATE outbox_deliveries SET available_at = now() + interval '1 hour'
+          WHERE status = 'pending' AND attempts = 1",
+    )
+    .execute(&mut test.admin().await)
+    .await
+    .unwrap();
+    relay::drain(&test.db, &consumers).await.unwrap();
+    let jobs = queued_jobs(&test.db).await;
+    assert_eq!(jobs.iter().map(|job| 1 + job.more.len()).sum::<usize>(), 5);
+    for job in &jobs {
+        worker::run_batch(&test.db, batcher.as_ref(), job)
+            .await
+            .unwrap();
+    }
+    sqlx::query("UPDATE outbox_deliveries SET available_at = now() WHERE status = 'pending'")
+        .execute(&mut test.admin().await)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        relay::drain(&test.db, &consumers).await.unwrap();
+        for job in &queued_jobs(&test.db).await {
+            worker::run_batch(&test.db, batcher.as_ref(), job)
+                .await
+                .unwrap();
+        }
+    }
+    let seen = batcher.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 12);
+    for aggregate in &aggregates {
+        let versions: Vec<i64> = seen
+            .iter()
+            .filter(|(id, _)| id == aggregate)
+            .map(|(_, version)| *version)
+            .collect();
+        assert_eq!(versions, [1, 2], "in order, once each");
+    }
+    let inbox: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM consumer_inbox WHERE consumer = 'batcher'")
+            .fetch_one(&mut test.admin().await)
+            .await
+            .unwrap();
+    assert_eq!(inbox, 12);
+}
+
+#[tokio::test]
+async fn batches_go_through_the_relay_and_apalis_workers() {
+    let test = keel_testing::test_db().await;
+    let batcher = Arc::new(Batcher::default());
+    let consumers: Vec<Arc<dyn Consumer>> = vec![batcher.clone()];
+    let aggregates: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
+    for aggregate in &aggregates {
+        emit(&test.db, "thing.created", *aggregate, 1).await;
+        emit(&test.db, "thing.updated", *aggregate, 2).await;
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let relay = tokio::spawn(relay::run(test.db.clone(), consumers.clone(), stopped));
+    let monitor = worker::monitor(&test.db, &consumers, "test");
+    let (stop_monitor, monitor_stopped) = tokio::sync::oneshot::channel::<()>();
+    let monitor = tokio::spawn(monitor.run_with_signal(async move {
+        let _ = monitor_stopped.await;
+        Ok(())
+    }));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while batcher.seen.lock().unwrap().len() < 40 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "events were not delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = batcher.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 40);
+    for aggregate in &aggregates {
+        let versions: Vec<i64> = seen
+            .iter()
+            .filter(|(id, _)| id == aggregate)
+            .map(|(_, version)| *version)
+            .collect();
+        assert_eq!(versions, [1, 2]);
+    }
+    assert!(
+        batcher.batches.lock().unwrap().iter().any(|size| *size > 1),
+        "{:?}",
+        batcher.batches.lock().unwrap()
+    );
+    let _ = stop.send(true);
+    let _ = stop_monitor.send(());
+    relay.await.unwrap().unwrap();
+    monitor.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_batch_member_is_handed_back_only_once_its_job_has_ended() {
+    let test = keel_testing::test_db().await;
+    let batcher = Arc::new(Batcher::default());
+    let consumers: Vec<Arc<dyn Consumer>> = vec![batcher.clone()];
+    for _ in 0..6 {
+        emit(&test.db, "thing.created", Uuid::now_v7(), 1).await;
+    }
+    relay::drain(&test.db, &consumers).await.unwrap();
+    let jobs = queued_jobs(&test.db).await;
+    assert_eq!(jobs.len(), 2);
+    let mut admin = test.admin().await;
+    // Every member queued a minute ago, its job still to run: left alone.
+    sqlx::query("UPDATE outbox_deliveries SET updated_at = now() - interval '1 minute'")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE apalis.jobs SET status = 'Running' WHERE job_type = 'batcher'")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(relay::requeue_stranded(&test.db).await.unwrap(), 0);
+    // The first job ended without recording its members: all four go back.
+    let first_key = format!("{}:0", jobs[0].event_id);
+    sqlx::query(
+        "UPDATE apalis.jobs SET status = 'Done', done_at = now()
+          WHERE job_type = 'batcher' AND idempotency_key = $1",
+    )
+    .bind(&first_key)
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(relay::requeue_stranded(&test.db).await.unwrap(), 4);
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox_deliveries WHERE status = 'pending' AND attempts = 1",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(pending, 4);
 }

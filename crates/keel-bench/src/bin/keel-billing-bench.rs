@@ -139,7 +139,10 @@ async fn metering(db: &Db, admin_url: &str, allocations: usize) -> anyhow::Resul
     let tenant = new_tenant(&mut admin, "metering bench").await?;
     write_events(db, tenant, allocations).await?;
     let events = 2 * allocations;
-    let consumers: Vec<Arc<dyn Consumer>> = vec![Arc::new(MeteringConsumer::new(db.clone()))];
+    let consumers: Vec<Arc<dyn Consumer>> = vec![Arc::new(
+        MeteringConsumer::new(db.clone())
+            .in_batches_of(keel_billing::BillingConfig::default().meter_batch_size as usize),
+    )];
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let began = Instant::now();
     let relay = tokio::spawn(keel_outbox::relay::run(
