@@ -64,6 +64,15 @@ impl Queued {
     }
 }
 
+/// A queued delivery's [`Queued`] columns and the join they come from.
+const QUEUED_COLUMNS: &str = "d.attempts,
+        EXISTS (SELECT FROM consumer_inbox i
+                WHERE i.consumer = d.consumer AND i.event_id = d.event_id) AS processed,
+        o.id, o.tenant_id, o.event_type, o.aggregate_type, o.aggregate_id,
+        o.aggregate_version, o.resource, o.payload, o.traceparent, o.request_id,
+        (extract(epoch FROM o.created_at) * 1000000)::bigint AS created_at_us
+     FROM outbox_deliveries d JOIN outbox o ON o.id = d.event_id";
+
 /// What the apalis handler needs.
 #[derive(Clone)]
 struct Runner {
@@ -94,13 +103,7 @@ pub async fn run_delivery(
     // nothing held while the consumer works.
     let found = db
         .bookkeeping_once(&format!(
-            "SELECT d.attempts,
-                    EXISTS (SELECT FROM consumer_inbox i
-                            WHERE i.consumer = d.consumer AND i.event_id = d.event_id) AS processed,
-                    o.id, o.tenant_id, o.event_type, o.aggregate_type, o.aggregate_id,
-                    o.aggregate_version, o.resource, o.payload, o.traceparent, o.request_id,
-                    (extract(epoch FROM o.created_at) * 1000000)::bigint AS created_at_us
-             FROM outbox_deliveries d JOIN outbox o ON o.id = d.event_id
+            "SELECT {QUEUED_COLUMNS}
              WHERE d.consumer = {consumer_name} AND d.event_id = {event_id} AND d.status = 'queued'"
         ))
         .await?
@@ -195,17 +198,11 @@ pub async fn run_batch(
         .map(|id| id.as_uuid())
         .collect();
     let mut tx = db.begin_bookkeeping().await?;
-    let queued: Vec<Queued> = sqlx::query_as(
-        "SELECT d.attempts,
-                EXISTS (SELECT FROM consumer_inbox i
-                        WHERE i.consumer = d.consumer AND i.event_id = d.event_id) AS processed,
-                o.id, o.tenant_id, o.event_type, o.aggregate_type, o.aggregate_id,
-                o.aggregate_version, o.resource, o.payload, o.traceparent, o.request_id,
-                (extract(epoch FROM o.created_at) * 1000000)::bigint AS created_at_us
-         FROM outbox_deliveries d JOIN outbox o ON o.id = d.event_id
+    let queued: Vec<Queued> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {QUEUED_COLUMNS}
          WHERE d.consumer = $1 AND d.event_id = ANY($2) AND d.status = 'queued'
-         ORDER BY d.seq",
-    )
+         ORDER BY d.seq"
+    )))
     .bind(consumer.name())
     .bind(&ids)
     .fetch_all(&mut *tx)
