@@ -27,8 +27,14 @@ CREATE INDEX credit_entries_payment ON credit_entries (payment_reference)
 
 -- Invoices paid out of band before this migration get their payment and
 -- settlement, so that the reconciliation's new check holds for them too.
+-- Their ids are UUIDv7-shaped from the time the invoice was paid (the
+-- ledger lists entries in id order, oldest first), the payment before
+-- its settlement.
 INSERT INTO credit_entries (id, tenant_id, kind, amount, currency, invoice_id, note, created_at)
-SELECT gen_random_uuid(), i.tenant_id, e.kind, e.sign * i.total, i.currency, i.id,
+SELECT (lpad(to_hex((extract(epoch FROM coalesce(i.paid_at, now())) * 1000)::bigint), 12, '0')
+        || '7' || CASE e.kind WHEN 'payment' THEN '000' ELSE '001' END
+        || '8' || substr(md5(i.id::text || e.kind), 1, 15))::uuid,
+       i.tenant_id, e.kind, e.sign * i.total, i.currency, i.id,
        coalesce(i.payment_method, ''), coalesce(i.paid_at, now())
   FROM invoices i
  CROSS JOIN (VALUES ('payment', 1), ('settlement', -1)) AS e (kind, sign)

@@ -291,6 +291,20 @@ async fn a_checkout_buys_credit_once_however_often_stripe_tells() {
     assert!(first.status.is_success(), "{:?}", first.body);
     assert!(retry.status.is_success(), "{:?}", retry.body);
     assert_eq!(first.body["id"], retry.body["id"]);
+    // The key with another amount is another request.
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/billing/checkouts")
+        .header("authorization", format!("Bearer {}", acme.token))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "buy-credit-1")
+        .body(Body::from(
+            json!({"purpose": "credit", "amount": 901, "currency": "USD"}).to_string(),
+        ))
+        .unwrap();
+    app.send(request)
+        .await
+        .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
     assert_eq!(stripe.calls("/v1/checkout/sessions").await.len(), 3);
 
     let paid = event(
@@ -456,6 +470,13 @@ async fn bad_stale_forged_and_unknown_events_move_no_money() {
     assert_eq!(outcome(&refused), "refused", "{:?}", refused.body);
     assert_eq!(balance(&app, &acme.token).await, 5_000);
     assert_eq!(balance(&app, &other.token).await, 0);
+    let read = app
+        .get(
+            &format!("/v1/billing/checkouts/{}", theirs["id"].as_str().unwrap()),
+            Some(&other.token),
+        )
+        .await;
+    assert_eq!(read.body["status"], "refused", "{:?}", read.body);
     assert_eq!(outcome(&deliver(&app, &second).await), "duplicate");
 }
 
@@ -790,12 +811,12 @@ async fn money_for_an_invoice_paid_otherwise_meanwhile_becomes_credit() {
     .await;
     assert_eq!(started.status, StatusCode::CREATED, "{:?}", started.body);
     // The tenant also paid by bank transfer, and an operator recorded it
-    // first (with the same reference Stripe will use: still two payments).
+    // first.
     let marked = app
         .post(
             &format!("/v1/admin/invoices/{invoice_id}/mark-paid"),
             Some(&operator),
-            json!({"reference": "pi_late"}),
+            json!({"reference": "bank transfer 7"}),
         )
         .await;
     assert_eq!(marked.body["state"], "paid", "{:?}", marked.body);
@@ -869,6 +890,47 @@ async fn without_stripe_tenants_are_told_how_to_pay_and_operators_record_it() {
             .await,
         2
     );
+    let reconciled = app
+        .get("/v1/admin/billing/reconcile", Some(&operator))
+        .await;
+    assert_eq!(
+        reconciled.body["discrepancies"],
+        json!([]),
+        "{:?}",
+        reconciled.body
+    );
+}
+
+#[tokio::test]
+async fn a_stripe_payment_an_operator_recorded_by_hand_counts_once() {
+    let mut app = TestApp::spawn().await;
+    let _stripe = Stripe::start(&mut app).await;
+    let acme = app.tenant("acme").await;
+    let (_, operator) = app.operator(PlatformRole::Operator).await;
+    let invoice_id = finalized_invoice(&app, &acme, &operator).await;
+    let started = checkout(
+        &app,
+        &acme,
+        json!({"purpose": "invoice", "invoice_id": invoice_id}),
+    )
+    .await;
+    assert_eq!(started.status, StatusCode::CREATED, "{:?}", started.body);
+    // The webhook is late; an operator saw the payment in Stripe's
+    // dashboard and recorded it with its id.
+    let marked = app
+        .post(
+            &format!("/v1/admin/invoices/{invoice_id}/mark-paid"),
+            Some(&operator),
+            json!({"reference": "pi_seen"}),
+        )
+        .await;
+    assert_eq!(marked.body["state"], "paid", "{:?}", marked.body);
+    let paid = event(
+        "checkout.session.completed",
+        paid_session(&started.body, "pi_seen"),
+    );
+    assert_eq!(outcome(&deliver(&app, &paid).await), "applied");
+    assert_eq!(balance(&app, &acme.token).await, 0, "not credited again");
     let reconciled = app
         .get("/v1/admin/billing/reconcile", Some(&operator))
         .await;

@@ -61,11 +61,14 @@ const SHOWN_ONCE_HEADER: &str = "keel-shown-once";
 /// refresh, token exchange, registration), or hand out tokens that use up
 /// the one presented (tenant switch), or commit through a second
 /// transaction (invitation acceptance), or through a system transaction of
-/// their own (account deletion), or are the operators' (no tenant).
+/// their own (account deletion), or are the operators' (no tenant), or
+/// call a payment provider with no transaction open and are idempotent by
+/// ids derived from the key (checkouts, keel-payments).
 fn exempt(path: &str) -> bool {
     matches!(
         path,
-        "/v1/auth/login"
+        "/v1/billing/checkouts"
+            | "/v1/auth/login"
             | "/v1/auth/register"
             | "/v1/auth/refresh"
             | "/v1/auth/switch"

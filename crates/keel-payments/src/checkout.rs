@@ -169,7 +169,8 @@ struct Prepared {
 /// checkout. A retry is safe because the checkout's id — and with it the
 /// provider's idempotency key — comes out the same: an invoice's from the
 /// invoice and how many checkouts it had, a credit purchase's from the
-/// request's `Idempotency-Key` (a purchase without one is a new one). Two
+/// caller and the request's `Idempotency-Key` (a purchase without one is a
+/// new one; the key with another amount is `idempotency_key_reused`). Two
 /// requests that meet on one id get the one checkout.
 pub async fn start(
     ctx: &Ctx,
@@ -187,9 +188,15 @@ pub async fn start(
         let (checkout_id, amount, currency, description) = match purpose {
             Purpose::Credit => (
                 match idempotency_key {
+                    // Per tenant and caller, as the idempotency layer
+                    // scopes keys elsewhere.
                     Some(key) => CheckoutId::from(uuid::Uuid::new_v5(
                         &CHECKOUT_NAMESPACE,
-                        format!("credit:{tenant_id}:{key}").as_bytes(),
+                        format!(
+                            "credit:{tenant_id}:{}:{key}",
+                            ctx.principal.idempotency_scope()
+                        )
+                        .as_bytes(),
                     )),
                     None => CheckoutId::new(),
                 },
@@ -236,6 +243,13 @@ pub async fn start(
             }
         };
         if let Some(existing) = find(tx.conn(), checkout_id).await? {
+            // The key again: the same checkout, if it asks for the same.
+            if existing.purpose != purpose.as_str()
+                || existing.amount != amount
+                || existing.currency != currency.code()
+            {
+                return Err(PaymentError::IdempotencyKeyReused);
+            }
             return Ok((false, existing));
         }
         Prepared {

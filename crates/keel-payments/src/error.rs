@@ -16,6 +16,10 @@ pub enum PaymentError {
     StripeNotConfigured,
     #[error("no such checkout")]
     CheckoutNotFound,
+    #[error("Idempotency-Key must be 1–255 visible ASCII characters")]
+    InvalidIdempotencyKey,
+    #[error("this Idempotency-Key was used for another checkout")]
+    IdempotencyKeyReused,
     #[error("the payment provider failed: {0}")]
     Provider(String),
     #[error("the payment provider refused the request: {0}")]
@@ -40,6 +44,14 @@ impl From<PaymentError> for ApiError {
             PaymentError::InvalidSignature(_) => ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_signature",
+                error.to_string(),
+            ),
+            PaymentError::InvalidIdempotencyKey => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_header", error.to_string())
+            }
+            PaymentError::IdempotencyKeyReused => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
                 error.to_string(),
             ),
             PaymentError::InvalidEvent(_) => {

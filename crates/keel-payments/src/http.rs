@@ -64,10 +64,20 @@ async fn checkout_create(
     headers: HeaderMap,
     Json(new): Json<NewCheckout>,
 ) -> Result<(StatusCode, Json<CheckoutView>), ApiError> {
-    // The idempotency layer checked its form.
-    let key = headers
-        .get("idempotency-key")
-        .and_then(|value| value.to_str().ok());
+    // The idempotency layer leaves this route to the domain (no
+    // transaction may stay open while the provider is called).
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .filter(|key| {
+                    (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
+                })
+                .ok_or(PaymentError::InvalidIdempotencyKey)?,
+        ),
+    };
     let (created, view) = checkout::start(&ctx, &payments, billing.currency, key, new).await?;
     let status = if created {
         StatusCode::CREATED

@@ -59,8 +59,20 @@ pub async fn apply(
         tx.rollback().await?;
         return Ok(duplicate());
     }
+    // The checkout it reported paid is refused with it, for good.
+    let mut tenant_id = None;
+    if let Incoming::Checkout { session_id, .. } = &event.incoming {
+        tenant_id = sqlx::query_scalar(
+            "UPDATE checkouts SET status = 'refused', updated_at = now()
+              WHERE provider = 'stripe' AND provider_session_id = $1 AND status = 'open'
+              RETURNING tenant_id",
+        )
+        .bind(session_id)
+        .fetch_optional(tx.conn())
+        .await?;
+    }
     let outcome = WebhookOutcome::new("refused", format!("the ledger refused it: {refusal}"));
-    finish(tx, &event, outcome, None).await
+    finish(tx, &event, outcome, tenant_id).await
 }
 
 fn duplicate() -> WebhookOutcome {
@@ -330,11 +342,19 @@ async fn checkout_paid(
         ("invoice", Some(invoice_id)) => {
             match invoice::pay(tx, invoice_id, "stripe", payment_intent, Some(&reference)).await {
                 Ok(Paid::Now(_) | Paid::Already(_)) => false,
-                // Paid another way meanwhile, or voided: the money is
-                // the tenant's credit.
                 Err(BillingError::InvoiceState(why)) => {
-                    detail = format!("credited: the invoice could not take it ({why})");
-                    true
+                    let invoice = invoice::get(tx.conn(), invoice_id).await?.invoice;
+                    if invoice.payment_reference.as_deref() == Some(payment_intent) {
+                        // An operator recorded this very payment by hand
+                        // (the webhook was late): counted once.
+                        detail = "an operator recorded this payment on the invoice already".into();
+                        false
+                    } else {
+                        // Paid another way meanwhile, or voided: the money
+                        // is the tenant's credit.
+                        detail = format!("credited: the invoice could not take it ({why})");
+                        true
+                    }
                 }
                 Err(error) => return Err(error.into()),
             }
