@@ -78,7 +78,9 @@ fn exempt(path: &str) -> bool {
     ) || path.starts_with("/v1/admin/")
 }
 
-fn valid_key(key: &str) -> bool {
+/// Whether `key` is an `Idempotency-Key` this API takes: 1–255 visible
+/// ASCII characters (also for the routes the layer leaves to their domain).
+pub fn valid_key(key: &str) -> bool {
     (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
 }
 

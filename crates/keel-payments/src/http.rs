@@ -72,9 +72,7 @@ async fn checkout_create(
             value
                 .to_str()
                 .ok()
-                .filter(|key| {
-                    (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
-                })
+                .filter(|key| keel_auth::idempotency::valid_key(key))
                 .ok_or(PaymentError::InvalidIdempotencyKey)?,
         ),
     };
