@@ -114,27 +114,7 @@ async fn invoices_and_credit_are_the_tenants_own_and_follow_their_states() {
     let viewer = app.member(&acme, "viewer").await;
     let (_, operator) = app.operator(PlatformRole::Operator).await;
     // Two hours of January usage at 150 an hour (a past price: set-up).
-    let mut admin = app.database.admin().await;
-    sqlx::query(
-        "INSERT INTO rate_cards (id, flavor, region, currency, unit, unit_price, effective_from)
-         VALUES ($1, 'cpu.small', 'local-1', 'USD', 'hour', 150, '2026-01-01T00:00:00Z')",
-    )
-    .bind(uuid::Uuid::now_v7())
-    .execute(&mut admin)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO usage_records (id, tenant_id, project_id, allocation_id, meter, flavor, region,
-                                    period_start, started_at, ended_at, quantity, source_event_id)
-         VALUES ($1, $2::uuid, $3::uuid, $1, 'allocation.run', 'cpu.small', 'local-1', '2026-01-01',
-                 '2026-01-05T10:00:00Z', '2026-01-05T12:00:00Z', 7200000000, $1)",
-    )
-    .bind(uuid::Uuid::now_v7())
-    .bind(&acme.tenant_id)
-    .bind(&acme.project_id)
-    .execute(&mut admin)
-    .await
-    .unwrap();
+    app.january_usage(&acme).await;
 
     let path = format!("/v1/admin/tenants/{}/invoices", acme.tenant_id);
     for (period, status, code) in [

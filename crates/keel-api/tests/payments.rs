@@ -209,6 +209,18 @@ fn refund(id: &str, payment_intent: &str, amount: i64, currency: &str, status: &
     refund
 }
 
+/// The operators' reconciliation finds nothing wrong.
+async fn assert_reconciles(app: &TestApp, operator: &str) {
+    let reconciled = app.get("/v1/admin/billing/reconcile", Some(operator)).await;
+    assert_eq!(reconciled.status, StatusCode::OK, "{:?}", reconciled.body);
+    assert_eq!(
+        reconciled.body["discrepancies"],
+        json!([]),
+        "{:?}",
+        reconciled.body
+    );
+}
+
 async fn balance(app: &TestApp, token: &str) -> i64 {
     let credit = app.get("/v1/billing/credit", Some(token)).await;
     assert_eq!(credit.status, StatusCode::OK, "{:?}", credit.body);
@@ -674,27 +686,7 @@ async fn bad_checkouts_are_refused_before_stripe_is_called() {
 
 /// A finalized January invoice of 300 for `tenant`.
 async fn finalized_invoice(app: &TestApp, tenant: &common::Tenant, operator: &str) -> String {
-    let mut admin = app.database.admin().await;
-    sqlx::query(
-        "INSERT INTO rate_cards (id, flavor, region, currency, unit, unit_price, effective_from)
-         VALUES ($1, 'cpu.small', 'local-1', 'USD', 'hour', 150, '2026-01-01T00:00:00Z')",
-    )
-    .bind(uuid::Uuid::now_v7())
-    .execute(&mut admin)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO usage_records (id, tenant_id, project_id, allocation_id, meter, flavor, region,
-                                    period_start, started_at, ended_at, quantity, source_event_id)
-         VALUES ($1, $2::uuid, $3::uuid, $1, 'allocation.run', 'cpu.small', 'local-1', '2026-01-01',
-                 '2026-01-05T10:00:00Z', '2026-01-05T12:00:00Z', 7200000000, $1)",
-    )
-    .bind(uuid::Uuid::now_v7())
-    .bind(&tenant.tenant_id)
-    .bind(&tenant.project_id)
-    .execute(&mut admin)
-    .await
-    .unwrap();
+    app.january_usage(tenant).await;
     let draft = app
         .post(
             &format!("/v1/admin/tenants/{}/invoices", tenant.tenant_id),
@@ -759,16 +751,7 @@ async fn an_invoice_is_paid_through_checkout_and_still_reconciles() {
         .map(|entry| entry["kind"].as_str().unwrap())
         .collect();
     assert_eq!(kinds, ["payment", "settlement"]);
-    let reconciled = app
-        .get("/v1/admin/billing/reconcile", Some(&operator))
-        .await;
-    assert_eq!(reconciled.status, StatusCode::OK, "{:?}", reconciled.body);
-    assert_eq!(
-        reconciled.body["discrepancies"],
-        json!([]),
-        "{:?}",
-        reconciled.body
-    );
+    assert_reconciles(&app, &operator).await;
 
     // A paid invoice takes no second checkout; a refund of its payment is
     // money the tenant owes again.
@@ -785,21 +768,18 @@ async fn an_invoice_is_paid_through_checkout_and_still_reconciles() {
     );
     assert_eq!(outcome(&deliver(&app, &refunded).await), "applied");
     assert_eq!(balance(&app, &acme.token).await, -300);
-    let reconciled = app
-        .get("/v1/admin/billing/reconcile", Some(&operator))
-        .await;
-    assert_eq!(
-        reconciled.body["discrepancies"],
-        json!([]),
-        "{:?}",
-        reconciled.body
-    );
+    assert_reconciles(&app, &operator).await;
 }
 
-#[tokio::test]
-async fn money_for_an_invoice_paid_otherwise_meanwhile_becomes_credit() {
+/// A finalized invoice with a Stripe checkout open, marked paid by an
+/// operator with `reference`, then reported paid by Stripe with the
+/// payment `pi_late`: the app, the tenant, the operator's token and the
+/// webhook's answer.
+async fn paid_by_hand_then_by_stripe(
+    reference: &str,
+) -> (TestApp, Stripe, common::Tenant, String, TestResponse) {
     let mut app = TestApp::spawn().await;
-    let _stripe = Stripe::start(&mut app).await;
+    let stripe = Stripe::start(&mut app).await;
     let acme = app.tenant("acme").await;
     let (_, operator) = app.operator(PlatformRole::Operator).await;
     let invoice_id = finalized_invoice(&app, &acme, &operator).await;
@@ -810,13 +790,11 @@ async fn money_for_an_invoice_paid_otherwise_meanwhile_becomes_credit() {
     )
     .await;
     assert_eq!(started.status, StatusCode::CREATED, "{:?}", started.body);
-    // The tenant also paid by bank transfer, and an operator recorded it
-    // first.
     let marked = app
         .post(
             &format!("/v1/admin/invoices/{invoice_id}/mark-paid"),
             Some(&operator),
-            json!({"reference": "bank transfer 7"}),
+            json!({"reference": reference}),
         )
         .await;
     assert_eq!(marked.body["state"], "paid", "{:?}", marked.body);
@@ -826,6 +804,15 @@ async fn money_for_an_invoice_paid_otherwise_meanwhile_becomes_credit() {
     );
     let applied = deliver(&app, &paid).await;
     assert_eq!(outcome(&applied), "applied");
+    (app, stripe, acme, operator, applied)
+}
+
+#[tokio::test]
+async fn money_for_an_invoice_paid_otherwise_meanwhile_becomes_credit() {
+    // The tenant also paid by bank transfer, and an operator recorded it
+    // before Stripe's word came.
+    let (app, _stripe, acme, operator, applied) =
+        paid_by_hand_then_by_stripe("bank transfer 7").await;
     assert!(
         applied.body["detail"]
             .as_str()
@@ -842,15 +829,7 @@ async fn money_for_an_invoice_paid_otherwise_meanwhile_becomes_credit() {
     );
     assert_eq!(outcome(&deliver(&app, &refunded).await), "applied");
     assert_eq!(balance(&app, &acme.token).await, 0);
-    let reconciled = app
-        .get("/v1/admin/billing/reconcile", Some(&operator))
-        .await;
-    assert_eq!(
-        reconciled.body["discrepancies"],
-        json!([]),
-        "{:?}",
-        reconciled.body
-    );
+    assert_reconciles(&app, &operator).await;
 }
 
 #[tokio::test]
@@ -890,54 +869,14 @@ async fn without_stripe_tenants_are_told_how_to_pay_and_operators_record_it() {
             .await,
         2
     );
-    let reconciled = app
-        .get("/v1/admin/billing/reconcile", Some(&operator))
-        .await;
-    assert_eq!(
-        reconciled.body["discrepancies"],
-        json!([]),
-        "{:?}",
-        reconciled.body
-    );
+    assert_reconciles(&app, &operator).await;
 }
 
 #[tokio::test]
 async fn a_stripe_payment_an_operator_recorded_by_hand_counts_once() {
-    let mut app = TestApp::spawn().await;
-    let _stripe = Stripe::start(&mut app).await;
-    let acme = app.tenant("acme").await;
-    let (_, operator) = app.operator(PlatformRole::Operator).await;
-    let invoice_id = finalized_invoice(&app, &acme, &operator).await;
-    let started = checkout(
-        &app,
-        &acme,
-        json!({"purpose": "invoice", "invoice_id": invoice_id}),
-    )
-    .await;
-    assert_eq!(started.status, StatusCode::CREATED, "{:?}", started.body);
     // The webhook is late; an operator saw the payment in Stripe's
     // dashboard and recorded it with its id.
-    let marked = app
-        .post(
-            &format!("/v1/admin/invoices/{invoice_id}/mark-paid"),
-            Some(&operator),
-            json!({"reference": "pi_seen"}),
-        )
-        .await;
-    assert_eq!(marked.body["state"], "paid", "{:?}", marked.body);
-    let paid = event(
-        "checkout.session.completed",
-        paid_session(&started.body, "pi_seen"),
-    );
-    assert_eq!(outcome(&deliver(&app, &paid).await), "applied");
+    let (app, _stripe, acme, operator, _) = paid_by_hand_then_by_stripe("pi_late").await;
     assert_eq!(balance(&app, &acme.token).await, 0, "not credited again");
-    let reconciled = app
-        .get("/v1/admin/billing/reconcile", Some(&operator))
-        .await;
-    assert_eq!(
-        reconciled.body["discrepancies"],
-        json!([]),
-        "{:?}",
-        reconciled.body
-    );
+    assert_reconciles(&app, &operator).await;
 }

@@ -363,6 +363,33 @@ impl TestApp {
         id
     }
 
+    /// Two hours of January 2026 usage of `cpu.small` at 150 an hour, a
+    /// past price set up directly: a January invoice of 300. Once per app
+    /// (the price would overlap itself).
+    pub async fn january_usage(&self, tenant: &Tenant) {
+        let mut admin = self.database.admin().await;
+        sqlx::query(
+            "INSERT INTO rate_cards (id, flavor, region, currency, unit, unit_price, effective_from)
+             VALUES ($1, 'cpu.small', 'local-1', 'USD', 'hour', 150, '2026-01-01T00:00:00Z')",
+        )
+        .bind(uuid::Uuid::now_v7())
+        .execute(&mut admin)
+        .await
+        .expect("rate card");
+        sqlx::query(
+            "INSERT INTO usage_records (id, tenant_id, project_id, allocation_id, meter, flavor, region,
+                                        period_start, started_at, ended_at, quantity, source_event_id)
+             VALUES ($1, $2::uuid, $3::uuid, $1, 'allocation.run', 'cpu.small', 'local-1', '2026-01-01',
+                     '2026-01-05T10:00:00Z', '2026-01-05T12:00:00Z', 7200000000, $1)",
+        )
+        .bind(uuid::Uuid::now_v7())
+        .bind(&tenant.tenant_id)
+        .bind(&tenant.project_id)
+        .execute(&mut admin)
+        .await
+        .expect("usage record");
+    }
+
     /// Counts rows of a table as the superuser (sees every tenant).
     pub async fn count(&self, sql: &'static str) -> i64 {
         let mut admin = self.database.admin().await;
